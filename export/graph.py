@@ -1,0 +1,420 @@
+"""Export the tail of a split model to one validated ONNX graph.
+
+The graph takes `features` [1,K,h,w] of one image, `masks` [B,K] with B a symbolic axis and the
+tensors that cross the split (`extra_0`, …, batch 1), applies the masks inside (`MaskedTail`, or
+its factorised form from `fdcam.factorise` when the tail starts with pooling and a Linear) and
+returns `logits` [B, classes]. A graph is written only after onnx.checker accepted it and ONNX
+Runtime (CPU) reproduced the plain torch masked tail at two mask batch sizes within tolerance.
+Exporters, in order: torch.onnx.export(dynamo=True) with a dynamic mask batch, then the
+TorchScript exporter (dynamo=False) with dynamic_axes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from fdcam.split import SplitModel
+from fdcam.tail import MaskedTail
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "FP16_TOLERANCE",
+    "FP32_TOLERANCE",
+    "ExportError",
+    "ExportedTail",
+    "Tolerance",
+    "export_split",
+    "input_names",
+    "model_metadata",
+    "read_metadata",
+    "to_fp16",
+]
+
+log = logging.getLogger("fdcam.export")
+
+DEFAULT_OPSET = 18
+# The example mask batch used while tracing: a batch of 1 would be specialised into the graph.
+EXAMPLE_MASK_BATCH = 2
+# Above this many bytes of weights the tensors go to one external-data file (protobuf caps a file at 2 GB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class ExportError(RuntimeError):
+    """The tail cannot be exported, or the exported graph does not reproduce the torch tail (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A graph passes when max |ONNX − torch| over all logits ≤ atol + rtol · max |torch logit|."""
+
+    atol: float
+    rtol: float
+
+    def allowed(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
+
+
+FP32_TOLERANCE = Tolerance(atol=1e-5, rtol=1e-4)
+# fp16 weights and activations carry ~3 significant digits; 2 % of the largest logit leaves room for
+# the rounding accumulated over a deep tail while still catching a wrong graph.
+FP16_TOLERANCE = Tolerance(atol=1e-3, rtol=2e-2)
+
+
+@dataclass
+class ExportedTail:
+    """A validated graph on disk, the exporter that made it and the largest |ONNX − torch| seen in the check."""
+
+    path: Path
+    exporter: str
+    max_error: float
+    num_classes: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    session: ort.InferenceSession | None = field(default=None, repr=False)  # the CPU session used for the check
+
+
+def input_names(num_extras: int) -> list[str]:
+    """Graph input names: features, masks, then extra_0 … extra_{n-1}."""
+    return ["features", "masks", *(f"extra_{index}" for index in range(num_extras))]
+
+
+def export_split(
+    split: SplitModel,
+    features: torch.Tensor,
+    extras: Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    fp16: bool = False,
+    metadata: dict[str, str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    check_batches: tuple[int, int] | None = None,
+    session_options: ort.SessionOptions | None = None,
+    factorise: bool = True,
+) -> ExportedTail:
+    """Export `split.tail` as a masked-tail graph at `path`, checked and validated first (ExportError if not).
+
+    `features` [1,K,h,w] and `extras` are one image's tensors; `check_batches` are the two mask batch
+    sizes of the ONNX Runtime check (default 3 and 2K). fp16=True stores fp16 weights and compute
+    with fp32 inputs/outputs, validated with FP16_TOLERANCE instead of FP32_TOLERANCE. With
+    `factorise`, a tail that starts with pooling and a Linear is exported factorised (same inputs
+    and outputs, far fewer operations); the check is always against the plain masked tail.
+    """
+    path = Path(path)
+    tail = _export_copy(split.tail)
+    features = _example(features)
+    extras = [_example(extra) for extra in extras]
+    if features.dim() != 4:
+        raise ExportError(f"features must be [1,K,h,w], got shape {tuple(features.shape)}")
+    num_channels = features.shape[1]
+    batches = check_batches or (3, 2 * num_channels)
+    reference = MaskedTail(tail).eval()
+    checks = [(masks, _reference_logits(reference, features, masks, extras)) for masks in _check_masks(num_channels, batches)]
+    num_classes = int(checks[0][1].shape[1])
+    tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
+    props = {**(metadata or {}), **_shape_metadata(split, features, num_classes, opset, fp16)}
+    tensors = _tail_tensors(tail)
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    largest_weight = max((t.numel() for t in tensors), default=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    problems = []
+    for form, module in _tail_forms(tail, features, extras, factorise):
+        for exporter_name, exporter in _EXPORTERS:
+            attempt = f"{exporter_name} exporter ({form} tail)"
+            with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fdcam-export-") as staging:
+                try:
+                    proto = exporter(module, features, extras, opset, Path(staging), largest_weight)
+                except Exception as error:  # the exporters raise many types; the next one may work
+                    log.info("%s failed: %s", attempt, _first_line(error))
+                    problems.append(f"{attempt} failed ({_first_line(error)})")
+                    continue
+                if fp16:
+                    proto = to_fp16(proto)
+                final_props = {**props, "exporter": exporter_name, "tail_form": form}
+                _set_metadata(proto, final_props)
+                staged = Path(staging) / path.name
+                _save(proto, staged, external=weight_bytes > EXTERNAL_DATA_BYTES)
+                del proto
+                try:
+                    onnx.checker.check_model(str(staged))
+                except Exception as error:
+                    problems.append(f"{attempt} graph fails onnx.checker ({_first_line(error)})")
+                    continue
+                session = _cpu_session(staged, session_options)
+                error, scale = _max_error(session, checks, features, extras)
+                if not error <= tolerance.allowed(scale):
+                    problems.append(
+                        f"{attempt} graph differs from the torch tail by {error:.3g} "
+                        f"(max |Δlogit| over mask batches {batches[0]} and {batches[1]}; allowed {tolerance.allowed(scale):.3g})"
+                    )
+                    continue
+                _move_into_place(staged, path)
+                log.info("exported %s with the %s (max |Δlogit| %.3g)", path, attempt, error)
+                return ExportedTail(path, exporter_name, error, num_classes, final_props, session)
+    raise ExportError(f"{'; '.join(problems)}; nothing was saved")
+
+
+def _tail_forms(tail: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], factorise: bool) -> list[tuple[str, nn.Module]]:
+    """The modules to export, best first: the factorised tail (fdcam.factorise) when it applies, then MaskedTail.
+
+    Both have MaskedTail's inputs and outputs; the factorised one computes the per-channel
+    contributions to the tail's first Linear once, so B masks cost a [B,K]×[K,out] product.
+    """
+    forms: list[tuple[str, nn.Module]] = []
+    if factorise:
+        try:
+            from fdcam.factorise import factorised_masked_tail
+
+            factorised = factorised_masked_tail(tail, features, extras)
+        except Exception:  # an optional speed-up: any failure means the plain tail
+            factorised = None
+        if factorised is not None:
+            forms.append(("factorised", factorised))
+    forms.append(("masked", MaskedTail(tail).eval()))
+    return forms
+
+
+def _export_copy(tail: nn.Module) -> nn.Module:
+    """A CPU fp32 eval-mode copy of the tail, so exporting never touches the user's modules."""
+    copied = copy.deepcopy(tail).to("cpu", torch.float32).eval()
+    copied.requires_grad_(False)
+    return copied
+
+
+def _example(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:1].detach().to("cpu", torch.float32).contiguous()
+
+
+def _tail_tensors(tail: nn.Module) -> list[torch.Tensor]:
+    return [*tail.parameters(), *tail.buffers()]
+
+
+def _check_masks(num_channels: int, batches: Sequence[int]) -> list[torch.Tensor]:
+    """Random 0/1 masks (first row all ones: the unmasked tail) at each check batch size."""
+    generator = torch.Generator().manual_seed(0)
+    masks = []
+    for batch in batches:
+        mask = (torch.rand(int(batch), num_channels, generator=generator) > 0.5).float()
+        mask[0] = 1.0
+        masks.append(mask)
+    return masks
+
+
+@torch.no_grad()
+def _reference_logits(masked: nn.Module, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The torch tail's logits the graph must reproduce."""
+    return masked(features, masks, *extras)
+
+
+def _max_error(
+    session: ort.InferenceSession,
+    checks: list[tuple[torch.Tensor, torch.Tensor]],
+    features: torch.Tensor,
+    extras: Sequence[torch.Tensor],
+) -> tuple[float, float]:
+    """(max |ONNX − torch|, max |torch|) over all check batches; a non-finite output counts as infinite error."""
+    error, scale = 0.0, 0.0
+    for masks, reference in checks:
+        feed = dict(zip(input_names(len(extras)), (t.numpy() for t in (features, masks, *extras))))
+        (logits,) = session.run(["logits"], feed)
+        logits = torch.from_numpy(logits)
+        if logits.shape != reference.shape:
+            return float("inf"), float(reference.abs().max())
+        difference = (logits - reference).abs().max()
+        error = max(error, float(difference) if torch.isfinite(difference) else float("inf"))
+        scale = max(scale, float(reference.abs().max()))
+    return error, scale
+
+
+def _cpu_session(path: Path, options: ort.SessionOptions | None) -> ort.InferenceSession:
+    if options is None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# --- exporters -----------------------------------------------------------------------------------
+
+
+def _export_dynamo(
+    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int
+) -> onnx.ModelProto:
+    """torch.export-based exporter, with the mask batch as the one dynamic dimension."""
+    masks = torch.ones(EXAMPLE_MASK_BATCH, features.shape[1])
+    batch = torch.export.Dim("batch", min=1)
+    # MaskedTail takes the extras as *args, which torch.export sees as one tuple argument.
+    dynamic_shapes = ({}, {0: batch}, tuple({} for _ in extras)) if extras else ({}, {0: batch})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            masked,
+            (features, masks, *extras),
+            input_names=input_names(len(extras)),
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+    _fold_weight_constants(program.model, largest_weight)
+    return program.model_proto
+
+
+def _fold_weight_constants(model, largest_weight: int) -> None:
+    """Fold ops on weights (a reshape + transpose of a Linear weight, say) into the stored weights.
+
+    The exporter's own pass skips tensors above 8192 elements, which would leave ONNX Runtime
+    to transpose hundreds of MB at every session start. Folds that grow the file are still skipped.
+    """
+    try:
+        import onnxscript.optimizer
+
+        onnxscript.optimizer.fold_constants(model, input_size_limit=max(largest_weight, 8192))
+    except Exception as error:  # folding is an optimisation; the unfolded graph is correct
+        log.info("constant folding skipped: %s", _first_line(error))
+
+
+def _export_torchscript(
+    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int
+) -> onnx.ModelProto:
+    """The legacy TorchScript exporter with a dynamic axis on masks and logits (the fallback)."""
+    masks = torch.ones(EXAMPLE_MASK_BATCH, features.shape[1])
+    target = staging / "torchscript.onnx"  # a file path: tails over 2 GB need external data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            masked,
+            (features, masks, *extras),
+            str(target),
+            input_names=input_names(len(extras)),
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"masks": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+        )
+    return onnx.load(str(target))
+
+
+_EXPORTERS: list[tuple[str, Callable[..., onnx.ModelProto]]] = [
+    ("dynamo", _export_dynamo),
+    ("torchscript", _export_torchscript),
+]
+
+
+# --- fp16 ----------------------------------------------------------------------------------------
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and compute with fp32 graph inputs and outputs (Casts at the borders)."""
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as error:  # pragma: no cover - shipped with every onnxruntime wheel
+        raise ExportError("fp16 export needs onnxruntime.transformers.float16, which this onnxruntime lacks") from error
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns for every weight clipped to the fp16 range
+        converted = convert_float_to_float16(proto, keep_io_types=True)
+    # The converter appends its input Casts at the end of the node list; ONNX wants topological order.
+    _sort_topologically(converted.graph)
+    return converted
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    known = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in known for name in node.input)]
+        if not ready:
+            raise ExportError("the fp16 graph has a node whose inputs are never produced")
+        for node in ready:
+            known.update(node.output)
+        ordered.extend(ready)
+        ready_ids = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+# --- metadata and files --------------------------------------------------------------------------
+
+
+def _shape_metadata(split: SplitModel, features: torch.Tensor, num_classes: int, opset: int, fp16: bool) -> dict[str, str]:
+    import fdcam
+
+    _, channels, height, width = features.shape
+    return {
+        "target_layer": split.layer,
+        "channels": str(channels),
+        "height": str(height),
+        "width": str(width),
+        "num_classes": str(num_classes),
+        "num_extras": str(split.num_extras),
+        "precision": "fp16" if fp16 else "fp32",
+        "opset": str(opset),
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "fdcam_version": fdcam.__version__,
+    }
+
+
+def model_metadata(
+    name: str, input_size: tuple[int, int] | None, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> dict[str, str]:
+    """Metadata about the whole model: its name, input size "HxW" and normalisation (JSON lists) when known."""
+    props = {"model": name}
+    if input_size is not None:
+        props["input_size"] = f"{input_size[0]}x{input_size[1]}"
+    if mean is not None:
+        props["mean"] = json.dumps([float(v) for v in mean])
+    if std is not None:
+        props["std"] = json.dumps([float(v) for v in std])
+    return props
+
+
+def _set_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> None:
+    proto.producer_name = "fdcam"
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of a graph on disk, without loading its weights."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in proto.metadata_props}
+
+
+def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
+    if external:
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=path.name + ".data", convert_attribute=True,
+        )
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _move_into_place(staged: Path, path: Path) -> None:
+    """Atomic per file: readers never see a half-written graph."""
+    data = staged.with_name(staged.name + ".data")
+    if data.exists():
+        os.replace(data, path.with_name(path.name + ".data"))
+    os.replace(staged, path)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__

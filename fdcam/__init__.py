@@ -1,0 +1,35 @@
+"""fdcam: FD-CAM and the CAM methods it is compared with, on any CNN layer, fast."""
+
+from . import models
+from .methods import (
+    FDCAM,
+    METHODS,
+    AblationCAM,
+    BaseCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GroupCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from .split import SplitError, SplitModel, split_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "models",
+    "FDCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "XGradCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "AblationCAM",
+    "GroupCAM",
+    "BaseCAM",
+    "METHODS",
+    "SplitError",
+    "SplitModel",
+    "split_model",
+]

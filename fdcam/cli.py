@@ -1,0 +1,51 @@
+"""The `fdcam` command line: explain, evaluate, export."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+class CommandError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fdcam", description="FD-CAM and other CAM explanations for CNNs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    from . import explain_command
+
+    explain_command.add_arguments(commands.add_parser("explain", help="explain images, writing overlays and maps"))
+    try:
+        from . import evaluate_command
+
+        evaluate_command.add_arguments(commands.add_parser("evaluate", help="insertion/deletion or pointing game"))
+    except ImportError:
+        pass
+    try:
+        from .export import command as export_command
+
+        export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run the command, turn user errors into one line on stderr."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("fdcam: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"fdcam: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

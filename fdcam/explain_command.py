@@ -1,0 +1,110 @@
+"""`fdcam explain`: saliency overlays and maps for image files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import models
+from .images import ImageError, load_image, overlay, preprocess, resize_map
+from .methods import METHODS
+
+__all__ = ["add_arguments", "run", "resolve_device"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of `fdcam explain` on `parser`."""
+    parser.add_argument("images", nargs="+", help="image files to explain")
+    parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
+    parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
+    parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
+    parser.add_argument("--method", default="fdcam", help=f"one of {', '.join(METHODS)}, or 'all'")
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices to explain")
+    targets.add_argument("--topk", type=int, default=1, help="explain the K most likely classes (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="engine for switch passes")
+    parser.add_argument("--provider", default=None, help="onnxruntime provider: cpu, cuda or tensorrt")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"])
+    parser.add_argument("--out", default="fdcam-out", help="output directory (default ./fdcam-out)")
+    parser.set_defaults(run=run)
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device for `name`; asking for CUDA without a GPU is a clear error."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _method_names(method: str) -> list[str]:
+    if method == "all":
+        return list(METHODS)
+    names = [name.strip().lower() for name in method.split(",")]
+    for name in names:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or 'all'")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    """Explain every image; a bad image is reported and skipped, the others are still written."""
+    device = resolve_device(args.device)
+    method_names = _method_names(args.method)
+    weights = None if args.weights == "random" else args.weights
+    model = models.load(args.model, weights=weights, device=device)
+    spec = models.spec_of(model)
+    names = models.class_names() if spec.num_classes == 1000 else [str(i) for i in range(spec.num_classes)]
+    if args.classes:
+        bad = [c for c in args.classes if not 0 <= c < spec.num_classes]
+        if bad:
+            raise ValueError(f"class index {bad[0]} is out of range for {spec.name} ({spec.num_classes} classes)")
+    if not args.classes and not 1 <= args.topk <= spec.num_classes:
+        raise ValueError(f"--topk must be between 1 and {spec.num_classes}")
+    options = {"backend": args.backend, "provider": args.provider, "precision": args.precision}
+    explainers = {
+        name: METHODS[name](model, target_layer=args.layer, **(options if name in ("fdcam", "ablationcam") else {}))
+        for name in method_names
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failures = [], []
+    for path in tqdm(args.images, desc="images", disable=len(args.images) < 2):
+        try:
+            image = load_image(path)
+            x = preprocess(image, spec).to(device)
+        except ImageError as error:
+            failures.append(str(error))
+            print(f"fdcam: skipped: {error}", file=sys.stderr)
+            continue
+        with torch.no_grad():
+            probabilities = torch.softmax(model(x), dim=1)[0]
+        classes = args.classes or probabilities.topk(args.topk).indices.tolist()
+        stem = Path(path).stem
+        for name, explainer in explainers.items():
+            maps = explainer(x, targets=[classes])[0]
+            for class_index, saliency in zip(classes, maps):
+                full = resize_map(saliency.cpu(), (image.height, image.width))
+                base = out / f"{stem}_{name}_{class_index}"
+                overlay(image, full).save(base.with_suffix(".png"))
+                np.save(base.with_suffix(".npy"), full.numpy().astype(np.float32))
+                rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), f"{base}.png|.npy"))
+    _print_table(rows)
+    if failures:
+        print(f"fdcam: {len(failures)} of {len(args.images)} images could not be explained", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_table(rows: list[tuple]) -> None:
+    header = ("image", "method", "class", "name", "prob", "files")
+    table = [header] + [(r[0], r[1], str(r[2]), r[3], f"{r[4]:.3f}", r[5]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -1,0 +1,30 @@
+"""From channel weights to saliency maps at the input's size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["weighted_sum", "normalise_maps", "to_input_size"]
+
+
+def weighted_sum(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ReLU(Σ_k w_k A_k): activations [N,K,h,w] (or per-pixel weights [N,T,K,h,w]), weights [N,T,K] → [N,T,h,w]."""
+    if weights.dim() == 5:
+        return F.relu((weights * activations[:, None]).sum(2))
+    return F.relu(torch.einsum("ntk,nkhw->nthw", weights, activations))
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(m − min)/(max − min) over the last two dims; an all-constant map becomes zeros, never NaN."""
+    flat = maps.flatten(-2)
+    low = flat.amin(-1, keepdim=True)
+    span = flat.amax(-1, keepdim=True) - low
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat)).reshape(maps.shape)
+
+
+def to_input_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of [N,T,h,w] maps to `size`, then min-max normalised."""
+    upsampled = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return normalise_maps(upsampled)

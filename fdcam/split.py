@@ -1,0 +1,210 @@
+"""Split a CNN at a target layer into a head (input → activation) and a tail (activation → logits).
+
+The split is derived from the model's torch.fx graph, so any module that is called once in the
+forward pass can be the target. Values the tail needs that the head computed besides the target
+activation (the skip tensor of a residual block, say) become extra tail inputs, computed once per
+image. The user's modules are shared, never copied or changed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+__all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
+
+
+class SplitError(ValueError):
+    """The model cannot be split at the requested layer (the message says why, in one line)."""
+
+
+@dataclass
+class SplitModel:
+    """A model cut at `layer`: `head(x) -> (activation, *extras)`, `tail(activation, *extras) -> logits`."""
+
+    head: fx.GraphModule
+    tail: fx.GraphModule
+    layer: str
+    num_extras: int
+
+
+def resolve_layer_name(model: nn.Module, target_layer: str | nn.Module) -> str:
+    """The dotted name of `target_layer` in `model`; unknown names list the closest existing ones."""
+    names = {name: module for name, module in model.named_modules() if name}
+    if isinstance(target_layer, nn.Module):
+        for name, module in names.items():
+            if module is target_layer:
+                return name
+        raise SplitError("the target layer module is not a submodule of the model")
+    if target_layer in names:
+        return target_layer
+    close = difflib.get_close_matches(str(target_layer), list(names), n=5, cutoff=0.5)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise SplitError(f"no layer named {target_layer!r} in the model{hint}")
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx tracer that keeps the target module as one opaque call."""
+
+    def __init__(self, leaf_name: str):
+        super().__init__()
+        self.leaf_name = leaf_name
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if qualified_name == self.leaf_name:
+            return True
+        if self.leaf_name.startswith(qualified_name + ".") or qualified_name == "":
+            return False  # never hide the target inside a leaf
+        return super().is_leaf_module(module, qualified_name)
+
+
+def _trace(model: nn.Module, layer: str) -> fx.GraphModule:
+    try:
+        graph = _LeafTracer(layer).trace(model)
+    except Exception as error:  # fx raises many types; the user needs one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SplitError(f"the model cannot be traced by torch.fx ({first_line})") from error
+    return fx.GraphModule(model, graph, class_name=type(model).__name__ + "Traced")
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _is_batch_size(node: fx.Node) -> bool:
+    """`t.size(0)` or `t.shape[0]`: the batch size, which in the tail is the tail's own batch."""
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return dim == 0
+    if node.op == "call_function" and node.target.__name__ == "getitem" and node.args[1] == 0:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and (
+            (source.op == "call_method" and source.target == "size" and len(source.args) == 1)
+            or (source.op == "call_function" and getattr(source.target, "__name__", "") == "getattr"
+                and source.args[1] == "shape")
+        )
+    return False
+
+
+def _record_values(traced: fx.GraphModule, x: torch.Tensor, wanted: set[fx.Node]) -> dict[fx.Node, object]:
+    values: dict[fx.Node, object] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node in wanted:
+                values[node] = result
+            return result
+
+    with torch.no_grad():
+        Recorder(traced).run(x)
+    return values
+
+
+def split_model(model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor) -> SplitModel:
+    """Cut `model` at `target_layer` using its fx graph; `example_input` fixes non-batch sizes that cross the cut."""
+    layer = resolve_layer_name(model, target_layer)
+    traced = _trace(model, layer)
+    graph = traced.graph
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if not calls:
+        raise SplitError(f"layer {layer!r} is not called in the model's forward pass")
+    if len(calls) > 1:
+        raise SplitError(
+            f"layer {layer!r} is called {len(calls)} times in one forward pass; choose a module that runs once"
+        )
+    target = calls[0]
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    input_nodes = [n for n in graph.nodes if n.op == "placeholder"]
+
+    tail_region = _descendants(target)
+    if outputs[0] not in tail_region:
+        raise SplitError(f"the model's output does not depend on layer {layer!r}")
+    depends_on_input = set().union(*(_descendants(n) for n in input_nodes)) | set(input_nodes)
+
+    # Values used by the tail but produced outside it: constants are copied into the tail,
+    # input-dependent ones cross the cut.
+    crossing: list[fx.Node] = []
+    copied: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node not in tail_region:
+            continue
+        for source in node.all_input_nodes:
+            if source is target or source in tail_region:
+                continue
+            if source in depends_on_input:
+                if source not in crossing:
+                    crossing.append(source)
+            else:
+                copied |= _ancestors([source])
+
+    batch_sizes = [n for n in crossing if _is_batch_size(n)]
+    others = [n for n in crossing if n not in batch_sizes]
+    values = _record_values(traced, example_input, set(others))
+    tensor_extras = [n for n in others if isinstance(values[n], torch.Tensor)]
+    constants = {n: values[n] for n in others if n not in tensor_extras}
+
+    head = _build_head(traced, target, tensor_extras)
+    tail = _build_tail(traced, target, tail_region | copied, tensor_extras, batch_sizes, constants)
+    return SplitModel(head=head, tail=tail, layer=layer, num_extras=len(tensor_extras))
+
+
+def _build_head(traced: fx.GraphModule, target: fx.Node, extras: list[fx.Node]) -> fx.GraphModule:
+    needed = _ancestors([target, *extras])
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in traced.graph.nodes:
+        if node in needed:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output((env[target], *(env[n] for n in extras)))
+    head = fx.GraphModule(traced, graph, class_name="Head")
+    head.graph.eliminate_dead_code()
+    head.recompile()
+    return head
+
+
+def _build_tail(
+    traced: fx.GraphModule,
+    target: fx.Node,
+    region: set[fx.Node],
+    extras: list[fx.Node],
+    batch_sizes: list[fx.Node],
+    constants: dict[fx.Node, object],
+) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, object] = {}
+    env[target] = graph.placeholder("features")
+    for index, node in enumerate(extras):
+        env[node] = graph.placeholder(f"extra_{index}")
+    for node in batch_sizes:
+        env[node] = graph.call_method("size", (env[target], 0))
+    env.update(constants)
+    for node in traced.graph.nodes:
+        if node in region and node not in env:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    tail = fx.GraphModule(traced, graph, class_name="Tail")
+    tail.graph.eliminate_dead_code()
+    tail.recompile()
+    return tail

@@ -1,0 +1,19 @@
+"""ONNX Runtime tails: the `Tail` protocol over a session of the exported masked tail, on CPU, CUDA or TensorRT."""
+
+from .cache import RuntimeStats, clear_sessions, default_cache_dir, ort_tail, stats
+from .providers import PRECISIONS, PROVIDERS, ProviderError, available_providers, resolve_provider
+from .session import OrtTail
+
+__all__ = [
+    "PRECISIONS",
+    "PROVIDERS",
+    "OrtTail",
+    "ProviderError",
+    "RuntimeStats",
+    "available_providers",
+    "clear_sessions",
+    "default_cache_dir",
+    "ort_tail",
+    "resolve_provider",
+    "stats",
+]

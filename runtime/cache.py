@@ -1,0 +1,233 @@
+"""`ort_tail`: the ONNX Runtime tail BaseCAM asks for, with exported graphs and sessions cached.
+
+Graphs live in a cache directory (`cache_dir`, else $FDCAM_CACHE, else $XDG_CACHE_HOME/fdcam or
+~/.cache/fdcam) under a name that hashes the tail's code, weights, layer and shapes, so a changed
+model never gets a stale graph. Sessions are kept in memory per (model, layer, shapes, provider,
+precision, device) while the model lives; an in-place change of the tail's weights is noticed
+(tensor version counters) and rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import operator
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+import torch
+from torch import nn
+
+from fdcam.export import DEFAULT_OPSET, ExportError, export_split
+from fdcam.export.graph import model_metadata
+from fdcam.export.model import model_name
+from fdcam.split import SplitModel
+
+from .providers import check_precision, create_session, resolve_provider, session_options
+from .session import OrtTail
+
+__all__ = ["RuntimeStats", "clear_sessions", "default_cache_dir", "ort_tail", "stats"]
+
+log = logging.getLogger("fdcam.runtime")
+
+# What ONNX Runtime raises for a file that is not a loadable graph.
+_LOAD_ERRORS = (
+    ort_errors.InvalidProtobuf,
+    ort_errors.InvalidGraph,
+    ort_errors.NoSuchFile,
+    ort_errors.Fail,
+)
+
+
+@dataclass
+class RuntimeStats:
+    """Counters for tests and benchmarks: graphs exported or found on disk, sessions built or reused."""
+
+    exports: int = 0
+    graph_reuses: int = 0
+    sessions: int = 0
+    session_reuses: int = 0
+
+
+stats = RuntimeStats()
+
+
+@dataclass
+class _Entry:
+    session: ort.InferenceSession
+    provider: str
+    stream: int | None
+    fingerprint: tuple
+
+
+# model → {(layer, shapes, provider, precision, device): entry}; entries go with the model.
+_sessions: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
+
+
+def default_cache_dir() -> Path:
+    """$FDCAM_CACHE, else $XDG_CACHE_HOME/fdcam, else ~/.cache/fdcam."""
+    if os.environ.get("FDCAM_CACHE"):
+        return Path(os.environ["FDCAM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fdcam"
+
+
+def clear_sessions() -> None:
+    """Drop every cached session (graphs on disk stay)."""
+    _sessions.clear()
+
+
+def ort_tail(
+    model: nn.Module,
+    split: SplitModel,
+    features: torch.Tensor,
+    extras: Sequence[torch.Tensor],
+    provider: str | None = None,
+    precision: str = "fp32",
+    memory_budget: int | None = None,
+    batch_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> OrtTail:
+    """An OrtTail for `split` of `model` on features shaped like `features` [1,K,h,w] (and `extras`).
+
+    provider: None/"auto", "cpu", "cuda" or "tensorrt"; precision: "fp32" (no TF32), "tf32" or
+    "fp16" (see fdcam.runtime.providers). All masks of a call go in one session run unless
+    `memory_budget` (bytes) or `batch_size` is set. The graph is exported once per model state and
+    the session built once per key; later calls reuse both.
+    """
+    precision = check_precision(precision)
+    resolved = resolve_provider(provider, features.device)
+    key = (
+        split.layer,
+        tuple(features.shape[1:]),
+        tuple(tuple(extra.shape[1:]) for extra in extras),
+        resolved,
+        precision,
+        str(features.device),
+    )
+    fingerprint = _fingerprint(split.tail)
+    per_model = _sessions.setdefault(model, {})
+    entry = per_model.get(key)
+    if entry is not None and entry.fingerprint == fingerprint:
+        stats.session_reuses += 1
+    else:
+        directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        entry = _build(model, split, features, extras, resolved, precision, directory, fingerprint)
+        per_model[key] = entry
+    return OrtTail(entry.session, entry.provider, batch_size=batch_size, memory_budget=memory_budget, stream=entry.stream)
+
+
+def _build(
+    model: nn.Module,
+    split: SplitModel,
+    features: torch.Tensor,
+    extras: Sequence[torch.Tensor],
+    provider: str,
+    precision: str,
+    directory: Path,
+    fingerprint: tuple,
+) -> _Entry:
+    digest = _content_hash(split, features, extras)
+    validated: dict[Path, ort.InferenceSession] = {}
+    reused: list[Path] = []
+
+    def graph(fp16: bool) -> Path:
+        path = directory / "tails" / f"{digest}{'-fp16' if fp16 else ''}.onnx"
+        if path.is_file():
+            stats.graph_reuses += 1
+            reused.append(path)
+            return path
+        try:
+            exported = export_split(
+                split, features, extras, path, fp16=fp16, metadata=_metadata(model), session_options=session_options()
+            )
+        except OSError as error:
+            raise ExportError(f"cannot write the tail graph cache in {directory} ({error}); set FDCAM_CACHE or pass cache_dir") from error
+        stats.exports += 1
+        validated[path] = exported.session
+        return path
+
+    num_channels = features.shape[1]
+
+    def open_session() -> tuple[ort.InferenceSession, str]:
+        if provider != "cpu":
+            return create_session(
+                graph, provider, precision, features.device,
+                engine_dir=directory / "tensorrt", mask_batch=2 * num_channels, num_channels=num_channels,
+            )
+        path = graph(precision == "fp16")
+        if path in validated:  # the export already built a CPU session for its check
+            return validated[path], "cpu"
+        return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"]), "cpu"
+
+    try:
+        session, used = open_session()
+    except _LOAD_ERRORS as error:
+        if not reused:
+            raise ExportError(f"onnxruntime cannot load the tail graph ({_first_line(error)})") from error
+        # A damaged cached graph (interrupted copy, disk error): export it again, once.
+        log.warning("cached tail graph %s is unreadable (%s); exporting it again", reused[0], _first_line(error))
+        for path in reused:
+            path.unlink(missing_ok=True)
+        session, used = open_session()
+    stats.sessions += 1
+    stream = torch.cuda.current_stream(features.device).cuda_stream if used != "cpu" and features.is_cuda else None
+    return _Entry(session, used, stream, fingerprint)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _metadata(model: nn.Module) -> dict[str, str]:
+    from fdcam.models import spec_of
+
+    spec = spec_of(model)
+    return model_metadata(model_name(model), None, spec.mean if spec else None, spec.std if spec else None)
+
+
+def _tail_tensors(tail: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters, buffers and plain tensor constants (fx get_attr) of the tail, by name."""
+    named = dict(tail.named_parameters())
+    named.update(tail.named_buffers())
+    graph = getattr(tail, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        if node.op == "get_attr" and node.target not in named:
+            value = operator.attrgetter(node.target)(tail)
+            if isinstance(value, torch.Tensor):
+                named[node.target] = value
+    return sorted(named.items())
+
+
+def _fingerprint(tail: nn.Module) -> tuple:
+    """Cheap identity of the tail's weights: storage pointers and in-place version counters."""
+    return tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in _tail_tensors(tail))
+
+
+def _content_hash(split: SplitModel, features: torch.Tensor, extras: Sequence[torch.Tensor]) -> str:
+    """sha256 of the tail's code and weights, the layer, the input shapes and the tool versions."""
+    import fdcam
+
+    digest = hashlib.sha256()
+    header = [
+        "fdcam-tail/2",  # bump when the export changes for the same tail
+        fdcam.__version__,
+        torch.__version__,
+        str(DEFAULT_OPSET),
+        split.layer,
+        split.tail.code,
+        str(tuple(features.shape[1:])),
+        str([tuple(extra.shape[1:]) for extra in extras]),
+    ]
+    digest.update("\n".join(header).encode())
+    for name, tensor in _tail_tensors(split.tail):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"\n{name}:{tuple(tensor.shape)}:{tensor.dtype}\n".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    return digest.hexdigest()[:32]

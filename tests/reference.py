@@ -1,0 +1,72 @@
+"""Slow, plain reference implementations used as test oracles (hooks on the original model, loops)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def activations_and_gradient(model, layer, x, cls):
+    """A [K,h,w] and ∂f_c/∂A via a temporary forward hook on the unsplit model; also the full logits."""
+    store = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        store["a"] = output
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    logits[0, cls].backward()
+    model.zero_grad(set_to_none=True)
+    return store["a"][0].detach(), store["a"].grad[0].detach(), logits[0].detach()
+
+
+def cosine_groups(A, theta):
+    flat = A.reshape(A.shape[0], -1).double().numpy()
+    k = flat.shape[0]
+    cos = np.zeros((k, k))
+    norms = np.linalg.norm(flat, axis=1)
+    for i in range(k):
+        if norms[i] == 0:
+            continue  # a zero map has similarity 0 with everything
+        safe = np.where(norms > 0, norms, 1.0)
+        cos[i] = np.where(norms > 0, flat @ flat[i] / (safe * norms[i]), 0.0)
+    groups = np.zeros((k, k), dtype=bool)
+    for i in range(k):
+        groups[i] = cos[i] > np.quantile(cos[i], theta)  # numpy's default rule is linear, like torch
+    return torch.from_numpy(groups)
+
+
+def minmax(v):
+    return (v - v.min()) / (v.max() - v.min())
+
+
+def fdcam_reference(model, layer, tail_fn, x, cls, theta=0.95, bias=0.5, combine="exp", switch="on_off", grouping=True):
+    """FD-CAM as the paper and the issue define it, one tail pass per mask."""
+    A, grad, logits = activations_and_gradient(model, layer, x, cls)
+    alpha = grad.mean(dim=(1, 2))
+    k = A.shape[0]
+    groups = cosine_groups(A, theta) if grouping else torch.eye(k, dtype=torch.bool)
+    scores = torch.zeros(k)
+    with torch.no_grad():
+        for c in range(k):
+            on = groups[c].float()[:, None, None]
+            off_score = logits[cls] - tail_fn(A * (1 - on))[cls]
+            if switch == "off":
+                scores[c] = off_score
+            else:
+                scores[c] = (tail_fn(A * on)[cls] + off_score) / 2
+    a_hat, s_hat = minmax(alpha), minmax(scores)
+    w = a_hat * torch.exp(s_hat) - bias if combine == "exp" else a_hat * s_hat - bias
+    cam = F.relu((w[:, None, None] * A).sum(0))
+    cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    return minmax(cam) if cam.max() > cam.min() else torch.zeros_like(cam)
+
+
+def agreement(a, b):
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(np.corrcoef(a, b)[0, 1]), float(np.abs(a - b).max())

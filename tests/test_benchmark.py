@@ -1,0 +1,74 @@
+"""Smoke test of benchmarks.latency on the tiny model: table, JSON fields, row selection, baseline."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed; it lives at the root
+from benchmarks import latency  # noqa: E402
+from fdcam import FDCAM  # noqa: E402
+
+RESULT_FIELDS = {
+    "model", "method", "library", "label", "backend", "precision", "device", "status", "reason", "median_ms",
+    "min_ms", "repeats", "warmup", "ratio_to_pgc_gradcam", "batch", "throughput_ips", "peak_mem_mb", "peak_delta_mb", "memory_kind",
+}
+PHASES = {"head forward", "gradients (tail backward)", "grouping + masks", "switch passes", "weights + map + upsampling"}
+
+
+def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert latency.main(["--models", "tiny", "--repeat", "1", "--batch", "2", "--quick", "--profile", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "CPU:" in printed and "torch " in printed
+    assert "median ms" in printed and "x pgc GradCAM" in printed
+    assert "FD-CAM phases on tiny" in printed
+
+    payload = json.loads(out.read_text())
+    assert {"cpu", "logical_cpus", "torch_threads", "torch", "onnxruntime"} <= set(payload["machine"])
+    assert payload["config"]["batch"] == 2 and payload["config"]["models"] == ["tiny"]
+    results = payload["results"]
+    assert [r["method"] for r in results] == latency.ROW_KEYS
+    for r in results:
+        assert RESULT_FIELDS <= set(r)
+        if r["status"] == "ok":
+            assert 0 < r["min_ms"] <= r["median_ms"]
+            assert r["ratio_to_pgc_gradcam"] > 0 and r["peak_mem_mb"] > 0 and r["peak_delta_mb"] >= 0
+            slow = r["method"] in ("scorecam", "pgc-scorecam", "pgc-ablationcam")
+            assert (r["throughput_ips"] is None) if slow else (r["throughput_ips"] > 0)  # --quick: no batch run
+        else:
+            assert r["reason"]  # every skipped row says why
+    by_key = {r["method"]: r for r in results}
+    for key in ("fdcam", "gradcam", "ablationcam", "groupcam", "scorecam", "authors-fdcam"):
+        assert by_key[key]["status"] == "ok", by_key[key]["reason"]
+    if by_key["pgc-gradcam"]["status"] == "ok":
+        assert by_key["pgc-gradcam"]["ratio_to_pgc_gradcam"] == pytest.approx(1.0)
+    assert by_key["fdcam-ort-fp16"]["status"] == "skipped"  # CUDA only
+    assert by_key["scorecam"]["repeats"] == 1 and by_key["scorecam"]["warmup"] == 0  # --quick
+    assert PHASES <= set(payload["profile"]["tiny"])
+
+
+def test_methods_selects_rows_and_keeps_the_reference(tmp_path):
+    out = tmp_path / "bench.json"
+    latency.main(["--models", "tiny", "--methods", "fdcam,authors", "--repeat", "1", "--warmup", "0", "--json", str(out)])
+    methods = [r["method"] for r in json.loads(out.read_text())["results"]]
+    assert methods == ["pgc-gradcam", "fdcam", "authors-fdcam"]
+
+
+def test_row_selection():
+    assert [r.key for r in latency.select_rows("pgc")] == ["pgc-gradcam", "pgc-ablationcam", "pgc-scorecam"]
+    assert [r.key for r in latency.select_rows("fdcam-ort")] == ["fdcam-ort-fp32", "fdcam-ort-tf32", "fdcam-ort-fp16"]
+    assert [r.key for r in latency.select_rows("fdcam")] == ["fdcam"]
+    with pytest.raises(SystemExit):
+        latency.select_rows("nope")
+
+
+def test_authors_loop_computes_fdcam():
+    torch.manual_seed(0)
+    model = latency.TinyNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = FDCAM(model, "features.5")(x)
+    got = latency.AuthorsFDCAM(model, "features.5")(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)

@@ -1,0 +1,202 @@
+"""fdcam.export: validated masked-tail graphs, metadata, fp16, refusal on mismatch, the CLI and the wheel layout."""
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+
+import fdcam
+from fdcam.cli import main
+from fdcam.export import FP16_TOLERANCE, ExportError, export_split, export_tail, read_metadata
+from fdcam.export import graph as export_graph
+from fdcam.split import split_model
+from fdcam.tail import MaskedTail
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_lite0():
+    """EfficientNet-Lite0 with its trained weights, or built directly if fdcam.models cannot load it."""
+    try:
+        return fdcam.models.load("efficientnet_lite0")
+    except Exception:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        return EfficientNet.from_name("efficientnet-lite0").eval()
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_lite0()
+
+
+@pytest.fixture(scope="module")
+def lite0_export(lite0, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lite0") / "lite0.onnx"
+    return export_tail(lite0, "_blocks.15", path)
+
+
+@pytest.fixture(scope="module")
+def resnet18_split():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 224, 224)
+    split = split_model(model, "layer4.1.conv2", x)
+    with torch.no_grad():
+        features, *extras = split.head(x)
+    return split, features, extras
+
+
+def dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def torch_logits(split, features, masks, extras):
+    with torch.no_grad():
+        return MaskedTail(split.tail)(features, masks, *extras)
+
+
+def test_graph_has_a_symbolic_mask_batch_and_runs_at_several_batch_sizes(lite0, lite0_export):
+    proto = onnx.load(str(lite0_export.path))
+    inputs = {value.name: dims(value) for value in proto.graph.input}
+    assert inputs["features"] == [1, 320, 7, 7]
+    mask_batch, mask_channels = inputs["masks"]
+    assert isinstance(mask_batch, str) and mask_channels == 320
+    assert isinstance(dims(proto.graph.output[0])[0], str) and dims(proto.graph.output[0])[1] == 1000
+
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    split = split_model(lite0, "_blocks.15", x)
+    with torch.no_grad():
+        features, *extras = split.head(x)
+    session = ort.InferenceSession(str(lite0_export.path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5, 640):
+        masks = (torch.rand(batch, 320, generator=torch.Generator().manual_seed(batch)) > 0.3).float()
+        (logits,) = session.run(["logits"], {"features": features.numpy(), "masks": masks.numpy()})
+        expected = torch_logits(split, features, masks, extras)
+        assert logits.shape == (batch, 1000)
+        np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_metadata_describes_model_layer_shapes_and_versions(lite0_export):
+    meta = read_metadata(lite0_export.path)
+    assert meta["model"] == "efficientnet_lite0"
+    assert meta["target_layer"] == "_blocks.15"
+    assert (meta["channels"], meta["height"], meta["width"], meta["num_classes"]) == ("320", "7", "7", "1000")
+    assert meta["input_size"] == "224x224"
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(meta["std"]) == pytest.approx([0.229, 0.224, 0.225])
+    assert meta["opset"] == "18" and meta["precision"] == "fp32"
+    assert meta["torch_version"] == torch.__version__ and meta["onnx_version"] == onnx.__version__
+    assert meta["fdcam_version"] == fdcam.__version__
+    assert meta["exporter"] in ("dynamo", "torchscript")
+    assert meta["tail_form"] == "masked"  # a 1×1 conv follows _blocks.15: nothing to factorise
+
+
+def test_export_is_one_self_contained_file_and_leaves_no_staging_files(lite0_export):
+    assert lite0_export.max_error < 1e-4
+    assert sorted(p.name for p in lite0_export.path.parent.iterdir()) == ["lite0.onnx"]
+
+
+def test_a_tensor_crossing_the_split_becomes_an_extra_input(resnet18_split, tmp_path):
+    split, features, extras = resnet18_split
+    exported = export_split(split, features, extras, tmp_path / "r18.onnx", check_batches=(3, 17))
+    proto = onnx.load(str(exported.path))
+    assert [value.name for value in proto.graph.input] == ["features", "masks", "extra_0"]
+    assert dims(proto.graph.input[2]) == [1, 512, 7, 7]
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    masks = (torch.rand(6, 512, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    (logits,) = session.run(None, {"features": features.numpy(), "masks": masks.numpy(), "extra_0": extras[0].numpy()})
+    np.testing.assert_allclose(logits, torch_logits(split, features, masks, extras).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_export_refuses_a_graph_that_does_not_match_and_saves_nothing(resnet18_split, tmp_path, monkeypatch):
+    split, features, extras = resnet18_split
+    reference = export_graph._reference_logits
+    monkeypatch.setattr(export_graph, "_reference_logits", lambda *args: reference(*args) + 0.5)
+    target = tmp_path / "out" / "bad.onnx"
+    with pytest.raises(ExportError, match=r"differs from the torch tail by 0\.5.*nothing was saved") as raised:
+        export_split(split, features, extras, target, check_batches=(3, 5))
+    assert "\n" not in str(raised.value)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_failing_dynamo_export_falls_back_to_torchscript(resnet18_split, tmp_path, monkeypatch):
+    split, features, extras = resnet18_split
+
+    def broken(*args):
+        raise RuntimeError("simulated torch.export failure")
+
+    exporters = [("dynamo", broken)] + [e for e in export_graph._EXPORTERS if e[0] != "dynamo"]
+    monkeypatch.setattr(export_graph, "_EXPORTERS", exporters)
+    exported = export_split(split, features, extras, tmp_path / "ts.onnx", check_batches=(3, 9))
+    assert exported.exporter == "torchscript"
+    assert read_metadata(exported.path)["exporter"] == "torchscript"
+    assert isinstance(dims(onnx.load(str(exported.path)).graph.input[1])[0], str)
+
+
+def test_fp16_graph_keeps_fp32_inputs_and_outputs_within_the_documented_tolerance(lite0, tmp_path):
+    exported = export_tail(lite0, "_blocks.15", tmp_path / "lite0_fp16.onnx", fp16=True)
+    proto = onnx.load(str(exported.path))
+    float32 = onnx.TensorProto.FLOAT
+    assert all(value.type.tensor_type.elem_type == float32 for value in [*proto.graph.input, *proto.graph.output])
+    weights = [t for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in weights) > 0.9 * len(weights)
+    assert read_metadata(exported.path)["precision"] == "fp16"
+    assert 0 < exported.max_error <= FP16_TOLERANCE.allowed(100.0)
+    assert exported.path.stat().st_size < 0.6 * (6.7e6)  # about half the fp32 file
+
+
+def test_cli_export_writes_the_graph_and_its_json(tmp_path, capsys):
+    assert main(["export", "--model", "efficientnet_lite0", "--out", str(tmp_path)]) == 0
+    graph_path = tmp_path / "efficientnet_lite0__blocks.15.onnx"
+    described = json.loads((tmp_path / "efficientnet_lite0__blocks.15.json").read_text())
+    assert graph_path.is_file() and str(graph_path) in capsys.readouterr().out
+    assert described["graph"] == graph_path.name and described["target_layer"] == "_blocks.15"
+    assert [(t["name"], t["shape"]) for t in described["inputs"]] == [("features", [1, 320, 7, 7]), ("masks", ["batch", 320])]
+    assert described["outputs"][0]["shape"] == ["batch", 1000]
+    assert described["masks"]["theta"] == 0.95 and described["masks"]["batch"] == 640
+    assert "1 − 1_G(k)" in described["masks"]["rows"]
+    assert "exp" in described["weights"]["formula"] and described["weights"]["bias"] == 0.5
+    assert described["input_image"]["size_hw"] == [224, 224]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "alexnet"], "unknown model"),
+        (["--model", "efficientnet_lite0", "--layer", "_blocks.99"], "no layer named"),
+        (["--model", "efficientnet_lite0", "--weights", "/nonexistent/w.pth"], "not found"),
+    ],
+)
+def test_cli_export_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["export", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fdcam: error:") and message in err and "\n" not in err
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+@pytest.mark.slow
+def test_wheel_installs_export_and_runtime_inside_fdcam(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("fdcam", "export", "runtime"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.onnx"))
+    wheels = tmp_path / "wheels"
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("fdcam-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fdcam/export/__init__.py" in names and "fdcam/export/command.py" in names
+    assert "fdcam/runtime/__init__.py" in names and "fdcam/runtime/session.py" in names
+    assert not [n for n in names if n.startswith(("export/", "runtime/"))]

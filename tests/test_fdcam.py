@@ -1,0 +1,130 @@
+"""FD-CAM against the slow reference in tests/reference.py, on three architectures and the ablation options."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import fdcam
+from reference import agreement, fdcam_reference
+
+
+def vgg_tail(model):
+    return lambda a: model.classifier(torch.flatten(model.avgpool(a[None]), 1))[0]
+
+
+def test_fdcam_vgg16_matches_reference(vgg16_random):
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 224, 224)
+    cls = 7
+    ours = fdcam.FDCAM(vgg16_random, "features.30")(x, targets=cls)[0, 0]
+    ref = fdcam_reference(vgg16_random, vgg16_random.features[30], vgg_tail(vgg16_random), x, cls)
+    corr, diff = agreement(ours, ref)
+    assert corr >= 0.999 and diff <= 0.02, (corr, diff)
+
+
+def test_fdcam_efficientnet_lite0_real_image_matches_reference(lite0, zebra_input):
+    m = lite0
+
+    def tail(a):
+        h = m._swish(m._bn1(m._conv_head(a[None])))
+        return m._fc(torch.flatten(m._avg_pooling(h), 1))[0]
+
+    ours = fdcam.FDCAM(m, "_blocks.15")(zebra_input)[0, 0]
+    cls = int(m(zebra_input).argmax())
+    assert cls == 340  # zebra
+    ref = fdcam_reference(m, m._blocks[15], tail, zebra_input, cls)
+    corr, diff = agreement(ours, ref)
+    assert corr >= 0.999 and diff <= 0.02, (corr, diff)
+
+
+def test_fdcam_resnet_split_inside_residual_block_matches_reference():
+    torch.manual_seed(2)
+    model = torchvision.models.resnet50().eval()
+    block = model.layer4[2]
+    x = torch.randn(1, 3, 160, 160)
+    store = {}
+    handle = block.register_forward_pre_hook(lambda module, inputs: store.__setitem__("identity", inputs[0].detach()))
+    model(x)
+    handle.remove()
+
+    def tail(a):
+        out = F.relu(block.bn3(a[None]) + store["identity"])
+        return model.fc(torch.flatten(model.avgpool(out), 1))[0]
+
+    cam = fdcam.FDCAM(model, "layer4.2.conv3")
+    assert cam.split_for(x).num_extras == 1  # the skip tensor crosses the split
+    ours = cam(x, targets=3)[0, 0]
+    ref = fdcam_reference(model, block.conv3, tail, x, 3)
+    corr, diff = agreement(ours, ref)
+    assert corr >= 0.999 and diff <= 0.02, (corr, diff)
+
+
+@pytest.fixture(scope="module")
+def small_resnet():
+    torch.manual_seed(3)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"switch": "off"},
+        {"grouping": False, "switch": "off"},
+        {"grouping": False},
+        {"combine": "linear", "bias": 0.0},
+        {"bias": 0.0},
+        {"theta": 0.9},
+    ],
+)
+def test_ablation_options_match_reference_and_change_the_map(small_resnet, options):
+    model = small_resnet
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+
+    # A non-linear tail (a whole residual block follows): with a linear tail s⁺ and s⁻ coincide.
+    def tail(a):
+        return model.fc(torch.flatten(model.avgpool(model.layer4[1](a[None])), 1))[0]
+
+    full = fdcam.FDCAM(model, "layer4.0")(x, targets=5)[0, 0]
+    ours = fdcam.FDCAM(model, "layer4.0", **options)(x, targets=5)[0, 0]
+    ref = fdcam_reference(model, model.layer4[0], tail, x, 5, **options)
+    corr, diff = agreement(ours, ref)
+    assert corr >= 0.999 and diff <= 0.02, (options, corr, diff)
+    assert (ours - full).abs().max() > 1e-3, "the option must change the result"
+
+
+def test_multi_class_and_batch_equal_single_calls(small_resnet):
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(5))
+    cam = fdcam.FDCAM(small_resnet, "layer4")
+    together = cam(x, targets=[[1, 2], [3, 4]])
+    assert together.shape == (2, 2, 128, 128)
+    for i, classes in enumerate([[1, 2], [3, 4]]):
+        for t, c in enumerate(classes):
+            single = cam(x[i : i + 1], targets=c)[0, 0]
+            assert torch.allclose(together[i, t], single, atol=1e-5)
+
+
+def test_output_contract(small_resnet):
+    x = torch.randn(3, 3, 96, 112, generator=torch.Generator().manual_seed(6))
+    maps = fdcam.FDCAM(small_resnet, small_resnet.layer4)(x)
+    assert maps.shape == (3, 1, 96, 112) and maps.dtype == torch.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    top1 = small_resnet(x).argmax(1)
+    assert torch.equal(fdcam.FDCAM(small_resnet, "layer4")(x, targets=top1.tolist()), maps)
+
+
+def test_switch_passes_run_in_one_tail_call_within_budget(small_resnet):
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(7))
+    cam = fdcam.FDCAM(small_resnet, "layer4")
+    cam(x)
+    tail = next(iter(cam._tails.values()))
+    assert tail.calls == 1
+    chunked = fdcam.FDCAM(small_resnet, "layer4", batch_size=100)
+    assert torch.allclose(chunked(x), cam(x), atol=1e-6)
+    assert next(iter(chunked._tails.values())).calls == 11  # ceil(1024 / 100)
+
+
+def test_invalid_options_are_refused(small_resnet):
+    for bad in ({"combine": "square"}, {"switch": "on"}, {"theta": 1.5}, {"backend": "tvm"}):
+        with pytest.raises(ValueError):
+            fdcam.FDCAM(small_resnet, "layer4", **bad)

@@ -1,0 +1,221 @@
+"""fdcam.runtime: ONNX Runtime tails equal torch tails, one run per explanation, cached sessions, provider errors."""
+
+import copy
+import json
+import logging
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import fdcam
+from fdcam import runtime
+from fdcam.images import load_image, preprocess
+from fdcam.runtime import OrtTail, ProviderError, ort_tail
+from fdcam.tail import Tail, TorchTail
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def graph_cache(tmp_path_factory):
+    """Exported graphs go to a temporary cache, never to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FDCAM_CACHE", str(tmp_path_factory.mktemp("fdcam-cache")))
+        runtime.clear_sessions()
+        yield
+        runtime.clear_sessions()
+
+
+def load_lite0():
+    try:
+        return fdcam.models.load("efficientnet_lite0")
+    except Exception:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        return EfficientNet.from_name("efficientnet-lite0").eval()
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_lite0()
+
+
+@pytest.fixture(scope="module")
+def zebra():
+    spec = fdcam.models.spec("efficientnet_lite0")
+    return preprocess(load_image(DATA / "n02391049_zebra.JPEG"), spec)
+
+
+@pytest.fixture(scope="module")
+def lite0_split(lite0, zebra):
+    split = fdcam.split_model(lite0, "_blocks.15", zebra)
+    with torch.no_grad():
+        features, *extras = split.head(zebra)
+    return split, features, extras
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    a, b = a.double().flatten(), b.double().flatten()
+    da, db = a - a.mean(), b - b.mean()
+    return float(da @ db / (da.norm() * db.norm())), float((a - b).abs().max())
+
+
+def the_tail(cam) -> OrtTail:
+    (tail,) = cam._tails.values()
+    return tail
+
+
+def assert_same_maps(torch_maps, ort_maps):
+    correlation, max_abs = agreement(torch_maps, ort_maps)
+    assert correlation >= 0.9999 and max_abs <= 1e-3, (correlation, max_abs)
+
+
+def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run():
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16().eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    expected = fdcam.FDCAM(model, "features.30")(x, targets=7)
+    cam = fdcam.FDCAM(model, "features.30", backend="onnxruntime", provider="cpu")
+    assert_same_maps(expected, cam(x, targets=7))
+    tail = the_tail(cam)
+    assert isinstance(tail, OrtTail) and isinstance(tail, Tail)
+    assert tail.runs == 1 and tail.provider == "cpu"
+    # pooling + Linear after features.30: the graph is the factorised tail (fdcam.factorise)
+    assert tail.session.get_modelmeta().custom_metadata_map["tail_form"] == "factorised"
+
+
+def test_fdcam_efficientnet_lite0_onnxruntime_equals_torch(lite0, zebra):
+    expected = fdcam.FDCAM(lite0, "_blocks.15")(zebra, targets=[[340, 0]])
+    cam = fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
+    maps = cam(zebra, targets=[[340, 0]])
+    for t in range(2):
+        assert_same_maps(expected[0, t], maps[0, t])
+    assert the_tail(cam).runs == 1  # both classes share the 2K switch passes
+
+
+def test_fdcam_resnet_split_inside_a_block_onnxruntime_equals_torch():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    expected = fdcam.FDCAM(model, "layer4.1.conv2")(x)
+    cam = fdcam.FDCAM(model, "layer4.1.conv2", backend="onnxruntime", provider="cpu")
+    maps = cam(x)
+    for i in range(2):
+        assert_same_maps(expected[i], maps[i])
+    assert the_tail(cam).runs == 2  # one per image
+
+
+def test_ablationcam_onnxruntime_equals_torch(lite0, zebra):
+    expected = fdcam.AblationCAM(lite0, "_blocks.15")(zebra)
+    cam = fdcam.AblationCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
+    assert_same_maps(expected, cam(zebra))
+    assert the_tail(cam).runs == 1
+
+
+def test_a_second_explainer_reuses_the_session_and_builds_nothing(lite0, zebra, lite0_split):
+    split, features, extras = lite0_split
+    ort_tail(lite0, split, features, extras, provider="cpu")  # built here unless an earlier test did
+    before = copy.copy(runtime.stats)
+    cam = fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
+    cam(zebra)
+    after = runtime.stats
+    assert (after.exports, after.sessions, after.graph_reuses) == (before.exports, before.sessions, before.graph_reuses)
+    assert after.session_reuses == before.session_reuses + 1
+    assert the_tail(cam).runs == 1
+
+
+def test_graphs_are_reused_from_disk_and_changed_weights_export_again(zebra):
+    model = load_lite0()
+    split = fdcam.split_model(model, "_blocks.15", zebra)
+    with torch.no_grad():
+        features, *extras = split.head(zebra)
+    ort_tail(model, split, features, extras, provider="cpu")
+    runtime.clear_sessions()
+    before = copy.copy(runtime.stats)
+    ort_tail(model, split, features, extras, provider="cpu")
+    assert runtime.stats.exports == before.exports and runtime.stats.graph_reuses == before.graph_reuses + 1
+    assert runtime.stats.sessions == before.sessions + 1
+
+    with torch.no_grad():
+        model._fc.bias.add_(1.0)  # an in-place change of a tail weight
+    tail = ort_tail(model, split, features, extras, provider="cpu")
+    assert runtime.stats.exports == before.exports + 1
+    masks = torch.ones(2, 320)
+    torch.testing.assert_close(tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras), atol=1e-4, rtol=1e-4)
+
+
+def test_a_damaged_cached_graph_is_exported_again(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    split = fdcam.split_model(model, "layer4.1.conv2", x)
+    with torch.no_grad():
+        features, *extras = split.head(x)
+    ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path)
+    (cached,) = (tmp_path / "tails").glob("*.onnx")
+    cached.write_bytes(b"not an onnx graph")
+    runtime.clear_sessions()
+    with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
+        tail = ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path)
+    assert "unreadable" in caplog.text
+    masks = torch.ones(3, 512)
+    expected = TorchTail(split.tail).run(features, masks, extras)
+    torch.testing.assert_close(tail.run(features, masks, extras), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_memory_budget_or_batch_size_split_the_masks_into_chunks(lite0, lite0_split):
+    split, features, extras = lite0_split
+    masks = (torch.rand(100, 320, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    whole = ort_tail(lite0, split, features, extras, provider="cpu")
+    chunked = ort_tail(lite0, split, features, extras, provider="cpu", batch_size=30)
+    expected = TorchTail(split.tail).run(features, masks, extras)
+    torch.testing.assert_close(whole.run(features, masks, extras), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunked.run(features, masks, extras), expected, atol=1e-4, rtol=1e-4)
+    assert (whole.runs, chunked.runs) == (1, 4)
+    assert whole.session is chunked.session
+
+
+@pytest.mark.skipif("cuda" in runtime.available_providers(), reason="this onnxruntime has CUDA")
+def test_cuda_without_cuda_is_a_clear_one_line_error(lite0, lite0_split):
+    split, features, extras = lite0_split
+    with pytest.raises(ProviderError, match="onnxruntime-gpu") as raised:
+        ort_tail(lite0, split, features, extras, provider="cuda")
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.skipif("tensorrt" in runtime.available_providers(), reason="this onnxruntime has TensorRT")
+def test_tensorrt_without_tensorrt_falls_back_with_one_warning(lite0, lite0_split, caplog):
+    split, features, extras = lite0_split
+    with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
+        tail = ort_tail(lite0, split, features, extras, provider="tensorrt")
+        ort_tail(lite0, split, features, extras, provider="tensorrt")  # cached: no second warning
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "TensorRT cannot be used" in warnings[0].getMessage()
+    assert tail.provider in ("cuda", "cpu")
+    masks = (torch.rand(7, 320, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    expected = TorchTail(split.tail).run(features, masks, extras)
+    torch.testing.assert_close(tail.run(features, masks, extras), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options, message", [({"provider": "npu"}, "provider must be"), ({"precision": "int8"}, "precision must be")])
+def test_unknown_provider_or_precision_is_a_value_error(lite0, lite0_split, options, message):
+    split, features, extras = lite0_split
+    with pytest.raises(ValueError, match=message):
+        ort_tail(lite0, split, features, extras, **options)
+
+
+def test_gpu_check_skips_cleanly_without_cuda_and_runs_its_checks_on_cpu(tmp_path, monkeypatch, capsys):
+    script = runpy.run_path(str(ROOT / "benchmarks" / "gpu_check.py"))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    if not torch.cuda.is_available():
+        assert script["main"](["--provider", "cuda"]) == 0
+        assert "skipped" in capsys.readouterr().out
+        assert "skipped" in json.loads((tmp_path / "gpu_check.json").read_text())
+    assert script["main"](["--provider", "cpu", "--models", "efficientnet_lite0", "--repeats", "0"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    (result,) = report["results"]
+    assert report["passed"] and result["runs_per_explanation"] == 1 and result["correlation"] >= 0.9999
