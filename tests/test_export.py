@@ -24,21 +24,6 @@ from fdcam.tail import MaskedTail
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_lite0():
-    """EfficientNet-Lite0 with its trained weights, or built directly if fdcam.models cannot load it."""
-    try:
-        return fdcam.models.load("efficientnet_lite0")
-    except Exception:
-        from efficientnet_lite_pytorch import EfficientNet
-
-        return EfficientNet.from_name("efficientnet-lite0").eval()
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    return load_lite0()
-
-
 @pytest.fixture(scope="module")
 def lite0_export(lite0, tmp_path_factory):
     path = tmp_path_factory.mktemp("lite0") / "lite0.onnx"
