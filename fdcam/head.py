@@ -13,33 +13,47 @@ __all__ = ["HeadOutput", "forward_head", "class_gradients"]
 
 @dataclass
 class HeadOutput:
-    """Activations [N,K,h,w] at the target layer, the other split-crossing tensors, and logits [N,C]."""
+    """Activations [N,K,h,w] at the target layer, the other split-crossing tensors, and logits [N,C].
+
+    `graph_activations`/`graph_logits` hold the tail's autograd graph of that same forward, so the
+    gradients of one class per image need no second tail pass.
+    """
 
     activations: torch.Tensor
     extras: tuple[torch.Tensor, ...]
     logits: torch.Tensor
+    graph_activations: torch.Tensor | None = None
+    graph_logits: torch.Tensor | None = None
 
 
-@torch.no_grad()
 def forward_head(split: SplitModel, x: torch.Tensor) -> HeadOutput:
     """One forward of the whole model through head and tail, keeping what the explanation needs."""
-    activations, *extras = split.head(x)
+    with torch.no_grad():
+        activations, *extras = split.head(x)
     if activations.dim() != 4:
         raise ValueError(
             f"layer {split.layer!r} outputs a {activations.dim()}-D tensor of shape {tuple(activations.shape)};"
             " CAM methods need a 4-D [N,K,h,w] convolutional layer"
         )
-    logits = split.tail(activations, *extras)
-    return HeadOutput(activations, tuple(extras), logits)
+    with torch.enable_grad():
+        leaf = activations.detach().requires_grad_(True)
+        logits = split.tail(leaf, *extras)
+    return HeadOutput(activations, tuple(extras), logits.detach(), leaf, logits)
 
 
 def class_gradients(split: SplitModel, head: HeadOutput, targets: torch.Tensor) -> torch.Tensor:
     """∂f_c/∂A for every image and requested class: [N,T,K,h,w] from one backward through the tail only.
 
-    The T classes of an image are handled as T copies of its activations in one batch, so a single
-    backward gives every gradient; the head is never re-run.
+    One class per image reuses the graph of the head's forward; for T classes the tail runs once on
+    T copies of the activations, so a single backward still gives every gradient. The head is never
+    re-run.
     """
     n, t = targets.shape
+    if t == 1 and head.graph_logits is not None:
+        selected = head.graph_logits.gather(1, targets).sum()
+        (gradients,) = torch.autograd.grad(selected, head.graph_activations)
+        head.graph_logits = head.graph_activations = None  # free the graph
+        return gradients[:, None]
     repeat = lambda tensor: tensor.repeat_interleave(t, dim=0)  # noqa: E731 — image-major order
     with torch.enable_grad():
         activations = repeat(head.activations).detach().requires_grad_(True)
