@@ -49,10 +49,10 @@ def class_gradients(split: SplitModel, head: HeadOutput, targets: torch.Tensor) 
     re-run.
     """
     n, t = targets.shape
-    if t == 1 and head.graph_logits is not None:
-        selected = head.graph_logits.gather(1, targets).sum()
-        (gradients,) = torch.autograd.grad(selected, head.graph_activations)
-        head.graph_logits = head.graph_activations = None  # free the graph
+    graph_logits, graph_activations = head.graph_logits, head.graph_activations
+    head.graph_logits = head.graph_activations = None  # the forward's graph serves at most once
+    if t == 1 and graph_logits is not None:
+        (gradients,) = torch.autograd.grad(graph_logits.gather(1, targets).sum(), graph_activations)
         return gradients[:, None]
     repeat = lambda tensor: tensor.repeat_interleave(t, dim=0)  # noqa: E731 — image-major order
     with torch.enable_grad():
