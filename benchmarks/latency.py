@@ -5,7 +5,9 @@
                                  [--profile] [--json out.json]
 
 Rows (select with --methods, comma-separated; a prefix such as `pgc` or `fdcam-ort` selects a family):
-  fdcam                FD-CAM, torch backend (factorised tail where the pattern applies)
+  fdcam                FD-CAM, torch backend (factorised tail where the pattern applies), fp32
+  fdcam-tf32|bf16      the same with TF32 / bf16-autocast switch passes (CUDA only)
+  fdcam-graph[-tf32]   the same with the switch passes replayed as a CUDA graph (CUDA only)
   fdcam-ort-fp32|tf32|fp16   FD-CAM, onnxruntime backend (fp32 on CPU; fp32/tf32/fp16 on CUDA)
   gradcam ablationcam scorecam groupcam   fdcam's other methods
   pgc-gradcam pgc-ablationcam pgc-scorecam   pytorch-grad-cam 1.5.7 with its defaults
@@ -211,6 +213,11 @@ def _authors_row(bm: BenchModel) -> Runner:
 
 ROWS: list[Row] = [
     Row("fdcam", "fdcam", "FD-CAM", _fdcam_row("FDCAM")),
+    Row("fdcam-tf32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", precision="tf32"), precision="tf32", devices=("cuda",)),
+    Row("fdcam-bf16", "fdcam", "FD-CAM", _fdcam_row("FDCAM", precision="bf16"), precision="bf16", devices=("cuda",)),
+    Row("fdcam-graph", "fdcam", "FD-CAM (CUDA graph)", _fdcam_row("FDCAM", cuda_graph=True), devices=("cuda",)),
+    Row("fdcam-graph-tf32", "fdcam", "FD-CAM (CUDA graph)", _fdcam_row("FDCAM", precision="tf32", cuda_graph=True),
+        precision="tf32", devices=("cuda",)),
     Row("fdcam-ort-fp32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="fp32"),
         backend="onnxruntime", needs="ort"),
     Row("fdcam-ort-tf32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="tf32"),
@@ -244,7 +251,7 @@ def select_rows(spec: str | None) -> list[Row]:
 
 def _unavailable(row: Row, device: torch.device) -> str | None:
     if device.type not in row.devices:
-        return f"{row.precision} onnxruntime runs on CUDA only"
+        return f"{row.key} runs on CUDA only"
     if row.needs == "pgc":
         try:
             import pytorch_grad_cam  # noqa: F401
@@ -510,10 +517,11 @@ def _batch_of(x: torch.Tensor, n: int) -> torch.Tensor:
 # FD-CAM phase profile
 
 
-def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int) -> dict[str, float]:
-    """Median ms of FD-CAM's phases on one image: head, gradients, grouping, switch passes, map."""
-    cam = fdcam.FDCAM(bm.model, bm.layer)
-    cam(bm.x)  # warm-up: split, tail, factorised contributions
+def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int, batch: int = 1, precision: str = "fp32") -> dict[str, float]:
+    """Median ms of FD-CAM's phases on a batch of images: head, gradients, grouping, switch passes, map."""
+    cam = fdcam.FDCAM(bm.model, bm.layer, precision=precision)
+    x = _batch_of(bm.x, batch) if batch > 1 else bm.x
+    cam(x)  # warm-up: split, tail, factorised contributions
     phases: dict[str, list[float]] = {}
 
     def clock(name: str, fn: Callable[[], object]):
@@ -526,7 +534,6 @@ def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int) -> dict[str
 
     factorised = None
     for _ in range(max(1, repeat)):
-        x = bm.x
         with preserved_model_state(bm.model):
             split = cam.split_for(x)
 
@@ -536,27 +543,20 @@ def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int) -> dict[str
 
             explanation = clock("head forward", head_phase)
             clock("gradients (tail backward)", lambda: explanation.gradients)
-            masks = clock(
-                "grouping + masks",
-                lambda: [switch_masks(cam.groups(a), cam.switch) for a in explanation.activations],
-            )
+            masks = clock("grouping + masks", lambda: switch_masks(cam.groups(explanation.activations), cam.switch))
             tail = cam.tail_for(explanation)
 
             def switch_phase():
-                scores = []
-                for i, features in enumerate(explanation.activations):
-                    extras = [extra[i : i + 1] for extra in explanation.head.extras]
-                    logits = switch_logits(tail, features[None], masks[i], extras)
-                    scores.append(switch_scores(logits, explanation.head.logits[i], explanation.targets[i], cam.switch))
-                return torch.stack(scores)
+                logits = switch_logits(tail, explanation.activations, masks, explanation.head.extras)
+                logits = logits.reshape(*masks.shape[:2], -1)
+                return switch_scores(logits, explanation.head.logits, explanation.targets, cam.switch)
 
             scores = clock("switch passes", switch_phase)
             if isinstance(tail, TorchTail):
-                extras = [extra[:1] for extra in explanation.head.extras]
-                factorised = tail.factorised_for(explanation.activations[:1], extras)
+                factorised = tail.factorised_for(explanation.activations[:1], explanation.head.extras)
                 if factorised is not None:
                     with torch.no_grad():
-                        clock("  of which contributions C", lambda: factorised.contributions(explanation.activations[:1]))
+                        clock("  of which contributions C", lambda: factorised.contributions(explanation.activations))
 
             def map_phase():
                 alpha = explanation.gradients.mean(dim=(-2, -1))
@@ -640,12 +640,13 @@ def format_table(results: list[Result], batch: int) -> str:
 
 
 def _backend(r: Result) -> str:
-    return r.backend if r.backend == "torch" else f"{r.backend} {r.precision}"
+    return f"{r.backend} {r.precision}"
 
 
-def format_profile(name: str, profile: dict[str, float]) -> str:
+def format_profile(name: str, profile: dict[str, float], batch: int = 1, precision: str = "fp32") -> str:
     total = profile["total (sum of phases)"]
-    lines = [f"FD-CAM phases on {name} (torch backend, factorised tail: {'yes' if profile['factorised tail'] else 'no'}):"]
+    lines = [f"FD-CAM phases on {name}, batch {batch} (torch backend {precision}, factorised tail: "
+             f"{'yes' if profile['factorised tail'] else 'no'}):"]
     for phase, ms in profile.items():
         if phase == "factorised tail":
             continue
@@ -664,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row before timing")
     parser.add_argument("--quick", action="store_true", help="slow rows (Score-CAMs, pgc AblationCAM): 1 run, no warm-up")
     parser.add_argument("--profile", action="store_true", help="print FD-CAM's phase breakdown per model")
+    parser.add_argument("--profile-precision", default="fp32", choices=("fp32", "tf32", "bf16", "fp16"),
+                        help="precision of the profiled FD-CAM (its batch is --batch)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     return parser
@@ -704,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         results.extend(model_results)
         if args.profile:
             try:
-                profiles[name] = profile_fdcam(bm, device, args.repeat)
+                profiles[name] = profile_fdcam(bm, device, args.repeat, args.batch, args.profile_precision)
             except Exception as error:
                 print(f"profile of {name} failed: {_one_line(error)}")
         del bm
@@ -713,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results, args.batch))
     for name, profile in profiles.items():
         print()
-        print(format_profile(name, profile))
+        print(format_profile(name, profile, args.batch, args.profile_precision))
     if args.json:
         payload = {
             "machine": info,

@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="engine for switch passes")
     parser.add_argument("--provider", default=None, help="onnxruntime provider: cpu, cuda or tensorrt")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp16"],
+                        help="math of the switch passes (bf16: torch backend only)")
+    parser.add_argument("--cuda-graph", action="store_true", help="torch backend on CUDA: replay switch passes as a CUDA graph")
     parser.add_argument("--out", default="fdcam-out", help="output directory (default ./fdcam-out)")
     parser.set_defaults(run=run)
 
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"class index {bad[0]} is out of range for {spec.name} ({spec.num_classes} classes)")
     if not args.classes and not 1 <= args.topk <= spec.num_classes:
         raise ValueError(f"--topk must be between 1 and {spec.num_classes}")
-    options = {"backend": args.backend, "provider": args.provider, "precision": args.precision}
+    options = {"backend": args.backend, "provider": args.provider, "precision": args.precision, "cuda_graph": args.cuda_graph}
     explainers = {
         name: METHODS[name](model, target_layer=args.layer, **(options if name in ("fdcam", "ablationcam") else {}))
         for name in method_names

@@ -69,8 +69,8 @@ class FactorisedMaskedTail(nn.Module):
     """`MaskedTail(tail)` computed as masks @ C + b, C the per-channel contributions to the first Linear.
 
     `forward(features [1,K,...], masks [B,K], *extras [1,...]) -> logits [B, classes]`, as MaskedTail.
-    `contributions(features)` ([K, out]) and `from_contributions(C, masks, *extras)` split the work so
-    that a chunked caller computes C once per image. The modules of the tail are shared, not copied.
+    `contributions(features)` ([N, K, out]) and `pre_activation(C, masks)` / `from_contributions(C,
+    masks, *extras)` split the work so that a chunked caller computes C once per image. The modules of the tail are shared, not copied.
     """
 
     def __init__(self, prefix: nn.Module, linear: nn.Module, rest: nn.Module, num_channels: int, block: int):
@@ -89,24 +89,26 @@ class FactorisedMaskedTail(nn.Module):
                 wrapper.training = False
 
     def contributions(self, features: torch.Tensor) -> torch.Tensor:
-        """C [K, out]: C[k] = W[:, block_k] @ vec(prefix(features)_k), for batch-1 features."""
-        blocks = self.prefix(features).reshape(self.num_channels, 1, self.block)  # [K,1,P]
+        """C [N, K, out]: C[n, k] = W[:, block_k] @ vec(prefix(features)_k) for each image n."""
+        blocks = self.prefix(features).reshape(-1, self.num_channels, self.block).transpose(0, 1)  # [K,N,P]
         # A strided view of W as [K, P, out]: one batched product, no copy of the weight.
         weight = self.linear.weight.reshape(self.out_features, self.num_channels, self.block).permute(1, 2, 0)
-        return torch.bmm(blocks, weight).reshape(self.num_channels, self.out_features)
+        return torch.bmm(blocks, weight).transpose(0, 1)
+
+    def pre_activation(self, contributions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """The Linear's output [B, out] for masks [B,K] from one image's contributions C [K, out]."""
+        if self.has_bias:
+            return torch.addmm(self.linear.bias, masks, contributions)
+        return torch.mm(masks, contributions)
 
     def from_contributions(self, contributions: torch.Tensor, masks: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
-        """Logits [B, classes] of the B masks from the contributions C of one image."""
-        if self.has_bias:
-            pre_activation = torch.addmm(self.linear.bias, masks, contributions)
-        else:
-            pre_activation = torch.mm(masks, contributions)
+        """Logits [B, classes] of the B masks from the contributions C [K, out] of one image."""
         batch = masks.shape[0]
         expanded = [extra.expand(batch, *extra.shape[1:]) for extra in extras]
-        return self.rest(pre_activation, *expanded)
+        return self.rest(self.pre_activation(contributions, masks), *expanded)
 
     def forward(self, features: torch.Tensor, masks: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
-        return self.from_contributions(self.contributions(features), masks, *extras)
+        return self.from_contributions(self.contributions(features)[0], masks, *extras)
 
 
 def factorised_masked_tail(

@@ -12,28 +12,40 @@ __all__ = ["switch_masks", "switch_logits", "switch_scores"]
 
 
 def switch_masks(groups: torch.Tensor, switch: str = "on_off") -> torch.Tensor:
-    """Masks [2K,K] (switch-on rows 1_G(k), then switch-off rows 1 − 1_G(k)), or [K,K] of switch-off only."""
+    """Masks [...,2K,K] (switch-on rows 1_G(k), then switch-off rows 1 − 1_G(k)), or [...,K,K] of switch-off only.
+
+    `groups` is one image's boolean [K,K] or a batch [N,K,K].
+    """
     on = groups.to(torch.float32)
     if switch == "off":
         return 1.0 - on
     if switch == "on_off":
-        return torch.cat([on, 1.0 - on])
+        return torch.cat([on, 1.0 - on], dim=-2)
     raise ValueError(f"switch must be 'on_off' or 'off', not {switch!r}")
 
 
 def switch_logits(tail: Tail, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """Logits [M, classes] of the M switch passes of one image (features [1,K,h,w]); class independent."""
-    return tail.run(features, masks.to(features.dtype), extras)
+    """Logits of the switch passes; class independent.
+
+    One image: features [1,K,h,w], masks [M,K] → [M, classes]. N images: features [N,K,h,w], masks
+    [N,M,K] (or [M,K] shared) → [N, M, classes], all in one `Tail.run_images` call.
+    """
+    if features.shape[0] == 1 and masks.dim() == 2:
+        return tail.run(features, masks.to(features.dtype), extras)
+    return tail.run_images(features, masks.to(features.dtype), extras)
 
 
 def switch_scores(logits: torch.Tensor, full_logits: torch.Tensor, classes: torch.Tensor, switch: str = "on_off") -> torch.Tensor:
-    """Scores s [T,K] for classes [T] from the switch logits: (s⁺ + s⁻)/2, or s⁻ alone for switch='off'.
+    """Scores s [...,T,K] for classes [...,T] from switch logits [...,M,C] and full logits [...,C]:
+    (s⁺ + s⁻)/2, or s⁻ alone for switch='off'.
 
     s⁺_k = f_c(tail(A ⊙ 1_G(k))), s⁻_k = f_c(X) − f_c(tail(A ⊙ (1 − 1_G(k)))).
     """
-    selected = logits[:, classes].T  # [T, M]
-    full = full_logits[classes][:, None]  # [T, 1]
+    m = logits.shape[-2]
+    index = classes.unsqueeze(-2).expand(*classes.shape[:-1], m, classes.shape[-1])
+    selected = logits.gather(-1, index).transpose(-1, -2)  # [...,T,M]
+    full = full_logits.gather(-1, classes).unsqueeze(-1)  # [...,T,1]
     if switch == "off":
         return full - selected
-    k = selected.shape[1] // 2
-    return (selected[:, :k] + (full - selected[:, k:])) / 2
+    k = m // 2
+    return (selected[..., :k] + (full - selected[..., k:])) / 2

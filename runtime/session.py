@@ -59,6 +59,15 @@ class OrtTail:
         logits = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return logits.to(features.dtype)
 
+    @torch.no_grad()
+    def run_images(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Logits [N, M, classes] for features [N,K,h,w] and masks [M,K] (shared) or [N,M,K]: one `run` per image."""
+        n = features.shape[0]
+        masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks
+        return torch.stack(
+            [self.run(features[i : i + 1], masks[i], [extra[i : i + 1] for extra in extras]) for i in range(n)]
+        )
+
     def _run_once(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
         self.runs += 1
         try:

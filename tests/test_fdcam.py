@@ -128,3 +128,64 @@ def test_invalid_options_are_refused(small_resnet):
     for bad in ({"combine": "square"}, {"switch": "on"}, {"theta": 1.5}, {"backend": "tvm"}):
         with pytest.raises(ValueError):
             fdcam.FDCAM(small_resnet, "layer4", **bad)
+
+
+def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit(small_resnet, monkeypatch):
+    from fdcam import groups
+
+    activations = torch.rand(3, 16, 4, 4, generator=torch.Generator().manual_seed(8))
+    per_image = torch.stack([groups.channel_groups(a) for a in activations])
+    assert torch.equal(groups.channel_groups(activations), per_image)
+    monkeypatch.setattr(groups, "_QUANTILE_LIMIT", 16 * 16)
+    assert torch.equal(groups.channel_groups(activations), per_image)
+
+
+def test_batched_switch_scores_equal_per_image_scores():
+    from fdcam.switch import switch_scores
+
+    generator = torch.Generator().manual_seed(9)
+    logits, full = torch.randn(2, 8, 5, generator=generator), torch.randn(2, 5, generator=generator)
+    classes = torch.tensor([[1, 3], [4, 0]])
+    for switch in ("on_off", "off"):
+        batched = switch_scores(logits, full, classes, switch)
+        for i in range(2):
+            torch.testing.assert_close(batched[i], switch_scores(logits[i], full[i], classes[i], switch))
+        if switch == "on_off":  # by the definition, for image 0 and class 1
+            expected = (logits[0, :4, 1] + full[0, 1] - logits[0, 4:, 1]) / 2
+            torch.testing.assert_close(batched[0, 0], expected)
+
+
+@pytest.mark.parametrize("method", ["FDCAM", "AblationCAM"])
+def test_a_batch_runs_its_switch_passes_in_one_tail_call(small_resnet, method):
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    cam = getattr(fdcam, method)(small_resnet, "layer4")
+    together = cam(x)
+    assert next(iter(cam._tails.values())).calls == 1
+    for i in range(3):
+        torch.testing.assert_close(together[i], cam(x[i : i + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_torch_precision_and_cuda_graph_options_are_checked(small_resnet):
+    with pytest.raises(ValueError, match="precision"):
+        fdcam.FDCAM(small_resnet, "layer4", precision="int8")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fdcam.FDCAM(small_resnet, "layer4", backend="onnxruntime", cuda_graph=True)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    exact = fdcam.FDCAM(small_resnet, "layer4")(x)
+    assert torch.equal(fdcam.FDCAM(small_resnet, "layer4", precision="tf32")(x), exact)  # TF32 is CUDA-only math
+    bf16 = fdcam.FDCAM(small_resnet, "layer4", precision="bf16")(x)
+    assert agreement(bf16[0, 0], exact[0, 0])[0] > 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_maps_equal_eager_maps_on_vgg16(vgg16_random):
+    model = vgg16_random.cuda()
+    try:
+        x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(12)).cuda()
+        eager = fdcam.FDCAM(model, "features.30")
+        graphed = fdcam.FDCAM(model, "features.30", cuda_graph=True)
+        for scale in (1.0, 0.5):
+            torch.testing.assert_close(graphed(x * scale), eager(x * scale), atol=1e-5, rtol=1e-5)
+        assert next(iter(graphed._tails.values())).graph_replays == 2
+    finally:
+        model.cpu()

@@ -118,9 +118,13 @@ def test_memory_budget_sets_the_chunks():
     torch.manual_seed(0)
     split, activations, extras = _head(Mlp().eval(), "features.1", torch.randn(1, 3, 8, 8))
     per_mask = 4 * activations[0].numel() * activations.element_size()
-    tail = TorchTail(split.tail, memory_budget=3 * per_mask)
+    tail = TorchTail(split.tail, memory_budget=3 * per_mask, factorise=False)
     tail.run(activations, _masks(6, 10), extras)
     assert tail.calls == 4
+    # Factorised, a masked pass holds the Linear's output (16 wide), not a copy of the features.
+    factorised = TorchTail(split.tail, memory_budget=3 * 4 * 16 * activations.element_size())
+    factorised.run(activations, _masks(6, 10), extras)
+    assert factorised.calls == 4
 
 
 def test_chunk_size():
@@ -132,3 +136,75 @@ def test_chunk_size():
     assert chunk_size(features, 10 * per_mask, None, 100) == 10
     assert chunk_size(features, 1, None, 100) == 1
     assert chunk_size(features, None, None, 100) == 100
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _images(model, layer, n, seed=0):
+    """Split at `layer` and the head's outputs for n random images (on the model's device)."""
+    x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
+    split, activations, extras = _head(model, layer, x)
+    return split, activations, extras
+
+
+@pytest.mark.parametrize("model_class, layer", [(Residual, "conv1"), (Mlp, "features.1")])
+@pytest.mark.parametrize("factorise", [True, False])
+@pytest.mark.parametrize("batch_size", [None, 4, 7, 100])
+def test_run_images_equals_one_run_per_image(model_class, layer, factorise, batch_size):
+    torch.manual_seed(0)
+    split, activations, extras = _images(model_class().eval(), layer, 3)
+    k = activations.shape[1]
+    per_image = torch.stack([_masks(k, 5, seed=i) for i in range(3)])  # chunks of 4 and 7 cross image boundaries
+    shared = _masks(k, 5, seed=9)
+    tail = TorchTail(split.tail, batch_size=batch_size, factorise=factorise)
+    with torch.no_grad():
+        for masks in (per_image, shared):
+            got = tail.run_images(activations, masks, extras)
+            expected = torch.stack([
+                MaskedTail(split.tail)(activations[i : i + 1], masks[i] if masks.dim() == 3 else masks,
+                                       *(e[i : i + 1] for e in extras))
+                for i in range(3)
+            ])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_run_images_refuses_masks_that_do_not_fit():
+    split, activations, extras = _images(Mlp().eval(), "features.1", 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        TorchTail(split.tail).run_images(activations, torch.ones(3, 4, 6), extras)
+
+
+@pytest.mark.parametrize("factorise", [True, False])
+def test_precisions_of_the_torch_tail(factorise):
+    torch.manual_seed(0)
+    split, activations, extras = _images(Residual().eval(), "conv1", 1)
+    masks = _masks(8, 6)
+    exact = TorchTail(split.tail, factorise=factorise).run(activations, masks, extras)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # TF32 only changes CUDA math: on the CPU it is fp32.
+    torch.testing.assert_close(TorchTail(split.tail, precision="tf32").run(activations, masks, extras), exact)
+    bf16 = TorchTail(split.tail, precision="bf16", factorise=factorise).run(activations, masks, extras)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - exact).abs().max() <= 0.05 * exact.abs().max()
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+    with pytest.raises(ValueError, match="precision"):
+        TorchTail(split.tail, precision="int8")
+
+
+@CUDA
+@pytest.mark.parametrize("model_class, layer", [(Residual, "conv1"), (Mlp, "features.1")])
+def test_cuda_graph_replays_equal_eager_runs(model_class, layer):
+    torch.manual_seed(0)
+    model = model_class().eval().cuda()
+    split, activations, extras = _images(model, layer, 2)
+    k = activations.shape[1]
+    eager = TorchTail(split.tail)
+    graphed = TorchTail(split.tail, cuda_graph=True)
+    for seed in range(3):  # new inputs each time: the graph must read them, not the captured ones
+        masks = torch.stack([_masks(k, 9, seed=seed + i) for i in range(2)]).cuda()
+        scaled = activations * (1 + seed)
+        torch.testing.assert_close(graphed.run_images(scaled, masks, extras), eager.run_images(scaled, masks, extras))
+        torch.testing.assert_close(graphed.run(scaled[:1], masks[0], [e[:1] for e in extras]),
+                                   eager.run(scaled[:1], masks[0], [e[:1] for e in extras]))
+    assert graphed.graph_replays == 6 and len(graphed._graphs) == 2

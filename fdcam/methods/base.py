@@ -12,7 +12,7 @@ from torch import nn
 from ..head import HeadOutput, class_gradients, forward_head
 from ..maps import to_input_size, weighted_sum
 from ..split import SplitModel, resolve_layer_name, split_model
-from ..tail import Tail, TorchTail
+from ..tail import Tail, TorchTail, check_torch_precision
 
 __all__ = ["BaseCAM", "Explanation", "Targets", "resolve_targets", "preserved_model_state"]
 
@@ -86,7 +86,9 @@ class BaseCAM:
     """A CAM method over a model split at `target_layer`; call it on a batch to get maps [N,T,H,W] in [0,1].
 
     Subclasses implement `channel_weights` (weights [N,T,K] or per-pixel [N,T,K,h,w]); the base
-    class does the split, the forward pass, target resolution and the map.
+    class does the split, the forward pass, target resolution and the map. Engine options apply to
+    the masked tail passes (FD-CAM, Ablation-CAM): `backend`, `provider`, `precision` ("fp32",
+    "tf32", "fp16"; "bf16" on torch), `batch_size`/`memory_budget`, and `cuda_graph` (torch on CUDA).
     """
 
     def __init__(
@@ -100,15 +102,21 @@ class BaseCAM:
         backend: str = "torch",
         provider: str | None = None,
         precision: str = "fp32",
+        cuda_graph: bool = False,
     ):
         if backend not in ("torch", "onnxruntime"):
             raise ValueError(f"backend must be 'torch' or 'onnxruntime', not {backend!r}")
+        if backend == "torch":
+            check_torch_precision(precision)
+        elif cuda_graph:
+            raise ValueError("cuda_graph applies to the torch backend; ONNX Runtime sessions run without it")
         self.model = model
         self.target_layer = resolve_layer_name(model, target_layer if target_layer is not None else _default_layer(model))
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.progress = progress
         self.backend, self.provider, self.precision = backend, provider, precision
+        self.cuda_graph = cuda_graph
         self._splits: dict[tuple, SplitModel] = {}
         self._tails: dict[tuple, Tail] = {}
 
@@ -160,7 +168,11 @@ class BaseCAM:
                 )
             else:
                 self._tails[key] = TorchTail(
-                    explanation.split.tail, batch_size=self.batch_size, memory_budget=self.memory_budget
+                    explanation.split.tail,
+                    batch_size=self.batch_size,
+                    memory_budget=self.memory_budget,
+                    precision=self.precision,
+                    cuda_graph=self.cuda_graph,
                 )
         return self._tails[key]
 

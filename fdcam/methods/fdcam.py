@@ -43,21 +43,19 @@ class FDCAM(BaseCAM):
         self.theta, self.bias, self.combine, self.switch, self.grouping = theta, bias, combine, switch, grouping
 
     def groups(self, activations: torch.Tensor) -> torch.Tensor:
-        """Boolean [K,K] channel groups of one image's activations [K,h,w]."""
+        """Boolean channel groups: [K,K] for one image's activations [K,h,w], [N,K,K] for [N,K,h,w]."""
         if not self.grouping:
-            return single_channel_groups(activations.shape[0], activations.device)
+            eye = single_channel_groups(activations.shape[-3], activations.device)
+            return eye.expand(*activations.shape[:-3], *eye.shape)
         return channel_groups(activations, self.theta)
 
     def switch_scores(self, explanation: Explanation) -> torch.Tensor:
-        """Switch scores s [N,T,K] from one batched set of tail passes per image."""
+        """Switch scores s [N,T,K] from one batched set of tail passes for all N images."""
         tail = self.tail_for(explanation)
-        scores = []
-        for i, features in enumerate(explanation.activations):
-            masks = switch_masks(self.groups(features), self.switch)
-            extras = [extra[i : i + 1] for extra in explanation.head.extras]
-            logits = switch_logits(tail, features[None], masks, extras)
-            scores.append(switch_scores(logits, explanation.head.logits[i], explanation.targets[i], self.switch))
-        return torch.stack(scores)
+        activations = explanation.activations
+        masks = switch_masks(self.groups(activations), self.switch)  # [N,M,K]
+        logits = switch_logits(tail, activations, masks, explanation.head.extras)  # [N,M,C]
+        return switch_scores(logits.reshape(*masks.shape[:2], -1), explanation.head.logits, explanation.targets, self.switch)
 
     def channel_weights(self, explanation: Explanation) -> torch.Tensor:
         alpha = explanation.gradients.mean(dim=(-2, -1))
