@@ -38,6 +38,7 @@ from fdcam.evaluation import (
     write_plots,
 )
 from fdcam.methods import METHODS
+from fdcam.scoring import SCORERS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL, LAYER = "efficientnet_lite0", "_blocks.15"
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images-per-call", type=int, default=4)
     parser.add_argument("--step", type=int, default=DEFAULT_STEP, help=f"insertion/deletion pixels per step (default {DEFAULT_STEP}, RISE's)")
     parser.add_argument("--plots", action="store_true", help="also write curves and overlay grids to OUT/plots")
+    parser.add_argument("--scorer", default="auto", choices=SCORERS,
+                        help="forwards of the curves and Score-CAM/Group-CAM: auto (default; ONNX Runtime on CPU), torch, onnxruntime")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
         keep_maps=4 if args.plots else 0,
         model_name=MODEL,
+        scorer=args.scorer,
     )
     markdown = [f"# FD-CAM tables: {MODEL}, layer {LAYER}, images {args.images}" + (f" (limit {args.limit})" if args.limit else "")]
     timings: dict[str, dict] = {}
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "projected_hours_for_500_images": total * 500 / 3600,
             "wall_seconds_this_run": wall,
             "computed_images": summary["computed"],
+            "scorer": summary["scorer"],
         }
         if args.plots:
             write_plots(run, model, args.out / "plots", layer=LAYER, batch_size=args.batch_size)
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "projected_hours_for_pairs": sum(per_image.values()) * args.pairs / 3600,
             "wall_seconds_this_run": wall,
             "computed_composites": summary["computed"],
+            "scorer": summary["scorer"],
         }
         if args.plots:
             write_plots(run, model, args.out / "plots", layer=LAYER, batch_size=args.batch_size)

@@ -19,6 +19,7 @@ from .evaluation import (
     write_plots,
 )
 from .methods import METHODS
+from .scoring import SCORERS
 
 __all__ = ["add_arguments", "run", "partial_path_for"]
 
@@ -61,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images explained per method call and scored together (default 4)")
     parser.add_argument("--step", type=_positive_int, default=DEFAULT_STEP, metavar="PIXELS",
                         help=f"pixels per insertion/deletion step (default {DEFAULT_STEP}, RISE's)")
+    parser.add_argument("--scorer", default="auto", choices=SCORERS,
+                        help="what runs the curves' and Score-CAM/Group-CAM's forwards: auto (default: ONNX Runtime "
+                        "on CPU once it matched torch to 1e-4 on the first images, else torch), torch or onnxruntime")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pointing = parser.add_argument_group("pointing game")
@@ -133,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         keep_maps=4 if args.plots else 0,
         model_name=models.spec(args.model).name,
         weights=args.weights if args.weights in ("imagenet", "random") else str(Path(args.weights).resolve()),
+        scorer=args.scorer,
     )
     if args.metric == "insertion-deletion":
         result = evaluate_insertion_deletion(

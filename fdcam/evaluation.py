@@ -8,7 +8,6 @@ there. Results are plain JSON-able dicts; `format_table` / `markdown_table` prin
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -30,7 +29,8 @@ from . import models
 from .composites import composite_set, make_pairs, read_labels
 from .images import ImageError, list_images, load_image, overlay, preprocess
 from .methods import FDCAM, METHODS
-from .metrics import insertion_deletion_batch, pointing_game
+from .metrics import DEFAULT_BATCH_SIZE, insertion_deletion_batch, pointing_game
+from .scoring import SCORERS, make_scorer, torch_scorer
 
 __all__ = [
     "DEFAULT_STEP",
@@ -315,15 +315,6 @@ def _chunks(iterator: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _scoring_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A channels-last copy of the model for forward-bound work: the insertion/deletion passes and
-    Score-CAM / Group-CAM (1.3-2x faster than contiguous on CPU, same results to float precision)."""
-    scorer = copy.deepcopy(model).eval()
-    for parameter in scorer.parameters():
-        parameter.requires_grad_(False)
-    return scorer.to(memory_format=torch.channels_last)
-
-
 def _model_spec(model: torch.nn.Module) -> models.ModelSpec:
     spec = models.spec_of(model)
     if spec is None:
@@ -348,6 +339,33 @@ def _explainers(specs: Sequence[MethodSpec], model, layer, batch_size, scorer=No
         spec.label: spec.build(scorer if scorer is not None and spec.name in _FORWARD_BOUND else model, layer, batch_size)
         for spec in specs
     }
+
+
+class _Scoring:
+    """The forward-bound work's scorer, chosen on the first images that need it (see fdcam.scoring.make_scorer).
+
+    `reference` (the channels-last torch copy) picks the predicted classes and is the scorer until
+    then; Score-CAM and Group-CAM explainers get the chosen scorer for their masked forwards.
+    """
+
+    def __init__(self, model: torch.nn.Module, kind: str):
+        if kind not in SCORERS:
+            raise ValueError(f"scorer must be one of {', '.join(SCORERS)}, not {kind!r}")
+        self.kind = kind
+        self.reference = torch_scorer(model)
+        self.scorer: Any = None
+        self.resolved: str | None = None
+
+    def ready(self, explainers: Mapping[str, Any], specs: Sequence[MethodSpec], x: torch.Tensor) -> Any:
+        """The scorer, made and checked against torch on x the first time, and handed to forward-bound explainers."""
+        if self.scorer is None:
+            self.scorer, self.resolved, note = make_scorer(self.reference, self.kind, x, reference=self.reference)
+            if note:
+                _log(f"fdcam: note: scoring with torch: {note}")
+            for s in specs:
+                if s.name in _FORWARD_BOUND:
+                    explainers[s.label].scorer = self.scorer
+        return self.scorer
 
 
 def _warm_up(explainers: Mapping[str, Any], x: torch.Tensor) -> None:
@@ -378,6 +396,7 @@ def evaluate_insertion_deletion(
     keep_maps: int = 0,
     model_name: str | None = None,
     weights: str | None = "imagenet",
+    scorer: str = "auto",
 ) -> EvaluationRun:
     """RISE insertion and deletion of each method on every image in `images_dir` (sorted, first `limit`).
 
@@ -385,6 +404,8 @@ def evaluate_insertion_deletion(
     labels_csv (default images_dir/labels.csv). Each method explains `images_per_call` images per
     call, and the curves of all methods of those images go through one insertion_deletion_batch.
     Finished (image, method) pairs are appended to `partial_path` and skipped when found there.
+    `scorer` runs the curves' and Score-CAM / Group-CAM's forwards: 'torch', 'onnxruntime' or 'auto'
+    (ONNX Runtime on CPU after it matched torch to 1e-4 on the first images, else torch).
     """
     if target not in ("predicted", "label"):
         raise ValueError(f"target must be 'predicted' or 'label', not {target!r}")
@@ -401,8 +422,8 @@ def evaluate_insertion_deletion(
     device = next(model.parameters()).device
     skipped: list[dict[str, str]] = []
     items = _image_items(images_dir, labels_path, target, skipped)
-    scorer = _scoring_model(model)
-    explainers = _explainers(specs, model, layer, batch_size, scorer)
+    scoring = _Scoring(model, scorer)
+    explainers = _explainers(specs, model, layer, batch_size, scoring.reference)
     resolved_layer = next(iter(explainers.values())).target_layer
     config = {
         "metric": "insertion-deletion",
@@ -415,7 +436,7 @@ def evaluate_insertion_deletion(
         "step": step,
     }
     store = ResultStore(partial_path, config, resume)
-    score_batch = batch_size or 64
+    score_batch = batch_size or DEFAULT_BATCH_SIZE
     total = min(len(items), limit) if limit else len(items)
     evaluated: list[_Item] = []
     maps_kept: dict[str, dict[str, np.ndarray]] = {}
@@ -436,7 +457,8 @@ def evaluate_insertion_deletion(
             classes = torch.tensor([item.label for item in chunk_items], device=device)
         else:
             with torch.no_grad():
-                classes = scorer(x).argmax(dim=1)
+                classes = scoring.reference(x).argmax(dim=1)
+        curve_scorer = scoring.ready(explainers, specs, x)
         _warm_up(explainers, x)
         saliency: dict[str, dict[int, torch.Tensor]] = {}
         explain_seconds: dict[str, float] = {}
@@ -460,7 +482,7 @@ def evaluate_insertion_deletion(
         for labels, indices in groups.items():
             tic = time.perf_counter()
             stacked = torch.stack([torch.stack([saliency[label][i] for label in labels]) for i in indices])
-            result = insertion_deletion_batch(scorer, x[indices], stacked, classes[indices], step=step, batch_size=score_batch)
+            result = insertion_deletion_batch(curve_scorer, x[indices], stacked, classes[indices], step=step, batch_size=score_batch)
             metric_seconds = (time.perf_counter() - tic) / (len(indices) * len(labels))
             for row, i in enumerate(indices):
                 for column, label in enumerate(labels):
@@ -489,6 +511,7 @@ def evaluate_insertion_deletion(
 
     summary = _insertion_summary(config, specs, evaluated, store, skipped, step, spec.input_size)
     summary["computed"], summary["resumed"] = computed, resumed
+    summary["scorer"] = scoring.resolved
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return EvaluationRun(summary, specs, evaluated, maps_kept)
 
@@ -604,10 +627,13 @@ def _point(
     tolerance: float,
     maps_kept: dict[str, dict[str, np.ndarray]],
     keep_maps: int,
+    scoring: _Scoring,
 ) -> list[dict[str, Any]]:
     """Explain each item's targets with every method not yet in `store`; records with hits and peaks."""
     chunk_items = [item for item, _ in chunk]
     x = torch.cat([x for _, x in chunk]).to(device)
+    if any(store.get(item.id, s.label) is None for s in specs for item in chunk_items):
+        scoring.ready(explainers, specs, x)
     _warm_up(explainers, x)
     records = []
     for s in specs:
@@ -649,6 +675,7 @@ def evaluate_pointing_game(
     keep_maps: int = 0,
     model_name: str | None = None,
     weights: str | None = "imagenet",
+    scorer: str = "auto",
 ) -> EvaluationRun:
     """Pointing-game accuracy of each method on `pairs` two-class composites (and a multi-object folder).
 
@@ -657,6 +684,7 @@ def evaluate_pointing_game(
     `tolerance` px of that class's box. With `multi_object` (a folder with boxes.json), each
     object's top-scoring class among its listed classes is explained, and a hit is a maximum near
     any box that lists that class. Composite results are stored in `partial_path` and resumed.
+    `scorer` runs Score-CAM / Group-CAM's forwards, as in evaluate_insertion_deletion.
     """
     if pairs < 1:
         raise ValueError(f"--pairs must be at least 1, got {pairs}")
@@ -676,7 +704,8 @@ def evaluate_pointing_game(
     specs = method_specs(methods) if isinstance(methods, str) else list(methods)
     spec = _model_spec(model)
     device = next(model.parameters()).device
-    explainers = _explainers(specs, model, layer, batch_size, _scoring_model(model))
+    scoring = _Scoring(model, scorer)
+    explainers = _explainers(specs, model, layer, batch_size, scoring.reference)
     resolved_layer = next(iter(explainers.values())).target_layer
     config = {
         "metric": "pointing-game",
@@ -704,7 +733,7 @@ def evaluate_pointing_game(
     bar = tqdm(total=n_pairs, desc="pointing game", unit="pair", disable=not progress, dynamic_ncols=True)
     for chunk in _chunks(_loaded(composites(), spec, None, skipped), max(1, images_per_call)):
         items.extend(item for item, _ in chunk)
-        records = _point(specs, explainers, store, chunk, device, tolerance, maps_kept, keep_maps)
+        records = _point(specs, explainers, store, chunk, device, tolerance, maps_kept, keep_maps, scoring)
         store.add(records)
         computed += len({record["item"] for record in records})
         bar.update(len(chunk))
@@ -723,10 +752,11 @@ def evaluate_pointing_game(
             item.target_boxes.append([_scale_box(box, image_size, spec.input_size) for _, box, listed in item.objects if cls in listed])
         multi_loaded.append((item, x))
     for item, x in multi_loaded:
-        multi_store.add(_point(specs, explainers, multi_store, [(item, x)], device, tolerance, maps_kept, len(maps_kept) + 1))
+        multi_store.add(_point(specs, explainers, multi_store, [(item, x)], device, tolerance, maps_kept, len(maps_kept) + 1, scoring))
 
     summary = _pointing_summary(config, specs, items, store, [item for item, _ in multi_loaded], multi_store, skipped, n_pairs)
     summary["computed"], summary["resumed"] = computed, len(items) - computed
+    summary["scorer"] = scoring.resolved
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return EvaluationRun(summary, specs, items + [item for item, _ in multi_loaded], maps_kept)
 

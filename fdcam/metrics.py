@@ -9,7 +9,7 @@ step moves `step` pixels, giving n = ceil(H*W / step) steps and n + 1 softmax sc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,12 @@ __all__ = [
     "pointing_game",
     "rise_blur_kernel",
 ]
+
+# Forward batch when none is given: on CPU, 8-16 inputs per forward keep the activations in cache
+# (EfficientNet-Lite0 on 2 cores: 15 ms per input at 8, 39 ms at 64 in torch; ONNX Runtime 5 vs 7 ms).
+DEFAULT_BATCH_SIZE = 16
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # a model, or anything called like its forward
 
 RISE_KERNEL_SIZE = 11
 RISE_KERNEL_SIGMA = 5.0
@@ -86,7 +92,7 @@ def _replacement_steps(saliencies: torch.Tensor, step: int) -> torch.Tensor:
     return (ranks // step).to(torch.int32)
 
 
-def _class_scores(model: nn.Module, images: torch.Tensor, classes: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _class_scores(model: Scorer, images: torch.Tensor, classes: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Softmax probability of `classes[b]` for each `images[b]`, in forward batches of `batch_size`."""
     scores = []
     for start in range(0, images.shape[0], batch_size):
@@ -96,17 +102,18 @@ def _class_scores(model: nn.Module, images: torch.Tensor, classes: torch.Tensor,
 
 
 def insertion_deletion_batch(
-    model: nn.Module,
+    model: Scorer,
     x: torch.Tensor,
     saliencies: torch.Tensor | np.ndarray,
     classes: torch.Tensor | Sequence[int],
     step: int = 224 * 8,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict[str, torch.Tensor]:
     """Insertion and deletion for N images x [N,3,H,W] and M maps each, saliencies [N,M,H,W], scoring `classes` [N].
 
     Returns `insertion`, `deletion` (AUCs [N,M]) and `insertion_curve`, `deletion_curve` ([N,M,n+1]),
-    all on x's device. `model` must return logits. Curve images from all images, maps and both
+    all on x's device. `model` (a module or any callable with its forward, e.g. fdcam.scoring.OrtScorer)
+    must return logits. Curve images from all images, maps and both
     metrics are built on the fly and mixed in forward batches of `batch_size`; memory grows with
     N*M*H*W (the precomputed pixel order), so pass a few hundred maps at a time, not thousands.
     """
@@ -164,12 +171,12 @@ def insertion_deletion_batch(
 
 
 def insertion_deletion(
-    model: nn.Module,
+    model: Scorer,
     x: torch.Tensor,
     saliency: torch.Tensor | np.ndarray,
     cls: int,
     step: int = 224 * 8,
-    batch_size: int = 64,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict[str, float | torch.Tensor]:
     """RISE insertion and deletion for one normalised image x [1,3,H,W] and saliency [H,W], scoring class `cls`.
 

@@ -138,6 +138,21 @@ def test_resume_computes_only_new_images_and_survives_an_interrupt(image_dir, tm
     assert sum(seen) == 1 and json.loads(out.read_text())["n_images"] == 4
 
 
+def test_onnxruntime_scorer_gives_the_torch_results(image_dir, tmp_path, monkeypatch):
+    results, seen = {}, _counting(monkeypatch)
+    for scorer in ("torch", "auto"):
+        out = tmp_path / f"{scorer}.json"
+        args = ["--images", image_dir, "--methods", "gradcam,groupcam", "--limit", 1, "--step", FAST_STEP]
+        assert _evaluate(*args, "--scorer", scorer, "--out", out) == 0
+        results[scorer] = json.loads(out.read_text())
+    assert (results["torch"]["scorer"], results["auto"]["scorer"], sum(seen)) == ("torch", "onnxruntime", 2)
+    reference, entry = results["torch"]["per_image"][0], results["auto"]["per_image"][0]
+    assert entry["class"] == reference["class"]
+    for method, values in reference["methods"].items():
+        for key in ("insertion", "deletion"):
+            assert entry["methods"][method][key] == pytest.approx(values[key], abs=1e-4), (method, key)
+
+
 def test_fdcam_variant_rows_and_label_target(image_dir, tmp_path):
     out = tmp_path / "v.json"
     code = _evaluate(

@@ -106,3 +106,21 @@ def test_every_method_handles_batches_and_several_classes(resnet18, name):
     assert both.shape == (2, 2, 64, 64) and both.dtype == torch.float32
     assert torch.isfinite(both).all() and both.min() >= 0 and both.max() <= 1
     assert torch.allclose(both[1, 0], cam(x[1:], targets=3)[0, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name, forwards", [("scorecam", 512), ("groupcam", 1 + 32)])
+def test_perturbation_cams_run_their_forwards_on_a_scorer_with_the_same_maps(resnet18, image, name, forwards):
+    from fdcam.scoring import OrtScorer
+
+    ort_scorer, scored = OrtScorer(resnet18), []
+
+    def counting(inputs):
+        scored.append(inputs.shape[0])
+        return ort_scorer(inputs)
+
+    expected = fdcam.METHODS[name](resnet18, "layer4")(image, targets=17)
+    on_ort = fdcam.METHODS[name](resnet18, "layer4", scorer=counting, batch_size=50)(image, targets=17)
+    assert sum(scored) == forwards and max(scored) == min(forwards, 50)
+    torch.testing.assert_close(on_ort, expected, rtol=0, atol=1e-4)
+    small_batches = fdcam.METHODS[name](resnet18, "layer4", batch_size=7)(image, targets=17)
+    torch.testing.assert_close(small_batches, expected, rtol=0, atol=1e-5)

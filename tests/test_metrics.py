@@ -234,3 +234,45 @@ def test_pointing_game_takes_first_maximum_on_ties():
     saliency[45, 5] = 1.0
     assert pointing_game(saliency, [[35, 0, 49, 10]], tolerance=0)
     assert not pointing_game(saliency, [[0, 40, 10, 49]], tolerance=0)
+
+
+def test_endpoints_are_scored_once_per_image_and_shared_by_every_map():
+    model = tiny_model(seed=11)
+    scored = []
+
+    def counting(images):
+        scored.append(images.shape[0])
+        return model(images)
+
+    torch.manual_seed(12)
+    n_images, n_maps, size, step = 2, 3, 16, 40
+    x = torch.randn(n_images, 3, size, size)
+    saliencies = torch.rand(n_images, n_maps, size, size)
+    classes = torch.tensor([1, 6])
+    result = insertion_deletion_batch(counting, x, saliencies, classes, step=step, batch_size=5)
+
+    n_steps = math.ceil(size * size / step)
+    # x and blur(x) per image, one all-zero image, then only the n-1 middle points of each curve.
+    assert sum(scored) == 2 * n_images + 1 + 2 * n_images * n_maps * (n_steps - 1)
+    for i in range(n_images):
+        for m in range(n_maps):
+            expected = reference_curves(model, x[i : i + 1], saliencies[i, m].numpy(), int(classes[i]), step)
+            for mode in ("insertion", "deletion"):
+                np.testing.assert_allclose(result[f"{mode}_curve"][i, m].numpy(), expected[mode], rtol=0, atol=1e-5)
+
+
+def test_onnxruntime_scorer_gives_the_reference_curves():
+    from fdcam.scoring import OrtScorer
+
+    model = tiny_model(seed=13)
+    torch.manual_seed(14)
+    x = torch.randn(1, 3, 32, 32)
+    saliency = np.random.default_rng(15).permutation(32 * 32).reshape(32, 32).astype(np.float32)
+    expected = reference_curves(model, x, saliency, 3, 64)
+
+    result = insertion_deletion(OrtScorer(model), x, saliency, 3, step=64, batch_size=6)
+
+    for mode in ("insertion", "deletion"):
+        np.testing.assert_allclose(result[f"{mode}_curve"].numpy(), expected[mode], rtol=0, atol=1e-4)
+        assert result[mode] == pytest.approx(auc(expected[mode]), abs=1e-4)
+    assert np.ptp(expected["insertion"]) > 1e-3 and np.ptp(expected["deletion"]) > 1e-3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -9,23 +11,48 @@ from tqdm.auto import tqdm
 from ..maps import normalise_maps
 from .base import BaseCAM, Explanation
 
-__all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur"]
+__all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur", "DEFAULT_BATCH_SIZE"]
+
+# Masked full forwards per call when batch_size is not given: on CPU, batches of 8-16 inputs keep
+# the activations in cache (EfficientNet-Lite0 on 2 cores: 15 ms per input at 8, 39 ms at 64).
+DEFAULT_BATCH_SIZE = 16
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _batched_logits(model, inputs: torch.Tensor, batch_size: int, progress: bool, label: str) -> torch.Tensor:
-    """Logits of the model on `inputs` in batches of `batch_size`, on the inputs' device."""
-    chunks = range(0, inputs.shape[0], batch_size)
+def _batched_logits(
+    scorer: Scorer, count: int, make_inputs: Callable[[slice], torch.Tensor], batch_size: int, progress: bool, label: str
+) -> torch.Tensor:
+    """Logits of `scorer` on `count` inputs, each batch built by `make_inputs(slice)` only when it runs."""
+    chunks = range(0, count, batch_size)
     with torch.no_grad():
-        outputs = [model(inputs[start : start + batch_size]) for start in tqdm(chunks, desc=label, disable=not progress, leave=False)]
+        outputs = [
+            scorer(make_inputs(slice(start, start + batch_size)))
+            for start in tqdm(chunks, desc=label, disable=not progress, leave=False)
+        ]
     return torch.cat(outputs)
 
 
-class ScoreCAM(BaseCAM):
+class _ScoredCAM(BaseCAM):
+    """A CAM whose cost is full-model forwards of perturbed inputs, run by `scorer` (default: the model)."""
+
+    def __init__(self, model, target_layer=None, *, scorer: Scorer | None = None, **options):
+        super().__init__(model, target_layer, **options)
+        self.scorer = scorer
+
+    def score(self, count: int, make_inputs: Callable[[slice], torch.Tensor], label: str) -> torch.Tensor:
+        """Logits of `count` perturbed inputs, in batches of batch_size (default DEFAULT_BATCH_SIZE)."""
+        scorer = self.scorer if self.scorer is not None else self.model
+        return _batched_logits(scorer, count, make_inputs, self.batch_size or DEFAULT_BATCH_SIZE, self.progress, label)
+
+
+class ScoreCAM(_ScoredCAM):
     """Score-CAM (Wang et al. 2020) in pytorch-grad-cam's convention.
 
     Each channel, upsampled (align_corners=True) and min-max normalised, masks the normalised input;
     the weights are the softmax over channels of the masked inputs' logits. The K forwards do not
-    depend on the class, so every requested class shares them.
+    depend on the class, so every requested class shares them. `scorer` (a callable inputs -> logits
+    equal to the model, e.g. fdcam.scoring.OrtScorer) may run the masked forwards instead of the model.
     """
 
     def channel_weights(self, explanation: Explanation) -> torch.Tensor:
@@ -34,11 +61,10 @@ class ScoreCAM(BaseCAM):
         low = upsampled.amin(dim=(-2, -1), keepdim=True)
         high = upsampled.amax(dim=(-2, -1), keepdim=True)
         upsampled = (upsampled - low) / (high - low + 1e-8)
-        batch_size = self.batch_size or 64
         weights = []
         for i in range(x.shape[0]):
-            masked = x[i][None] * upsampled[i][:, None]  # [K,3,H,W]
-            logits = _batched_logits(self.model, masked, batch_size, self.progress, "Score-CAM")
+            image, masks = x[i][None], upsampled[i][:, None]  # [1,3,H,W], [K,1,H,W]
+            logits = self.score(masks.shape[0], lambda rows: image * masks[rows], "Score-CAM")
             scores = logits[:, explanation.targets[i]].T  # [T,K]
             weights.append(torch.softmax(scores, dim=-1))
         return torch.stack(weights)
@@ -56,12 +82,13 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 51, sigma: float = 50.0) -
     return F.conv2d(horizontal, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
 
 
-class GroupCAM(BaseCAM):
+class GroupCAM(_ScoredCAM):
     """Group-CAM (Zhang et al. 2021): Grad-CAM-weighted channels summed in G groups, scored on blurred inputs.
 
     Each group map ReLU(Σ_{k∈g} α_k A_k) keeps values above its `percentile` (70, as the authors'
     code), is upsampled and min-max normalised to m_g; the input x·m_g + blur(x)·(1 − m_g) scores
     p_c − p_c(blur(x)) (softmax); the map is ReLU(Σ_g score_g · m_g), min-max normalised.
+    `scorer` may run the masked forwards instead of the model, as in ScoreCAM.
     """
 
     def __init__(self, model, target_layer=None, *, groups: int = 32, percentile: float = 70.0, **options):
@@ -75,7 +102,6 @@ class GroupCAM(BaseCAM):
     def saliency(self, explanation: Explanation, weights: torch.Tensor) -> torch.Tensor:
         x, activations, targets = explanation.x, explanation.activations, explanation.targets
         size = x.shape[-2:]
-        batch_size = self.batch_size or 64
         maps = []
         for i in range(x.shape[0]):
             weighted = weights[i][:, :, None, None] * activations[i][None]  # [T,K,h,w]
@@ -90,10 +116,11 @@ class GroupCAM(BaseCAM):
             valid = span > 0  # the authors skip constant group maps
             masks = torch.where(valid, (upsampled - low) / torch.where(valid, span, torch.ones_like(span)), torch.zeros_like(upsampled))
             blurred = gaussian_blur(x[i : i + 1])
-            inputs = x[i] * masks[..., None, :, :] + blurred * (1 - masks[..., None, :, :])  # [T,G,3,H,W]
-            probabilities = torch.softmax(
-                _batched_logits(self.model, torch.cat([blurred, inputs.flatten(0, 1)]), batch_size, self.progress, "Group-CAM"), -1
-            )
+            # Input 0 is the blurred image itself (mask 0), the baseline of every group's score.
+            flat_masks = torch.cat([masks.new_zeros(1, *size), masks.flatten(0, 1)])[:, None]  # [1+T*G,1,H,W]
+            image = x[i][None]
+            inputs = lambda rows: image * flat_masks[rows] + blurred * (1 - flat_masks[rows])  # noqa: E731
+            probabilities = torch.softmax(self.score(flat_masks.shape[0], inputs, "Group-CAM"), -1)
             baseline = probabilities[0, targets[i]]  # [T]
             scored = probabilities[1:].reshape(*masks.shape[:2], -1)  # [T,G,C]
             scores = scored.gather(2, targets[i][:, None, None].expand(-1, masks.shape[1], 1))[..., 0] - baseline[:, None]
