@@ -8,6 +8,7 @@ there. Results are plain JSON-able dicts; `format_table` / `markdown_table` prin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -31,6 +32,7 @@ from .images import ImageError, list_images, load_image, overlay, preprocess
 from .methods import FDCAM, METHODS
 from .metrics import DEFAULT_BATCH_SIZE, insertion_deletion_batch, pointing_game
 from .scoring import SCORERS, make_scorer, torch_scorer
+from .tail import tail_precision
 
 __all__ = [
     "DEFAULT_STEP",
@@ -69,6 +71,18 @@ FDCAM_VARIANTS: dict[str, dict[str, Any]] = {
 
 def _log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
+
+
+def _exact_fp32(function):
+    """Run an evaluation with TF32 off: torch's cuDNN default would compute maps and curves in TF32 on a GPU,
+    and rank-based metrics move with the map's last bits. torch's flags are restored afterwards."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with tail_precision("fp32", torch.device("cpu")):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +392,7 @@ def _warm_up(explainers: Mapping[str, Any], x: torch.Tensor) -> None:
 # Insertion / deletion
 
 
+@_exact_fp32
 def evaluate_insertion_deletion(
     model: torch.nn.Module,
     images_dir: str | os.PathLike,
@@ -655,6 +670,7 @@ def _point(
     return records
 
 
+@_exact_fp32
 def evaluate_pointing_game(
     model: torch.nn.Module,
     images_dir: str | os.PathLike,

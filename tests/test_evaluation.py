@@ -245,3 +245,21 @@ def test_reproduce_tables_script_writes_tables_iii_and_iv(image_dir, tmp_path):
     result = json.loads((out / "insertion-deletion.json").read_text())
     assert set(result["methods"]) == {"fdcam", "fdcam[switch=off,grouping=False]", "fdcam[switch=off]", "fdcam[combine=linear]", "fdcam[bias=0.0]"}
     assert json.loads((out / "timings.json").read_text())["insertion-deletion"]["computed_images"] == 1
+
+
+def test_evaluation_runs_with_tf32_off_and_restores_the_flags(image_dir, tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+
+    def recording(model, x, *args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return REAL_INSERTION_DELETION(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "insertion_deletion_batch", recording)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert _evaluate("--images", image_dir, "--methods", "gradcam", "--limit", "1", "--step", FAST_STEP,
+                     "--scorer", "torch", "--out", tmp_path / "r.json") == 0
+    assert seen and all(flags == (False, False) for flags in seen)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
