@@ -30,7 +30,7 @@ from . import models
 from .composites import composite_set, make_pairs, read_labels
 from .images import ImageError, list_images, load_image, overlay, preprocess
 from .methods import FDCAM, METHODS
-from .metrics import DEFAULT_BATCH_SIZE, insertion_deletion_batch, pointing_game
+from .metrics import default_batch_size, insertion_deletion_batch, pointing_game
 from .scoring import SCORERS, make_scorer, torch_scorer
 from .tail import tail_precision
 
@@ -451,7 +451,7 @@ def evaluate_insertion_deletion(
         "step": step,
     }
     store = ResultStore(partial_path, config, resume)
-    score_batch = batch_size or DEFAULT_BATCH_SIZE
+    score_batch = batch_size or default_batch_size(device)
     total = min(len(items), limit) if limit else len(items)
     evaluated: list[_Item] = []
     maps_kept: dict[str, dict[str, np.ndarray]] = {}

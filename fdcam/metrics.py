@@ -26,8 +26,15 @@ __all__ = [
 ]
 
 # Forward batch when none is given: on CPU, 8-16 inputs per forward keep the activations in cache
-# (EfficientNet-Lite0 on 2 cores: 15 ms per input at 8, 39 ms at 64 in torch; ONNX Runtime 5 vs 7 ms).
+# (EfficientNet-Lite0 on 2 cores: 15 ms per input at 8, 39 ms at 64 in torch; ONNX Runtime 5 vs 7 ms);
+# a GPU wants large batches (the H100 tables run used 128).
 DEFAULT_BATCH_SIZE = 16
+DEFAULT_GPU_BATCH_SIZE = 128
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Full-model forwards per call when none is given: DEFAULT_BATCH_SIZE on CPU, DEFAULT_GPU_BATCH_SIZE on CUDA."""
+    return DEFAULT_GPU_BATCH_SIZE if torch.device(device).type == "cuda" else DEFAULT_BATCH_SIZE
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # a model, or anything called like its forward
 

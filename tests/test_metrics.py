@@ -276,3 +276,10 @@ def test_onnxruntime_scorer_gives_the_reference_curves():
         np.testing.assert_allclose(result[f"{mode}_curve"].numpy(), expected[mode], rtol=0, atol=1e-4)
         assert result[mode] == pytest.approx(auc(expected[mode]), abs=1e-4)
     assert np.ptp(expected["insertion"]) > 1e-3 and np.ptp(expected["deletion"]) > 1e-3
+
+
+def test_default_forward_batch_is_small_on_cpu_and_large_on_cuda():
+    from fdcam.metrics import DEFAULT_BATCH_SIZE, DEFAULT_GPU_BATCH_SIZE, default_batch_size
+
+    assert default_batch_size("cpu") == DEFAULT_BATCH_SIZE == 16
+    assert default_batch_size(torch.device("cuda", 0)) == DEFAULT_GPU_BATCH_SIZE == 128

@@ -9,13 +9,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..maps import normalise_maps
+from ..metrics import default_batch_size
 from .base import BaseCAM, Explanation
 
-__all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur", "DEFAULT_BATCH_SIZE"]
+__all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur"]
 
-# Masked full forwards per call when batch_size is not given: on CPU, batches of 8-16 inputs keep
-# the activations in cache (EfficientNet-Lite0 on 2 cores: 15 ms per input at 8, 39 ms at 64).
-DEFAULT_BATCH_SIZE = 16
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -41,9 +39,10 @@ class _ScoredCAM(BaseCAM):
         self.scorer = scorer
 
     def score(self, count: int, make_inputs: Callable[[slice], torch.Tensor], label: str) -> torch.Tensor:
-        """Logits of `count` perturbed inputs, in batches of batch_size (default DEFAULT_BATCH_SIZE)."""
+        """Logits of `count` perturbed inputs, in batches of batch_size (default: fdcam.metrics.default_batch_size)."""
         scorer = self.scorer if self.scorer is not None else self.model
-        return _batched_logits(scorer, count, make_inputs, self.batch_size or DEFAULT_BATCH_SIZE, self.progress, label)
+        batch_size = self.batch_size or default_batch_size(next(self.model.parameters(), torch.empty(0)).device)
+        return _batched_logits(scorer, count, make_inputs, batch_size, self.progress, label)
 
 
 class ScoreCAM(_ScoredCAM):
