@@ -548,7 +548,6 @@ def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int, batch: int 
 
             def switch_phase():
                 logits = switch_logits(tail, explanation.activations, masks, explanation.head.extras)
-                logits = logits.reshape(*masks.shape[:2], -1)
                 return switch_scores(logits, explanation.head.logits, explanation.targets, cam.switch)
 
             scores = clock("switch passes", switch_phase)

@@ -9,12 +9,13 @@ step moves `step` pixels, giving n = ceil(H*W / step) steps and n + 1 softmax sc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .scoring import Scorer
 
 __all__ = [
     "auc",
@@ -36,7 +37,6 @@ def default_batch_size(device: torch.device | str) -> int:
     """Full-model forwards per call when none is given: DEFAULT_BATCH_SIZE on CPU, DEFAULT_GPU_BATCH_SIZE on CUDA."""
     return DEFAULT_GPU_BATCH_SIZE if torch.device(device).type == "cuda" else DEFAULT_BATCH_SIZE
 
-Scorer = Callable[[torch.Tensor], torch.Tensor]  # a model, or anything called like its forward
 
 RISE_KERNEL_SIZE = 11
 RISE_KERNEL_SIGMA = 5.0

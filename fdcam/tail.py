@@ -210,10 +210,9 @@ class TorchTail:
 
     def _compute(self, factorised, features: torch.Tensor, masks: torch.Tensor, extras: list) -> torch.Tensor:
         """Logits [N,M,classes]: the N·M masked passes in chunks of rows, each chunk one tail forward."""
-        n, m, k = masks.shape
+        n, m, _ = masks.shape
         total = n * m
         step = self._rows_per_chunk(factorised, features, total)
-        flat_masks = masks.reshape(total, k)
         contributions = factorised.contributions(features) if factorised is not None else None  # [N,K,out], once
         outputs = []
         for start in range(0, total, step):

@@ -19,7 +19,6 @@ class AblationCAM(BaseCAM):
         num_channels = activations.shape[1]
         masks = 1.0 - torch.eye(num_channels, device=activations.device, dtype=activations.dtype)
         logits = switch_logits(tail, activations, masks[None].expand(activations.shape[0], -1, -1), explanation.head.extras)
-        logits = logits.reshape(activations.shape[0], num_channels, -1)  # [N,K,C]
         classes = explanation.targets  # [N,T]
         ablated = logits.gather(2, classes[:, None, :].expand(-1, num_channels, -1)).transpose(1, 2)  # [N,T,K]
         original = explanation.head.logits.gather(1, classes)[..., None]  # [N,T,1]

@@ -55,7 +55,7 @@ class FDCAM(BaseCAM):
         activations = explanation.activations
         masks = switch_masks(self.groups(activations), self.switch)  # [N,M,K]
         logits = switch_logits(tail, activations, masks, explanation.head.extras)  # [N,M,C]
-        return switch_scores(logits.reshape(*masks.shape[:2], -1), explanation.head.logits, explanation.targets, self.switch)
+        return switch_scores(logits, explanation.head.logits, explanation.targets, self.switch)
 
     def channel_weights(self, explanation: Explanation) -> torch.Tensor:
         alpha = explanation.gradients.mean(dim=(-2, -1))

@@ -10,12 +10,10 @@ from tqdm.auto import tqdm
 
 from ..maps import normalise_maps
 from ..metrics import default_batch_size
+from ..scoring import Scorer
 from .base import BaseCAM, Explanation
 
 __all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur"]
-
-
-Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _batched_logits(
