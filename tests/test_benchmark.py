@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed; it lives at the root
 from benchmarks import latency  # noqa: E402
 from fdcam import FDCAM  # noqa: E402
+from reference import assert_same_up_to_rounding  # noqa: E402
 
 RESULT_FIELDS = {
     "model", "method", "library", "label", "backend", "precision", "device", "status", "reason", "median_ms",
@@ -71,4 +72,4 @@ def test_authors_loop_computes_fdcam():
     x = torch.randn(2, 3, 32, 32)
     expected = FDCAM(model, "features.5")(x)
     got = latency.AuthorsFDCAM(model, "features.5")(x)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert_same_up_to_rounding(got, expected)

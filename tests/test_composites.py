@@ -7,7 +7,8 @@ from PIL import Image
 
 from fdcam.composites import BACKGROUND, compose, composite_set, make_pairs, read_labels
 
-SAMPLE_DIR = Path("/work/shared/data/imagenet-sample")
+# shared/ lies beside the repository (as on CI: a clean clone with shared/ next to it).
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 TOP_LEFT, BOTTOM_RIGHT = (0, 0, 103, 103), (120, 120, 223, 223)
 
 

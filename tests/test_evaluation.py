@@ -149,8 +149,13 @@ def test_onnxruntime_scorer_gives_the_torch_results(image_dir, tmp_path, monkeyp
     reference, entry = results["torch"]["per_image"][0], results["auto"]["per_image"][0]
     assert entry["class"] == reference["class"]
     for method, values in reference["methods"].items():
+        # Grad-CAM's map does not depend on the scorer: only the curves' logits differ, by float32
+        # rounding (the auto scorer is accepted only within 1e-4 of torch). Group-CAM's map is made
+        # by the scorer: its last bits differ, so pixels that nearly tie may swap places in the
+        # ranking, and a swap moves the area by up to (swapped pixels / all pixels) of a probability.
+        allowed = 1e-4 if method == "gradcam" else 2e-2
         for key in ("insertion", "deletion"):
-            assert entry["methods"][method][key] == pytest.approx(values[key], abs=1e-4), (method, key)
+            assert entry["methods"][method][key] == pytest.approx(values[key], abs=allowed), (method, key)
 
 
 def test_fdcam_variant_rows_and_label_target(image_dir, tmp_path):
@@ -257,9 +262,14 @@ def test_evaluation_runs_with_tf32_off_and_restores_the_flags(image_dir, tmp_pat
         return REAL_INSERTION_DELETION(model, x, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "insertion_deletion_batch", recording)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    assert _evaluate("--images", image_dir, "--methods", "gradcam", "--limit", "1", "--step", FAST_STEP,
-                     "--scorer", "torch", "--out", tmp_path / "r.json") == 0
-    assert seen and all(flags == (False, False) for flags in seen)
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    # torch's backend flags are properties of module-like objects: pytest 9's monkeypatch cannot undo
+    # a setattr on them, so the test sets and restores them itself.
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert _evaluate("--images", image_dir, "--methods", "gradcam", "--limit", "1", "--step", FAST_STEP,
+                         "--scorer", "torch", "--out", tmp_path / "r.json") == 0
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -7,6 +7,7 @@ from torch import nn
 
 from fdcam.head import class_gradients, forward_head
 from fdcam.split import SplitError, resolve_layer_name, split_model
+from reference import assert_same_up_to_rounding
 
 
 @pytest.mark.parametrize(
@@ -26,7 +27,7 @@ def test_head_then_tail_equals_model(builder, layer, extras):
     activation, *crossing = split.head(x)
     assert split.num_extras == len(crossing) == extras
     with torch.no_grad():
-        assert torch.allclose(split.tail(activation, *crossing), model(x), atol=1e-5)
+        assert_same_up_to_rounding(split.tail(activation, *crossing), model(x))
 
 
 def test_batch_size_read_from_the_input_follows_the_tail_batch(lite0):
@@ -36,7 +37,7 @@ def test_batch_size_read_from_the_input_follows_the_tail_batch(lite0):
     with torch.no_grad():
         many = split.tail(activation.expand(5, -1, -1, -1))
     assert many.shape == (5, 1000)
-    assert torch.allclose(many[3], lite0(x)[0], atol=1e-5)
+    assert_same_up_to_rounding(many[3], lite0(x)[0])
 
 
 def test_gradients_from_the_tail_equal_autograd_through_the_whole_model():
@@ -53,7 +54,7 @@ def test_gradients_from_the_tail_equal_autograd_through_the_whole_model():
         for t in range(2):
             logits = model(x[i : i + 1])
             (expected,) = torch.autograd.grad(logits[0, targets[i, t]], store["a"])
-            assert torch.allclose(grads[i, t], expected[0], atol=1e-6)
+            assert_same_up_to_rounding(grads[i, t], expected[0])
     handle.remove()
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from fdcam.split import split_model
 from fdcam.tail import MaskedTail, Tail, TorchTail, chunk_size
+from reference import assert_same_up_to_rounding
 
 
 class Residual(nn.Module):
@@ -61,7 +62,7 @@ def test_masked_tail_equals_the_tail_on_masked_copies_with_extras_broadcast():
     with torch.no_grad():
         got = MaskedTail(split.tail)(activations, masks, *extras)
         expected = torch.cat([split.tail(activations * m[None, :, None, None], *extras) for m in masks])
-    torch.testing.assert_close(got, expected)
+    assert_same_up_to_rounding(got, expected)
 
 
 def test_masked_tail_wrapper_is_in_eval_mode_without_touching_the_model():
@@ -85,7 +86,7 @@ def test_torch_tail_is_a_tail_and_equals_masked_tail_in_any_chunking(model_class
         tail = TorchTail(split.tail, batch_size=batch_size, factorise=factorise)
         assert isinstance(tail, Tail)
         got = tail.run(activations, masks, extras)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert_same_up_to_rounding(got, expected)
         assert tail.calls == -(-11 // min(batch_size or 11, 11))
         assert not got.requires_grad
 
@@ -111,7 +112,7 @@ def test_torch_tail_builds_the_factorised_module_once_per_feature_shape():
     assert second is not None and second is not first
     masks = _masks(6, 3)
     with torch.no_grad():
-        torch.testing.assert_close(tail.run(larger, masks), MaskedTail(split.tail)(larger, masks), rtol=1e-5, atol=1e-6)
+        assert_same_up_to_rounding(tail.run(larger, masks), MaskedTail(split.tail)(larger, masks))
 
 
 def test_memory_budget_sets_the_chunks():
@@ -166,7 +167,7 @@ def test_run_images_equals_one_run_per_image(model_class, layer, factorise, batc
                                        *(e[i : i + 1] for e in extras))
                 for i in range(3)
             ])
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            assert_same_up_to_rounding(got, expected)
 
 
 def test_run_images_refuses_masks_that_do_not_fit():
