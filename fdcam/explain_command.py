@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models
-from .images import ImageError, load_image, overlay, preprocess, resize_map
+from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, overlay, preprocess, resize_map
 from .methods import METHODS
+from .methods.base import NonFiniteError
 
-__all__ = ["add_arguments", "run", "resolve_device"]
+_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
+
+__all__ = ["add_arguments", "run", "resolve_device", "output_stems", "check_output_dir"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +39,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="math of the switch passes (bf16: torch backend only)")
     parser.add_argument("--cuda-graph", action="store_true", help="torch backend on CUDA: replay switch passes as a CUDA graph")
     parser.add_argument("--out", default="fdcam-out", help="output directory (default ./fdcam-out)")
+    parser.add_argument("--max-size", type=int, default=MAX_OUTPUT_SIDE, metavar="PIXELS",
+                        help=f"longest side of the written overlays and maps; larger images' outputs are scaled down "
+                        f"(default {MAX_OUTPUT_SIDE})")
     parser.set_defaults(run=run)
+
+
+def output_stems(paths: list[str]) -> list[str]:
+    """A distinct file-name stem per input: the file's stem, or for clashes (a/x.jpg b/x.jpg, x.jpg x.webp)
+    the name with its suffix, then with its parent folders, then a counter."""
+    def candidates(path: Path):
+        yield path.stem
+        named = path.stem + (f"_{path.suffix.lstrip('.')}" if path.suffix else "")
+        yield named
+        parts = [part for part in path.resolve().parent.parts if part not in ("/", "\\")]
+        for depth in range(1, len(parts) + 1):
+            yield "_".join(parts[-depth:] + [named])
+
+    def safe(text: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+    options = [[safe(c) for c in candidates(Path(path))] for path in paths]
+    stems: list[str] = []
+    for i, mine in enumerate(options):
+        others = [o for j, o in enumerate(options) if j != i]
+        chosen = next((c for c in mine if all(c not in o for o in others)), mine[-1])
+        stems.append(chosen)
+    seen: dict[str, int] = {}
+    for i, stem in enumerate(stems):  # the same file given twice: number the repeats
+        seen[stem] = seen.get(stem, 0) + 1
+        if seen[stem] > 1:
+            stems[i] = f"{stem}-{seen[stem]}"
+    return stems
+
+
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Create the output directory, or say in one line why it cannot be written (before any computing)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".fdcam-write-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path} is not writable ({error.strerror or error})") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     """Explain every image; a bad image is reported and skipped, the others are still written."""
     device = resolve_device(args.device)
     method_names = _method_names(args.method)
+    if args.max_size < 1:
+        raise ValueError(f"--max-size must be a positive number of pixels, not {args.max_size}")
+    out = Path(args.out)
+    check_output_dir(out)
     weights = None if args.weights == "random" else args.weights
     model = models.load(args.model, weights=weights, device=device)
     spec = models.spec_of(model)
@@ -74,32 +126,47 @@ def run(args: argparse.Namespace) -> int:
         name: METHODS[name](model, target_layer=args.layer, **(options if name in ("fdcam", "ablationcam") else {}))
         for name in method_names
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
-    for path in tqdm(args.images, desc="images", disable=len(args.images) < 2):
+    stems = output_stems(args.images)
+    bar = tqdm(total=len(args.images), desc="images", disable=len(args.images) < 2)
+
+    def skip(message: str) -> None:
+        failures.append(message)
+        tqdm.write(f"fdcam: skipped: {message}", file=sys.stderr)  # above the progress bar, not on its line
+
+    for path, stem in zip(args.images, stems):
+        bar.update(1)
         try:
             image = load_image(path)
             x = preprocess(image, spec).to(device)
         except ImageError as error:
-            failures.append(str(error))
-            print(f"fdcam: skipped: {error}", file=sys.stderr)
+            skip(str(error))
             continue
         with torch.no_grad():
-            probabilities = torch.softmax(model(x), dim=1)[0]
+            logits = model(x)
+        if not torch.isfinite(logits).all():
+            skip(f"{path}: the model's logits are NaN or infinite (are its weights finite?)")
+            continue
+        probabilities = torch.softmax(logits, dim=1)[0]
         classes = args.classes or probabilities.topk(args.topk).indices.tolist()
-        stem = Path(path).stem
+        width, height = output_size(image.size, args.max_size)
+        shown = image if (width, height) == image.size else image.resize((width, height), resample=_BILINEAR)
         for name, explainer in explainers.items():
-            maps = explainer(x, targets=[classes])[0]
+            try:
+                maps = explainer(x, targets=[classes])[0]
+            except NonFiniteError as error:
+                skip(f"{path}: {name}: {error}")
+                continue
             for class_index, saliency in zip(classes, maps):
-                full = resize_map(saliency.cpu(), (image.height, image.width))
+                full = resize_map(saliency.cpu(), (height, width))
                 base = out / f"{stem}_{name}_{class_index}"
-                overlay(image, full).save(base.with_suffix(".png"))
+                overlay(shown, full).save(base.with_suffix(".png"))
                 np.save(base.with_suffix(".npy"), full.numpy().astype(np.float32))
                 rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), f"{base}.png|.npy"))
+    bar.close()
     _print_table(rows)
     if failures:
-        print(f"fdcam: {len(failures)} of {len(args.images)} images could not be explained", file=sys.stderr)
+        print(f"fdcam: {len(failures)} problem(s) with {len(args.images)} image(s); the others were written", file=sys.stderr)
         return 1
     return 0
 

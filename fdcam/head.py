@@ -29,7 +29,9 @@ class HeadOutput:
 def forward_head(split: SplitModel, x: torch.Tensor) -> HeadOutput:
     """One forward of the whole model through head and tail, keeping what the explanation needs."""
     with torch.no_grad():
-        activations, *extras = split.head(x)
+        # .forward, not __call__: fx's GraphModule.__call__ prints a traceback to stderr on errors,
+        # which the caller turns into one line.
+        activations, *extras = split.head.forward(x)
     if activations.dim() != 4:
         raise ValueError(
             f"layer {split.layer!r} outputs a {activations.dim()}-D tensor of shape {tuple(activations.shape)};"
@@ -37,7 +39,7 @@ def forward_head(split: SplitModel, x: torch.Tensor) -> HeadOutput:
         )
     with torch.enable_grad():
         leaf = activations.detach().requires_grad_(True)
-        logits = split.tail(leaf, *extras)
+        logits = split.tail.forward(leaf, *extras)
     return HeadOutput(activations, tuple(extras), logits.detach(), leaf, logits)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fdcam.models import ModelSpec
+
+# Images above this many pixels are refused as possible decompression bombs (Pillow's own warning
+# threshold, about 89 Mpx; Pillow itself refuses twice that). Change it with load_image(max_pixels=...).
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Overlays and maps are written at the image's size up to this many pixels on the longer side;
+# larger images get outputs scaled down to it (keeping the aspect ratio).
+MAX_OUTPUT_SIDE = 4096
+_OVERLAY_ROWS = 256  # rows blended at a time: an overlay never holds more than this many float rows
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -57,24 +67,65 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+_warnings_lock = threading.Lock()  # warnings.catch_warnings changes process-wide filters
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Read an image file as RGB, applying its EXIF orientation.
 
-    Grayscale, palette, 16-bit and CMYK images are converted; transparent pixels are composited on black.
+    Grayscale, palette, 16-bit and CMYK images are converted; transparent pixels are composited on
+    black. An image of more than `max_pixels` pixels (None: no limit beyond Pillow's own) is refused
+    as a possible decompression bomb before its pixels are decoded (ImageError, one line).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     try:
-        with Image.open(path) as opened:
+        with _warnings_lock, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(_bomb_message(path, width * height, (width, height), max_pixels))
             opened.load()
             image = ImageOps.exif_transpose(opened)
             return _to_rgb(image).copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        pixels = _pixels_in(str(error))
+        raise ImageError(_bomb_message(path, pixels, None, max_pixels or MAX_IMAGE_PIXELS)) from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image file (or a format Pillow cannot read): {path}") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        # Truncated or corrupt files, and modes Pillow cannot convert to RGB.
-        raise ImageError(f"cannot read image {path}: {str(error).splitlines()[0]}") from None
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, MemoryError) as error:
+        # Truncated or corrupt files, modes Pillow cannot convert to RGB, images too large to hold.
+        raise ImageError(f"cannot read image {path}: {(str(error).splitlines() or [type(error).__name__])[0]}") from None
+
+
+def _bomb_message(path: Path, pixels: int | None, size: tuple[int, int] | None, limit: int) -> str:
+    what = f"{size[0]}x{size[1]} px" if size else "the image"
+    amount = f" ({pixels / 1e6:.0f} Mpx)" if pixels else ""
+    return f"refused {path}: {what}{amount} is more than the {limit / 1e6:.0f} Mpx allowed (a possible decompression bomb)"
+
+
+def _pixels_in(message: str) -> int | None:
+    """The pixel count in Pillow's "Image size (N pixels) exceeds ..." message, if it is there."""
+    import re
+
+    match = re.search(r"\((\d+) pixels\)", message)
+    return int(match.group(1)) if match else None
+
+
+def output_size(image_size: tuple[int, int], max_side: int | None = MAX_OUTPUT_SIDE) -> tuple[int, int]:
+    """(width, height) of the outputs for an image of `image_size`: the same, or scaled so the longer side is `max_side`."""
+    width, height = image_size
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def preprocess(image: Image.Image, spec: ModelSpec, min_size: int = 32) -> torch.Tensor:
@@ -119,7 +170,8 @@ def _jet(values: np.ndarray) -> np.ndarray:
 def overlay(image: Image.Image, saliency: torch.Tensor | np.ndarray, alpha: float = 0.5) -> Image.Image:
     """Blend a JET-coloured saliency map in [0, 1] over the image; alpha is the heatmap's weight.
 
-    A map of another size than the image is resized to it first. Returns an RGB image of the image's size.
+    A map of another size than the image is resized to it first. Returns an RGB image of the image's
+    size. Computed in float32, a band of rows at a time, so memory stays a small multiple of the image's.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -131,10 +183,16 @@ def overlay(image: Image.Image, saliency: torch.Tensor | np.ndarray, alpha: floa
     saliency = torch.nan_to_num(saliency, nan=0.0)
     if tuple(saliency.shape) != (height, width):
         saliency = resize_map(saliency, (height, width))
-    heat = _jet(saliency.clamp(0.0, 1.0).numpy()) * 255.0
-    base = np.asarray(_to_rgb(image), dtype=np.float64)
-    blended = (1.0 - alpha) * base + alpha * heat
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    values = saliency.clamp(0.0, 1.0).numpy()
+    base = np.asarray(_to_rgb(image))
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    weight = np.float32(alpha)
+    for top in range(0, height, _OVERLAY_ROWS):
+        rows = slice(top, top + _OVERLAY_ROWS)
+        heat = _jet(values[rows]).astype(np.float32) * np.float32(255.0)
+        blended = (np.float32(1.0) - weight) * base[rows].astype(np.float32) + weight * heat
+        out[rows] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:

@@ -27,4 +27,8 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
 def to_input_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling (align_corners=False) of [N,T,h,w] maps to `size`, then min-max normalised."""
     upsampled = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    return normalise_maps(upsampled)
+    # A constant map (a 1x1 layer, say) upsamples to a constant up to rounding, which min-max would
+    # blow up into a pattern: it stays blank.
+    flat = maps.flatten(-2)
+    constant = (flat.amax(-1) == flat.amin(-1))[..., None, None]
+    return torch.where(constant, torch.zeros((), dtype=upsampled.dtype, device=upsampled.device), normalise_maps(upsampled))

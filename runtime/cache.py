@@ -4,7 +4,10 @@ Graphs live in a cache directory (`cache_dir`, else $FDCAM_CACHE, else $XDG_CACH
 ~/.cache/fdcam) under a name that hashes the tail's code, weights, layer and shapes, so a changed
 model never gets a stale graph. Sessions are kept in memory per (model, layer, shapes, provider,
 precision, device) while the model lives; an in-place change of the tail's weights is noticed
-(tensor version counters) and rebuilds.
+(tensor version counters) and rebuilds. Each graph has its sha256 recorded next to it
+(`<name>.onnx.sha256`); a cached graph that does not match (altered on disk, truncated, zero-length,
+or written without a record) is exported again. An unwritable cache directory falls back to a
+temporary one for the process, with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import hashlib
 import logging
 import operator
 import os
+import tempfile
+import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +122,7 @@ def ort_tail(
     if entry is not None and entry.fingerprint == fingerprint:
         stats.session_reuses += 1
     else:
-        directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        directory = _writable(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         entry = _build(model, split, features, extras, resolved, precision, directory, fingerprint)
         per_model[key] = entry
     return OrtTail(entry.session, entry.provider, batch_size=batch_size, memory_budget=memory_budget, stream=entry.stream)
@@ -139,15 +145,19 @@ def _build(
     def graph(fp16: bool) -> Path:
         path = directory / "tails" / f"{digest}{'-fp16' if fp16 else ''}.onnx"
         if path.is_file():
-            stats.graph_reuses += 1
-            reused.append(path)
-            return path
+            if _verified(path):
+                stats.graph_reuses += 1
+                reused.append(path)
+                return path
+            log.warning("cached tail graph %s does not match its recorded sha256 (altered or incomplete); exporting it again", path)
+            _remove_graph(path)
         try:
             exported = export_split(
                 split, features, extras, path, fp16=fp16, metadata=_metadata(model), session_options=session_options()
             )
+            _record_hash(path)
         except OSError as error:
-            raise ExportError(f"cannot write the tail graph cache in {directory} ({error}); set FDCAM_CACHE or pass cache_dir") from error
+            raise ExportError(f"cannot write the tail graph cache in {directory} ({error}); set FDCAM_CACHE to a writable directory") from error
         stats.exports += 1
         validated[path] = exported.session
         return path
@@ -173,11 +183,75 @@ def _build(
         # A damaged cached graph (interrupted copy, disk error): export it again, once.
         log.warning("cached tail graph %s is unreadable (%s); exporting it again", reused[0], _first_line(error))
         for path in reused:
-            path.unlink(missing_ok=True)
+            _remove_graph(path)
         session, used = open_session()
     stats.sessions += 1
     stream = torch.cuda.current_stream(features.device).cuda_stream if used != "cpu" and features.is_cuda else None
     return _Entry(session, used, stream, fingerprint)
+
+
+_fallback_lock = threading.Lock()
+_fallback: dict[Path, Path] = {}
+
+
+def _writable(directory: Path) -> Path:
+    """`directory` if graphs can be written there, else (with a warning, once) a temporary directory for this process."""
+    try:
+        (directory / "tails").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory / "tails", prefix=".fdcam-write-check-"):
+            pass
+        return directory
+    except OSError as error:
+        with _fallback_lock:
+            if directory not in _fallback:
+                _fallback[directory] = Path(tempfile.mkdtemp(prefix="fdcam-cache-"))
+                warnings.warn(
+                    f"cannot write the tail graph cache in {directory} ({error.strerror or error}); using the temporary "
+                    f"directory {_fallback[directory]} for this process (set FDCAM_CACHE to a writable directory to keep graphs)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return _fallback[directory]
+
+
+def _hash_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_hash(path: Path) -> str:
+    """sha256 of a graph file and its external data file, if any."""
+    digest = hashlib.sha256()
+    for part in (path, path.with_name(path.name + ".data")):
+        if part == path or part.is_file():
+            with open(part, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _record_hash(path: Path) -> None:
+    """Write the graph's sha256 next to it, atomically."""
+    record = _hash_path(path)
+    staged = record.with_name(f".{record.name}.{os.getpid()}.{threading.get_ident()}")
+    staged.write_text(_file_hash(path) + "\n")
+    os.replace(staged, record)
+
+
+def _verified(path: Path) -> bool:
+    """Whether the graph file matches the sha256 recorded when it was exported."""
+    try:
+        recorded = _hash_path(path).read_text().strip()
+        return bool(recorded) and path.stat().st_size > 0 and _file_hash(path) == recorded
+    except OSError:
+        return False
+
+
+def _remove_graph(path: Path) -> None:
+    for part in (path, path.with_name(path.name + ".data"), _hash_path(path)):
+        try:
+            part.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _first_line(error: BaseException) -> str:
@@ -206,8 +280,8 @@ def _tail_tensors(tail: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def _fingerprint(tail: nn.Module) -> tuple:
-    """Cheap identity of the tail's weights: storage pointers and in-place version counters."""
-    return tuple((name, tensor.data_ptr(), tensor._version) for name, tensor in _tail_tensors(tail))
+    """Cheap identity of the tail's weights: tensor identities, storage pointers and in-place version counters."""
+    return tuple((name, id(tensor), tensor.data_ptr(), tensor._version) for name, tensor in _tail_tensors(tail))
 
 
 def _content_hash(split: SplitModel, features: torch.Tensor, extras: Sequence[torch.Tensor]) -> str:

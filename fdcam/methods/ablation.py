@@ -13,6 +13,8 @@ __all__ = ["AblationCAM"]
 class AblationCAM(BaseCAM):
     """w_k = (y_c − y_c^k)/y_c, y_c^k the logit with channel k set to zero; K tail passes per image, no head re-runs."""
 
+    uses_tail_engine = True
+
     def channel_weights(self, explanation: Explanation) -> torch.Tensor:
         tail = self.tail_for(explanation)
         activations = explanation.activations

@@ -3,57 +3,90 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..concurrency import model_in_eval, running, tracing
 from ..head import HeadOutput, class_gradients, forward_head
 from ..maps import to_input_size, weighted_sum
 from ..split import SplitModel, resolve_layer_name, split_model
 from ..tail import Tail, TorchTail, check_torch_precision
 
-__all__ = ["BaseCAM", "Explanation", "Targets", "resolve_targets", "preserved_model_state"]
+__all__ = ["BaseCAM", "Explanation", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
 
 Targets = Union[None, int, Sequence[int], Sequence[Sequence[int]], torch.Tensor]
 
 
+class NonFiniteError(ValueError):
+    """The model's logits or a saliency map contain NaN or infinite values."""
+
+
 @contextlib.contextmanager
 def preserved_model_state(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode, then restore every module's train/eval flag and every parameter's requires_grad."""
-    modes = [(module, module.training) for module in model.modules()]
-    grads = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        model.eval()
+    """Run in eval mode, then restore every module's train/eval flag and every parameter's requires_grad.
+
+    Safe under threads: the model stays in eval mode while any thread is inside, and the flags are
+    restored when the last one leaves (fdcam.concurrency.model_in_eval).
+    """
+    with model_in_eval(model):
         yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        for parameter, requires_grad in grads:
-            parameter.requires_grad_(requires_grad)
+
+
+def _class_index(value: object) -> int:
+    """An int from an int-like (int, np.int64, 0-d integer tensor); floats, bools and strings are refused."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"targets must be integer class indices, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor:
-    """Class indices [N,T] from None (top-1), an int, one int per image or equal-length lists per image."""
+    """Class indices [N,T] from None (top-1), an int, one int per image or equal-length lists per image.
+
+    Integers may be Python or numpy ints; integer tensors and arrays work too; floats and strings are refused.
+    """
     n, num_classes = logits.shape
+    if isinstance(targets, np.ndarray):
+        if targets.dtype.kind not in "iu":
+            raise ValueError(f"targets must be integer class indices, got an array of {targets.dtype}")
+        targets = torch.from_numpy(np.ascontiguousarray(targets))
     if targets is None:
         resolved = logits.argmax(1, keepdim=True)
     elif isinstance(targets, torch.Tensor):
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise ValueError(f"targets must be integer class indices, got a tensor of {targets.dtype}")
         resolved = targets.to(logits.device, torch.long)
         resolved = resolved.expand(n).reshape(n, 1) if resolved.dim() <= 1 and resolved.numel() in (1, n) else resolved
-    elif isinstance(targets, int):
-        resolved = torch.full((n, 1), targets, dtype=torch.long, device=logits.device)
+    elif isinstance(targets, (str, bytes)):
+        raise ValueError(f"targets must be integer class indices, got the string {targets!r}")
+    elif isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
+        resolved = torch.full((n, 1), int(targets), dtype=torch.long, device=logits.device)
     else:
-        targets = list(targets)
+        try:
+            targets = list(targets)
+        except TypeError:
+            raise ValueError(f"targets must be None, an int, or one int or list of ints per image, not {type(targets).__name__}") from None
         if len(targets) != n:
             raise ValueError(f"got {len(targets)} targets for {n} images; give one entry per image")
-        rows = [list(t) if isinstance(t, (list, tuple)) else [t] for t in targets]
+        rows = [
+            [_class_index(c) for c in t] if isinstance(t, (list, tuple, torch.Tensor, np.ndarray)) and np.ndim(t) == 1
+            else [_class_index(t)]
+            for t in targets
+        ]
         if len({len(r) for r in rows}) != 1:
             raise ValueError("every image needs the same number of target classes")
         resolved = torch.tensor(rows, dtype=torch.long, device=logits.device)
     if resolved.dim() != 2 or resolved.shape[0] != n:
         raise ValueError(f"targets must give classes for each of the {n} images")
+    if resolved.shape[1] == 0:
+        raise ValueError("targets name no class; give at least one class per image")
     bad = resolved[(resolved < 0) | (resolved >= num_classes)]
     if bad.numel():
         raise ValueError(f"class index {int(bad[0])} is out of range for a model with {num_classes} classes")
@@ -89,7 +122,14 @@ class BaseCAM:
     class does the split, the forward pass, target resolution and the map. Engine options apply to
     the masked tail passes (FD-CAM, Ablation-CAM): `backend`, `provider`, `precision` ("fp32",
     "tf32", "fp16"; "bf16" on torch), `batch_size`/`memory_budget`, and `cuda_graph` (torch on CUDA).
+
+    An explainer may be shared between threads: splits and ONNX tails are built under a process-wide
+    tracing lock, the model stays in eval mode while any thread explains, and global flags are set
+    under a lock and restored (see fdcam.concurrency).
     """
+
+    #: Whether the method runs masked tail passes, i.e. uses backend/provider/precision/cuda_graph.
+    uses_tail_engine = False
 
     def __init__(
         self,
@@ -110,6 +150,11 @@ class BaseCAM:
             check_torch_precision(precision)
         elif cuda_graph:
             raise ValueError("cuda_graph applies to the torch backend; ONNX Runtime sessions run without it")
+        for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
         self.target_layer = resolve_layer_name(model, target_layer if target_layer is not None else _default_layer(model))
         self.batch_size = batch_size
@@ -119,44 +164,110 @@ class BaseCAM:
         self.cuda_graph = cuda_graph
         self._splits: dict[tuple, SplitModel] = {}
         self._tails: dict[tuple, Tail] = {}
+        self._tail_fingerprints: dict[tuple, tuple] = {}
+        self._structure = _structure_of(model)
+        self._warned: set[str] = set()
+        if not self.uses_tail_engine:
+            ignored = [
+                f"{name}={value!r}"
+                for name, value, default in (
+                    ("backend", backend, "torch"), ("provider", provider, None),
+                    ("precision", precision, "fp32"), ("cuda_graph", cuda_graph, False),
+                )
+                if value != default
+            ]
+            if ignored:
+                self._warn_once(
+                    "ignored",
+                    f"{type(self).__name__} ignores {', '.join(ignored)}: only FD-CAM and Ablation-CAM run masked tail passes",
+                )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> torch.Tensor:
         return self.explain(x, targets)
 
     def explain(self, x: torch.Tensor, targets: Targets = None) -> torch.Tensor:
-        """Saliency maps [N,T,H,W], float32 in [0,1], on x's device, for the requested target classes."""
-        _check_input(x)
+        """Saliency maps [N,T,H,W], float32 in [0,1], on x's device, for the requested target classes.
+
+        Raises ValueError (one line) for bad input or targets, and NonFiniteError (a ValueError)
+        when the model's logits or the map are NaN or infinite.
+        """
+        _check_input(x, self.model)
+        if self.cuda_graph and not x.is_cuda:
+            self._warn_once("cuda_graph", "cuda_graph applies to CUDA inputs only; these switch passes run eagerly")
         with preserved_model_state(self.model):
             split = self.split_for(x)
-            head = forward_head(split, x)
-            explanation = Explanation(x, split, head, resolve_targets(targets, head.logits))
-            weights = self.channel_weights(explanation)
-            maps = self.saliency(explanation, weights)
+            with running():
+                head = _one_line_errors(lambda: forward_head(split, x), x)
+                if not torch.isfinite(head.logits).all():
+                    raise NonFiniteError("the model's logits are NaN or infinite (are its weights finite?)")
+                if min(head.activations.shape[-2:]) == 1 and max(head.activations.shape[-2:]) == 1:
+                    self._warn_once(
+                        "blank",
+                        f"layer {self.target_layer!r} is 1x1 for inputs of {tuple(x.shape[-2:])}: its maps are blank (all zero);"
+                        " choose an earlier layer or a larger input",
+                    )
+                explanation = Explanation(x, split, head, resolve_targets(targets, head.logits))
+                weights = self.channel_weights(explanation)
+                if not torch.isfinite(weights).all():
+                    raise NonFiniteError(f"{type(self).__name__}'s channel weights are NaN or infinite")
+                maps = self.saliency(explanation, weights)
+                if not torch.isfinite(maps).all():
+                    raise NonFiniteError(f"{type(self).__name__}'s saliency map is NaN or infinite")
         return maps.float()
 
     def saliency(self, explanation: Explanation, weights: torch.Tensor) -> torch.Tensor:
         """ReLU of the weighted sum of activations, upsampled to the input and min-max normalised."""
         cams = weighted_sum(explanation.activations, weights.to(explanation.activations.dtype))
+        if not torch.isfinite(cams).all():  # min-max normalisation would turn NaN into zeros
+            raise NonFiniteError(f"{type(self).__name__}'s map is NaN or infinite before normalisation")
         return to_input_size(cams, tuple(explanation.x.shape[-2:]))
 
     def channel_weights(self, explanation: Explanation) -> torch.Tensor:
         raise NotImplementedError
 
     def split_for(self, x: torch.Tensor) -> SplitModel:
-        """The model split at the target layer for inputs shaped like x (built once, then cached)."""
+        """The model split at the target layer for inputs shaped like x (built once, then cached).
+
+        Built under the process-wide tracing lock; if the model's modules were replaced since, the
+        splits and tails are built again.
+        """
         key = (tuple(x.shape[1:]), x.device, x.dtype)
-        if key not in self._splits:
-            self._splits[key] = split_model(self.model, self.target_layer, x[:1].detach())
-        return self._splits[key]
+        structure = _structure_of(self.model)
+        if structure != self._structure:
+            self._splits, self._tails, self._tail_fingerprints = {}, {}, {}
+            self._structure = structure
+        split = self._splits.get(key)
+        if split is None:
+            with tracing():
+                split = self._splits.get(key)  # another thread may have built it meanwhile
+                if split is None:
+                    split = _one_line_errors(lambda: split_model(self.model, self.target_layer, x[:1].detach()), x)
+                    self._splits[key] = split
+        return split
 
     def tail_for(self, explanation: Explanation) -> Tail:
-        """The engine that runs masked tail passes: torch, or an ONNX Runtime session (fdcam.runtime)."""
-        key = id(explanation.split)
-        if key not in self._tails:
-            if self.backend == "onnxruntime":
-                from ..runtime import ort_tail
+        """The engine that runs masked tail passes: torch, or an ONNX Runtime session (fdcam.runtime).
 
-                self._tails[key] = ort_tail(
+        An ONNX Runtime tail is checked against a cheap fingerprint of the tail's weights on every
+        call (tensor identities, storage pointers, in-place version counters): weights changed in
+        place, by load_state_dict or by batch-norm statistics give a new graph.
+        """
+        key = id(explanation.split)
+        if self.backend == "onnxruntime":
+            from ..runtime.cache import _fingerprint
+
+            fingerprint = _fingerprint(explanation.split.tail)
+            if key in self._tails and self._tail_fingerprints.get(key) == fingerprint:
+                return self._tails[key]
+            from ..runtime import ort_tail
+
+            with tracing():
+                tail = ort_tail(
                     self.model,
                     explanation.split,
                     explanation.activations[:1],
@@ -166,15 +277,34 @@ class BaseCAM:
                     memory_budget=self.memory_budget,
                     batch_size=self.batch_size,
                 )
-            else:
-                self._tails[key] = TorchTail(
-                    explanation.split.tail,
-                    batch_size=self.batch_size,
-                    memory_budget=self.memory_budget,
-                    precision=self.precision,
-                    cuda_graph=self.cuda_graph,
-                )
+            self._tails[key], self._tail_fingerprints[key] = tail, fingerprint
+            return tail
+        if key not in self._tails:
+            self._tails[key] = TorchTail(
+                explanation.split.tail,
+                batch_size=self.batch_size,
+                memory_budget=self.memory_budget,
+                precision=self.precision,
+                cuda_graph=self.cuda_graph,
+            )
         return self._tails[key]
+
+
+def _structure_of(model: nn.Module) -> tuple:
+    """Which module objects make up the model: a split built before a submodule was replaced is stale."""
+    return tuple(id(module) for module in model.modules())
+
+
+def _one_line_errors(function, x: torch.Tensor):
+    """Run `function`; a RuntimeError of the model on this input becomes a one-line ValueError (out of memory stays)."""
+    try:
+        return function()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        text = str(error).strip()
+        first_line = text.splitlines()[0][:300] if text else type(error).__name__
+        raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line})") from error
 
 
 def _default_layer(model: nn.Module) -> str:
@@ -186,9 +316,29 @@ def _default_layer(model: nn.Module) -> str:
     return spec.default_layer
 
 
-def _check_input(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"input must be a float tensor [N,C,H,W], got {shape}")
+def _model_dtype_and_channels(model: nn.Module) -> tuple[torch.dtype | None, int | None]:
+    """The dtype of the model's floating-point weights and the input channels of its first convolution."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return dtype, channels
+
+
+def _check_input(x: torch.Tensor, model: nn.Module | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"input must be a float tensor [N,C,H,W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be a 4-D float tensor [N,C,H,W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"input must be a float tensor [N,C,H,W], got {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"the input batch is empty (shape {tuple(x.shape)}); give at least one image")
+    if min(x.shape[-2:]) == 0:
+        raise ValueError(f"the input images are empty (shape {tuple(x.shape)})")
+    if model is not None:
+        dtype, channels = _model_dtype_and_channels(model)
+        if dtype is not None and x.dtype != dtype:
+            raise ValueError(f"input is {x.dtype} but the model's weights are {dtype}; convert it with x.to({dtype})")
+        if channels is not None and x.shape[1] != channels:
+            raise ValueError(f"input has {x.shape[1]} channels but the model's first convolution takes {channels}")
     if not torch.isfinite(x).all():
         raise ValueError("input contains NaN or infinite values")

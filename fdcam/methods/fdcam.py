@@ -21,6 +21,8 @@ class FDCAM(BaseCAM):
     depend on the class, so every requested class shares them.
     """
 
+    uses_tail_engine = True
+
     def __init__(
         self,
         model,
