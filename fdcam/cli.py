@@ -13,23 +13,15 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__, evaluate_command, explain_command
+    from .export import command as export_command
+
     parser = argparse.ArgumentParser(prog="fdcam", description="FD-CAM and other CAM explanations for CNNs.")
+    parser.add_argument("--version", action="version", version=f"fdcam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    from . import explain_command
-
     explain_command.add_arguments(commands.add_parser("explain", help="explain images, writing overlays and maps"))
-    try:
-        from . import evaluate_command
-
-        evaluate_command.add_arguments(commands.add_parser("evaluate", help="insertion/deletion or pointing game"))
-    except ImportError:
-        pass
-    try:
-        from .export import command as export_command
-
-        export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
-    except ImportError:
-        pass
+    evaluate_command.add_arguments(commands.add_parser("evaluate", help="insertion/deletion or pointing game"))
+    export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
     return parser
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 __all__ = [
+    "LabelsError",
     "BACKGROUND",
     "BOTTOM_RIGHT_BOX",
     "CANVAS_SIZE",
@@ -38,10 +39,23 @@ BOTTOM_RIGHT_BOX: Box = (CANVAS_SIZE - TILE_SIZE, CANVAS_SIZE - TILE_SIZE, CANVA
 BACKGROUND = tuple(round(channel * 255) for channel in (0.485, 0.456, 0.406))  # (124, 116, 104)
 
 
+class LabelsError(ValueError):
+    """A labels CSV that cannot be used as it is (one line naming the file and the row)."""
+
+
 def read_labels(labels_csv: str | Path) -> list[LabelEntry]:
-    """The (file, class_index) entries of a labels.csv with columns file,class_index,wnid,name."""
-    with open(labels_csv, newline="") as handle:
-        return [(row["file"], int(row["class_index"])) for row in csv.DictReader(handle)]
+    """The (file, class_index) entries of a labels.csv with columns file,class_index,wnid,name.
+
+    A UTF-8 byte-order mark is accepted; a file listed twice is refused (LabelsError).
+    """
+    with open(labels_csv, newline="", encoding="utf-8-sig") as handle:
+        entries = [(row["file"], int(row["class_index"])) for row in csv.DictReader(handle)]
+    first_row: dict[str, int] = {}
+    for row, (name, _) in enumerate(entries, start=2):  # row 1 is the header
+        if name in first_row:
+            raise LabelsError(f"{labels_csv} lists {name} twice (rows {first_row[name]} and {row}); keep one row per file")
+        first_row[name] = row
+    return entries
 
 
 def make_pairs(labels: Sequence[LabelEntry], n_pairs: int = 250, seed: int = 0) -> list[tuple[LabelEntry, LabelEntry]]:

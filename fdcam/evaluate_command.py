@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .evaluation import (
     write_json_atomic,
     write_plots,
 )
+from .explain_command import check_output_dir
 from .methods import METHODS
 from .scoring import SCORERS
 
@@ -120,8 +122,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("fdcam-out") / f"{args.metric}.json"
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a directory")
+    check_output_dir(out.parent if str(out.parent) else Path("."), "--out")  # fail now, not after the run
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out} is not writable")
     if args.plots:
         require_matplotlib()  # fail now, not after the run
+        check_output_dir(Path(args.plots), "--plots")
     device = _device(args.device)
     weights = None if args.weights == "random" else args.weights
     model = models.load(args.model, weights=weights, device=device)

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import models
-from .composites import composite_set, make_pairs, read_labels
+from .composites import LabelsError, composite_set, make_pairs, read_labels
 from .images import ImageError, list_images, load_image, overlay, preprocess
 from .methods import FDCAM, METHODS
 from .metrics import default_batch_size, insertion_deletion_batch, pointing_game
@@ -273,11 +273,15 @@ def _labels_by_file(labels_csv: Path) -> dict[str, int]:
         raise FileNotFoundError(f"labels file not found: {labels_csv}")
     try:
         return dict(read_labels(labels_csv))
+    except LabelsError:
+        raise
     except (KeyError, ValueError, TypeError):
         raise ValueError(f"{labels_csv} is not a labels CSV with columns file,class_index,wnid,name") from None
 
 
-def _image_items(images_dir: Path, labels_csv: Path | None, target: str, skipped: list[dict[str, str]]) -> list[_Item]:
+def _image_items(
+    images_dir: Path, labels_csv: Path | None, target: str, skipped: list[dict[str, str]], num_classes: int | None = None
+) -> list[_Item]:
     files = list_images(images_dir)
     if not files:
         raise ValueError(f"no images in {images_dir}")
@@ -287,6 +291,8 @@ def _image_items(images_dir: Path, labels_csv: Path | None, target: str, skipped
     elif labels_csv is not None and labels_csv.is_file():
         try:
             labels = dict(read_labels(labels_csv))
+        except LabelsError:
+            raise
         except (KeyError, ValueError, TypeError):
             labels = {}
     items = []
@@ -294,6 +300,11 @@ def _image_items(images_dir: Path, labels_csv: Path | None, target: str, skipped
         label = labels.get(path.name)
         if target == "label" and label is None:
             skipped.append({"item": path.name, "reason": f"not in {labels_csv.name}"})
+            continue
+        if target == "label" and num_classes is not None and not 0 <= label < num_classes:
+            reason = f"label {label} of {path.name} in {labels_csv.name} is out of range for a model with {num_classes} classes"
+            _log(f"fdcam: warning: skipping {path.name}: {reason}")
+            skipped.append({"item": path.name, "reason": reason})
             continue
         items.append(_Item(path.name, path, label))
     if not items:
@@ -436,7 +447,7 @@ def evaluate_insertion_deletion(
     spec = _model_spec(model)
     device = next(model.parameters()).device
     skipped: list[dict[str, str]] = []
-    items = _image_items(images_dir, labels_path, target, skipped)
+    items = _image_items(images_dir, labels_path, target, skipped, spec.num_classes)
     scoring = _Scoring(model, scorer)
     explainers = _explainers(specs, model, layer, batch_size, scoring.reference)
     resolved_layer = next(iter(explainers.values())).target_layer

@@ -12,10 +12,12 @@ temporary one for the process, with a warning.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import operator
 import os
+import shutil
 import tempfile
 import threading
 import warnings
@@ -205,11 +207,12 @@ def _writable(directory: Path) -> Path:
         with _fallback_lock:
             if directory not in _fallback:
                 _fallback[directory] = Path(tempfile.mkdtemp(prefix="fdcam-cache-"))
+                atexit.register(shutil.rmtree, _fallback[directory], True)
                 warnings.warn(
                     f"cannot write the tail graph cache in {directory} ({error.strerror or error}); using the temporary "
                     f"directory {_fallback[directory]} for this process (set FDCAM_CACHE to a writable directory to keep graphs)",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=3,
                 )
             return _fallback[directory]
 
