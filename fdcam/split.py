@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from .concurrency import tracing
+
 __all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
 
 
@@ -124,7 +126,15 @@ def _record_values(traced: fx.GraphModule, x: torch.Tensor, wanted: set[fx.Node]
 
 
 def split_model(model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor) -> SplitModel:
-    """Cut `model` at `target_layer` using its fx graph; `example_input` fixes non-batch sizes that cross the cut."""
+    """Cut `model` at `target_layer` using its fx graph; `example_input` fixes non-batch sizes that cross the cut.
+
+    Runs under fdcam.concurrency's process-wide tracing lock: fx patches process-wide functions while it traces.
+    """
+    with tracing():
+        return _split_model(model, target_layer, example_input)
+
+
+def _split_model(model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor) -> SplitModel:
     layer = resolve_layer_name(model, target_layer)
     traced = _trace(model, layer)
     graph = traced.graph
