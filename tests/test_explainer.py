@@ -1,0 +1,147 @@
+"""fdcam.export.explainer: the whole explanation as one ONNX graph, checked against the library's own maps."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import fdcam
+from fdcam.export import ExportError, export_explainer, read_metadata, run_explainer
+from fdcam.export import explainer as explainer_module
+
+# Maps live in [0,1]; float32 graphs of a few hundred ops differ from torch by ~1e-6 here, and the
+# bound leaves two orders of magnitude for another CPU's summation order.
+SALIENCY_ATOL = 1e-4
+LOGITS_RTOL = 1e-4
+
+
+def dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def assert_matches_library(path, model, layer, method, images, classes=None, **options):
+    logits, targets, saliency = run_explainer(session(path), images.numpy(), None if classes is None else classes.numpy())
+    with torch.no_grad():
+        expected_logits = model(images)
+    expected_targets = classes if classes is not None else expected_logits.argmax(1, keepdim=True)
+    expected = fdcam.METHODS[method](model, layer, **options)(images, expected_targets)
+    np.testing.assert_array_equal(targets, expected_targets.numpy())
+    assert saliency.shape == tuple(expected.shape)
+    assert saliency.min() >= 0.0 and saliency.max() <= 1.0
+    assert np.abs(saliency - expected.numpy()).max() <= SALIENCY_ATOL
+    assert np.abs(logits - expected_logits.numpy()).max() <= LOGITS_RTOL * float(expected_logits.abs().max())
+    return saliency
+
+
+@pytest.fixture(scope="module")
+def lite0_fdcam(lite0, tmp_path_factory):
+    return export_explainer(lite0, tmp_path_factory.mktemp("lite0") / "explainer.onnx")
+
+
+@pytest.fixture(scope="module")
+def lite0_fdcam_classes(lite0, tmp_path_factory):
+    return export_explainer(lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True)
+
+
+def test_graph_io_is_image_to_logits_targets_saliency_with_a_symbolic_batch(lite0_fdcam, lite0_fdcam_classes):
+    proto = onnx.load(str(lite0_fdcam))
+    assert [value.name for value in proto.graph.input] == ["image"]
+    image = proto.graph.input[0]
+    assert image.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    batch = dims(image)[0]
+    assert isinstance(batch, str) and dims(image)[1:] == [3, 224, 224]
+    outputs = {value.name: value for value in proto.graph.output}
+    assert list(outputs) == ["logits", "targets", "saliency"]
+    assert dims(outputs["logits"]) == [batch, 1000]
+    assert outputs["targets"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert dims(outputs["saliency"])[0] == batch and dims(outputs["saliency"])[2:] == [224, 224]
+
+    with_classes = onnx.load(str(lite0_fdcam_classes))
+    classes = with_classes.graph.input[1]
+    assert classes.name == "classes" and classes.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    n, t = dims(classes)
+    assert isinstance(n, str) and isinstance(t, str) and n != t
+    assert dims(with_classes.graph.output[2])[:2] == [n, t]
+
+
+def test_graph_uses_only_standard_operators_and_carries_its_weights(lite0_fdcam):
+    proto = onnx.load(str(lite0_fdcam))
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
+    assert [entry.domain for entry in proto.opset_import] in ([""], ["ai.onnx"])
+    assert not (lite0_fdcam.parent / (lite0_fdcam.name + ".data")).exists()
+    weights = sum(int(np.prod(tensor.dims)) for tensor in proto.graph.initializer)
+    model_parameters = sum(p.numel() for p in fdcam.models.load("efficientnet_lite0").parameters())
+    assert weights >= 0.9 * model_parameters  # the weights are inside the file
+
+
+def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
+    meta = read_metadata(lite0_fdcam)
+    assert meta["model"] == "efficientnet_lite0" and meta["target_layer"] == "_blocks.15"
+    assert meta["method"] == "fdcam" and meta["input_size"] == "224x224"
+    assert json.loads(meta["method_options"]) == {"theta": 0.95, "bias": 0.5, "combine": "exp", "switch": "on_off", "grouping": True}
+    assert meta["opset"] == str(onnx.load(str(lite0_fdcam), load_external_data=False).opset_import[0].version)
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    names = json.loads(meta["class_names"])
+    assert len(names) == 1000 and names[340] == "zebra"
+    for key in ("torch_version", "onnx_version", "onnxruntime_version", "fdcam_version"):
+        assert meta[key]
+    description = json.loads(lite0_fdcam.with_suffix(".json").read_text())
+    assert description["method"] == "fdcam" and description["method_options"]["theta"] == 0.95
+    assert [i["name"] for i in description["inputs"]] == ["image"]
+    assert [o["name"] for o in description["outputs"]] == ["logits", "targets", "saliency"]
+    assert description["validation"]["saliency_max_abs_diff"] <= SALIENCY_ATOL
+
+
+def test_lite0_fdcam_graph_equals_the_library_on_unseen_images(lite0, lite0_fdcam, zebra_input):
+    noise = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    images = torch.cat([zebra_input, noise])
+    saliency = assert_matches_library(lite0_fdcam, lite0, "_blocks.15", "fdcam", images)
+    assert saliency.shape == (2, 1, 224, 224)
+
+
+def test_classes_input_explains_the_classes_asked_for(lite0, lite0_fdcam_classes, zebra_input):
+    images = torch.cat([zebra_input, zebra_input.flip(-1)])
+    classes = torch.tensor([[340, 1, 999], [0, 340, 500]])
+    saliency = assert_matches_library(lite0_fdcam_classes, lite0, "_blocks.15", "fdcam", images, classes)
+    assert saliency.shape == (2, 3, 224, 224)
+
+
+def test_scorecam_and_groupcam_are_refused_in_one_line(lite0, tmp_path):
+    for method in ("scorecam", "groupcam"):
+        with pytest.raises(ExportError) as raised:
+            export_explainer(lite0, tmp_path / "x.onnx", method=method)
+        assert method in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(ExportError, match="unknown method"):
+        export_explainer(lite0, tmp_path / "x.onnx", method="nosuchcam")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_graph_that_fails_validation_is_not_written(lite0, tmp_path, monkeypatch):
+    monkeypatch.setattr(explainer_module, "SALIENCY_TOLERANCE", -1.0)  # any difference, even 0, fails
+    with pytest.raises(ExportError) as raised:
+        export_explainer(lite0, tmp_path / "explainer.onnx", method="gradcam")
+    assert "saliency max |Δ|" in str(raised.value) and "nothing was saved" in str(raised.value)
+    assert "\n" not in str(raised.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_users_model_is_left_as_it_was_and_a_smaller_input_size_works(tmp_path):
+    torch.manual_seed(0)
+    model = fdcam.models.load("efficientnet_lite0", weights=None).train()
+    model._blocks[0].requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    path = export_explainer(model, tmp_path / "e.onnx", method="gradcam", input_size=(96, 128))
+    assert [p.requires_grad for p in model.parameters()] == flags and [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model.eval()
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(3))
+    assert assert_matches_library(path, model, "_blocks.15", "gradcam", images).shape == (2, 1, 96, 128)
