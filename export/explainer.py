@@ -226,13 +226,14 @@ def _decompositions() -> dict:
 
 
 def _pool_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
-    """[out, size] weights of adaptive average pooling along one axis (static sizes)."""
-    matrix = torch.zeros(int(out), int(size), dtype=like.dtype)
-    for i in range(int(out)):
-        start = (i * int(size)) // int(out)
-        end = -((-(i + 1) * int(size)) // int(out))
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix.to(like.device)
+    """[out, size] weights of adaptive average pooling along one axis (static sizes; built in Python so
+    the trace stores it as one constant)."""
+    size, out = int(size), int(out)
+    rows = []
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 def _trace(module: ExplainerModule, image: torch.Tensor, classes: torch.Tensor | None):
@@ -440,14 +441,22 @@ def export_explainer_full(
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
         images = validation_images if validation_images is not None else _validation_images(input_size, mean, std)
-        saliency_error, logits_error, scale = _validate(session, reference, model, images, classes_input, num_classes)
+        saliency_error, logits_error, scale, cases = _validate(session, reference, model, images, classes_input, num_classes)
         allowed_logits = LOGITS_RTOL * max(scale, 1.0)
-        if not (saliency_error <= SALIENCY_TOLERANCE and logits_error <= allowed_logits):
+        allowed_saliency, floor = SALIENCY_TOLERANCE, 0.0
+        if saliency_error > SALIENCY_TOLERANCE and np.isfinite(saliency_error):
+            # Some models (random weights, say) make the maps ill-conditioned in float32: then the library
+            # itself strays from exact arithmetic by more than 1e-4, and the graph may stray from it by as much.
+            floor = _float32_floor(model, layer, method, method_options, cases)
+            allowed_saliency = SALIENCY_TOLERANCE + 2 * floor
+        if not (saliency_error <= allowed_saliency and logits_error <= allowed_logits):
             raise ExportError(
-                f"the explainer graph differs from the library: saliency max |Δ| {saliency_error:.3g} (allowed {SALIENCY_TOLERANCE:g}), "
+                f"the explainer graph differs from the library: saliency max |Δ| {saliency_error:.3g} (allowed {allowed_saliency:.3g}), "
                 f"logits max |Δ| {logits_error:.3g} (allowed {allowed_logits:.3g}); nothing was saved"
             )
-        metadata["validation"] = json.dumps({"saliency_max_abs_diff": saliency_error, "logits_max_abs_diff": logits_error})
+        metadata["validation"] = json.dumps(
+            {"saliency_max_abs_diff": saliency_error, "logits_max_abs_diff": logits_error, "library_float32_vs_float64": floor or None}
+        )
         description = path.with_suffix(".json")
         staged_json = Path(staging) / description.name
         staged_json.write_text(json.dumps(describe_explainer(metadata), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -548,28 +557,45 @@ def _reference_logits(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         return model(image.to(device)).float().cpu()
 
 
-def _validate(session, reference, model, images: torch.Tensor, classes_input: bool, num_classes: int) -> tuple[float, float, float]:
-    """(saliency max |Δ|, logits max |Δ|, max |logit|) of the graph against the library at batch 1 and 3."""
+def _validate(session, reference, model, images: torch.Tensor, classes_input: bool, num_classes: int):
+    """(saliency max |Δ|, logits max |Δ|, max |logit|, cases) of the graph against the library at batch 1 and 3.
+
+    `cases` are the (images, targets, maps) compared, for `_float32_floor`.
+    """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     saliency_error = logits_error = scale = 0.0
+    cases = []
     generator = torch.Generator().manual_seed(0)
     for batch in (images[:1], images[:3]):
         expected_logits = _reference_logits(model, batch)
+        targets = expected_logits.argmax(1, keepdim=True)
         classes = None
         if classes_input:
-            top = expected_logits.argmax(1, keepdim=True)
             other = torch.randint(0, num_classes, (batch.shape[0], 1), generator=generator)
-            classes = torch.cat([top, other], 1)
-        targets = classes if classes is not None else None
-        expected = reference(batch.to(device), targets.to(device) if targets is not None else None).float().cpu()
-        logits, got_targets, saliency = run_explainer(session, batch.numpy(), None if classes is None else classes.numpy())
-        wanted_targets = classes if classes is not None else expected_logits.argmax(1, keepdim=True)
-        if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, wanted_targets.numpy()):
-            return float("inf"), float("inf"), 0.0
+            classes = targets = torch.cat([targets, other], 1)
+        expected = reference(batch.to(device), targets.to(device)).float().cpu()
+        try:
+            logits, got_targets, saliency = run_explainer(session, batch.numpy(), None if classes is None else classes.numpy())
+        except Exception as error:  # ONNX Runtime raises its own types
+            raise ExportError(f"ONNX Runtime cannot run the explainer graph ({_first_line(error)}); nothing was saved") from None
+        if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, targets.numpy()):
+            return float("inf"), float("inf"), 0.0, cases
         saliency_error = max(saliency_error, _max_abs(saliency, expected))
         logits_error = max(logits_error, _max_abs(logits, expected_logits))
         scale = max(scale, float(expected_logits.abs().max()))
-    return saliency_error, logits_error, scale
+        cases.append((batch, targets, expected))
+    return saliency_error, logits_error, scale, cases
+
+
+def _float32_floor(model: nn.Module, layer: str, method: str, options: dict, cases) -> float:
+    """max |library in float32 − library in float64| over the validation cases: how far float32 alone strays."""
+    double = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    reference = METHODS[method](double, layer, **options)
+    floor = 0.0
+    for batch, targets, expected in cases:
+        exact = reference(batch.double(), targets)
+        floor = max(floor, float((expected.double() - exact.double()).abs().max()))
+    return floor
 
 
 def _max_abs(got: np.ndarray, expected: torch.Tensor) -> float:

@@ -145,3 +145,82 @@ def test_the_users_model_is_left_as_it_was_and_a_smaller_input_size_works(tmp_pa
     model.eval()
     images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(3))
     assert assert_matches_library(path, model, "_blocks.15", "gradcam", images).shape == (2, 1, 96, 128)
+
+
+# --- Triton repository and CLI ------------------------------------------------------------------
+
+
+def parse_triton_config(text: str):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())  # a misspelt field raises ParseError
+
+
+def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_classes):
+    from tritonclient.grpc import model_config_pb2
+
+    from fdcam.export.triton import triton_config
+
+    config = parse_triton_config(triton_config(lite0_fdcam, "fdcam_efficientnet_lite0_fdcam", max_batch=16))
+    assert config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime" and config.max_batch_size == 16
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", model_config_pb2.TYPE_FP32, [3, 224, 224])]
+    outputs = [(o.name, o.data_type, list(o.dims)) for o in config.output]
+    assert outputs == [
+        ("logits", model_config_pb2.TYPE_FP32, [1000]),
+        ("targets", model_config_pb2.TYPE_INT64, [1]),
+        ("saliency", model_config_pb2.TYPE_FP32, [1, 224, 224]),
+    ]
+    assert config.HasField("dynamic_batching") and config.instance_group[0].count == 1
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert config.parameters["fdcam_method"].string_value == "fdcam"
+
+    with_classes = parse_triton_config(triton_config(lite0_fdcam_classes, "m", tensorrt="fp16"))
+    assert [(i.name, list(i.dims)) for i in with_classes.input] == [("image", [3, 224, 224]), ("classes", [-1])]
+    assert with_classes.input[1].data_type == model_config_pb2.TYPE_INT64
+    assert list(with_classes.output[2].dims) == [-1, 224, 224]
+    (accelerator,) = with_classes.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert accelerator.parameters["precision_mode"] == "FP16" and accelerator.parameters["trt_engine_cache_enable"] == "1"
+    assert with_classes.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys):
+    from fdcam.cli import main
+
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    code = main(
+        ["export", "--explainer", "--model", "efficientnet_lite0", "--method", "fdcam", "--theta", "0.9", "--switch", "off",
+         "--input-size", "96x96", "--classes-input", "--out", str(out), "--triton", str(repo), "--max-batch", "8", "--tensorrt", "fp32"]
+    )
+    assert code == 0
+    assert (out / "explainer.onnx").is_file() and (out / "explainer.json").is_file()
+    described = json.loads((out / "explainer.json").read_text())
+    assert described["method_options"]["theta"] == 0.9 and described["method_options"]["switch"] == "off"
+    model_dir = repo / "fdcam_efficientnet_lite0_fdcam"
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (out / "explainer.onnx").read_bytes()
+    config = parse_triton_config((model_dir / "config.pbtxt").read_text())
+    assert config.name == "fdcam_efficientnet_lite0_fdcam" and config.max_batch_size == 8
+    assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "FP32"
+    assert list(config.input[0].dims) == [3, 96, 96]
+    lite0 = fdcam.models.load("efficientnet_lite0")
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
+    assert_matches_library(out / "explainer.onnx", lite0, "_blocks.15", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), theta=0.9, switch="off")
+    assert "explainer.onnx" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--method", "gradcam", "--theta", "0.9"], "FD-CAM option"),
+        (["--method", "scorecam"], "scorecam is not exported"),
+        (["--input-size", "big"], "--input-size"),
+    ],
+)
+def test_cli_refuses_in_one_line(tmp_path, capsys, arguments, message):
+    from fdcam.cli import main
+
+    code = main(["export", "--explainer", "--model", "efficientnet_lite0", "--out", str(tmp_path / "o"), *arguments])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and error.count("\n") == 1
+    assert not (tmp_path / "o" / "explainer.onnx").exists()
