@@ -1,6 +1,9 @@
 """fdcam.export.explainer: the whole explanation as one ONNX graph, checked against the library's own maps."""
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -224,3 +227,39 @@ def test_cli_refuses_in_one_line(tmp_path, capsys, arguments, message):
     error = capsys.readouterr().err
     assert code == 2 and message in error and error.count("\n") == 1
     assert not (tmp_path / "o" / "explainer.onnx").exists()
+
+
+# --- a consumer outside Python: Node.js with onnxruntime-node -------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def node_with_onnxruntime() -> str:
+    """The machine's Node.js, with onnxruntime-node installed into examples/ from npm if it is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "Node.js and npm are needed for the JavaScript example test"
+    if not (EXAMPLES / "node_modules" / "onnxruntime-node").is_dir():
+        subprocess.run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLES, check=True, timeout=600)
+    return node
+
+
+def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zebra_input, tmp_path):
+    node = node_with_onnxruntime()
+    images = torch.cat([zebra_input, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(11))])
+    (tmp_path / "images.f32").write_bytes(images.numpy().astype("<f4").tobytes())
+    result = subprocess.run(
+        [node, str(EXAMPLES / "explain.js"), str(lite0_fdcam_classes), str(tmp_path / "images.f32"), str(tmp_path / "out"), "--classes", "340,9"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    from_node = np.fromfile(tmp_path / "out.saliency.f32", dtype="<f4").reshape(2, 2, 224, 224)
+    classes = torch.tensor([[340, 9], [340, 9]])
+    _, _, from_python = run_explainer(session(lite0_fdcam_classes), images.numpy(), classes.numpy())
+    assert np.abs(from_node - from_python).max() <= SALIENCY_ATOL
+    expected = fdcam.FDCAM(lite0, "_blocks.15")(images, classes)
+    assert np.abs(from_node - expected.numpy()).max() <= SALIENCY_ATOL
+    summary = json.loads((tmp_path / "out.json").read_text())
+    assert [image["targets"] for image in summary["images"]] == [[340, 9], [340, 9]]
+    with torch.no_grad():
+        assert [image["top1"] for image in summary["images"]] == lite0(images).argmax(1).tolist()
+    assert (tmp_path / "out.0.1.pgm").read_bytes().startswith(b"P5\n224 224\n255\n")
