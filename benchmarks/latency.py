@@ -11,6 +11,8 @@ Rows (select with --methods, comma-separated; a prefix such as `pgc` or `fdcam-o
   fdcam-ort-fp32|tf32|fp16   FD-CAM, onnxruntime backend (fp32 on CPU; fp32/tf32/fp16 on CUDA)
   gradcam ablationcam scorecam groupcam   fdcam's other methods
   pgc-gradcam pgc-ablationcam pgc-scorecam   pytorch-grad-cam 1.5.7 with its defaults
+  explainer-fdcam explainer-gradcam   the whole explanation as one ONNX graph (fdcam.export.export_explainer)
+                       run by ONNX Runtime (CPU; CUDA provider on a GPU); the export is untimed
   authors-fdcam        the FD-CAM authors' loop: per class, 2K switch passes through the full,
                        unfactorised torch tail in chunks of 128 masks
 pgc-gradcam is always measured: every row's ratio is to it, from the same run. VGG16 and ResNet50
@@ -166,6 +168,44 @@ def _pgc_row(cls_name: str):
     return build
 
 
+def _explainer_row(method: str):
+    """The exported explainer graph (image → logits, targets, saliency) in an ONNX Runtime session."""
+
+    def build(bm: BenchModel) -> Runner:
+        import tempfile
+
+        import onnxruntime as ort
+
+        from fdcam.export import export_explainer
+
+        directory = tempfile.TemporaryDirectory(prefix="fdcam-bench-explainer-")
+        device = bm.x.device
+        model = bm.model if device.type == "cpu" else _cpu_copy(bm.model)
+        path = export_explainer(model, Path(directory.name) / "explainer.onnx", bm.layer, method, input_size=tuple(bm.x.shape[-2:]))
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        if providers[0] not in session.get_providers():
+            directory.cleanup()
+            raise RuntimeError(f"ONNX Runtime has no {providers[0]} here")
+
+        def explain(x: torch.Tensor):
+            return session.run(["saliency"], {"image": x.detach().cpu().numpy()})[0]
+
+        return Runner(explain, close=directory.cleanup)
+
+    return build
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    copied = copy.deepcopy(model).cpu()
+    setattr(copied, "fdcam_spec", models.spec_of(model))
+    return copied
+
+
 def _put_back(model: nn.Module, name: str, layer: nn.Module) -> None:
     if model.get_submodule(name) is not layer:
         parent_name, _, child = name.rpartition(".")
@@ -231,6 +271,8 @@ ROWS: list[Row] = [
     Row("pgc-gradcam", "pytorch-grad-cam", "GradCAM", _pgc_row("GradCAM"), needs="pgc"),
     Row("pgc-ablationcam", "pytorch-grad-cam", "AblationCAM", _pgc_row("AblationCAM"), slow=True, needs="pgc"),
     Row("pgc-scorecam", "pytorch-grad-cam", "ScoreCAM", _pgc_row("ScoreCAM"), slow=True, needs="pgc"),
+    Row("explainer-fdcam", "fdcam", "FD-CAM (one ONNX graph)", _explainer_row("fdcam"), backend="onnxruntime", needs="ort"),
+    Row("explainer-gradcam", "fdcam", "Grad-CAM (one ONNX graph)", _explainer_row("gradcam"), backend="onnxruntime", needs="ort"),
     Row("authors-fdcam", "authors' loop", "FD-CAM", _authors_row),
 ]
 ROW_KEYS = [row.key for row in ROWS]

@@ -1,9 +1,11 @@
-"""`fdcam export`: write a model's validated tail graph and the JSON a serving process needs to run FD-CAM."""
+"""`fdcam export`: write a model's validated tail graph and the JSON a serving process needs to run FD-CAM,
+or (`--explainer`) the whole explanation as one graph, optionally as a Triton model repository."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 __all__ = ["add_arguments", "run"]
@@ -13,11 +15,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of `fdcam export` on `parser`."""
     from fdcam import models
 
+    from .explainer import EXPLAINER_METHODS
+
     parser.add_argument("--model", required=True, help=f"one of {', '.join(models.NAMES)}")
     parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
     parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
-    parser.add_argument("--fp16", action="store_true", help="fp16 weights and compute, fp32 inputs and outputs")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--fp16", action="store_true", help="tail graph only: fp16 weights and compute, fp32 inputs and outputs")
+    parser.add_argument("--out", default=None, help="output directory (required unless --triton is given)")
+    whole = parser.add_argument_group("the whole explanation as one graph (--explainer)")
+    whole.add_argument("--explainer", action="store_true", help="export image → logits, targets, saliency as DIR/explainer.onnx + .json")
+    whole.add_argument("--method", default="fdcam", help=f"one of {', '.join(EXPLAINER_METHODS)} (default fdcam)")
+    whole.add_argument("--classes-input", action="store_true", help="add an int64 input 'classes' [N,T]: the classes to explain")
+    whole.add_argument("--input-size", default=None, help="HxW of the image input (default: the model's, 224x224)")
+    whole.add_argument("--theta", type=float, default=None, help="FD-CAM: row quantile of the cosine matrix (0.95)")
+    whole.add_argument("--bias", type=float, default=None, help="FD-CAM: b in w = α̂·exp(ŝ) − b (0.5)")
+    whole.add_argument("--combine", choices=("exp", "linear"), default=None, help="FD-CAM: exp (default) or linear")
+    whole.add_argument("--switch", choices=("on_off", "off"), default=None, help="FD-CAM: on_off (default) or off")
+    whole.add_argument("--no-grouping", action="store_true", help="FD-CAM: each group is its channel alone")
+    whole.add_argument("--triton", default=None, metavar="REPO", help="also (or only) write a Triton model repository")
+    whole.add_argument("--name", default=None, help="Triton model name (default fdcam_<model>_<method>)")
+    whole.add_argument("--max-batch", type=int, default=32, help="Triton max_batch_size (default 32)")
+    whole.add_argument("--tensorrt", choices=("fp16", "fp32"), default=None, help="Triton: TensorRT accelerator with this precision")
     parser.set_defaults(run=run)
 
 
@@ -27,7 +45,11 @@ def output_stem(model: str, layer: str, fp16: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export the tail graph and its JSON description into args.out; print both paths."""
+    """Export the tail graph (or, with --explainer, the whole explanation) and print the paths written."""
+    if getattr(args, "explainer", False):
+        return run_explainer(args)
+    if args.out is None:
+        raise ValueError("--out DIR is required (--triton applies to --explainer exports)")
     from fdcam import models
 
     from .describe import describe_tail
@@ -45,4 +67,56 @@ def run(args: argparse.Namespace) -> int:
     form = exported.metadata.get("tail_form", "masked")
     print(f"{exported.path}  ({exported.exporter} exporter, {form} tail, max |Δlogit| vs torch {exported.max_error:.2g})")
     print(description)
+    return 0
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The FD-CAM options given on the command line (refused for other methods)."""
+    options = {key: getattr(args, key) for key in ("theta", "bias", "combine", "switch") if getattr(args, key) is not None}
+    if args.no_grouping:
+        options["grouping"] = False
+    if options and args.method != "fdcam":
+        raise ValueError(f"--{next(iter(options)).replace('_', '-')} is an FD-CAM option; method {args.method!r} takes none")
+    return options
+
+
+def _input_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input-size must look like 224x224, not {text!r}") from None
+    return height, width
+
+
+def run_explainer(args: argparse.Namespace) -> int:
+    """`fdcam export --explainer`: DIR/explainer.onnx + .json and/or a Triton repository."""
+    from fdcam import models
+
+    from .explainer import export_explainer_full
+    from .triton import default_model_name, write_triton_repository
+
+    if args.out is None and args.triton is None:
+        raise ValueError("give --out DIR, --triton REPO or both")
+    if args.fp16:
+        raise ValueError("--fp16 applies to the tail graph; the explainer graph is validated in fp32 (use --tensorrt fp16 for Triton)")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be at least 1, not {args.max_batch}")
+    options = method_options(args)
+    weights = None if args.weights == "random" else args.weights
+    model = models.load(args.model, weights=weights)
+    with tempfile.TemporaryDirectory(prefix="fdcam-explainer-") as scratch:
+        out = Path(args.out) if args.out is not None else Path(scratch)
+        exported = export_explainer_full(
+            model, out / "explainer.onnx", args.layer, args.method, args.classes_input, input_size=_input_size(args.input_size), **options
+        )
+        summary = f"saliency max |Δ| {exported.saliency_error:.2g}, logits max |Δ| {exported.logits_error:.2g} vs the library"
+        if args.out is not None:
+            print(f"{exported.path}  ({summary})")
+            print(exported.path.with_suffix(".json"))
+        if args.triton is not None:
+            name = args.name or default_model_name(models.spec_of(model).name, args.method)
+            directory = write_triton_repository(exported.path, args.triton, name, args.max_batch, args.tensorrt)
+            print(f"{directory}  (Triton model {name!r}: config.pbtxt, 1/model.onnx{'' if args.out else '; ' + summary})")
     return 0
