@@ -1,4 +1,4 @@
-"""The `fdcam` command line: explain, evaluate, export."""
+"""The `fdcam` command line: explain, evaluate, export, serve."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
     except ImportError:
         pass
+    from .serving import command as serve_command
+
+    serve_command.add_arguments(commands.add_parser("serve", help="serve explanations from Triton Inference Server"))
     return parser
 
 
