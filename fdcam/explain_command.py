@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
     parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
     parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
-    parser.add_argument("--method", default="fdcam", help=f"one of {', '.join(METHODS)}, or 'all'")
+    parser.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}, or 'all' (default fdcam)")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices to explain")
     targets.add_argument("--topk", type=int, default=1, help="explain the K most likely classes (default 1)")
@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="math of the switch passes (bf16: torch backend only)")
     parser.add_argument("--cuda-graph", action="store_true", help="torch backend on CUDA: replay switch passes as a CUDA graph")
     parser.add_argument("--out", default="fdcam-out", help="output directory (default ./fdcam-out)")
+    parser.add_argument("--server", default=None,
+                        help="explain on a running `fdcam serve` (http://HOST:PORT or grpc://HOST:PORT) instead of locally")
     parser.set_defaults(run=run)
 
 
@@ -57,8 +59,12 @@ def _method_names(method: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Explain every image; a bad image is reported and skipped, the others are still written."""
+    if args.server:
+        from .serving.client import explain_remote
+
+        return explain_remote(args)
     device = resolve_device(args.device)
-    method_names = _method_names(args.method)
+    method_names = _method_names(args.method or "fdcam")
     weights = None if args.weights == "random" else args.weights
     model = models.load(args.model, weights=weights, device=device)
     spec = models.spec_of(model)
