@@ -167,13 +167,13 @@ def explain_remote(args: argparse.Namespace) -> int:
                 data = Path(path).read_bytes()
                 result = client.explain_bytes(data, args.classes)
                 if not args.classes and args.topk > 1:
-                    top = torch.from_numpy(result["logits"][0]).topk(args.topk).indices.tolist()
+                    top = torch.tensor(result["logits"][0]).topk(args.topk).indices.tolist()
                     result = client.explain_bytes(data, top)
             except (ImageError, ServerError, OSError) as error:
                 failures.append(str(error))
                 print(f"fdcam: skipped: {path}: {error}", file=sys.stderr)
                 continue
-            probabilities = torch.softmax(torch.from_numpy(result["logits"][0]), dim=0)
+            probabilities = torch.softmax(torch.tensor(result["logits"][0]), dim=0)
             stem = Path(path).stem
             for class_index, full in zip(result["targets"][0].tolist(), result["saliency_original"][0]):
                 base = out / f"{stem}_{method}_{class_index}"
