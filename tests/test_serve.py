@@ -7,6 +7,7 @@ it with Ctrl-C and checks that no tritonserver or stub process is left.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -312,3 +313,21 @@ def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     assert "server stopped" in output
     time.sleep(0.5)
     assert not [pid for pid in family if _alive(pid)]
+
+
+def test_serving_benchmark_prints_a_row_per_concurrency_with_triton_batch_sizes(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repository root
+    from benchmarks import serving
+
+    out = tmp_path / "serving.json"
+    arguments = ["--backend", "torch", "--method", METHOD, "--concurrency", "1,3", "--requests", "6", "--max-batch", "4", "--json", str(out)]
+    assert serving.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "mean batch" in printed and "in-process, 1 image/call" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["concurrency"], r["requests"]) for r in rows] == [
+        ("triton http (tensor)", 1, 6), ("triton http (tensor)", 3, 6), ("in-process, 1 image/call", 1, 6), ("in-process, 4 images/call", 1, 6),
+    ]
+    assert rows[0]["mean_batch"] == 1.0  # one client: Triton never has two requests to batch
+    for row in rows:
+        assert row["throughput_rps"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]

@@ -101,15 +101,18 @@ class ExplainClient:
     def _classes(classes) -> np.ndarray | None:
         return None if classes is None else np.asarray(classes, dtype=np.int64).reshape(1, -1)
 
-    def explain_tensor(self, image: np.ndarray | torch.Tensor, classes=None) -> dict[str, np.ndarray]:
-        """One normalised image [3,H,W] (or [1,3,H,W]) → logits [1,C], targets [1,T], saliency [1,T,H,W]."""
+    def explain_tensor(self, image: np.ndarray | torch.Tensor, classes=None, model: str = "fdcam") -> dict[str, np.ndarray]:
+        """One normalised image [3,H,W] (or [1,3,H,W]) → logits [1,C], targets [1,T], saliency [1,T,H,W].
+
+        `model` may also name an `explainer.onnx` that Triton's own onnxruntime backend hosts (same I/O).
+        """
         image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         image = image.reshape(1, *image.shape[-3:]) if image.ndim == 3 else image
         inputs = [self._input("image", image, _datatype(image))]
         if classes is not None:
             classes = self._classes(classes)
             inputs.append(self._input("classes", classes, _datatype(classes)))
-        return self._infer("fdcam", inputs, ["logits", "targets", "saliency"])
+        return self._infer(model, inputs, ["logits", "targets", "saliency"])
 
     def explain_bytes(self, data: bytes, classes=None) -> dict[str, np.ndarray]:
         """One encoded image (JPEG, PNG, ...) → the outputs of explain_tensor plus saliency_original [1,T,h,w]."""

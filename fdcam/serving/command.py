@@ -54,12 +54,10 @@ def export_graphs(config: ServingConfig, directory: Path) -> ServingConfig:
             model = models.load(config.model, weights=config.weights)
         print(f"fdcam: exporting the {config.method} explainer graph{' (classes input)' if classes_input else ''}...",
               file=sys.stderr, flush=True)
-        written = Path(export_explainer(model, path.parent, target_layer=config.layer, method=config.method,
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = Path(export_explainer(model, path, target_layer=config.layer, method=config.method,
                                         classes_input=classes_input))
-        if written.is_dir():
-            written = written / "explainer.onnx"
-        if written != path:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if written.resolve() != path.resolve():
             written.replace(path)
     return ServingConfig(**{**config.to_dict(), "explainer_onnx": str(top1), "explainer_classes_onnx": str(with_classes)})
 
