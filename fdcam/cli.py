@@ -1,4 +1,4 @@
-"""The `fdcam` command line: explain, evaluate, export."""
+"""The `fdcam` command line: explain, evaluate, export, serve."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain_command.add_arguments(commands.add_parser("explain", help="explain images, writing overlays and maps"))
     evaluate_command.add_arguments(commands.add_parser("evaluate", help="insertion/deletion or pointing game"))
     export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
+    from .serving import command as serve_command
+
+    serve_command.add_arguments(commands.add_parser("serve", help="serve explanations from Triton Inference Server"))
     return parser
 
 

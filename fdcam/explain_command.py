@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
     parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
     parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
-    parser.add_argument("--method", default="fdcam", help=f"one of {', '.join(METHODS)}, or 'all'")
+    parser.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}, or 'all' (default fdcam)")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices to explain")
     targets.add_argument("--topk", type=int, default=1, help="explain the K most likely classes (default 1)")
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-size", type=int, default=MAX_OUTPUT_SIDE, metavar="PIXELS",
                         help=f"longest side of the written overlays and maps; larger images' outputs are scaled down "
                         f"(default {MAX_OUTPUT_SIDE})")
+    parser.add_argument("--server", default=None,
+                        help="explain on a running `fdcam serve` (http://HOST:PORT or grpc://HOST:PORT) instead of locally")
     parser.set_defaults(run=run)
 
 
@@ -105,8 +107,12 @@ def _method_names(method: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Explain every image; a bad image is reported and skipped, the others are still written."""
+    if args.server:
+        from .serving.client import explain_remote
+
+        return explain_remote(args)
     device = resolve_device(args.device)
-    method_names = _method_names(args.method)
+    method_names = _method_names(args.method or "fdcam")
     if args.max_size < 1:
         raise ValueError(f"--max-size must be a positive number of pixels, not {args.max_size}")
     out = Path(args.out)

@@ -1,0 +1,192 @@
+"""A client of `fdcam serve` (tritonclient, HTTP or gRPC) and `fdcam explain --server URL`.
+
+One ExplainClient per thread: tritonclient's HTTP client is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from .. import models
+from ..images import ImageError, load_image, overlay
+
+__all__ = ["ExplainClient", "ServerError", "parse_url", "explain_remote"]
+
+
+class ServerError(RuntimeError):
+    """The server refused or failed a request; the message is its one line."""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """("http" | "grpc", "host:port") from "grpc://host:port", "http://host:port" or "host:port" (HTTP)."""
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if parsed.scheme not in ("http", "grpc"):
+        raise ValueError(f"server URL must start with http:// or grpc://, got {url!r}")
+    if not parsed.hostname or not parsed.port:
+        raise ValueError(f"server URL needs a host and a port, e.g. http://127.0.0.1:8000; got {url!r}")
+    return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+
+
+class ExplainClient:
+    """Explain images with a running `fdcam serve`: tensors (model `fdcam`) or encoded images (`fdcam_image`)."""
+
+    def __init__(self, url: str, timeout_s: float = 120.0):
+        self.protocol, address = parse_url(url)
+        try:
+            if self.protocol == "grpc":
+                import tritonclient.grpc as triton
+            else:
+                import tritonclient.http as triton
+        except ImportError:
+            raise ImportError("--server needs the [serve] extra: pip install 'fdcam[serve]' (tritonclient)") from None
+        self._triton = triton
+        self.timeout_s = timeout_s
+        if self.protocol == "grpc":
+            self.client = triton.InferenceServerClient(address)
+        else:
+            self.client = triton.InferenceServerClient(address, connection_timeout=timeout_s, network_timeout=timeout_s)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "ExplainClient":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def _call(self, method, *args, **kwargs):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return method(*args, **kwargs)
+        except InferenceServerException as error:
+            text = (error.message() or str(error)).strip()
+            raise ServerError(text.splitlines()[0] if text else "request failed") from None
+        except (ConnectionError, OSError) as error:
+            raise ServerError(f"cannot reach the server: {error}") from None
+
+    def server_config(self, model: str = "fdcam") -> dict:
+        """The fdcam settings the server runs (model, layer, method, backend, device)."""
+        if self.protocol == "grpc":
+            config = self._call(self.client.get_model_config, model, as_json=True)["config"]
+        else:
+            config = self._call(self.client.get_model_config, model)
+        encoded = config["parameters"]["fdcam_config"]["string_value"]
+        return json.loads(base64.b64decode(encoded).decode("utf-8"))
+
+    def _input(self, name: str, array: np.ndarray, datatype: str):
+        tensor = self._triton.InferInput(name, list(array.shape), datatype)
+        if self.protocol == "http":
+            tensor.set_data_from_numpy(array, binary_data=True)
+        else:
+            tensor.set_data_from_numpy(array)
+        return tensor
+
+    def _infer(self, model: str, inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
+        requested = [self._triton.InferRequestedOutput(name) for name in outputs]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        result = self._call(self.client.infer, model, inputs, outputs=requested, **kwargs)
+        return {name: result.as_numpy(name) for name in outputs}
+
+    @staticmethod
+    def _classes(classes) -> np.ndarray | None:
+        return None if classes is None else np.asarray(classes, dtype=np.int64).reshape(1, -1)
+
+    def explain_tensor(self, image: np.ndarray | torch.Tensor, classes=None, model: str = "fdcam") -> dict[str, np.ndarray]:
+        """One normalised image [3,H,W] (or [1,3,H,W]) → logits [1,C], targets [1,T], saliency [1,T,H,W].
+
+        `model` may also name an `explainer.onnx` that Triton's own onnxruntime backend hosts (same I/O).
+        """
+        image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        image = image.reshape(1, *image.shape[-3:]) if image.ndim == 3 else image
+        inputs = [self._input("image", image, _datatype(image))]
+        if classes is not None:
+            classes = self._classes(classes)
+            inputs.append(self._input("classes", classes, _datatype(classes)))
+        return self._infer(model, inputs, ["logits", "targets", "saliency"])
+
+    def explain_bytes(self, data: bytes, classes=None) -> dict[str, np.ndarray]:
+        """One encoded image (JPEG, PNG, ...) → the outputs of explain_tensor plus saliency_original [1,T,h,w]."""
+        inputs = [self._input("image_bytes", np.array([[data]], dtype=np.object_), "BYTES")]
+        if classes is not None:
+            classes = self._classes(classes)
+            inputs.append(self._input("classes", classes, "INT64"))
+        return self._infer("fdcam_image", inputs, ["logits", "targets", "saliency", "saliency_original"])
+
+    def statistics(self, model: str = "fdcam") -> dict:
+        """Triton's counters for `model`: requests (inference_count), executions, and executions per batch size."""
+        if self.protocol == "grpc":
+            stats = self._call(self.client.get_inference_statistics, model, as_json=True)
+        else:
+            stats = self._call(self.client.get_inference_statistics, model)
+        entry = stats["model_stats"][0]
+        batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in entry.get("batch_stats", [])}
+        return {
+            "inference_count": int(entry.get("inference_count", 0)),
+            "execution_count": int(entry.get("execution_count", 0)),
+            "batches": batches,
+        }
+
+
+def _datatype(array: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(array.dtype)
+
+
+def explain_remote(args: argparse.Namespace) -> int:
+    """`fdcam explain --server URL`: the same files and table as the local command, computed by the server."""
+    from ..explain_command import _print_table
+
+    client = ExplainClient(args.server)
+    try:
+        config = client.server_config("fdcam_image")
+        if args.method is not None and args.method != config["method"]:
+            raise ValueError(f"the server explains with {config['method']}, not {args.method}; omit --method or start "
+                             f"a server with --method {args.method}")
+        method, spec = config["method"], models.spec(config["model"])
+        names = models.class_names() if spec.num_classes == 1000 else [str(i) for i in range(spec.num_classes)]
+        if args.classes:
+            bad = [c for c in args.classes if not 0 <= c < spec.num_classes]
+            if bad:
+                raise ValueError(f"class index {bad[0]} is out of range for {spec.name} ({spec.num_classes} classes)")
+        elif not 1 <= args.topk <= spec.num_classes:
+            raise ValueError(f"--topk must be between 1 and {spec.num_classes}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows, failures = [], []
+        for path in args.images:
+            try:
+                image = load_image(path)
+                data = Path(path).read_bytes()
+                result = client.explain_bytes(data, args.classes)
+                if not args.classes and args.topk > 1:
+                    top = torch.tensor(result["logits"][0]).topk(args.topk).indices.tolist()
+                    result = client.explain_bytes(data, top)
+            except (ImageError, ServerError, OSError) as error:
+                failures.append(str(error))
+                print(f"fdcam: skipped: {path}: {error}", file=sys.stderr)
+                continue
+            probabilities = torch.softmax(torch.tensor(result["logits"][0]), dim=0)
+            stem = Path(path).stem
+            for class_index, full in zip(result["targets"][0].tolist(), result["saliency_original"][0]):
+                base = out / f"{stem}_{method}_{class_index}"
+                overlay(image, full).save(base.with_suffix(".png"))
+                np.save(base.with_suffix(".npy"), full.astype(np.float32))
+                rows.append((stem, method, class_index, names[class_index], float(probabilities[class_index]), f"{base}.png|.npy"))
+        _print_table(rows)
+        if failures:
+            print(f"fdcam: {len(failures)} of {len(args.images)} images could not be explained", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        client.close()

@@ -1,0 +1,135 @@
+"""`fdcam serve`: explanations from a Triton Inference Server, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .. import models
+from ..methods import METHODS
+from .engine import BACKENDS, ServingConfig, default_onnx_paths
+from .server import MODEL_NAMES, ServerOptions, TritonProcess, write_repository
+
+__all__ = ["add_arguments", "run", "export_graphs"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the options of `fdcam serve` on `parser`."""
+    parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
+    parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
+    parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
+    parser.add_argument("--method", default="fdcam", choices=list(METHODS), help="CAM method (default fdcam)")
+    parser.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
+                        help="onnxruntime: the exported explainer graph (default); torch: the library")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--max-batch", type=int, default=32, help="largest dynamic batch (default 32)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000,
+                        help="how long a request may wait for others to batch with (default 2000 µs)")
+    parser.add_argument("--explainer-dir", default=None,
+                        help="onnxruntime backend: keep the exported graphs here and reuse them on the next start")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+    parser.set_defaults(run=run)
+
+
+def export_graphs(config: ServingConfig, directory: Path) -> ServingConfig:
+    """Export (or reuse) the explainer graphs the onnxruntime backend runs: top-1, and with a classes input."""
+    try:
+        from fdcam.export import export_explainer
+    except ImportError:
+        raise ImportError("this fdcam has no fdcam.export.export_explainer; serve with --backend torch") from None
+    top1, with_classes = default_onnx_paths(directory)
+    model = None
+    for path, classes_input in ((top1, False), (with_classes, True)):
+        if path.is_file():
+            continue
+        if model is None:
+            model = models.load(config.model, weights=config.weights)
+        print(f"fdcam: exporting the {config.method} explainer graph{' (classes input)' if classes_input else ''}...",
+              file=sys.stderr, flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = Path(export_explainer(model, path, target_layer=config.layer, method=config.method,
+                                        classes_input=classes_input))
+        if written.resolve() != path.resolve():
+            written.replace(path)
+    return ServingConfig(**{**config.to_dict(), "explainer_onnx": str(top1), "explainer_classes_onnx": str(with_classes)})
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        if not 0 < getattr(args, name) < 65536:
+            raise ValueError(f"--{name.replace('_', '-')} must be a port number (1-65535)")
+    if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
+        raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
+    if not 1 <= args.max_batch <= 1024:
+        raise ValueError("--max-batch must be between 1 and 1024")
+    if args.max_queue_delay_us < 0:
+        raise ValueError("--max-queue-delay-us must be 0 or more")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda, not {args.device!r}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; then stop tritonserver and its stubs before returning."""
+    _check_arguments(args)
+    spec = models.spec(args.model)
+    config = ServingConfig(
+        model=spec.name,
+        weights=None if args.weights == "random" else args.weights,
+        layer=args.layer,
+        method=args.method,
+        backend=args.backend,
+        device=args.device,
+    )
+    if config.weights not in (None, "imagenet") and not Path(config.weights).is_file():
+        raise FileNotFoundError(f"weights file not found: {config.weights}")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    options = ServerOptions(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        address=args.address,
+        max_batch=args.max_batch,
+        max_queue_delay_us=args.max_queue_delay_us,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="fdcam-serve-") as workspace:
+            workspace = Path(workspace)
+            if config.backend == "onnxruntime":
+                config = export_graphs(config, Path(args.explainer_dir) if args.explainer_dir else workspace / "explainer")
+            repository, backends = write_repository(workspace, config, options)
+            server = TritonProcess(repository, backends, options, workspace / "tritonserver.log")
+            server.start()
+            try:
+                server.wait_ready(args.startup_timeout, stop_requested=stop.is_set)
+                if not stop.is_set():
+                    host = args.address if args.address not in ("0.0.0.0", "") else "127.0.0.1"
+                    print(
+                        f"fdcam: serving {', '.join(MODEL_NAMES)} ({config.method} on {spec.name}, {config.backend}, "
+                        f"{config.device}) at http://{host}:{args.http_port} and grpc://{host}:{args.grpc_port}; "
+                        f"metrics at http://{host}:{args.metrics_port}/metrics; tritonserver pid {server.pid}",
+                        flush=True,
+                    )
+                while not stop.wait(0.5):
+                    if not server.running():
+                        raise RuntimeError(f"tritonserver stopped unexpectedly: {server.failure_line()}")
+            finally:
+                server.stop()
+        print("fdcam: server stopped", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

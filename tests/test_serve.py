@@ -1,0 +1,333 @@
+"""`fdcam serve`: a real Triton Inference Server on loopback, against the library's own maps.
+
+One server (Grad-CAM on EfficientNet-Lite0, torch backend) serves the whole module; the last test stops
+it with Ctrl-C and checks that no tritonserver or stub process is left.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton)")
+pytest.importorskip("tritonclient.http", reason="needs the [serve] extra (tritonclient[http,grpc])")
+pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient[http,grpc])")
+
+from fdcam.cli import main  # noqa: E402
+from fdcam.images import load_image, preprocess, resize_map  # noqa: E402
+from fdcam.methods import METHODS  # noqa: E402
+from fdcam.models import spec_of  # noqa: E402
+from fdcam.serving.client import ExplainClient, ServerError  # noqa: E402
+from fdcam.serving.engine import ServingConfig, TorchExplainer, handle_tensor_requests  # noqa: E402
+from fdcam.serving.server import descendants  # noqa: E402
+
+METHOD = "gradcam"
+IMAGES = ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG", "n03297495_espresso_maker.JPEG", "n07684084_French_loaf.JPEG")
+# Maps are min-max normalised float32: a batched and a single computation differ by rounding only.
+MAP_TOLERANCE = 1e-4
+STARTUP_TIMEOUT_S = 240
+STOP_TIMEOUT_S = 40
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Server:
+    """`fdcam serve` as a child process on free loopback ports."""
+
+    def __init__(self, *extra: str):
+        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        command = [
+            sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD,
+            "--address", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+            "--metrics-port", str(self.metrics_port), *extra,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(STARTUP_TIMEOUT_S) or self.process.poll() is not None:
+            self.stop(signal.SIGKILL)
+            pytest.fail("fdcam serve did not start:\n" + "".join(self.lines[-20:]))
+        self.family = descendants(self.process.pid)
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if line.startswith("fdcam: serving"):
+                self.ready.set()
+        self.ready.set()
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
+    def stop(self, sig: int = signal.SIGINT) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = Server()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(lite0, data_dir):
+    """Eight distinct inputs: four photographs and their mirror images, [1,3,224,224] each."""
+    photos = [preprocess(load_image(data_dir / name), spec_of(lite0)) for name in IMAGES]
+    return photos + [photo.flip(-1).contiguous() for photo in photos]
+
+
+@pytest.fixture(scope="module")
+def cam(lite0):
+    return METHODS[METHOD](lite0)
+
+
+def _assert_same_explanation(result, logits, targets, maps):
+    np.testing.assert_array_equal(result["targets"], np.asarray(targets))
+    scale = float(np.abs(logits).max())
+    assert np.abs(result["logits"] - logits).max() <= 1e-4 * max(scale, 1.0)
+    assert result["saliency"].shape == maps.shape
+    assert np.abs(result["saliency"] - maps).max() <= MAP_TOLERANCE
+
+
+def _library(lite0, cam, x, classes=None):
+    with torch.no_grad():
+        logits = lite0(x)
+    targets = logits.argmax(1, keepdim=True) if classes is None else torch.tensor([classes])
+    return logits.numpy(), targets.numpy(), cam(x, targets).numpy()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_tensor_answers_equal_the_library(server, lite0, cam, inputs, protocol):
+    with ExplainClient(getattr(server, protocol)) as client:
+        for x, classes in ((inputs[0], None), (inputs[1], [150, 340, 7])):
+            _assert_same_explanation(client.explain_tensor(x, classes), *_library(lite0, cam, x, classes))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server, lite0, cam, data_dir, protocol):
+    path = data_dir / "n02391049_zebra.JPEG"
+    image = load_image(path)
+    x = preprocess(image, spec_of(lite0))
+    logits, targets, maps = _library(lite0, cam, x)
+    with ExplainClient(getattr(server, protocol)) as client:
+        result = client.explain_bytes(path.read_bytes())
+    _assert_same_explanation(result, logits, targets, maps)
+    assert int(result["targets"][0, 0]) == 340  # zebra
+    full = resize_map(torch.from_numpy(maps[0, 0]), (image.height, image.width)).numpy()
+    assert result["saliency_original"].shape == (1, 1, image.height, image.width)
+    assert np.abs(result["saliency_original"][0, 0] - full).max() <= MAP_TOLERANCE
+
+
+def test_load_all_answered_unmixed_and_batched(server, inputs):
+    """8 clients × 25 requests at once: each answer equals its own sequential answer; Triton batched them."""
+    clients, per_client = 8, 25
+
+    def classes_of(client_index: int, input_index: int):
+        return None if client_index % 2 == 0 else [input_index * 100 + 1, input_index * 100 + 2]
+
+    with ExplainClient(server.http) as client:
+        sequential = {}
+        for input_index, x in enumerate(inputs):
+            for variant in (0, 1):
+                sequential[input_index, variant] = client.explain_tensor(x, classes_of(variant, input_index))
+        before = client.statistics("fdcam")
+
+    def run_client(client_index: int) -> list[tuple[int, int, dict]]:
+        answers = []
+        with ExplainClient(server.http) as own:  # tritonclient's HTTP client is not thread-safe: one per thread
+            for i in range(per_client):
+                input_index = (client_index + i) % len(inputs)
+                answers.append((input_index, client_index % 2, own.explain_tensor(inputs[input_index], classes_of(client_index, input_index))))
+        return answers
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [answer for answers in pool.map(run_client, range(clients), timeout=600) for answer in answers]
+    assert len(results) == clients * per_client
+    for input_index, variant, answer in results:
+        expected = sequential[input_index, variant]
+        np.testing.assert_array_equal(answer["targets"], expected["targets"])
+        assert np.abs(answer["logits"] - expected["logits"]).max() <= 1e-4 * max(float(np.abs(expected["logits"]).max()), 1.0)
+        assert np.abs(answer["saliency"] - expected["saliency"]).max() <= MAP_TOLERANCE
+
+    with ExplainClient(server.http) as client:
+        after = client.statistics("fdcam")
+    requests = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert requests == clients * per_client
+    assert requests / executions > 1.0, f"{requests} requests in {executions} executions: no batching"
+    assert max(after["batches"]) > 1
+
+
+def _bytes_request(data: bytes):
+    return lambda client: client.explain_bytes(data)
+
+
+def _tensor_request(array, classes=None):
+    return lambda client: client.explain_tensor(array, classes)
+
+
+def _bad_requests(inputs, data_dir):
+    good = inputs[0].numpy()
+    nan = good.copy()
+    nan[0, 1, 10, 10] = np.nan
+    return {
+        "wrong shape": (_tensor_request(good[:, :, :200]), "unexpected shape"),
+        "wrong dtype": (_tensor_request(good.astype(np.float64)), "FP64"),
+        "NaN": (_tensor_request(nan), "NaN"),
+        "class out of range": (_tensor_request(good, [3, 1000]), "class index 1000 is out of range"),
+        "no classes": (_tensor_request(good, np.zeros((1, 0), np.int64)), "at least one class"),
+        "empty batch": (_tensor_request(np.zeros((0, 3, 224, 224), np.float32)), "byte size"),
+        "undecodable bytes": (_bytes_request((data_dir / "not_an_image.jpg").read_bytes()), "not an image"),
+        "empty bytes": (_bytes_request(b""), "empty"),
+        "image too small": (_bytes_request((data_dir / "tiny.png").read_bytes()), "8x8"),
+    }
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_each_bad_request_gets_one_line_and_the_next_good_one_succeeds(server, inputs, data_dir, protocol):
+    good = inputs[2]
+    with ExplainClient(getattr(server, protocol)) as client:
+        expected = client.explain_tensor(good)
+        for name, (send, message) in _bad_requests(inputs, data_dir).items():
+            with pytest.raises(ServerError) as refused:
+                send(client)
+            text = str(refused.value)
+            assert message in text and "\n" not in text and "Traceback" not in text, f"{name}: {text!r}"
+            answer = client.explain_tensor(good)
+            np.testing.assert_array_equal(answer["saliency"], expected["saliency"])
+
+
+def test_a_bad_request_in_a_batch_does_not_fail_the_good_ones(lite0, cam, inputs):
+    """What the Triton model does with one dynamic batch, without Triton: the bad request alone is refused."""
+    explainer = TorchExplainer(ServingConfig(model="efficientnet_lite0", method=METHOD, backend="torch"))
+    nan = inputs[1].numpy().copy()
+    nan[0, 0, 0, 0] = np.nan
+    requests = [
+        {"image": inputs[0].numpy()},
+        {"image": nan},
+        {"image": inputs[2].numpy(), "classes": np.array([[5, 6]], dtype=np.int64)},
+        {"image": inputs[3].numpy(), "classes": np.array([[1000]], dtype=np.int64)},
+        {"image": inputs[4].numpy()},
+    ]
+    results = handle_tensor_requests(explainer, requests)
+    assert results[1] == "image contains NaN or infinite values"
+    assert results[3] == "class index 1000 is out of range for a model with 1000 classes"
+    for index, classes in ((0, None), (2, [5, 6]), (4, None)):
+        _assert_same_explanation(results[index], *_library(lite0, cam, inputs[index], classes))
+
+
+def test_explain_with_server_writes_the_files_of_the_local_command(server, data_dir, tmp_path, capsys):
+    images = [str(data_dir / IMAGES[0]), str(data_dir / IMAGES[1])]
+    assert main(["explain", *images, "--method", METHOD, "--topk", "2", "--out", str(tmp_path / "local")]) == 0
+    local_table = capsys.readouterr().out
+    assert main(["explain", *images, "--topk", "2", "--server", server.grpc, "--out", str(tmp_path / "served")]) == 0
+    served_table = capsys.readouterr().out
+    local = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert local == sorted(p.name for p in (tmp_path / "served").iterdir()) and len(local) == 8
+    for name in local:
+        if name.endswith(".npy"):
+            assert np.abs(np.load(tmp_path / "local" / name) - np.load(tmp_path / "served" / name)).max() <= MAP_TOLERANCE
+    assert [line.split()[:4] for line in local_table.splitlines()] == [line.split()[:4] for line in served_table.splitlines()]
+
+
+def test_explain_with_server_refuses_another_method_in_one_line(server, data_dir, tmp_path, capsys):
+    status = main(["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out", str(tmp_path)])
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fdcam: error: the server explains with {METHOD}, not fdcam; omit --method or start a server with --method fdcam"
+
+
+def test_ctrl_c_stops_the_server_and_leaves_no_tritonserver(server):
+    assert server.family, "tritonserver and its stubs should run under fdcam serve"
+    started = time.monotonic()
+    assert server.stop(signal.SIGINT) == 0
+    assert time.monotonic() - started < STOP_TIMEOUT_S
+    assert "fdcam: server stopped" in "".join(server.lines)
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in server.family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in server.family if _alive(pid)]
+
+
+def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
+    """SIGTERM while the models are still loading: fdcam serve exits 0 and takes tritonserver with it."""
+    http_port, grpc_port, metrics_port = _free_ports(3)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD, "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    family: list[int] = []
+    deadline = time.monotonic() + 60
+    while not family and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        family = descendants(process.pid)
+    assert family, "tritonserver did not start"
+    time.sleep(1.0)
+    family = descendants(process.pid)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=STOP_TIMEOUT_S)
+    assert process.returncode == 0, output
+    assert "server stopped" in output
+    time.sleep(0.5)
+    assert not [pid for pid in family if _alive(pid)]
+
+
+def test_serving_benchmark_prints_a_row_per_concurrency_with_triton_batch_sizes(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repository root
+    from benchmarks import serving
+
+    out = tmp_path / "serving.json"
+    arguments = ["--backend", "torch", "--method", METHOD, "--concurrency", "1,3", "--requests", "6", "--max-batch", "4", "--json", str(out)]
+    assert serving.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "mean batch" in printed and "in-process, 1 image/call" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["path"], r["concurrency"], r["requests"]) for r in rows] == [
+        ("triton http (tensor)", 1, 6), ("triton http (tensor)", 3, 6), ("in-process, 1 image/call", 1, 6), ("in-process, 4 images/call", 1, 6),
+    ]
+    assert rows[0]["mean_batch"] == 1.0  # one client: Triton never has two requests to batch
+    for row in rows:
+        assert row["throughput_rps"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
