@@ -223,7 +223,8 @@ class BaseCAM:
     def saliency(self, explanation: Explanation, weights: torch.Tensor) -> torch.Tensor:
         """ReLU of the weighted sum of activations, upsampled to the input and min-max normalised."""
         cams = weighted_sum(explanation.activations, weights.to(explanation.activations.dtype))
-        if not torch.isfinite(cams).all():  # min-max normalisation would turn NaN into zeros
+        # min-max normalisation would turn NaN into zeros; not while tracing to a graph (no data to look at)
+        if not _is_traced(cams) and not torch.isfinite(cams).all():
             raise NonFiniteError(f"{type(self).__name__}'s map is NaN or infinite before normalisation")
         return to_input_size(cams, tuple(explanation.x.shape[-2:]))
 
@@ -321,6 +322,13 @@ def _model_dtype_and_channels(model: nn.Module) -> tuple[torch.dtype | None, int
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return dtype, channels
+
+
+def _is_traced(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is symbolic (export tracing), so that checks of its values cannot run."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor) or torch.fx._symbolic_trace.is_fx_tracing()
 
 
 def _check_input(x: torch.Tensor, model: nn.Module | None = None) -> None:
