@@ -27,11 +27,13 @@ pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton
 pytest.importorskip("tritonclient.http", reason="needs the [serve] extra (tritonclient[http,grpc])")
 pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient[http,grpc])")
 
+import fdcam.models  # noqa: E402
 from fdcam.cli import main  # noqa: E402
 from fdcam.images import load_image, preprocess, resize_map  # noqa: E402
 from fdcam.methods import METHODS  # noqa: E402
 from fdcam.models import spec_of  # noqa: E402
 from fdcam.serving.client import ExplainClient, ServerError  # noqa: E402
+from fdcam.serving.command import export_graphs  # noqa: E402
 from fdcam.serving.engine import ServingConfig, TorchExplainer, handle_tensor_requests  # noqa: E402
 from fdcam.serving.server import descendants, triton_environment  # noqa: E402
 
@@ -314,6 +316,33 @@ def test_the_server_environment_puts_this_python_first():
     assert libraries[0] == sysconfig.get_config_var("LIBDIR") and libraries[-1] == "/opt/lib"
     assert any(Path(libraries[1]).glob("libcudart*")), "the stub needs the CUDA runtime nvidia-pytriton ships"
     assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin"]
+
+
+def test_explainer_graphs_are_reused_only_for_the_same_model_weights_layer_and_method(tmp_path, monkeypatch):
+    import fdcam.export
+
+    exported = []
+
+    def fake_export(model, path, target_layer, method, classes_input):
+        exported.append((method, classes_input))
+        Path(path).write_text(method)
+        return path
+
+    monkeypatch.setattr(fdcam.export, "export_explainer", fake_export)
+    monkeypatch.setattr(fdcam.models, "load", lambda *args, **kwargs: None)
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"1")
+    config = ServingConfig(model="efficientnet_lite0", weights=str(weights), method="gradcam")
+    served = export_graphs(config, tmp_path / "graphs")
+    assert exported == [("gradcam", False), ("gradcam", True)]
+    assert Path(served.explainer_onnx).read_text() == "gradcam" and Path(served.explainer_classes_onnx).is_file()
+    export_graphs(config, tmp_path / "graphs")
+    assert len(exported) == 2  # same settings: reused
+    export_graphs(ServingConfig(**{**config.to_dict(), "method": "fdcam"}), tmp_path / "graphs")
+    assert exported[2:] == [("fdcam", False), ("fdcam", True)]
+    weights.write_bytes(b"22")  # the weights file changed
+    export_graphs(ServingConfig(**{**config.to_dict(), "method": "fdcam"}), tmp_path / "graphs")
+    assert len(exported) == 6
 
 
 def test_a_port_in_use_is_refused_in_one_line(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -48,9 +49,22 @@ def export_graphs(config: ServingConfig, directory: Path) -> ServingConfig:
     except ImportError:
         raise ImportError("this fdcam has no fdcam.export.export_explainer; serve with --backend torch") from None
     top1, with_classes = default_onnx_paths(directory)
+    # Graphs are reused only for the same model, weights, layer and method: another --method (or a
+    # changed weights file) with the same --explainer-dir exports afresh instead of serving stale maps.
+    key = {"model": config.model, "weights": config.weights, "layer": config.layer, "method": config.method}
+    if config.weights not in (None, "imagenet"):
+        stat = Path(config.weights).stat()
+        key["weights_file"] = [str(Path(config.weights).resolve()), stat.st_size, stat.st_mtime_ns]
+    key_path = Path(directory) / "serving.json"
+    try:
+        fresh = json.loads(key_path.read_text(encoding="utf-8")) == key
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        key_path.unlink(missing_ok=True)  # an interrupted export must not leave old and new graphs under one key
     model = None
     for path, classes_input in ((top1, False), (with_classes, True)):
-        if path.is_file():
+        if fresh and path.is_file():
             continue
         if model is None:
             model = models.load(config.model, weights=config.weights)
@@ -61,6 +75,7 @@ def export_graphs(config: ServingConfig, directory: Path) -> ServingConfig:
                                         classes_input=classes_input))
         if written.resolve() != path.resolve():
             written.replace(path)
+    key_path.write_text(json.dumps(key), encoding="utf-8")
     return ServingConfig(**{**config.to_dict(), "explainer_onnx": str(top1), "explainer_classes_onnx": str(with_classes)})
 
 
