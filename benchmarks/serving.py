@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import subprocess
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is available")
 
+    load_before = os.getloadavg()[0]
     spec = models.spec(args.model)
     config = ServingConfig(model=spec.name, method=args.method, backend=args.backend, device=args.device)
     tensors, encoded = _inputs(spec)
@@ -231,17 +233,21 @@ def main(argv: list[str] | None = None) -> int:
             rows += _in_process_rows(config, args.requests, args.max_batch, tensors)
 
     machine = _machine()
+    # Other processes' load skews every row (2-core machines most): say how busy the machine was.
+    machine["load_average_1m"] = {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}
+    command = ("python -m benchmarks.serving " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     header = (
         f"fdcam serve: {args.method} on {spec.name} ({spec.default_layer}), {args.backend} backend, {args.device}; "
         f"max batch {args.max_batch}, queue delay {args.max_queue_delay_us} µs; {args.protocol}, {args.input} input\n"
         f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs"
         + (f", {machine['gpu']}" if machine["gpu"] else "")
         + f"; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-        f"{machine['date']}"
+        f"{machine['date']}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end\ncommand: {command}"
     )
     _print_table(header, rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "config": vars(args), "rows": rows}, indent=2) + "\n")
+        record = {"command": command, "machine": machine, "config": vars(args), "rows": rows}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 

@@ -1,7 +1,8 @@
 """`fdcam serve`: a real Triton Inference Server on loopback, against the library's own maps.
 
-One server (Grad-CAM on EfficientNet-Lite0, torch backend) serves the whole module; the last test stops
-it with Ctrl-C and checks that no tritonserver or stub process is left.
+One server (Grad-CAM on EfficientNet-Lite0, torch backend) serves most of the module, a second one the
+default onnxruntime backend (the exported explainer graph); the Ctrl-C test stops the first and checks
+that no tritonserver or stub process is left.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -25,13 +27,15 @@ pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton
 pytest.importorskip("tritonclient.http", reason="needs the [serve] extra (tritonclient[http,grpc])")
 pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient[http,grpc])")
 
+import fdcam.models  # noqa: E402
 from fdcam.cli import main  # noqa: E402
 from fdcam.images import load_image, preprocess, resize_map  # noqa: E402
 from fdcam.methods import METHODS  # noqa: E402
 from fdcam.models import spec_of  # noqa: E402
 from fdcam.serving.client import ExplainClient, ServerError  # noqa: E402
+from fdcam.serving.command import export_graphs  # noqa: E402
 from fdcam.serving.engine import ServingConfig, TorchExplainer, handle_tensor_requests  # noqa: E402
-from fdcam.serving.server import descendants  # noqa: E402
+from fdcam.serving.server import descendants, triton_environment  # noqa: E402
 
 METHOD = "gradcam"
 IMAGES = ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG", "n03297495_espresso_maker.JPEG", "n07684084_French_loaf.JPEG")
@@ -55,10 +59,10 @@ def _free_ports(count: int) -> list[int]:
 class Server:
     """`fdcam serve` as a child process on free loopback ports."""
 
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, backend: str = "torch", startup_timeout_s: float = STARTUP_TIMEOUT_S):
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         command = [
-            sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD,
+            sys.executable, "-m", "fdcam.cli", "serve", "--backend", backend, "--method", METHOD,
             "--address", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), *extra,
         ]
@@ -66,7 +70,7 @@ class Server:
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(STARTUP_TIMEOUT_S) or self.process.poll() is not None:
+        if not self.ready.wait(startup_timeout_s) or self.process.poll() is not None:
             self.stop(signal.SIGKILL)
             pytest.fail("fdcam serve did not start:\n" + "".join(self.lines[-20:]))
         self.family = descendants(self.process.pid)
@@ -107,6 +111,16 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def server():
     running = Server()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def onnx_server(tmp_path_factory):
+    """The default backend: the exported explainer graph in ONNX Runtime. A long queue delay makes
+    requests sent together wait for each other, so the batching check below does not hang on timing."""
+    running = Server("--explainer-dir", str(tmp_path_factory.mktemp("explainer")), "--max-queue-delay-us", "300000",
+                     backend="onnxruntime", startup_timeout_s=2 * STARTUP_TIMEOUT_S)  # exports the graphs first
     yield running
     running.stop()
 
@@ -158,6 +172,33 @@ def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server,
     full = resize_map(torch.from_numpy(maps[0, 0]), (image.height, image.width)).numpy()
     assert result["saliency_original"].shape == (1, 1, image.height, image.width)
     assert np.abs(result["saliency_original"][0, 0] - full).max() <= MAP_TOLERANCE
+
+
+def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(onnx_server, lite0, cam, inputs, data_dir):
+    """`fdcam serve` without --backend: answers equal the library, and requests sent together run as one batch."""
+    with ExplainClient(onnx_server.http) as client:
+        assert client.server_config()["backend"] == "onnxruntime"
+        for x, classes in ((inputs[0], None), (inputs[1], [150, 340, 7])):
+            _assert_same_explanation(client.explain_tensor(x, classes), *_library(lite0, cam, x, classes))
+        before = client.statistics("fdcam")
+    path = data_dir / IMAGES[0]
+    with ExplainClient(onnx_server.grpc) as client:
+        result = client.explain_bytes(path.read_bytes(), [340])
+    _assert_same_explanation(result, *_library(lite0, cam, preprocess(load_image(path), spec_of(lite0)), [340]))
+
+    def one(index: int) -> dict:
+        with ExplainClient(onnx_server.http) as own:  # one HTTP client per thread
+            return own.explain_tensor(inputs[index])
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(one, range(4), timeout=300))
+    for index, answer in enumerate(answers):
+        _assert_same_explanation(answer, *_library(lite0, cam, inputs[index]))
+    with ExplainClient(onnx_server.http) as client:
+        after = client.statistics("fdcam")
+    assert after["inference_count"] - before["inference_count"] == 4
+    assert after["execution_count"] - before["execution_count"] < 4, "four requests sent together ran one by one"
+    assert max(after["batches"]) > 1
 
 
 def test_load_all_answered_unmixed_and_batched(server, inputs):
@@ -251,11 +292,68 @@ def test_a_bad_request_in_a_batch_does_not_fail_the_good_ones(lite0, cam, inputs
         {"image": inputs[3].numpy(), "classes": np.array([[1000]], dtype=np.int64)},
         {"image": inputs[4].numpy()},
     ]
-    results = handle_tensor_requests(explainer, requests)
+    calls = []
+
+    class Counting:
+        num_classes, input_size = explainer.num_classes, explainer.input_size
+
+        def explain(self, images, classes):
+            calls.append((images.shape[0], None if classes is None else classes.shape))
+            return explainer.explain(images, classes)
+
+    results = handle_tensor_requests(Counting(), requests)
+    assert calls == [(2, None), (1, (1, 2))]  # the two top-1 requests in one call, the classes request in another
     assert results[1] == "image contains NaN or infinite values"
     assert results[3] == "class index 1000 is out of range for a model with 1000 classes"
     for index, classes in ((0, None), (2, [5, 6]), (4, None)):
         _assert_same_explanation(results[index], *_library(lite0, cam, inputs[index], classes))
+
+
+def test_the_server_environment_puts_this_python_first():
+    """The stub must load this interpreter's libpython and start inside this environment (numpy, fdcam)."""
+    env = triton_environment({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
+    libraries = env["LD_LIBRARY_PATH"].split(os.pathsep)
+    assert libraries[0] == sysconfig.get_config_var("LIBDIR") and libraries[-1] == "/opt/lib"
+    assert any(Path(libraries[1]).glob("libcudart*")), "the stub needs the CUDA runtime nvidia-pytriton ships"
+    assert env["PATH"].split(os.pathsep) == [os.path.dirname(sys.executable), "/usr/bin"]
+
+
+def test_explainer_graphs_are_reused_only_for_the_same_model_weights_layer_and_method(tmp_path, monkeypatch):
+    import fdcam.export
+
+    exported = []
+
+    def fake_export(model, path, target_layer, method, classes_input):
+        exported.append((method, classes_input))
+        Path(path).write_text(method)
+        return path
+
+    monkeypatch.setattr(fdcam.export, "export_explainer", fake_export)
+    monkeypatch.setattr(fdcam.models, "load", lambda *args, **kwargs: None)
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"1")
+    config = ServingConfig(model="efficientnet_lite0", weights=str(weights), method="gradcam")
+    served = export_graphs(config, tmp_path / "graphs")
+    assert exported == [("gradcam", False), ("gradcam", True)]
+    assert Path(served.explainer_onnx).read_text() == "gradcam" and Path(served.explainer_classes_onnx).is_file()
+    export_graphs(config, tmp_path / "graphs")
+    assert len(exported) == 2  # same settings: reused
+    export_graphs(ServingConfig(**{**config.to_dict(), "method": "fdcam"}), tmp_path / "graphs")
+    assert exported[2:] == [("fdcam", False), ("fdcam", True)]
+    weights.write_bytes(b"22")  # the weights file changed
+    export_graphs(ServingConfig(**{**config.to_dict(), "method": "fdcam"}), tmp_path / "graphs")
+    assert len(exported) == 6
+
+
+def test_a_port_in_use_is_refused_in_one_line(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        grpc_port, metrics_port = _free_ports(2)
+        status = main(["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)])
+    assert status == 2
+    assert capsys.readouterr().err.startswith(f"fdcam: error: --http-port {port} cannot be used on 127.0.0.1: ")
 
 
 def test_explain_with_server_writes_the_files_of_the_local_command(server, data_dir, tmp_path, capsys):
@@ -291,6 +389,13 @@ def test_ctrl_c_stops_the_server_and_leaves_no_tritonserver(server):
     assert not [pid for pid in server.family if _alive(pid)]
 
 
+def _is_tritonserver(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/tritonserver")
+    except OSError:
+        return False
+
+
 def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     """SIGTERM while the models are still loading: fdcam serve exits 0 and takes tritonserver with it."""
     http_port, grpc_port, metrics_port = _free_ports(3)
@@ -299,12 +404,11 @@ def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
          "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    family: list[int] = []
-    deadline = time.monotonic() + 60
-    while not family and time.monotonic() < deadline and process.poll() is None:
+    deadline = time.monotonic() + 120
+    # Wait for tritonserver itself: another child (an import's helper process) may come and go before it.
+    while not any(_is_tritonserver(pid) for pid in descendants(process.pid)):
+        assert time.monotonic() < deadline and process.poll() is None, "tritonserver did not start"
         time.sleep(0.2)
-        family = descendants(process.pid)
-    assert family, "tritonserver did not start"
     time.sleep(1.0)
     family = descendants(process.pid)
     process.send_signal(signal.SIGTERM)

@@ -95,7 +95,7 @@ class ExplainClient:
         requested = [self._triton.InferRequestedOutput(name) for name in outputs]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         result = self._call(self.client.infer, model, inputs, outputs=requested, **kwargs)
-        return {name: result.as_numpy(name) for name in outputs}
+        return {name: np.array(result.as_numpy(name)) for name in outputs}  # writable: tritonclient hands out read-only views
 
     @staticmethod
     def _classes(classes) -> np.ndarray | None:

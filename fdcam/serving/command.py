@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -46,9 +49,22 @@ def export_graphs(config: ServingConfig, directory: Path) -> ServingConfig:
     except ImportError:
         raise ImportError("this fdcam has no fdcam.export.export_explainer; serve with --backend torch") from None
     top1, with_classes = default_onnx_paths(directory)
+    # Graphs are reused only for the same model, weights, layer and method: another --method (or a
+    # changed weights file) with the same --explainer-dir exports afresh instead of serving stale maps.
+    key = {"model": config.model, "weights": config.weights, "layer": config.layer, "method": config.method}
+    if config.weights not in (None, "imagenet"):
+        stat = Path(config.weights).stat()
+        key["weights_file"] = [str(Path(config.weights).resolve()), stat.st_size, stat.st_mtime_ns]
+    key_path = Path(directory) / "serving.json"
+    try:
+        fresh = json.loads(key_path.read_text(encoding="utf-8")) == key
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        key_path.unlink(missing_ok=True)  # an interrupted export must not leave old and new graphs under one key
     model = None
     for path, classes_input in ((top1, False), (with_classes, True)):
-        if path.is_file():
+        if fresh and path.is_file():
             continue
         if model is None:
             model = models.load(config.model, weights=config.weights)
@@ -59,7 +75,18 @@ def export_graphs(config: ServingConfig, directory: Path) -> ServingConfig:
                                         classes_input=classes_input))
         if written.resolve() != path.resolve():
             written.replace(path)
+    key_path.write_text(json.dumps(key), encoding="utf-8")
     return ServingConfig(**{**config.to_dict(), "explainer_onnx": str(top1), "explainer_classes_onnx": str(with_classes)})
+
+
+def _check_port_free(address: str, port: int, option: str) -> None:
+    """A port another server holds is refused now: otherwise the readiness check would find that server."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            raise ValueError(f"{option} {port} cannot be used on {address}: {error.strerror or error}") from None
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -68,6 +95,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a port number (1-65535)")
     if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
         raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        _check_port_free(args.address, getattr(args, name), f"--{name.replace('_', '-')}")
     if not 1 <= args.max_batch <= 1024:
         raise ValueError("--max-batch must be between 1 and 1024")
     if args.max_queue_delay_us < 0:
@@ -105,13 +134,17 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue_delay_us=args.max_queue_delay_us,
     )
+    # The server's log lives beside the workspace: an error names it, so it outlives a failed start.
+    handle, log_name = tempfile.mkstemp(prefix="fdcam-serve-", suffix=".log")
+    os.close(handle)
+    log_path = Path(log_name)
     try:
         with tempfile.TemporaryDirectory(prefix="fdcam-serve-") as workspace:
             workspace = Path(workspace)
             if config.backend == "onnxruntime":
                 config = export_graphs(config, Path(args.explainer_dir) if args.explainer_dir else workspace / "explainer")
             repository, backends = write_repository(workspace, config, options)
-            server = TritonProcess(repository, backends, options, workspace / "tritonserver.log")
+            server = TritonProcess(repository, backends, options, log_path)
             server.start()
             try:
                 server.wait_ready(args.startup_timeout, stop_requested=stop.is_set)
@@ -129,7 +162,10 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 server.stop()
         print("fdcam: server stopped", file=sys.stderr, flush=True)
+        log_path.unlink(missing_ok=True)
         return 0
     finally:
+        if log_path.is_file() and log_path.stat().st_size == 0:
+            log_path.unlink()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

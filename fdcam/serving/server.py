@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import site
 import subprocess
 import sys
 import sysconfig
@@ -23,12 +22,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
+
 from .. import models
 from .engine import ServingConfig
 
 __all__ = ["ServerOptions", "TritonProcess", "write_repository", "triton_environment", "MODEL_NAMES"]
 
 MODEL_NAMES = ("fdcam", "fdcam_image")
+# Log lines of a stub process that died before talking to tritonserver (which then waits for it indefinitely).
+STUB_FAILURES = ("error while loading shared libraries",)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,17 @@ def _pytriton_paths() -> tuple[Path, Path, Path, Path]:
     stub = Path(get_stub_path(version))
     if not stub.is_file():
         raise RuntimeError(f"nvidia-pytriton ships no Python-backend stub for Python {version}")
-    return root / "bin" / "tritonserver", Path(get_libs_path()), root / "backends" / "python", stub
+    # pytriton's get_libs_path guesses "editable install" when its site-packages is not this environment's
+    # own (a venv layered on another through a .pth file) and names a folder that is not there.
+    candidates = [Path(get_libs_path()), root.parent.parent / "nvidia_pytriton.libs", root / "external_libs"]
+    libs = next((c for c in candidates if c.is_dir()), candidates[0])
+    return root / "bin" / "tritonserver", libs, root / "backends" / "python", stub
+
+
+def search_path() -> list[str]:
+    """This interpreter's module search path (site-packages added by .pth files included), without the working directory."""
+    cwd = os.getcwd()
+    return [entry for entry in sys.path if entry and os.path.abspath(entry) != cwd and os.path.isdir(entry)]
 
 
 def triton_environment(base: dict | None = None) -> dict:
@@ -63,16 +76,19 @@ def triton_environment(base: dict | None = None) -> dict:
 
     The stub is linked against libpython3.X; without help it may load the system's older copy instead of
     this interpreter's (seen as "'_thread.RLock' object has no attribute '_recursion_count'"), so this
-    interpreter's LIBDIR goes first on LD_LIBRARY_PATH, then the libraries nvidia-pytriton ships. The
-    stub's Python gets this environment's site-packages first on its path.
+    interpreter's LIBDIR goes first on LD_LIBRARY_PATH, then the libraries nvidia-pytriton ships.
+    The stub's embedded Python runs isolated (PYTHONPATH is ignored) and finds its prefix by looking up
+    `python3` on PATH: this interpreter's bin directory goes first there, so the stub starts inside this
+    environment (a venv's site-packages, not the base interpreter's, which may hold numpy 2 beside our
+    numpy 1: outputs then came back empty). Triton's Python utilities import numpy before any model file.
     """
     env = dict(os.environ if base is None else base)
     _, libs, _, _ = _pytriton_paths()
     library_dirs = [sysconfig.get_config_var("LIBDIR"), str(libs)]
     library_dirs += [d for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(d for d in library_dirs if d))
-    python_path = site.getsitepackages() + [d for d in env.get("PYTHONPATH", "").split(os.pathsep) if d]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
+    path = [os.path.dirname(sys.executable)] + [d for d in env.get("PATH", "").split(os.pathsep) if d]
+    env["PATH"] = os.pathsep.join(dict.fromkeys(path))
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Spinning OpenMP threads stall badly when another process holds a core (measured here on 2 cores:
     # Grad-CAM of one image 4.8 s instead of 0.1 s); a server shares its CPUs, so threads sleep while waiting.
@@ -80,15 +96,15 @@ def triton_environment(base: dict | None = None) -> dict:
     return env
 
 
-_SHIM = '''"""Written by `fdcam serve`: loads this environment's packages, then fdcam's Triton model."""
+_SHIM = '''"""Written by `fdcam serve`: this environment's packages first, then fdcam's Triton model."""
 import site
-import sys
 
-for directory in {site_dirs!r}:
+import numpy
+
+for directory in {site_dirs!r}:  # their .pth files too (an editable fdcam)
     site.addsitedir(directory)
-    if directory in sys.path:
-        sys.path.remove(directory)
-    sys.path.insert(0, directory)
+if numpy.__file__ != {numpy_file!r}:
+    raise ImportError("the Python-backend stub imported numpy from " + numpy.__file__ + ", not from {numpy_file}")
 
 from fdcam.serving.triton_model import TritonPythonModel  # noqa: E402,F401
 '''
@@ -138,7 +154,7 @@ def write_repository(workspace: str | Path, serving: ServingConfig, options: Ser
     shutil.copytree(python_backend, backends / "python", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
     repository = workspace / "models"
-    shim = _SHIM.format(site_dirs=site.getsitepackages())
+    shim = _SHIM.format(site_dirs=[d for d in search_path() if d.endswith('-packages')], numpy_file=numpy.__file__)
     for name, kind in zip(MODEL_NAMES, ("tensor", "image")):
         (repository / name / "1").mkdir(parents=True, exist_ok=True)
         (repository / name / "config.pbtxt").write_text(_model_config(name, kind, serving, options), encoding="utf-8")
@@ -248,21 +264,36 @@ class TritonProcess:
                 raise RuntimeError(f"tritonserver exited during startup: {self.failure_line()}")
             if self._ready():
                 return
+            stub_failure = self._log_line(STUB_FAILURES)
+            if stub_failure:  # tritonserver keeps waiting for a stub that never started: fail now, not at the timeout
+                raise RuntimeError(f"a Python-backend stub could not start: {stub_failure}")
             time.sleep(0.25)
         if not stop_requested():
             raise RuntimeError(f"tritonserver was not ready within {timeout_s:.0f} s: {self.failure_line()}")
 
-    def failure_line(self) -> str:
-        """The most telling line of the server log (a model load error, else the last error), as one line."""
+    def _lines(self) -> list[str]:
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
-            return f"see {self.log_path}"
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        for marker in ("failed to load", "Traceback", "error:", "E1", "E0"):
+            return []
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def _log_line(self, markers: tuple[str, ...], errors_only: bool = False) -> str | None:
+        """The last log line holding the first marker found, with where the log is; None when none does."""
+        lines = [line for line in self._lines() if line.startswith("E") or not errors_only]
+        for marker in markers:
             for line in reversed(lines):
-                if marker in line:
-                    return line[:400] + f" (log: {self.log_path})"
+                if marker in line:  # Triton writes a message's own line breaks as "\\n": keep its first line
+                    return line.split("\\n", 1)[0][:400] + f" (log: {self.log_path})"
+        return None
+
+    def failure_line(self) -> str:
+        """The most telling line of the server log (a model load error, else the last error), as one line."""
+        found = (self._log_line(STUB_FAILURES) or self._log_line(("failed to load '", "Traceback"), errors_only=True)
+                 or self._log_line(("failed to load", "error:", "E1", "E0")))
+        if found:
+            return found
+        lines = self._lines()
         return lines[-1][:400] if lines else f"no output (log: {self.log_path})"
 
     def stop(self, timeout_s: float | None = None) -> int | None:
