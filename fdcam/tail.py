@@ -26,8 +26,10 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 TORCH_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
-# A gathered sum over g of K channels replaces a dense product when g is at most this share of K.
-_SPARSE_SHARE = {"conv": 0.25, "linear": 0.05}
+# A gathered sum over g of K channels replaces a dense product when g is at most this share of K
+# (for a first Linear the dense product is one efficient GEMM, so gathering pays only when very sparse).
+CONV_SPARSE_SHARE = 0.25
+_SPARSE_SHARE = {"conv": CONV_SPARSE_SHARE, "linear": 0.05}
 
 
 @runtime_checkable
