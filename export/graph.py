@@ -211,10 +211,15 @@ def _checks(reference: nn.Module, features: torch.Tensor, extras: Sequence[torch
         masks[:, 0] = 1.0
         batch_features = torch.cat([features, features.flip(-1)])[:images]
         batch_extras = [torch.cat([extra, extra * 0.5])[:images] for extra in extras]
-        with torch.no_grad():
-            expected = reference(batch_features, masks, *batch_extras)
+        expected = _reference_logits(reference, batch_features, masks, batch_extras)
         cases.append((batch_features, masks, batch_extras, expected))
     return cases
+
+
+@torch.no_grad()
+def _reference_logits(masked: nn.Module, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The torch tail's logits the graph must reproduce."""
+    return masked(features, masks, *extras)
 
 
 def _max_error(session: ort.InferenceSession, checks: list[tuple]) -> tuple[float, float]:
