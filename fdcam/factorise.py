@@ -67,21 +67,21 @@ _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 _CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
 
 
-class _LinearParameters(nn.Module):
-    """Holds (shares, never copies) the weight and bias of a functional `F.linear` call."""
+class _TailWeights:
+    """A weight and bias of the tail read when used (never copied): a functional call or an exporter that
+    swaps the tail's tensors is seen. Static arguments (a convolution's stride, ...) are attributes."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    def __init__(self, tail: nn.Module, weight: str, bias: str | None, **static):
+        self._tail, self._weight, self._bias = tail, weight, bias
+        self.__dict__.update(static)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return fetch_attr(self._tail, self._weight)
 
-class _ConvParameters(_LinearParameters):
-    """A 2-D convolution (groups 1, zero padding) by its shared weight and bias and its static arguments."""
-
-    def __init__(self, weight, bias, stride, padding, dilation):
-        super().__init__(weight, bias)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self._bias is None else fetch_attr(self._tail, self._bias)
 
 
 def max_group_size(num_channels: int, theta: float) -> int:
@@ -134,12 +134,12 @@ class TailShortcut(nn.Module):
         kind: str,
         num_channels: int,
         body: fx.GraphModule,
-        final: nn.Module | None,
+        final: nn.Module | _TailWeights | None,
         *,
         prefix: fx.GraphModule | None = None,
-        linear: nn.Module | None = None,
+        linear: nn.Module | _TailWeights | None = None,
         block: int = 1,
-        conv: _ConvParameters | None = None,
+        conv: _TailWeights | None = None,
         norm: nn.Module | None = None,
         first_is_final: bool = False,
     ):
@@ -158,8 +158,8 @@ class TailShortcut(nn.Module):
         self.row_numel = 1  # "conv": elements of one row's pre-activation (known after `prepare`)
         # Eval flags on the new wrappers only (the shared modules keep theirs): an exporter that puts
         # the module in eval mode and then "restores" train mode must not switch the user's dropout on.
-        for wrapper in (self, prefix, body, linear, conv, final):
-            if isinstance(wrapper, (TailShortcut, fx.GraphModule, _LinearParameters)):
+        for wrapper in (self, prefix, body):
+            if wrapper is not None:
                 wrapper.training = False
 
     @property
@@ -294,7 +294,7 @@ class TailShortcut(nn.Module):
         return self.logits(hidden.reshape(n, m, *hidden.shape[1:]))
 
 
-def _is_identity_geometry(conv: _ConvParameters) -> bool:
+def _is_identity_geometry(conv: _TailWeights) -> bool:
     """Stride 1, no padding, no dilation: a 1×1 convolution is then a matrix product per pixel."""
     flat = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
     padding = conv.padding
@@ -422,7 +422,7 @@ def _match_linear(tail: fx.GraphModule, features_node: fx.Node, shapes):
         flattened = flattened or _is_flattening(user, shapes)
 
 
-def _match_conv(tail: fx.GraphModule, features_node: fx.Node, shapes) -> tuple[fx.Node | None, _ConvParameters | None]:
+def _match_conv(tail: fx.GraphModule, features_node: fx.Node, shapes) -> tuple[fx.Node | None, _TailWeights | None]:
     """The tail's first op when it is a 2-D convolution of the features alone (groups 1, zero padding)."""
     if len(shapes.get(features_node, ())) != 4:
         return None, None
@@ -433,7 +433,9 @@ def _match_conv(tail: fx.GraphModule, features_node: fx.Node, shapes) -> tuple[f
         module = tail.get_submodule(node.target)
         if type(module) is not nn.Conv2d or module.groups != 1 or module.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
             return None, None
-        return node, _ConvParameters(module.weight, module.bias, module.stride, module.padding, module.dilation)
+        bias = None if module.bias is None else f"{node.target}.bias"
+        geometry = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+        return node, _TailWeights(tail, f"{node.target}.weight", bias, **geometry)
     if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
         weight, bias = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
         constants = [node_arg(node, i, name, default) for i, name, default in
@@ -444,11 +446,11 @@ def _match_conv(tail: fx.GraphModule, features_node: fx.Node, shapes) -> tuple[f
             return None, None
         if any(isinstance(value, fx.Node) for value in constants) or constants[3] != 1:
             return None, None
-        weight = fetch_attr(tail, weight.target)
-        bias = None if bias is None else fetch_attr(tail, bias.target)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        weights = _TailWeights(tail, weight.target, None if bias is None else bias.target,
+                               stride=constants[0], padding=constants[1], dilation=constants[2])
+        if not isinstance(weights.weight, torch.Tensor) or weights.weight.dim() != 4:
             return None, None
-        return node, _ConvParameters(weight, bias, *constants[:3])
+        return node, weights
     return None, None
 
 
@@ -474,15 +476,15 @@ def _final_linear(tail: fx.GraphModule, result: fx.Node, shapes) -> fx.Node | No
     return result
 
 
-def _linear_parameters(tail: fx.GraphModule, node: fx.Node) -> nn.Module:
+def _linear_parameters(tail: fx.GraphModule, node: fx.Node):
+    """The Linear module of a call, or the weight and bias of an `F.linear` call read from the tail."""
     if node.op == "call_module":
         return tail.get_submodule(node.target)
     weight_node, bias_node = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
-    weight = fetch_attr(tail, weight_node.target)
-    bias = None if bias_node is None else fetch_attr(tail, bias_node.target)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+    weights = _TailWeights(tail, weight_node.target, None if bias_node is None else bias_node.target)
+    if not isinstance(weights.weight, torch.Tensor) or weights.weight.dim() != 2:
         raise NotASubgraph("F.linear weight")
-    return _LinearParameters(weight, bias)
+    return weights
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ def ort_tail(
     batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> OrtTail:
-    """An OrtTail for `split` of `model` on features shaped like `features` [1,K,h,w] (and `extras`).
+    """An OrtTail for `split` of `model` on features shaped like `features` [N,K,h,w] (and `extras`).
 
     provider: None/"auto", "cpu", "cuda" or "tensorrt"; precision: "fp32" (no TF32), "tf32" or
     "fp16" (see fdcam.runtime.providers). All masks of a call go in one session run unless
