@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdcam.factorise import sparse_rows, tail_shortcut
+from fdcam.factorise import expand_rows, sparse_rows, tail_shortcut
 from fdcam.head import HeadOutput
 from fdcam.methods import METHODS
 from fdcam.methods.base import Explanation, preserved_model_state
@@ -125,8 +125,7 @@ class GraphTail:
             chunk = masks[:, lo : lo + self.rows]
             c = chunk.shape[1]
             start = shortcut.pre_activation(state, chunk, None if sparse is None else tuple(t[:, lo : lo + c] for t in sparse))
-            rows = [e[:, None].expand(n, c, *e.shape[1:]).reshape(n * c, *e.shape[1:]) for e in extras]
-            hidden = shortcut.body(start, *rows)
+            hidden = shortcut.body(start, *expand_rows(extras, n, c))
             outputs.append(shortcut.logits(hidden.reshape(n, c, *hidden.shape[1:]), classes))
         return torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
 

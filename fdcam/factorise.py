@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from .fxgraph import NotASubgraph, fetch_attr, is_batch_size, node_arg, record_shapes, subgraph
 
-__all__ = ["TailShortcut", "max_group_size", "sparse_rows", "tail_shortcut"]
+__all__ = ["TailShortcut", "expand_rows", "max_group_size", "sparse_rows", "tail_shortcut"]
 
 # Modules that act on each channel separately and linearly, with the rank of input they accept
 # (None: any rank; a pooling module given an unbatched input would pool across channels).
@@ -82,6 +82,11 @@ class _TailWeights:
     @property
     def bias(self) -> torch.Tensor | None:
         return None if self._bias is None else fetch_attr(self._tail, self._bias)
+
+
+def expand_rows(tensors: Sequence[torch.Tensor], n: int, m: int) -> list[torch.Tensor]:
+    """Each per-image tensor [n,...] repeated for the m rows of its image: [n·m,...], image-major."""
+    return [t[:, None].expand(n, m, *t.shape[1:]).reshape(n * m, *t.shape[1:]) for t in tensors]
 
 
 def max_group_size(num_channels: int, theta: float) -> int:
@@ -289,8 +294,7 @@ class TailShortcut(nn.Module):
     def forward(self, features: torch.Tensor, masks: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         n, m = masks.shape[0], masks.shape[1]
         start = self.pre_activation(self.prepare(features), masks)
-        rows = [extra[:, None].expand(n, m, *extra.shape[1:]).reshape(n * m, *extra.shape[1:]) for extra in extras]
-        hidden = self.body(start, *rows)
+        hidden = self.body(start, *expand_rows(extras, n, m))
         return self.logits(hidden.reshape(n, m, *hidden.shape[1:]))
 
 

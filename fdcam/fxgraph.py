@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-__all__ = ["ancestors", "fetch_attr", "is_batch_size", "node_arg", "record_shapes", "subgraph"]
+__all__ = ["fetch_attr", "is_batch_size", "node_arg", "record_shapes", "subgraph"]
 
 
 def is_batch_size(node: fx.Node) -> bool:
@@ -23,18 +23,6 @@ def is_batch_size(node: fx.Node) -> bool:
                 and source.args[1] == "shape")
         )
     return False
-
-
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """The nodes and every node they read, transitively."""
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
-    return seen
 
 
 def node_arg(node: fx.Node, index: int, name: str, default=None):

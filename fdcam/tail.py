@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-from .factorise import TailShortcut, sparse_rows, tail_shortcut
+from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
@@ -76,8 +76,7 @@ class MaskedTail(nn.Module):
     def forward(self, features: torch.Tensor, masks: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         n, m = masks.shape[0], masks.shape[1]
         masked = (features[:, None] * masks[..., None, None]).reshape(n * m, *features.shape[1:])
-        expanded = [extra[:, None].expand(n, m, *extra.shape[1:]).reshape(n * m, *extra.shape[1:]) for extra in extras]
-        logits = self.tail(masked, *expanded)
+        logits = self.tail(masked, *expand_rows(extras, n, m))
         return logits.reshape(n, m, *logits.shape[1:])
 
 
