@@ -50,6 +50,7 @@ from fdcam.head import HeadOutput, class_gradients, forward_head  # noqa: E402
 from fdcam.maps import to_input_size, weighted_sum  # noqa: E402
 from fdcam.methods.base import Explanation, preserved_model_state, resolve_targets  # noqa: E402
 from fdcam.split import split_model  # noqa: E402
+from fdcam.factorise import max_group_size  # noqa: E402
 from fdcam.switch import switch_logits, switch_masks, switch_scores  # noqa: E402
 from fdcam.tail import TorchTail  # noqa: E402
 from fdcam.weights import combine_weights  # noqa: E402
@@ -237,7 +238,7 @@ class AuthorsFDCAM:
                     gradients = class_gradients(split, one, c.view(1, 1))
                     alpha = gradients.mean(dim=(-2, -1))[0]  # [1,K]
                     masks = switch_masks(channel_groups(head.activations[i], self.theta))
-                    logits = switch_logits(tail, one.activations, masks, extras)
+                    logits = switch_logits(tail, one.activations, masks, extras, c.view(1, 1))[0]
                     scores = switch_scores(logits, head.logits[i], c.view(1))
                     weights = combine_weights(alpha, scores, self.bias)
                     cam = weighted_sum(one.activations, weights[None])
@@ -589,15 +590,16 @@ def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int, batch: int 
             tail = cam.tail_for(explanation)
 
             def switch_phase():
-                logits = switch_logits(tail, explanation.activations, masks, explanation.head.extras)
+                sparsity = max_group_size(explanation.activations.shape[1], cam.theta) if cam.grouping else 1
+                logits = switch_logits(tail, explanation.activations, masks, explanation.head.extras, explanation.targets, sparsity)
                 return switch_scores(logits, explanation.head.logits, explanation.targets, cam.switch)
 
             scores = clock("switch passes", switch_phase)
             if isinstance(tail, TorchTail):
-                factorised = tail.factorised_for(explanation.activations[:1], explanation.head.extras)
+                factorised = tail.shortcut_for(explanation.activations[:1], explanation.head.extras)
                 if factorised is not None:
                     with torch.no_grad():
-                        clock("  of which contributions C", lambda: factorised.contributions(explanation.activations))
+                        clock(f"  of which {factorised.kind} shortcut set-up", lambda: factorised.prepare(explanation.activations))
 
             def map_phase():
                 alpha = explanation.gradients.mean(dim=(-2, -1))

@@ -41,15 +41,15 @@ def describe_tail(exported: ExportedTail) -> dict[str, Any]:
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
     shapes = _graph_shapes(exported.path)
     meanings = {
-        "features": f"activations A of one image at layer {meta['target_layer']}",
-        "masks": "one row per switch pass: 1 keeps channel k, 0 zeroes it (any weight works)",
-        "logits": "class logits of each masked pass",
+        "features": f"activations A of N images at layer {meta['target_layer']}",
+        "masks": "per image, one row per switch pass: 1 keeps channel k, 0 zeroes it (any weight works)",
+        "logits": "class logits of each image's masked passes",
     }
-    extra_meaning = "another tensor the tail needs from the head, batch 1 (e.g. a residual skip)"
+    extra_meaning = "another tensor the tail needs from the head, one per image (e.g. a residual skip)"
     inputs = [_tensor(name, shape, meanings.get(name, extra_meaning)) for name, shape in shapes["inputs"]]
     outputs = [_tensor(name, shape, meanings.get(name, "")) for name, shape in shapes["outputs"]]
     return {
-        "format": "fdcam-tail/1",
+        "format": "fdcam-tail/2",
         "graph": exported.path.name,
         "model": meta.get("model"),
         "target_layer": meta["target_layer"],

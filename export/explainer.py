@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fdcam.factorise import expand_rows, sparse_rows, tail_shortcut
 from fdcam.head import HeadOutput
 from fdcam.methods import METHODS
 from fdcam.methods.base import Explanation, preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
+from fdcam.tail import CONV_SPARSE_SHARE, MaskedTail, expand_masks
 
 from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, model_metadata
 
@@ -82,51 +84,50 @@ class GraphTail:
     """The `Tail` protocol over a split's tail, written so that it traces into one static graph.
 
     The M mask rows run in fixed chunks (a Python loop over a static count, unrolled by the trace),
-    so at most `rows` masked copies per image are alive at once. A tail that starts with pooling and
-    a Linear runs factorised (`fdcam.factorise`), as the library's TorchTail does.
+    so at most `rows` masked copies per image are alive at once. The tail runs through its exact
+    shortcuts (`fdcam.factorise`) as the library's TorchTail does: factorised first Linear, the
+    rows of the requested classes of the last Linear, and, for a tail starting with a convolution,
+    gathered sums of the channels of each mask when the caller bounds them (`sparsity`, static).
     """
 
     def __init__(self, tail: nn.Module, features: torch.Tensor, extras: Sequence[torch.Tensor], budget: int = DEFAULT_TAIL_BYTES):
         self.tail = tail
-        per_row = 4 * features[0].numel() * features.element_size()
-        self.rows = max(1, budget // max(per_row, 1))
-        try:
-            from fdcam.factorise import factorised_masked_tail
+        self.shortcut = tail_shortcut(tail, features[:1], tuple(e[:1] for e in extras))
+        row = features[0].numel()
+        if self.shortcut is not None and self.shortcut.kind == "conv":
+            with torch.no_grad():
+                self.shortcut.prepare(features[:1])  # sets row_numel
+            row = max(row, self.shortcut.row_numel)
+        self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
 
-            self.factorised = factorised_masked_tail(tail, features[:1], tuple(e[:1] for e in extras))
-        except Exception:  # an optional speed-up: any failure means the plain masked tail
-            self.factorised = None
-
-    def run(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        return self.run_images(features[:1], masks, [extra[:1] for extra in extras])[0]
-
-    def run_images(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Logits [N,M,C] of M masks (shared [M,K] or per image [N,M,K]) on each of N images."""
-        n, k = features.shape[0], features.shape[1]
-        masks = masks.to(features.dtype)
-        if masks.dim() == 2:
-            masks = masks[None].expand(n, *masks.shape)
-        m = masks.shape[1]
-        if self.factorised is not None:
-            return self._factorised(features, masks, extras)
+    def run(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+        *,
+        sparsity: int | None = None,
+    ) -> torch.Tensor:
+        """Logits [N,M,C] (or [N,M,T] of classes [N,T]) of M masks (shared [M,K] or per image [N,M,K]) on N images."""
+        masks = expand_masks(features, masks)
+        n, m, k = masks.shape
+        shortcut = self.shortcut
+        if shortcut is None:
+            logits = torch.cat([MaskedTail(self.tail)(features, masks[:, lo : lo + self.rows], *extras)
+                                for lo in range(0, m, self.rows)], 1)
+            return logits if classes is None else logits.gather(2, classes[:, None, :].expand(-1, m, -1))
+        state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
+        gathered = shortcut.kind == "conv" and sparsity is not None and sparsity <= CONV_SPARSE_SHARE * k
+        sparse = sparse_rows(masks, sparsity) if gathered else None
         outputs = []
-        for start in range(0, m, self.rows):
-            chunk = masks[:, start : start + self.rows]
+        for lo in range(0, m, self.rows):
+            chunk = masks[:, lo : lo + self.rows]
             c = chunk.shape[1]
-            masked = (features[:, None] * chunk[..., None, None]).reshape(n * c, k, *features.shape[2:])
-            rows = [e[:, None].expand(n, c, *e.shape[1:]).reshape(n * c, *e.shape[1:]) for e in extras]
-            outputs.append(self.tail(masked, *rows).reshape(n, c, -1))
+            start = shortcut.pre_activation(state, chunk, None if sparse is None else tuple(t[:, lo : lo + c] for t in sparse))
+            hidden = shortcut.body(start, *expand_rows(extras, n, c))
+            outputs.append(shortcut.logits(hidden.reshape(n, c, *hidden.shape[1:]), classes))
         return torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
-
-    def _factorised(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
-        factorised = self.factorised
-        n, m = masks.shape[0], masks.shape[1]
-        contributions = factorised.contributions(features)  # [N,K,out]
-        pre = torch.bmm(masks, contributions)
-        if factorised.has_bias:
-            pre = pre + factorised.linear.bias
-        rows = [e[:, None].expand(n, m, *e.shape[1:]).reshape(n * m, *e.shape[1:]) for e in extras]
-        return factorised.rest(pre.reshape(n * m, -1), *rows).reshape(n, m, -1)
 
 
 def _graph_method(method: str, model: nn.Module, layer: str, options: dict, tail: GraphTail):

@@ -1,12 +1,13 @@
 """Export the tail of a split model to one validated ONNX graph.
 
-The graph takes `features` [1,K,h,w] of one image, `masks` [B,K] with B a symbolic axis and the
-tensors that cross the split (`extra_0`, …, batch 1), applies the masks inside (`MaskedTail`, or
-its factorised form from `fdcam.factorise` when the tail starts with pooling and a Linear) and
-returns `logits` [B, classes]. A graph is written only after onnx.checker accepted it and ONNX
-Runtime (CPU) reproduced the plain torch masked tail at two mask batch sizes within tolerance.
-Exporters, in order: torch.onnx.export(dynamo=True) with a dynamic mask batch, then the
-TorchScript exporter (dynamo=False) with dynamic_axes.
+The graph takes `features` [N,K,h,w] of N images, `masks` [N,M,K] (M masks per image) and the
+tensors that cross the split (`extra_0`, … [N,...]), with N and M symbolic axes; it applies the
+masks inside (`MaskedTail`, or the factorised form from `fdcam.factorise` when the tail starts with
+pooling and a Linear) and returns `logits` [N,M,classes]: N images' switch passes are one run. A
+graph is written only after onnx.checker accepted it and ONNX Runtime (CPU) reproduced the plain
+torch masked tail on 1 image × 3 masks and 2 images × 2K masks within tolerance. Exporters, in
+order: torch.onnx.export(dynamo=True) with dynamic image and mask axes, then the TorchScript
+exporter (dynamo=False) with dynamic_axes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from fdcam.factorise import tail_shortcut
 from fdcam.split import SplitModel
 from fdcam.tail import MaskedTail
 
@@ -46,8 +48,9 @@ __all__ = [
 log = logging.getLogger("fdcam.export")
 
 DEFAULT_OPSET = 18
-# The example mask batch used while tracing: a batch of 1 would be specialised into the graph.
-EXAMPLE_MASK_BATCH = 2
+# The example image and mask batches used while tracing: a batch of 1 would be specialised into the graph.
+EXAMPLE_IMAGES = 2
+EXAMPLE_MASK_BATCH = 3
 # Above this many bytes of weights the tensors go to one external-data file (protobuf caps a file at 2 GB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -120,8 +123,8 @@ def export_split(
     num_channels = features.shape[1]
     batches = check_batches or (3, 2 * num_channels)
     reference = MaskedTail(tail).eval()
-    checks = [(masks, _reference_logits(reference, features, masks, extras)) for masks in _check_masks(num_channels, batches)]
-    num_classes = int(checks[0][1].shape[1])
+    checks = _checks(reference, features, extras, batches)
+    num_classes = int(checks[0][-1].shape[-1])
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
     props = {**(metadata or {}), **_shape_metadata(split, features, num_classes, opset, fp16)}
     tensors = _tail_tensors(tail)
@@ -152,11 +155,11 @@ def export_split(
                     problems.append(f"{attempt} graph fails onnx.checker ({_first_line(error)})")
                     continue
                 session = _cpu_session(staged, session_options)
-                error, scale = _max_error(session, checks, features, extras)
+                error, scale = _max_error(session, checks)
                 if not error <= tolerance.allowed(scale):
                     problems.append(
                         f"{attempt} graph differs from the torch tail by {error:.3g} "
-                        f"(max |Δlogit| over mask batches {batches[0]} and {batches[1]}; allowed {tolerance.allowed(scale):.3g})"
+                        f"(max |Δlogit| over 1 image × {batches[0]} and 2 images × {batches[1]} masks; allowed {tolerance.allowed(scale):.3g})"
                     )
                     continue
                 _move_into_place(staged, path)
@@ -169,18 +172,13 @@ def _tail_forms(tail: nn.Module, features: torch.Tensor, extras: list[torch.Tens
     """The modules to export, best first: the factorised tail (fdcam.factorise) when it applies, then MaskedTail.
 
     Both have MaskedTail's inputs and outputs; the factorised one computes the per-channel
-    contributions to the tail's first Linear once, so B masks cost a [B,K]×[K,out] product.
+    contributions to the tail's first Linear once, so M masks cost a [M,K]×[K,out] product.
     """
     forms: list[tuple[str, nn.Module]] = []
     if factorise:
-        try:
-            from fdcam.factorise import factorised_masked_tail
-
-            factorised = factorised_masked_tail(tail, features, extras)
-        except Exception:  # an optional speed-up: any failure means the plain tail
-            factorised = None
-        if factorised is not None:
-            forms.append(("factorised", factorised))
+        shortcut = tail_shortcut(tail, features, extras)
+        if shortcut is not None and shortcut.kind == "linear":
+            forms.append(("factorised", shortcut))
     forms.append(("masked", MaskedTail(tail).eval()))
     return forms
 
@@ -200,15 +198,22 @@ def _tail_tensors(tail: nn.Module) -> list[torch.Tensor]:
     return [*tail.parameters(), *tail.buffers()]
 
 
-def _check_masks(num_channels: int, batches: Sequence[int]) -> list[torch.Tensor]:
-    """Random 0/1 masks (first row all ones: the unmasked tail) at each check batch size."""
+def _checks(reference: nn.Module, features: torch.Tensor, extras: Sequence[torch.Tensor], batches: Sequence[int]) -> list[tuple]:
+    """(features, masks, extras, torch logits) cases: 1 image × batches[0] masks, 2 images × batches[1].
+
+    The masks are random 0/1 with the first row all ones (the unmasked tail); the second image is
+    the first one flipped, its extras halved.
+    """
     generator = torch.Generator().manual_seed(0)
-    masks = []
-    for batch in batches:
-        mask = (torch.rand(int(batch), num_channels, generator=generator) > 0.5).float()
-        mask[0] = 1.0
-        masks.append(mask)
-    return masks
+    cases = []
+    for images, batch in zip((1, 2), batches):
+        masks = (torch.rand(images, int(batch), features.shape[1], generator=generator) > 0.5).float()
+        masks[:, 0] = 1.0
+        batch_features = torch.cat([features, features.flip(-1)])[:images]
+        batch_extras = [torch.cat([extra, extra * 0.5])[:images] for extra in extras]
+        expected = _reference_logits(reference, batch_features, masks, batch_extras)
+        cases.append((batch_features, masks, batch_extras, expected))
+    return cases
 
 
 @torch.no_grad()
@@ -217,15 +222,10 @@ def _reference_logits(masked: nn.Module, features: torch.Tensor, masks: torch.Te
     return masked(features, masks, *extras)
 
 
-def _max_error(
-    session: ort.InferenceSession,
-    checks: list[tuple[torch.Tensor, torch.Tensor]],
-    features: torch.Tensor,
-    extras: Sequence[torch.Tensor],
-) -> tuple[float, float]:
-    """(max |ONNX − torch|, max |torch|) over all check batches; a non-finite output counts as infinite error."""
+def _max_error(session: ort.InferenceSession, checks: list[tuple]) -> tuple[float, float]:
+    """(max |ONNX − torch|, max |torch|) over all check cases; a non-finite output counts as infinite error."""
     error, scale = 0.0, 0.0
-    for masks, reference in checks:
+    for features, masks, extras, reference in checks:
         feed = dict(zip(input_names(len(extras)), (t.numpy() for t in (features, masks, *extras))))
         (logits,) = session.run(["logits"], feed)
         logits = torch.from_numpy(logits)
@@ -251,10 +251,12 @@ def _export_dynamo(
     masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int
 ) -> onnx.ModelProto:
     """torch.export-based exporter, with the mask batch as the one dynamic dimension."""
-    masks = torch.ones(EXAMPLE_MASK_BATCH, features.shape[1])
-    batch = torch.export.Dim("batch", min=1)
+    features, masks, extras = _example_batch(features, extras)
+    images, batch = torch.export.Dim("images", min=1), torch.export.Dim("masks", min=1)
     # MaskedTail takes the extras as *args, which torch.export sees as one tuple argument.
-    dynamic_shapes = ({}, {0: batch}, tuple({} for _ in extras)) if extras else ({}, {0: batch})
+    dynamic_shapes = ({0: images}, {0: images, 1: batch}, tuple({0: images} for _ in extras))
+    if not extras:
+        dynamic_shapes = dynamic_shapes[:2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -290,8 +292,11 @@ def _export_torchscript(
     masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int
 ) -> onnx.ModelProto:
     """The legacy TorchScript exporter with a dynamic axis on masks and logits (the fallback)."""
-    masks = torch.ones(EXAMPLE_MASK_BATCH, features.shape[1])
+    features, masks, extras = _example_batch(features, extras)
     target = staging / "torchscript.onnx"  # a file path: tails over 2 GB need external data
+    names = input_names(len(extras))
+    axes = {name: {0: "images"} for name in names}
+    axes.update(masks={0: "images", 1: "masks"}, logits={0: "images", 1: "masks"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -302,10 +307,17 @@ def _export_torchscript(
             output_names=["logits"],
             opset_version=opset,
             dynamo=False,
-            dynamic_axes={"masks": {0: "batch"}, "logits": {0: "batch"}},
+            dynamic_axes=axes,
             do_constant_folding=True,
         )
     return onnx.load(str(target))
+
+
+def _example_batch(features: torch.Tensor, extras: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One image's tensors as a traced example of EXAMPLE_IMAGES images × EXAMPLE_MASK_BATCH masks."""
+    repeat = lambda t: t.expand(EXAMPLE_IMAGES, *t.shape[1:]).contiguous()  # noqa: E731
+    masks = torch.ones(EXAMPLE_IMAGES, EXAMPLE_MASK_BATCH, features.shape[1])
+    return repeat(features), masks, [repeat(extra) for extra in extras]
 
 
 _EXPORTERS: list[tuple[str, Callable[..., onnx.ModelProto]]] = [

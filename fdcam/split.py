@@ -15,6 +15,7 @@ import torch
 from torch import fx, nn
 
 from .concurrency import tracing
+from .fxgraph import is_batch_size as _is_batch_size
 
 __all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
 
@@ -93,21 +94,6 @@ def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
         seen.add(node)
         stack.extend(node.all_input_nodes)
     return seen
-
-
-def _is_batch_size(node: fx.Node) -> bool:
-    """`t.size(0)` or `t.shape[0]`: the batch size, which in the tail is the tail's own batch."""
-    if node.op == "call_method" and node.target == "size":
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return dim == 0
-    if node.op == "call_function" and node.target.__name__ == "getitem" and node.args[1] == 0:
-        source = node.args[0]
-        return isinstance(source, fx.Node) and (
-            (source.op == "call_method" and source.target == "size" and len(source.args) == 1)
-            or (source.op == "call_function" and getattr(source.target, "__name__", "") == "getattr"
-                and source.args[1] == "shape")
-        )
-    return False
 
 
 def _record_values(traced: fx.GraphModule, x: torch.Tensor, wanted: set[fx.Node]) -> dict[fx.Node, object]:

@@ -24,26 +24,30 @@ def switch_masks(groups: torch.Tensor, switch: str = "on_off") -> torch.Tensor:
     raise ValueError(f"switch must be 'on_off' or 'off', not {switch!r}")
 
 
-def switch_logits(tail: Tail, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-    """Logits of the switch passes; class independent.
+def switch_logits(
+    tail: Tail,
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    extras: Sequence[torch.Tensor] = (),
+    classes: torch.Tensor | None = None,
+    sparsity: int | None = None,
+) -> torch.Tensor:
+    """Logits of the switch passes of N images in one `Tail.run` call: features [N,K,h,w], masks [N,M,K]
+    (or [M,K] shared) → [N,M,C], or [N,M,T] for the classes [N,T] only (the switch scores need no more).
 
-    One image: features [1,K,h,w], masks [M,K] → [M, classes]. N images: features [N,K,h,w], masks
-    [N,M,K] (or [M,K] shared) → [N, M, classes], all in one `Tail.run_images` call.
+    `sparsity` bounds the ones or the zeros of every mask row (FD-CAM: the largest possible group).
     """
-    if features.shape[0] == 1 and masks.dim() == 2:
-        return tail.run(features, masks.to(features.dtype), extras)
-    return tail.run_images(features, masks.to(features.dtype), extras)
+    return tail.run(features, masks.to(features.dtype), extras, classes, sparsity=sparsity)
 
 
 def switch_scores(logits: torch.Tensor, full_logits: torch.Tensor, classes: torch.Tensor, switch: str = "on_off") -> torch.Tensor:
-    """Scores s [...,T,K] for classes [...,T] from switch logits [...,M,C] and full logits [...,C]:
-    (s⁺ + s⁻)/2, or s⁻ alone for switch='off'.
+    """Scores s [...,T,K] for classes [...,T] from the switch logits of those classes [...,M,T] and the full
+    logits [...,C]: (s⁺ + s⁻)/2, or s⁻ alone for switch='off'.
 
     s⁺_k = f_c(tail(A ⊙ 1_G(k))), s⁻_k = f_c(X) − f_c(tail(A ⊙ (1 − 1_G(k)))).
     """
     m = logits.shape[-2]
-    index = classes.unsqueeze(-2).expand(*classes.shape[:-1], m, classes.shape[-1])
-    selected = logits.gather(-1, index).transpose(-1, -2)  # [...,T,M]
+    selected = logits.transpose(-1, -2)  # [...,T,M]
     full = full_logits.gather(-1, classes).unsqueeze(-1)  # [...,T,1]
     if switch == "off":
         return full - selected

@@ -1,11 +1,11 @@
 """The tail of a split model run on batches of channel masks: the `Tail` protocol and its torch backend.
 
 A switch pass is one forward of the tail on the target activation with some channels zeroed.
-`Tail.run(features, masks, extras)` runs B of them for one image: features [1,K,h,w], masks [B,K]
-of 0/1 (or any weights), extras the other tensors that cross the split (batch 1); it returns
-logits [B, classes]. `Tail.run_images` does the same for N images at once (masks [M,K] shared, or
-[N,M,K] per image) and returns [N, M, classes]. The ONNX Runtime backend (`fdcam.runtime`)
-implements the same protocol over an exported `MaskedTail`.
+`Tail.run(features, masks, extras, classes)` runs M of them on each of N images: features
+[N,K,h,w], masks [N,M,K] (or [M,K] shared by all images) of 0/1 or any weights, extras the other
+tensors that cross the split ([N,...]); it returns float32 logits [N,M,C], or [N,M,T] for
+`classes` [N,T]. The ONNX Runtime backend (`fdcam.runtime`) implements the same protocol over an
+exported `MaskedTail`.
 """
 
 from __future__ import annotations
@@ -18,43 +18,66 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "tail_precision"]
+from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
+
+__all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 TORCH_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _MAX_GRAPHS = 4
+CPU_CHUNK_BYTES = 16 * 1024**2
+# A gathered sum over g of K channels replaces a dense product when g is at most this share of K
+# (for a first Linear the dense product is one efficient GEMM, so gathering pays only when very sparse).
+CONV_SPARSE_SHARE = 0.25
+_SPARSE_SHARE = {"conv": CONV_SPARSE_SHARE, "linear": 0.05}
 
 
 @runtime_checkable
 class Tail(Protocol):
     """Runs masked copies of images' features through the tail of a split model."""
 
-    def run(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Logits [B, classes] of the tail on `features * masks[:, :, None, None]` (features batch 1)."""
+    def run(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+        *,
+        sparsity: int | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits [N,M,C] of the tail on `features[n] * masks[n, m, :, None, None]` (masks [N,M,K]
+        or [M,K] shared), or [N,M,T] of the classes [N,T] only. `sparsity`, if given, promises that
+        every mask row is 0/1 with at most that many ones or at most that many zeros."""
         ...
 
-    def run_images(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Logits [N, M, classes] for features [N,K,h,w] and masks [M,K] (shared) or [N,M,K]."""
-        ...
+
+def expand_masks(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Masks as [N,M,K] in the features' dtype (a [M,K] batch is shared by all N images); ValueError if they do not fit."""
+    n = features.shape[0]
+    masks = masks.to(features.dtype)
+    masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks
+    if masks.dim() != 3 or masks.shape[0] != n or masks.shape[2] != features.shape[1]:
+        raise ValueError(f"masks {tuple(masks.shape)} do not fit features {tuple(features.shape)}")
+    return masks
 
 
 class MaskedTail(nn.Module):
-    """`tail(features ⊙ masks[:, :, None, None], *extras)` with batch-1 features and extras broadcast to B.
+    """`tail(features[n] ⊙ masks[n, m, :, None, None], *extras[n])` for every image n and mask m: logits [N,M,C].
 
-    This is the module exported to ONNX, so the masks are applied inside the graph and only B×K
-    floats travel per explanation.
+    This is the module exported to ONNX, so the masks are applied inside the graph and only M×K
+    floats per image travel.
     """
 
     def __init__(self, tail: nn.Module):
         super().__init__()
         self.tail = tail
-        self.training = False  # this wrapper's own flag only; see fdcam.factorise.FactorisedMaskedTail
+        self.training = False  # this wrapper's own flag only; see fdcam.factorise.TailShortcut
 
     def forward(self, features: torch.Tensor, masks: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
-        batch = masks.shape[0]
-        masked = features * masks[:, :, None, None]
-        expanded = [extra.expand(batch, *extra.shape[1:]) for extra in extras]
-        return self.tail(masked, *expanded)
+        n, m = masks.shape[0], masks.shape[1]
+        masked = (features[:, None] * masks[..., None, None]).reshape(n * m, *features.shape[1:])
+        logits = self.tail(masked, *expand_rows(extras, n, m))
+        return logits.reshape(n, m, *logits.shape[1:])
 
 
 def chunk_size(features: torch.Tensor, memory_budget: int | None, batch_size: int | None, total: int) -> int:
@@ -173,10 +196,11 @@ class _GraphedCall:
 class TorchTail:
     """The torch backend of `Tail`: batched forwards of the fx tail, chunked under a memory budget.
 
-    With `factorise` (the default), a tail that starts with channel-wise linear ops and a Linear
-    (VGG16 at features.30, ResNet50 at layer4) runs factorised (`fdcam.factorise`): the per-channel
-    contributions to the Linear are computed once per image and each chunk of masks is one product
-    with them; other tails run as `MaskedTail`. The choice is made once per feature shape.
+    With `factorise` (the default) the tail runs through its exact shortcuts (`fdcam.factorise`):
+    a tail starting with pooling and a Linear or with a convolution computes the masked
+    pre-activations from per-channel contributions (0/1 masks with few ones or few zeros as
+    gathered sums), and a tail ending in a Linear computes only the rows of the requested classes.
+    Tails it does not recognise run as they are. The choice is made once per feature shape.
     `precision` sets the switch passes' math (see `tail_precision`). With `cuda_graph`, CUDA inputs
     run as a CUDA graph captured once per input shape (the last few shapes are kept).
     """
@@ -197,12 +221,13 @@ class TorchTail:
         self.precision = check_torch_precision(precision)
         self.cuda_graph = cuda_graph
         self.calls = 0
+        self.sparse_calls = 0
         self.graph_replays = 0
-        self._factorised: dict[tuple, nn.Module | None] = {}
+        self._shortcuts: dict[tuple, TailShortcut | None] = {}
         self._graphs: OrderedDict[tuple, _GraphedCall] = OrderedDict()
 
-    def factorised_for(self, features: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> nn.Module | None:
-        """The factorised tail for features shaped like `features`, or None (pattern absent or off)."""
+    def shortcut_for(self, features: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> TailShortcut | None:
+        """The tail's shortcut for features shaped like `features`, or None (plain path, or `factorise` off)."""
         if not self.factorise:
             return None
         key = (
@@ -211,38 +236,40 @@ class TorchTail:
             features.device,
             tuple((tuple(extra.shape[1:]), extra.dtype) for extra in extras),
         )
-        if key not in self._factorised:
-            from .factorise import factorised_masked_tail
-
-            self._factorised[key] = factorised_masked_tail(self.masked_tail.tail, features[:1], tuple(e[:1] for e in extras))
-        return self._factorised[key]
-
-    def run(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Logits [B, classes] for the B masks of one image, in as few tail forwards as the budget allows."""
-        return self.run_images(features[:1], masks, [extra[:1] for extra in extras])[0]
+        if key not in self._shortcuts:
+            self._shortcuts[key] = tail_shortcut(self.masked_tail.tail, features[:1], tuple(e[:1] for e in extras))
+        return self._shortcuts[key]
 
     @torch.no_grad()
-    def run_images(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Logits [N, M, classes] of M masks on each of N images (masks [M,K] shared, or [N,M,K])."""
-        n = features.shape[0]
-        masks = masks.to(features.dtype)
-        masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks
-        if masks.shape[0] != n or masks.shape[2] != features.shape[1]:
-            raise ValueError(f"masks {tuple(masks.shape)} do not fit features {tuple(features.shape)}")
+    def run(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+        *,
+        sparsity: int | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits [N,M,C] (or [N,M,T] of `classes` [N,T]) of M masks on each of N images."""
+        masks = expand_masks(features, masks)
         extras = list(extras)
-        factorised = self.factorised_for(features, extras)
+        shortcut = self.shortcut_for(features, extras)
+        bound = _sparse_bound(shortcut, masks, sparsity)
         if self.cuda_graph and features.is_cuda:
-            return self._graphed(factorised, features, masks, extras)
+            return self._graphed(shortcut, bound, features, masks, extras, classes)
         with tail_precision(self.precision, features.device):
-            return self._compute(factorised, features, masks, extras).float()
+            return self._compute(shortcut, bound, features, masks, extras, classes).float()
 
-    def _graphed(self, factorised, features: torch.Tensor, masks: torch.Tensor, extras: list) -> torch.Tensor:
-        tensors = [features, masks.contiguous(), *extras]
-        key = (tuple((tuple(t.shape), t.dtype) for t in tensors), features.device, factorised is not None)
+    def _graphed(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
+        tensors = [features, masks.contiguous(), *extras] + ([] if classes is None else [classes])
+        key = (tuple((tuple(t.shape), t.dtype) for t in tensors), features.device, shortcut is not None, bound, classes is None)
         graphed = self._graphs.get(key)
         if graphed is None:
-            def function(features, masks, *extras):
-                return self._compute(factorised, features, masks, list(extras)).float()
+            count = len(extras)
+
+            def function(features, masks, *rest):
+                chosen = None if classes is None else rest[count]
+                return self._compute(shortcut, bound, features, masks, list(rest[:count]), chosen).float()
 
             with tail_precision(self.precision, features.device):
                 graphed = _GraphedCall(function, tensors)
@@ -253,36 +280,81 @@ class TorchTail:
         self.graph_replays += 1
         return graphed(*tensors)
 
-    def _rows_per_chunk(self, factorised, features: torch.Tensor, total: int) -> int:
-        if factorised is not None and self.batch_size is None:
+    def _rows_per_chunk(self, shortcut, features: torch.Tensor, total: int) -> int:
+        if shortcut is not None and shortcut.kind == "linear" and self.batch_size is None:
             budget = DEFAULT_MEMORY_BUDGET if self.memory_budget is None else int(self.memory_budget)
-            per_row = 4 * factorised.out_features * features.element_size()
+            per_row = 4 * shortcut.out_features * features.element_size()
             return max(1, min(total, budget // per_row))
-        return chunk_size(features, self.memory_budget, self.batch_size, total)
+        step = chunk_size(features, self.memory_budget, self.batch_size, total)
+        if shortcut is not None and shortcut.kind == "conv" and self.batch_size is None and not features.is_cuda:
+            # On CPUs, chunks whose rows fit the allocator's reused blocks beat one huge fresh buffer.
+            step = min(step, max(1, CPU_CHUNK_BYTES // (shortcut.row_numel * features.element_size())))
+        return step
 
-    def _compute(self, factorised, features: torch.Tensor, masks: torch.Tensor, extras: list) -> torch.Tensor:
-        """Logits [N,M,classes]: the N·M masked passes in chunks of rows, each chunk one tail forward."""
+    def _compute(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
+        """Logits [N,M,C|T]: the N·M masked passes in chunks of rows, each chunk one body forward."""
         n, m, _ = masks.shape
         total = n * m
-        step = self._rows_per_chunk(factorised, features, total)
-        contributions = factorised.contributions(features) if factorised is not None else None  # [N,K,out], once
+        step = self._rows_per_chunk(shortcut, features, total)
+        if shortcut is not None:
+            state = shortcut.prepare(features, classes if shortcut.first_is_final else None)  # once per batch
+            sparse = sparse_rows(masks, bound) if bound is not None else None
+            self.sparse_calls += sparse is not None
         outputs = []
         for start in range(0, total, step):
             end = min(total, start + step)
             segments = [(i, max(start, i * m) - i * m, min(end, (i + 1) * m) - i * m) for i in range(start // m, (end - 1) // m + 1)]
             self.calls += 1
-            if factorised is not None:
-                pre = [factorised.pre_activation(contributions[i], masks[i, lo:hi]) for i, lo, hi in segments]
-                outputs.append(factorised.rest(_cat(pre), *_rows(extras, segments)))
-            else:
+            if shortcut is None:
                 masked = torch.empty((end - start, *features.shape[1:]), dtype=features.dtype, device=features.device)
                 offset = 0
                 for i, lo, hi in segments:
                     torch.mul(features[i : i + 1], masks[i, lo:hi, :, None, None], out=masked[offset : offset + hi - lo])
                     offset += hi - lo
-                outputs.append(self.masked_tail.tail(masked, *_rows(extras, segments)))
-        logits = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        return logits.reshape(n, m, -1)
+                logits = self.masked_tail.tail(masked, *_rows(extras, segments))
+                outputs.extend(_split_rows(logits, segments, classes))
+                continue
+            starts = [
+                shortcut.pre_activation(
+                    shortcut.select(state, i), masks[i : i + 1, lo:hi],
+                    None if sparse is None else tuple(t[i : i + 1, lo:hi] for t in sparse),
+                )
+                for i, lo, hi in segments
+            ]
+            hidden = shortcut.body(_cat(starts), *_rows(extras, segments))
+            offset = 0
+            for i, lo, hi in segments:
+                part = hidden[offset : offset + hi - lo]
+                chosen = None if classes is None else classes[i : i + 1]
+                outputs.append(shortcut.logits(part.reshape(1, hi - lo, *part.shape[1:]), chosen)[0])
+                offset += hi - lo
+        return _cat(outputs).reshape(n, m, -1)
+
+
+def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: int | None) -> int | None:
+    """How many entries per row the gathered sums take, or None for the dense product (one host sync)."""
+    if shortcut is None or not shortcut.sparse_capable or masks.numel() == 0:
+        return None
+    k = masks.shape[-1]
+    ones = masks.sum(-1)
+    largest = torch.minimum(ones, k - ones).max()
+    binary = ((masks == 0) | (masks == 1)).all()
+    is_binary, largest = torch.stack([binary.to(largest.dtype), largest]).tolist()
+    if not is_binary:
+        return None
+    bound = sparsity if sparsity is not None and largest <= sparsity else int(largest)
+    return max(1, bound) if bound <= _SPARSE_SHARE[shortcut.kind] * k else None
+
+
+def _split_rows(logits: torch.Tensor, segments, classes: torch.Tensor | None) -> list[torch.Tensor]:
+    """The logits of each segment's rows, reduced to its image's classes when given."""
+    if classes is None:
+        return [logits]
+    parts, offset = [], 0
+    for i, lo, hi in segments:
+        parts.append(logits[offset : offset + hi - lo].index_select(1, classes[i]))
+        offset += hi - lo
+    return parts
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

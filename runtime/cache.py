@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fdcam.export import DEFAULT_OPSET, ExportError, export_split
-from fdcam.export.graph import model_metadata
+from fdcam.export.graph import input_names, model_metadata
 from fdcam.export.model import model_name
 from fdcam.split import SplitModel
 
@@ -101,7 +101,7 @@ def ort_tail(
     batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> OrtTail:
-    """An OrtTail for `split` of `model` on features shaped like `features` [1,K,h,w] (and `extras`).
+    """An OrtTail for `split` of `model` on features shaped like `features` [N,K,h,w] (and `extras`).
 
     provider: None/"auto", "cpu", "cuda" or "tensorrt"; precision: "fp32" (no TF32), "tf32" or
     "fp16" (see fdcam.runtime.providers). All masks of a call go in one session run unless
@@ -165,12 +165,14 @@ def _build(
         return path
 
     num_channels = features.shape[1]
+    shapes = [tuple(features.shape[1:]), (num_channels,), *(tuple(extra.shape[1:]) for extra in extras)]
+    input_shapes = dict(zip(input_names(len(extras)), shapes))  # one image's inputs, without the batch axes
 
     def open_session() -> tuple[ort.InferenceSession, str]:
         if provider != "cpu":
             return create_session(
                 graph, provider, precision, features.device,
-                engine_dir=directory / "tensorrt", mask_batch=2 * num_channels, num_channels=num_channels,
+                engine_dir=directory / "tensorrt", mask_batch=2 * num_channels, input_shapes=input_shapes,
             )
         path = graph(precision == "fp16")
         if path in validated:  # the export already built a CPU session for its check
@@ -293,7 +295,7 @@ def _content_hash(split: SplitModel, features: torch.Tensor, extras: Sequence[to
 
     digest = hashlib.sha256()
     header = [
-        "fdcam-tail/2",  # bump when the export changes for the same tail
+        "fdcam-tail/3",  # bump when the export changes for the same tail
         fdcam.__version__,
         torch.__version__,
         str(DEFAULT_OPSET),

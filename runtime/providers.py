@@ -100,9 +100,21 @@ def cuda_options(device: torch.device, precision: str) -> dict[str, str]:
     }
 
 
-def tensorrt_options(device: torch.device, precision: str, engine_dir: Path, mask_batch: int, num_channels: int) -> dict[str, str]:
-    """TensorRT EP options: fp16 mode, an engine and timing cache, one profile for masks [1…mask_batch, K]."""
+# The most images one TensorRT engine takes per run (its optimisation profile's upper bound).
+TENSORRT_MAX_IMAGES = 32
+
+
+def tensorrt_options(
+    device: torch.device, precision: str, engine_dir: Path, mask_batch: int, input_shapes: dict[str, tuple[int, ...]]
+) -> dict[str, str]:
+    """TensorRT EP options: fp16 mode, an engine and timing cache, one profile for 1…TENSORRT_MAX_IMAGES images
+    of 1…mask_batch masks. `input_shapes` are one image's graph inputs without the batch axis (masks: (K,))."""
     engine_dir.mkdir(parents=True, exist_ok=True)
+
+    def profile(images: int, masks: int) -> str:
+        dims = {name: (images, masks, *shape) if name == "masks" else (images, *shape) for name, shape in input_shapes.items()}
+        return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in dims.items())
+
     return {
         "device_id": str(_device_index(device)),
         "trt_fp16_enable": "True" if precision == "fp16" else "False",
@@ -110,9 +122,9 @@ def tensorrt_options(device: torch.device, precision: str, engine_dir: Path, mas
         "trt_engine_cache_path": str(engine_dir),
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": str(engine_dir),
-        "trt_profile_min_shapes": f"masks:1x{num_channels}",
-        "trt_profile_opt_shapes": f"masks:{mask_batch}x{num_channels}",
-        "trt_profile_max_shapes": f"masks:{mask_batch}x{num_channels}",
+        "trt_profile_min_shapes": profile(1, 1),
+        "trt_profile_opt_shapes": profile(1, mask_batch),
+        "trt_profile_max_shapes": profile(TENSORRT_MAX_IMAGES, mask_batch),
         **_stream_options(device),
     }
 
@@ -134,7 +146,7 @@ def create_session(
     *,
     engine_dir: Path,
     mask_batch: int,
-    num_channels: int,
+    input_shapes: dict[str, tuple[int, ...]],
 ) -> tuple[ort.InferenceSession, str]:
     """A session and the provider it really runs on; `graph(fp16)` gives the path of the fp32 or fp16 graph.
 
@@ -142,14 +154,14 @@ def create_session(
     ProviderError.
     """
     if provider == "tensorrt":
-        session, reason = _try_tensorrt(graph, precision, device, engine_dir, mask_batch, num_channels)
+        session, reason = _try_tensorrt(graph, precision, device, engine_dir, mask_batch, input_shapes)
         if session is not None:
             return session, "tensorrt"
         fallbacks = (["cuda"] if "cuda" in available_providers() else []) + ["cpu"]
         for fallback in fallbacks:
             try:
                 session, used = create_session(
-                    graph, fallback, precision, device, engine_dir=engine_dir, mask_batch=mask_batch, num_channels=num_channels
+                    graph, fallback, precision, device, engine_dir=engine_dir, mask_batch=mask_batch, input_shapes=input_shapes
                 )
             except ProviderError:
                 continue
@@ -170,11 +182,11 @@ def create_session(
     return ort.InferenceSession(str(path), session_options(), providers=[_ORT_NAMES["cpu"]]), "cpu"
 
 
-def _try_tensorrt(graph, precision, device, engine_dir, mask_batch, num_channels) -> tuple[ort.InferenceSession | None, str]:
+def _try_tensorrt(graph, precision, device, engine_dir, mask_batch, input_shapes) -> tuple[ort.InferenceSession | None, str]:
     if "tensorrt" not in available_providers():
         return None, "this onnxruntime has no TensorrtExecutionProvider"
     providers = [
-        (_ORT_NAMES["tensorrt"], tensorrt_options(device, precision, engine_dir, mask_batch, num_channels)),
+        (_ORT_NAMES["tensorrt"], tensorrt_options(device, precision, engine_dir, mask_batch, input_shapes)),
         (_ORT_NAMES["cuda"], cuda_options(device, "tf32" if precision == "tf32" else "fp32")),
         _ORT_NAMES["cpu"],
     ]

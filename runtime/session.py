@@ -9,15 +9,16 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fdcam.tail import chunk_size
+from fdcam.tail import chunk_size, expand_masks
 
 __all__ = ["OrtTail"]
 
 
 class OrtTail:
-    """Runs B masked tail passes of one image as one `session.run` (chunked only under a user memory budget or batch size).
+    """The `Tail` protocol over a session: N images' masked passes in one `session.run` (chunked only under
+    a user memory budget or batch size).
 
-    Torch tensors in, a torch tensor out on the features' device and dtype. On a CUDA session with
+    Torch tensors in, float32 logits out on the features' device. On a CUDA session with
     CUDA tensors, inputs and the preallocated output are bound by pointer (IOBinding): nothing goes
     through the host. `runs` counts session runs; `bound_runs` the ones that went through IOBinding.
     """
@@ -46,27 +47,45 @@ class OrtTail:
         return self.provider in ("cuda", "tensorrt")
 
     @torch.no_grad()
-    def run(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Logits [B, classes] of the tail on features [1,K,h,w] masked by each row of masks [B,K]."""
+    def run(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+        *,
+        sparsity: int | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits [N,M,C] of the tail on features [N,K,h,w] masked by masks [N,M,K] (or [M,K] shared),
+        or [N,M,T] of `classes` [N,T]: all N images in one session run unless a budget splits them.
+
+        `sparsity` is accepted for the protocol; the graph computes every mask densely.
+        """
         if len(extras) != len(self.input_names) - 2:
             raise ValueError(f"this tail graph takes {len(self.input_names) - 2} extra tensors, got {len(extras)}")
-        total = masks.shape[0]
+        masks = expand_masks(features, masks)
+        n, m, _ = masks.shape
         if self.batch_size is None and self.memory_budget is None:
-            step = total
+            outputs = [self._run_once(features, masks, extras)]
         else:
-            step = chunk_size(features, self.memory_budget, self.batch_size, total)
-        outputs = [self._run_once(features, masks[start:start + step], extras) for start in range(0, total, step)]
+            rows = chunk_size(features, self.memory_budget, self.batch_size, n * m)
+            outputs = []
+            if rows >= m:  # whole images per run
+                step = rows // m
+                for start in range(0, n, step):
+                    chosen = slice(start, start + step)
+                    outputs.append(self._run_once(features[chosen], masks[chosen], [e[chosen] for e in extras]))
+            else:  # slices of one image's masks per run
+                for i in range(n):
+                    pieces = [
+                        self._run_once(features[i : i + 1], masks[i : i + 1, lo : lo + rows], [e[i : i + 1] for e in extras])
+                        for lo in range(0, m, rows)
+                    ]
+                    outputs.append(torch.cat(pieces, 1))
         logits = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        return logits.to(features.dtype)
-
-    @torch.no_grad()
-    def run_images(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Logits [N, M, classes] for features [N,K,h,w] and masks [M,K] (shared) or [N,M,K]: one `run` per image."""
-        n = features.shape[0]
-        masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks
-        return torch.stack(
-            [self.run(features[i : i + 1], masks[i], [extra[i : i + 1] for extra in extras]) for i in range(n)]
-        )
+        if classes is not None:
+            logits = logits.gather(2, classes.to(logits.device)[:, None, :].expand(-1, m, -1))
+        return logits
 
     def _run_once(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
         self.runs += 1
@@ -81,7 +100,7 @@ class OrtTail:
             # ORT's errors are not RuntimeErrors; one line, with the usual remedy (out of memory).
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise RuntimeError(
-                f"onnxruntime failed on {masks.shape[0]} masks ({first_line}); "
+                f"onnxruntime failed on {masks.shape[0]}×{masks.shape[1]} masks ({first_line}); "
                 "if memory ran out, set memory_budget or batch_size to run them in chunks"
             ) from error
 
@@ -97,7 +116,7 @@ class OrtTail:
         device = features.device
         index = device.index if device.index is not None else torch.cuda.current_device()
         tensors = [_as_input(t.to(device)) for t in (features, masks, *extras)]
-        logits = torch.empty((masks.shape[0], self.num_classes), device=device, dtype=torch.float32)
+        logits = torch.empty((*masks.shape[:2], self.num_classes), device=device, dtype=torch.float32)
         binding = self.session.io_binding()
         for name, tensor in zip(self.input_names, tensors):
             binding.bind_input(name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr())
@@ -109,7 +128,7 @@ class OrtTail:
 
 def _num_classes(session: ort.InferenceSession) -> int:
     """The static class axis of `logits`, else the num_classes our exporter writes in the metadata."""
-    size = session.get_outputs()[0].shape[1]
+    size = session.get_outputs()[0].shape[-1]
     if isinstance(size, int):
         return size
     return int(session.get_modelmeta().custom_metadata_map["num_classes"])

@@ -48,27 +48,28 @@ def dims(value: onnx.ValueInfoProto) -> list:
 
 def torch_logits(split, features, masks, extras):
     with torch.no_grad():
-        return MaskedTail(split.tail)(features, masks, *extras)
+        return MaskedTail(split.tail)(features, masks, *extras)  # features [N,...], masks [N,M,K]
 
 
-def test_graph_has_a_symbolic_mask_batch_and_runs_at_several_batch_sizes(lite0, lite0_export):
+def test_graph_has_symbolic_image_and_mask_batches_and_runs_at_several_sizes(lite0, lite0_export):
     proto = onnx.load(str(lite0_export.path))
     inputs = {value.name: dims(value) for value in proto.graph.input}
-    assert inputs["features"] == [1, 320, 7, 7]
-    mask_batch, mask_channels = inputs["masks"]
-    assert isinstance(mask_batch, str) and mask_channels == 320
-    assert isinstance(dims(proto.graph.output[0])[0], str) and dims(proto.graph.output[0])[1] == 1000
+    images, *shape = inputs["features"]
+    assert isinstance(images, str) and shape == [320, 7, 7]
+    mask_images, mask_batch, mask_channels = inputs["masks"]
+    assert mask_images == images and isinstance(mask_batch, str) and mask_channels == 320
+    assert dims(proto.graph.output[0])[:2] == [images, mask_batch] and dims(proto.graph.output[0])[2] == 1000
 
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    split = split_model(lite0, "_blocks.15", x)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    split = split_model(lite0, "_blocks.15", x[:1])
     with torch.no_grad():
         features, *extras = split.head(x)
     session = ort.InferenceSession(str(lite0_export.path), providers=["CPUExecutionProvider"])
-    for batch in (1, 5, 640):
-        masks = (torch.rand(batch, 320, generator=torch.Generator().manual_seed(batch)) > 0.3).float()
-        (logits,) = session.run(["logits"], {"features": features.numpy(), "masks": masks.numpy()})
-        expected = torch_logits(split, features, masks, extras)
-        assert logits.shape == (batch, 1000)
+    for n, batch in ((1, 1), (3, 5), (1, 640)):
+        masks = (torch.rand(n, batch, 320, generator=torch.Generator().manual_seed(batch)) > 0.3).float()
+        (logits,) = session.run(["logits"], {"features": features[:n].numpy(), "masks": masks.numpy()})
+        expected = torch_logits(split, features[:n], masks, extras)
+        assert logits.shape == (n, batch, 1000)
         np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
@@ -97,9 +98,9 @@ def test_a_tensor_crossing_the_split_becomes_an_extra_input(resnet18_split, tmp_
     exported = export_split(split, features, extras, tmp_path / "r18.onnx", check_batches=(3, 17))
     proto = onnx.load(str(exported.path))
     assert [value.name for value in proto.graph.input] == ["features", "masks", "extra_0"]
-    assert dims(proto.graph.input[2]) == [1, 512, 7, 7]
+    assert dims(proto.graph.input[2])[1:] == [512, 7, 7] and isinstance(dims(proto.graph.input[2])[0], str)
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-    masks = (torch.rand(6, 512, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    masks = (torch.rand(1, 6, 512, generator=torch.Generator().manual_seed(0)) > 0.5).float()
     (logits,) = session.run(None, {"features": features.numpy(), "masks": masks.numpy(), "extra_0": extras[0].numpy()})
     np.testing.assert_allclose(logits, torch_logits(split, features, masks, extras).numpy(), atol=1e-4, rtol=1e-4)
 
@@ -126,7 +127,7 @@ def test_a_failing_dynamo_export_falls_back_to_torchscript(resnet18_split, tmp_p
     exported = export_split(split, features, extras, tmp_path / "ts.onnx", check_batches=(3, 9))
     assert exported.exporter == "torchscript"
     assert read_metadata(exported.path)["exporter"] == "torchscript"
-    assert isinstance(dims(onnx.load(str(exported.path)).graph.input[1])[0], str)
+    assert all(isinstance(d, str) for d in dims(onnx.load(str(exported.path)).graph.input[1])[:2])
 
 
 def test_fp16_graph_keeps_fp32_inputs_and_outputs_within_the_documented_tolerance(lite0, tmp_path):
@@ -148,8 +149,8 @@ def test_cli_export_writes_the_graph_and_its_json(tmp_path, capsys):
     described = json.loads((tmp_path / "efficientnet_lite0__blocks.15.json").read_text())
     assert graph_path.is_file() and str(graph_path) in capsys.readouterr().out
     assert described["graph"] == graph_path.name and described["target_layer"] == "_blocks.15"
-    assert [(t["name"], t["shape"]) for t in described["inputs"]] == [("features", [1, 320, 7, 7]), ("masks", ["batch", 320])]
-    assert described["outputs"][0]["shape"] == ["batch", 1000]
+    assert [(t["name"], t["shape"]) for t in described["inputs"]] == [("features", ["images", 320, 7, 7]), ("masks", ["images", "masks", 320])]
+    assert described["outputs"][0]["shape"] == ["images", "masks", 1000]
     assert described["masks"]["theta"] == 0.95 and described["masks"]["batch"] == 640
     assert "1 − 1_G(k)" in described["masks"]["rows"]
     assert "exp" in described["weights"]["formula"] and described["weights"]["bias"] == 0.5

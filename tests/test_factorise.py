@@ -1,4 +1,4 @@
-"""Tests for fdcam.factorise: the factorised first Linear of a tail equals the masked tail."""
+"""Tests for fdcam.factorise: every shortcut of a tail (factorised first Linear, convolution start, target rows) equals the masked tail."""
 
 import functools
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdcam import FDCAM, models
-from fdcam.factorise import FactorisedMaskedTail, factorised_masked_tail
+from fdcam.factorise import TailShortcut, max_group_size, sparse_rows, tail_shortcut
 from fdcam.split import split_model
 from fdcam.tail import MaskedTail, TorchTail
 
@@ -42,20 +42,20 @@ def vgg16():
 
 def test_vgg16_features30_factorised_equals_masked_tail(vgg16):
     _, _, split, activations, extras = vgg16
-    factorised = factorised_masked_tail(split.tail, activations, extras)
-    assert isinstance(factorised, FactorisedMaskedTail)
+    factorised = tail_shortcut(split.tail, activations, extras)
+    assert isinstance(factorised, TailShortcut) and factorised.kind == "linear"
     assert (factorised.num_channels, factorised.block, factorised.out_features) == (512, 49, 4096)
     masks = _masks(512)
     with torch.no_grad():
-        expected = MaskedTail(split.tail)(activations, masks)
-        got = factorised(activations, masks)
+        expected = MaskedTail(split.tail)(activations, masks[None])[0]
+        got = factorised(activations, masks[None])[0]
     assert got.shape == expected.shape == (masks.shape[0], 1000)
     assert _relative_error(got, expected) < 1e-5
 
 
 def test_factorised_tail_shares_the_model_weights(vgg16):
     model, _, split, activations, extras = vgg16
-    factorised = factorised_masked_tail(split.tail, activations, extras)
+    factorised = tail_shortcut(split.tail, activations, extras)
     assert factorised.linear.weight is model.classifier[0].weight
     parameters = {id(p) for p in model.parameters()}
     assert all(id(p) in parameters for p in factorised.parameters())
@@ -66,23 +66,11 @@ def test_resnet50_layer4_is_factorised_too():
     torch.manual_seed(0)
     model = models.load("resnet50", weights=None)
     split, activations, extras = _split(model, "layer4", torch.randn(1, 3, 224, 224))
-    factorised = factorised_masked_tail(split.tail, activations, extras)
-    assert factorised is not None and factorised.block == 1
+    factorised = tail_shortcut(split.tail, activations, extras)
+    assert factorised.kind == "linear" and factorised.block == 1 and factorised.first_is_final
     masks = _masks(2048, n=16)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks), MaskedTail(split.tail)(activations, masks)) < 1e-5
-
-
-def test_a_tail_starting_with_a_convolution_is_not_factorised_and_falls_back():
-    model = models.load("efficientnet_lite0")
-    split, activations, extras = _split(model, "_blocks.15", torch.randn(1, 3, 224, 224))
-    assert factorised_masked_tail(split.tail, activations, extras) is None
-    tail = TorchTail(split.tail)
-    masks = _masks(activations.shape[1], n=8)
-    assert tail.factorised_for(activations, extras) is None
-    with torch.no_grad():
-        expected = MaskedTail(split.tail)(activations, masks, *extras)
-    torch.testing.assert_close(tail.run(activations, masks, extras), expected)
+        assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 class _Functional(nn.Module):
@@ -107,8 +95,8 @@ def test_a_relu_between_the_target_and_the_linear_stops_the_pattern():
     torch.manual_seed(0)
     model = _Functional().eval()
     split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
-    # The target is the conv; the relu after it is not linear, so nothing is factorised.
-    assert factorised_masked_tail(split.tail, activations, extras) is None
+    # The target is the conv; the relu after it is not linear: only the last Linear's rows can be chosen.
+    assert tail_shortcut(split.tail, activations, extras).kind == "plain"
 
 
 class _Pooled(nn.Module):
@@ -131,11 +119,11 @@ def test_functional_linear_view_and_batch_size_in_the_rest():
     torch.manual_seed(0)
     model = _Pooled().eval()
     split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
-    factorised = factorised_masked_tail(split.tail, activations, extras)
-    assert factorised is not None and factorised.block == 16
+    factorised = tail_shortcut(split.tail, activations, extras)
+    assert factorised.kind == "linear" and factorised.block == 16
     masks = _masks(6, n=10)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks), MaskedTail(split.tail)(activations, masks)) < 1e-5
+        assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -163,12 +151,12 @@ def test_global_pooling_prefixes(prefix, matches):
     torch.manual_seed(0)
     model = Net().eval()
     split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
-    factorised = factorised_masked_tail(split.tail, activations, extras)
-    assert (factorised is not None) == matches
+    factorised = tail_shortcut(split.tail, activations, extras)
+    assert (factorised.kind == "linear") == matches
     if matches:
         masks = _masks(6, n=10)
         with torch.no_grad():
-            assert _relative_error(factorised(activations, masks), MaskedTail(split.tail)(activations, masks)) < 1e-5
+            assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 def test_nonlinear_or_channel_mixing_prefixes_are_not_factorised():
@@ -192,7 +180,7 @@ def test_nonlinear_or_channel_mixing_prefixes_are_not_factorised():
 
     for model in (MaxPooled().eval(), Permuted().eval()):
         split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
-        assert factorised_masked_tail(split.tail, activations, extras) is None
+        assert tail_shortcut(split.tail, activations, extras).kind == "plain"
 
 
 def test_chunked_runs_equal_one_batch(vgg16):
@@ -200,19 +188,19 @@ def test_chunked_runs_equal_one_batch(vgg16):
     masks = _masks(512, n=40)
     one = TorchTail(split.tail)
     chunked = TorchTail(split.tail, batch_size=7)
-    assert one.factorised_for(activations, extras) is not None
+    assert one.shortcut_for(activations, extras).kind == "linear"
     whole = one.run(activations, masks, extras)
     pieces = chunked.run(activations, masks, extras)
     assert one.calls == 1 and chunked.calls == -(-masks.shape[0] // 7)
     assert _relative_error(pieces, whole) < 1e-5
     with torch.no_grad():
-        assert _relative_error(whole, MaskedTail(split.tail)(activations, masks)) < 1e-5
+        assert _relative_error(whole, MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 def test_torch_tail_factorise_off_runs_the_masked_tail(vgg16):
     _, _, split, activations, extras = vgg16
     tail = TorchTail(split.tail, factorise=False)
-    assert tail.factorised_for(activations, extras) is None
+    assert tail.shortcut_for(activations, extras) is None
     masks = _masks(512, n=4)
     on = TorchTail(split.tail).run(activations, masks, extras)
     assert _relative_error(tail.run(activations, masks, extras), on) < 1e-5
@@ -222,7 +210,7 @@ def test_fdcam_maps_equal_with_factorise_on_and_off(vgg16, monkeypatch):
     model, x, *_ = vgg16
     on = FDCAM(model, "features.30")
     maps_on = on(x)
-    assert any(t.factorised_for(on.split_for(x).head(x)[0]) is not None for t in on._tails.values())
+    assert any(t.shortcut_for(on.split_for(x).head(x)[0]) is not None for t in on._tails.values())
     monkeypatch.setattr("fdcam.methods.base.TorchTail", functools.partial(TorchTail, factorise=False))
     off = FDCAM(model, "features.30")
     maps_off = off(x)
@@ -238,20 +226,20 @@ def test_factorised_tail_leaves_the_shared_dropout_in_eval_after_export(tmp_path
         nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5),
     ).eval()
     split, activations, extras = _split(model, "1", torch.randn(1, 3, 8, 8))
-    factorised = factorised_masked_tail(split.tail, activations, extras)
+    factorised = tail_shortcut(split.tail, activations, extras)
     assert factorised is not None and not factorised.training
     masks = _masks(8, n=6)
     path = tmp_path / "factorised.onnx"
     torch.onnx.export(
-        factorised, (activations, masks), str(path), input_names=["features", "masks"], output_names=["logits"],
-        dynamic_axes={"masks": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        factorised, (activations, masks[None]), str(path), input_names=["features", "masks"], output_names=["logits"],
+        dynamic_axes={"masks": {1: "batch"}, "logits": {1: "batch"}}, dynamo=False,
     )
     assert not model[4].training  # the exporter's train-mode "restore" did not reach the user's dropout
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     more = torch.cat([masks, masks[:3]])
-    (got,) = session.run(None, {"features": activations.numpy(), "masks": more.numpy()})
+    (got,) = session.run(None, {"features": activations.numpy(), "masks": more[None].numpy()})
     with torch.no_grad():
-        expected = MaskedTail(split.tail)(activations, more).numpy()
+        expected = MaskedTail(split.tail)(activations, more[None]).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -264,16 +252,204 @@ def test_factorised_tail_exports_with_the_dynamo_exporter(tmp_path):
         nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5),
     ).eval()
     split, activations, extras = _split(model, "1", torch.randn(1, 3, 8, 8))
-    factorised = factorised_masked_tail(split.tail, activations, extras)
+    factorised = tail_shortcut(split.tail, activations, extras)
     masks = _masks(8, n=6)
     path = tmp_path / "factorised.onnx"
     torch.onnx.export(
-        factorised, (activations, masks), str(path), input_names=["features", "masks"], output_names=["logits"],
-        dynamic_shapes=({}, {0: torch.export.Dim("batch")}), dynamo=True,
+        factorised, (activations, masks[None]), str(path), input_names=["features", "masks"], output_names=["logits"],
+        dynamic_shapes=({}, {1: torch.export.Dim("batch")}), dynamo=True,
     )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     more = torch.cat([masks, masks[:3]])
-    (got,) = session.run(None, {"features": activations.numpy(), "masks": more.numpy()})
+    (got,) = session.run(None, {"features": activations.numpy(), "masks": more[None].numpy()})
     with torch.no_grad():
-        expected = MaskedTail(split.tail)(activations, more).numpy()
+        expected = MaskedTail(split.tail)(activations, more[None]).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# --- tails that start with a convolution; target rows; the plain path --------------------------
+
+
+def _group_masks(activations, theta=0.95):
+    from fdcam.groups import channel_groups
+    from fdcam.switch import switch_masks
+
+    return switch_masks(channel_groups(activations, theta))  # [N,2K,K]: few ones, then few zeros
+
+
+def _plain(split, activations, masks, extras):
+    """One tail forward per image and mask: the reference every shortcut must equal."""
+    with torch.no_grad():
+        return torch.stack([
+            torch.cat([split.tail(activations[i : i + 1] * mask[None, :, None, None], *(e[i : i + 1] for e in extras))
+                       for mask in masks[i]])
+            for i in range(activations.shape[0])
+        ])
+
+
+def _check_all_paths(split, activations, extras, masks, sparsity, kind):
+    """Dense, gathered (where it applies), all classes and a subset, one call for all images: all equal the plain tail."""
+    from reference import assert_same_up_to_rounding
+
+    expected = _plain(split, activations, masks, extras)
+    tail = TorchTail(split.tail)
+    assert tail.shortcut_for(activations, extras).kind == kind
+    classes = torch.tensor([[expected.shape[-1] - 1, 0, 3]] * activations.shape[0])
+    subset = expected.gather(2, classes[:, None, :].expand(-1, expected.shape[1], -1))
+    assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
+    assert_same_up_to_rounding(tail.run(activations, masks, extras, classes, sparsity=sparsity), subset, rel=1e-5)
+    with torch.no_grad():
+        assert_same_up_to_rounding(tail.shortcut_for(activations, extras)(activations, masks, *extras), expected, rel=1e-5)
+    return tail
+
+
+def test_lite0_blocks15_conv_shortcut_equals_the_plain_tail(lite0):
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))  # small images: 3×3 maps
+    split, activations, extras = _split(lite0, "_blocks.15", x)
+    shortcut = tail_shortcut(split.tail, activations, extras)
+    assert shortcut.kind == "conv" and shortcut.norm is lite0._bn1 and shortcut.final is lite0._fc
+    masks = _group_masks(activations)[:, ::8]  # 40 of the 320 switch-on and 40 of the switch-off rows
+    tail = _check_all_paths(split, activations, extras, masks, max_group_size(320, 0.95), "conv")
+    assert tail.sparse_calls == 2  # with and without the promised bound, the group masks took the gathered sums
+    ablation = (1 - torch.eye(320))[None, ::16].expand(2, -1, -1)  # all but one channel: a gathered sum of 1
+    _check_all_paths(split, activations, extras, ablation, 1, "conv")
+
+
+class _ConvStart(nn.Module):
+    """A k×k convolution (padding, stride, dilation as given) with or without a batch norm, then ReLU, pool, MLP."""
+
+    def __init__(self, kernel, stride=1, padding=0, dilation=1, norm=True, bias=True, functional=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 12, kernel, stride, padding, dilation, bias=bias)
+        self.norm = nn.BatchNorm2d(12) if norm else nn.Identity()
+        self.functional = functional
+        self.fc = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
+        with torch.no_grad():  # non-trivial running statistics
+            if norm:
+                self.norm.running_mean.uniform_(-1, 1)
+                self.norm.running_var.uniform_(0.5, 2)
+                self.norm.weight.uniform_(0.5, 1.5)
+                self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        a = self.stem(x)
+        c = self.conv
+        z = F.conv2d(a, c.weight, c.bias, c.stride, c.padding, c.dilation) if self.functional else c(a)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.norm(z)), 1), 1))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(kernel=1),
+        dict(kernel=1, padding=1),
+        dict(kernel=3, padding=1),
+        dict(kernel=3, stride=2, padding=2, dilation=2, bias=False),
+        dict(kernel=3, padding="same", norm=False),
+        dict(kernel=1, functional=True),
+        dict(kernel=3, padding=1, functional=True, norm=False),
+    ],
+    ids=["1x1", "1x1-padded", "3x3", "3x3-strided-dilated", "same-no-norm", "functional-1x1", "functional-3x3"],
+)
+def test_conv_shortcut_with_padding_kernels_and_batch_norm_equals_the_plain_tail(options):
+    torch.manual_seed(0)
+    model = _ConvStart(**options).eval()
+    split, activations, extras = _split(model, "stem", torch.randn(2, 3, 9, 9))
+    shortcut = tail_shortcut(split.tail, activations, extras)
+    assert shortcut.kind == "conv" and (shortcut.norm is not None) == options.get("norm", True)
+    few = torch.zeros(2, 6, 16)
+    few[:, :3, :2] = 1  # rows with two ones
+    few[:, 3:] = 1
+    few[:, 3:, 5:8] = 0  # rows with three zeros
+    _check_all_paths(split, activations, extras, few, 3, "conv")
+
+
+def test_masks_that_are_not_sparse_take_the_dense_product():
+    torch.manual_seed(0)
+    split, activations, extras = _split(_ConvStart(kernel=1).eval(), "stem", torch.randn(1, 3, 9, 9))
+    masks = torch.cat([_masks(16, n=6), torch.rand(1, 2, 16)[0]])[None]  # half on, and real-valued weights
+    tail = _check_all_paths(split, activations, extras, masks, None, "conv")
+    assert tail.sparse_calls == 0
+    # A promised bound that the masks break is not trusted.
+    ones = torch.ones(1, 2, 16)
+    ones[0, 1, :8] = 0
+    from reference import assert_same_up_to_rounding
+
+    assert_same_up_to_rounding(tail.run(activations, ones, extras, sparsity=1), _plain(split, activations, ones, extras), rel=1e-5)
+
+
+def test_sparse_rows_describe_each_row_by_its_smaller_side():
+    masks = torch.tensor([[[1.0, 0, 0, 1, 0], [1, 1, 0, 1, 1]]])
+    index, weight, complement = sparse_rows(masks, 2)
+    assert complement[0, :, 0].tolist() == [False, True]
+    assert sorted(index[0, 0][weight[0, 0] > 0].tolist()) == [0, 3]
+    assert index[0, 1][weight[0, 1] > 0].tolist() == [2]
+    assert max_group_size(320, 0.95) == 16 and max_group_size(512, 0.95) == 26 and max_group_size(2, 1.0) == 1
+
+
+def test_group_sizes_never_exceed_the_static_bound():
+    from fdcam.groups import channel_groups
+
+    generator = torch.Generator().manual_seed(3)
+    for k, theta in ((7, 0.5), (40, 0.9), (320, 0.95), (33, 0.0)):
+        groups = channel_groups(torch.rand(2, k, 3, 3, generator=generator), theta)
+        assert int(groups.sum(-1).max()) <= max_group_size(k, theta)
+
+
+def test_resnet50_split_inside_the_last_block_stays_on_the_plain_path_and_exact():
+    # layer4.2.conv3: the tail starts bn3 → add(skip) → relu, not linear in the masks with a skip added.
+    torch.manual_seed(0)
+    model = models.load("resnet50", weights=None)
+    split, activations, extras = _split(model, "layer4.2.conv3", torch.randn(2, 3, 64, 64))
+    assert len(extras) == 1
+    masks = _group_masks(activations)[:, ::64]  # a few rows of each kind keep this cheap
+    _check_all_paths(split, activations, extras, masks, max_group_size(2048, 0.95), "plain")
+
+
+def test_resnet50_layer4_first_linear_is_the_last_and_gives_class_rows_only():
+    torch.manual_seed(0)
+    model = models.load("resnet50", weights=None)
+    split, activations, extras = _split(model, "layer4", torch.randn(2, 3, 64, 64))
+    masks = _group_masks(activations)[:, ::32]
+    _check_all_paths(split, activations, extras, masks, max_group_size(2048, 0.95), "linear")
+
+
+def test_vgg16_target_rows_and_sparse_first_linear_equal_the_plain_tail(vgg16):
+    _, _, split, activations, extras = vgg16
+    masks = _group_masks(activations)[:, ::16]
+    _check_all_paths(split, activations, extras, masks, max_group_size(512, 0.95), "linear")
+    ablation = (1 - torch.eye(512))[None, ::32]  # one zero per row: gathered
+    tail = _check_all_paths(split, activations, extras, ablation, 1, "linear")
+    assert tail.sparse_calls == 2  # with and without the bound
+
+
+class _NonLinearStart(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 1)
+        self.head = head
+
+    def forward(self, x):
+        return self.head(torch.sigmoid(self.conv2(torch.tanh(self.conv(x)))))
+
+
+@pytest.mark.parametrize("ends_in_linear", [True, False])
+def test_an_unrecognised_tail_takes_the_plain_path(ends_in_linear):
+    torch.manual_seed(0)
+    last = nn.Linear(16, 3) if ends_in_linear else nn.Softmax(1)
+    final = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), last)
+    model = _NonLinearStart(final).eval()
+    split, activations, extras = _split(model, "conv", torch.randn(2, 3, 6, 6))
+    shortcut = tail_shortcut(split.tail, activations, extras)  # tanh first: not linear in the masks
+    assert (shortcut is None) != ends_in_linear and (shortcut is None or shortcut.kind == "plain")
+    masks = _masks(6, n=5)[None].expand(2, -1, -1)
+    expected = _plain(split, activations, masks, extras)
+    from reference import assert_same_up_to_rounding
+
+    classes = torch.tensor([[2], [0]])
+    tail = TorchTail(split.tail)
+    assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
+    assert_same_up_to_rounding(tail.run(activations, masks, extras, classes),
+                               expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)

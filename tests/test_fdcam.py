@@ -146,12 +146,13 @@ def test_batched_switch_scores_equal_per_image_scores():
     generator = torch.Generator().manual_seed(9)
     logits, full = torch.randn(2, 8, 5, generator=generator), torch.randn(2, 5, generator=generator)
     classes = torch.tensor([[1, 3], [4, 0]])
+    logits = logits.gather(2, classes[:, None, :].expand(-1, 8, -1))  # the switch logits of the classes only
     for switch in ("on_off", "off"):
         batched = switch_scores(logits, full, classes, switch)
         for i in range(2):
             torch.testing.assert_close(batched[i], switch_scores(logits[i], full[i], classes[i], switch))
         if switch == "on_off":  # by the definition, for image 0 and class 1
-            expected = (logits[0, :4, 1] + full[0, 1] - logits[0, 4:, 1]) / 2
+            expected = (logits[0, :4, 0] + full[0, 1] - logits[0, 4:, 0]) / 2
             torch.testing.assert_close(batched[0, 0], expected)
 
 

@@ -92,7 +92,7 @@ def test_fdcam_resnet_split_inside_a_block_onnxruntime_equals_torch():
     maps = cam(x)
     for i in range(2):
         assert_same_maps(expected[i], maps[i])
-    assert the_tail(cam).runs == 2  # one per image
+    assert the_tail(cam).runs == 1  # both images' switch passes in one session run
 
 
 def test_ablationcam_onnxruntime_equals_torch(lite0, zebra):
@@ -205,3 +205,29 @@ def test_gpu_check_skips_cleanly_without_cuda_and_runs_its_checks_on_cpu(tmp_pat
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     (result,) = report["results"]
     assert report["passed"] and result["runs_per_explanation"] == 1 and result["correlation"] >= 0.9999
+
+
+def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path):
+    from reference import assert_same_up_to_rounding
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    split = fdcam.split_model(model, "layer4.1.conv2", x[:1])
+    with torch.no_grad():
+        features, *extras = split.head(x)  # the skip tensor crosses the split: one per image
+    tail = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path)
+    masks = (torch.rand(3, 7, 512, generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    together = tail.run(features, masks, extras)
+    assert tail.runs == 1 and together.shape == (3, 7, 1000) and together.dtype == torch.float32
+    singles = torch.cat([tail.run(features[i : i + 1], masks[i : i + 1], [e[i : i + 1] for e in extras]) for i in range(3)])
+    assert_same_up_to_rounding(together, singles)
+    assert_same_up_to_rounding(together, TorchTail(split.tail, factorise=False).run(features, masks, extras))
+    classes = torch.tensor([[5, 1], [0, 999], [3, 3]])
+    torch.testing.assert_close(tail.run(features, masks, extras, classes), together.gather(2, classes[:, None].expand(-1, 7, -1)))
+    per_mask = 4 * features[0].numel() * features.element_size()
+    for rows, runs in ((14, 2), (3, 9)):  # two images per run; slices of 3 masks of one image
+        chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path,
+                           memory_budget=rows * per_mask)
+        assert_same_up_to_rounding(chunked.run(features, masks, extras), together)
+        assert chunked.runs == runs

@@ -60,7 +60,7 @@ def test_masked_tail_equals_the_tail_on_masked_copies_with_extras_broadcast():
     assert len(extras) == 1
     masks = _masks(8, 5)
     with torch.no_grad():
-        got = MaskedTail(split.tail)(activations, masks, *extras)
+        got = MaskedTail(split.tail)(activations, masks[None], *extras)[0]
         expected = torch.cat([split.tail(activations * m[None, :, None, None], *extras) for m in masks])
     assert_same_up_to_rounding(got, expected)
 
@@ -81,7 +81,7 @@ def test_torch_tail_is_a_tail_and_equals_masked_tail_in_any_chunking(model_class
     k = activations.shape[1]
     masks = _masks(k, 11)
     with torch.no_grad():
-        expected = MaskedTail(split.tail)(activations, masks, *extras)
+        expected = MaskedTail(split.tail)(activations, masks[None], *extras)
     for batch_size in (None, 1, 4, 11, 50):
         tail = TorchTail(split.tail, batch_size=batch_size, factorise=factorise)
         assert isinstance(tail, Tail)
@@ -91,13 +91,14 @@ def test_torch_tail_is_a_tail_and_equals_masked_tail_in_any_chunking(model_class
         assert not got.requires_grad
 
 
-def test_torch_tail_factorises_the_mlp_pattern_only():
+def test_torch_tail_shortens_the_mlp_pattern_only():
     torch.manual_seed(0)
     mlp_split, mlp_features, _ = _head(Mlp().eval(), "features.1", torch.randn(1, 3, 8, 8))
     residual_split, residual_features, residual_extras = _head(Residual().eval(), "conv1", torch.randn(1, 3, 8, 8))
-    assert TorchTail(mlp_split.tail).factorised_for(mlp_features) is not None
-    assert TorchTail(mlp_split.tail, factorise=False).factorised_for(mlp_features) is None
-    assert TorchTail(residual_split.tail).factorised_for(residual_features, residual_extras) is None
+    assert TorchTail(mlp_split.tail).shortcut_for(mlp_features).kind == "linear"
+    assert TorchTail(mlp_split.tail, factorise=False).shortcut_for(mlp_features) is None
+    # conv1 → relu first: not linear in the masks; only the last Linear's rows can be chosen
+    assert TorchTail(residual_split.tail).shortcut_for(residual_features, residual_extras).kind == "plain"
 
 
 def test_torch_tail_builds_the_factorised_module_once_per_feature_shape():
@@ -105,14 +106,14 @@ def test_torch_tail_builds_the_factorised_module_once_per_feature_shape():
     model = Mlp().eval()
     split, activations, _ = _head(model, "features.1", torch.randn(1, 3, 8, 8))
     tail = TorchTail(split.tail)
-    first = tail.factorised_for(activations)
-    assert tail.factorised_for(activations * 2) is first
+    first = tail.shortcut_for(activations)
+    assert tail.shortcut_for(activations * 2) is first
     _, larger, _ = _head(model, "features.1", torch.randn(1, 3, 12, 12))
-    second = tail.factorised_for(larger)
+    second = tail.shortcut_for(larger)
     assert second is not None and second is not first
     masks = _masks(6, 3)
     with torch.no_grad():
-        assert_same_up_to_rounding(tail.run(larger, masks), MaskedTail(split.tail)(larger, masks))
+        assert_same_up_to_rounding(tail.run(larger, masks), MaskedTail(split.tail)(larger, masks[None]))
 
 
 def test_memory_budget_sets_the_chunks():
@@ -152,7 +153,7 @@ def _images(model, layer, n, seed=0):
 @pytest.mark.parametrize("model_class, layer", [(Residual, "conv1"), (Mlp, "features.1")])
 @pytest.mark.parametrize("factorise", [True, False])
 @pytest.mark.parametrize("batch_size", [None, 4, 7, 100])
-def test_run_images_equals_one_run_per_image(model_class, layer, factorise, batch_size):
+def test_a_batch_of_images_equals_one_run_per_image(model_class, layer, factorise, batch_size):
     torch.manual_seed(0)
     split, activations, extras = _images(model_class().eval(), layer, 3)
     k = activations.shape[1]
@@ -161,19 +162,19 @@ def test_run_images_equals_one_run_per_image(model_class, layer, factorise, batc
     tail = TorchTail(split.tail, batch_size=batch_size, factorise=factorise)
     with torch.no_grad():
         for masks in (per_image, shared):
-            got = tail.run_images(activations, masks, extras)
-            expected = torch.stack([
-                MaskedTail(split.tail)(activations[i : i + 1], masks[i] if masks.dim() == 3 else masks,
+            got = tail.run(activations, masks, extras)
+            expected = torch.cat([
+                MaskedTail(split.tail)(activations[i : i + 1], (masks[i] if masks.dim() == 3 else masks)[None],
                                        *(e[i : i + 1] for e in extras))
                 for i in range(3)
             ])
             assert_same_up_to_rounding(got, expected)
 
 
-def test_run_images_refuses_masks_that_do_not_fit():
+def test_run_refuses_masks_that_do_not_fit():
     split, activations, extras = _images(Mlp().eval(), "features.1", 2)
     with pytest.raises(ValueError, match="do not fit"):
-        TorchTail(split.tail).run_images(activations, torch.ones(3, 4, 6), extras)
+        TorchTail(split.tail).run(activations, torch.ones(3, 4, 6), extras)
 
 
 @pytest.mark.parametrize("factorise", [True, False])
@@ -205,7 +206,7 @@ def test_cuda_graph_replays_equal_eager_runs(model_class, layer):
     for seed in range(3):  # new inputs each time: the graph must read them, not the captured ones
         masks = torch.stack([_masks(k, 9, seed=seed + i) for i in range(2)]).cuda()
         scaled = activations * (1 + seed)
-        torch.testing.assert_close(graphed.run_images(scaled, masks, extras), eager.run_images(scaled, masks, extras))
+        torch.testing.assert_close(graphed.run(scaled, masks, extras), eager.run(scaled, masks, extras))
         torch.testing.assert_close(graphed.run(scaled[:1], masks[0], [e[:1] for e in extras]),
                                    eager.run(scaled[:1], masks[0], [e[:1] for e in extras]))
     assert graphed.graph_replays == 6 and len(graphed._graphs) == 2

@@ -20,8 +20,9 @@ class AblationCAM(BaseCAM):
         activations = explanation.activations
         num_channels = activations.shape[1]
         masks = 1.0 - torch.eye(num_channels, device=activations.device, dtype=activations.dtype)
-        logits = switch_logits(tail, activations, masks[None].expand(activations.shape[0], -1, -1), explanation.head.extras)
         classes = explanation.targets  # [N,T]
-        ablated = logits.gather(2, classes[:, None, :].expand(-1, num_channels, -1)).transpose(1, 2)  # [N,T,K]
+        # Row k switches channel k off: one zero per row, so the shortcut tails take Z(1) − C_k.
+        logits = switch_logits(tail, activations, masks, explanation.head.extras, classes, sparsity=1)  # [N,K,T]
+        ablated = logits.transpose(1, 2)  # [N,T,K]
         original = explanation.head.logits.gather(1, classes)[..., None]  # [N,T,1]
         return (original - ablated) / original

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..factorise import max_group_size
 from ..groups import channel_groups, single_channel_groups
 from ..switch import switch_logits, switch_masks, switch_scores
 from ..weights import combine_weights
@@ -56,8 +57,11 @@ class FDCAM(BaseCAM):
         tail = self.tail_for(explanation)
         activations = explanation.activations
         masks = switch_masks(self.groups(activations), self.switch)  # [N,M,K]
-        logits = switch_logits(tail, activations, masks, explanation.head.extras)  # [N,M,C]
-        return switch_scores(logits, explanation.head.logits, explanation.targets, self.switch)
+        # Every group has at most this many channels: rows have few ones (on) or few zeros (off).
+        sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
+        targets = explanation.targets
+        logits = switch_logits(tail, activations, masks, explanation.head.extras, targets, sparsity)  # [N,M,T]
+        return switch_scores(logits, explanation.head.logits, targets, self.switch)
 
     def channel_weights(self, explanation: Explanation) -> torch.Tensor:
         alpha = explanation.gradients.mean(dim=(-2, -1))
