@@ -18,10 +18,11 @@ from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
+from .options import TORCH_PRECISIONS
+
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "tail_precision"]
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-TORCH_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _MAX_GRAPHS = 4
 
 
