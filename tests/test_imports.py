@@ -143,7 +143,7 @@ def test_no_import_cycle_even_through_imports_inside_functions():
 
 @pytest.mark.parametrize("order", ["sorted", "reversed"])
 def test_every_module_imports_in_a_fresh_interpreter(order):
-    names = sorted(package_modules())
+    names = sorted(name for name in package_modules() if not name.endswith("__main__"))  # those run the CLI
     if order == "reversed":
         names.reverse()
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
