@@ -25,7 +25,7 @@ def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, 
     printed = capsys.readouterr().out
     assert "CPU:" in printed and "torch " in printed
     assert "median ms" in printed and "x pgc GradCAM" in printed
-    assert "FD-CAM phases on tiny" in printed
+    assert "FD-CAM stages on tiny" in printed
 
     payload = json.loads(out.read_text())
     assert {"cpu", "logical_cpus", "torch_threads", "torch", "onnxruntime"} <= set(payload["machine"])
