@@ -16,16 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-import fdcam
-from fdcam.runtime import available_providers
-from fdcam.tail import TorchTail
+if __package__ in (None, ""):  # run as a script (python benchmarks/gpu_check.py): the repository root holds benchmarks/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import fdcam  # noqa: E402
+from benchmarks.latency.timing import median, synchronise, timed  # noqa: E402
+from fdcam.runtime import available_providers  # noqa: E402
+from fdcam.tail import TorchTail  # noqa: E402
 
 LAYERS = {"vgg16": "features.30", "efficientnet_lite0": "_blocks.15"}
 # Host↔device copies below this many bytes are ORT's shape bookkeeping, not data.
@@ -72,27 +74,6 @@ def example_input(name: str, model: torch.nn.Module, device: torch.device) -> to
 def load_model(name: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     return fdcam.models.load(name, weights="imagenet" if name == "efficientnet_lite0" else None, device=device)
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(function, device: torch.device, repeats: int) -> tuple[object, list[float]]:
-    """The last result and the wall time of each of `repeats` calls (device synchronised around each)."""
-    times, result = [], None
-    for _ in range(repeats):
-        synchronise(device)
-        start = time.perf_counter()
-        result = function()
-        synchronise(device)
-        times.append(time.perf_counter() - start)
-    return result, times
-
-
-def median(times: list[float]) -> float | None:
-    return statistics.median(times) if times else None
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

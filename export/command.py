@@ -8,6 +8,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from fdcam.options import COMBINES, FDCAM_DEFAULTS, SWITCHES
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -27,10 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     whole.add_argument("--method", default="fdcam", help=f"one of {', '.join(EXPLAINER_METHODS)} (default fdcam)")
     whole.add_argument("--classes-input", action="store_true", help="add an int64 input 'classes' [N,T]: the classes to explain")
     whole.add_argument("--input-size", default=None, help="HxW of the image input (default: the model's, 224x224)")
-    whole.add_argument("--theta", type=float, default=None, help="FD-CAM: row quantile of the cosine matrix (0.95)")
-    whole.add_argument("--bias", type=float, default=None, help="FD-CAM: b in w = α̂·exp(ŝ) − b (0.5)")
-    whole.add_argument("--combine", choices=("exp", "linear"), default=None, help="FD-CAM: exp (default) or linear")
-    whole.add_argument("--switch", choices=("on_off", "off"), default=None, help="FD-CAM: on_off (default) or off")
+    whole.add_argument("--theta", type=float, default=None, help=f"FD-CAM: row quantile of the cosine matrix ({FDCAM_DEFAULTS['theta']})")
+    whole.add_argument("--bias", type=float, default=None, help=f"FD-CAM: b in w = α̂·exp(ŝ) − b ({FDCAM_DEFAULTS['bias']})")
+    whole.add_argument("--combine", choices=COMBINES, default=None, help="FD-CAM: exp (default) or linear")
+    whole.add_argument("--switch", choices=SWITCHES, default=None, help="FD-CAM: on_off (default) or off")
     whole.add_argument("--no-grouping", action="store_true", help="FD-CAM: each group is its channel alone")
     whole.add_argument("--triton", default=None, metavar="REPO", help="also (or only) write a Triton model repository")
     whole.add_argument("--name", default=None, help="Triton model name (default fdcam_<model>_<method>)")

@@ -8,12 +8,14 @@ from typing import Any
 
 import onnx
 
+from fdcam.options import FDCAM_DEFAULTS
+
 from .graph import FP16_TOLERANCE, FP32_TOLERANCE, ExportedTail
 
 __all__ = ["describe_tail"]
 
-THETA = 0.95
-BIAS = 0.5
+THETA = FDCAM_DEFAULTS["theta"]
+BIAS = FDCAM_DEFAULTS["bias"]
 
 
 def _graph_shapes(path: Path) -> dict[str, list[tuple[str, list[Any]]]]:

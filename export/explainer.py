@@ -34,7 +34,10 @@ from torch import nn
 from fdcam.factorise import expand_rows, sparse_rows, tail_shortcut
 from fdcam.head import HeadOutput
 from fdcam.methods import METHODS
-from fdcam.methods.base import Explanation, preserved_model_state
+from fdcam._version import __version__
+from fdcam.errors import first_line
+from fdcam.methods.base import Explanation
+from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
 from fdcam.tail import CONV_SPARSE_SHARE, MaskedTail, expand_masks
 
@@ -439,7 +442,7 @@ def export_explainer_full(
         try:
             onnx.checker.check_model(str(staged))
         except Exception as error:
-            raise ExportError(f"the explainer graph fails onnx.checker ({_first_line(error)}); nothing was saved") from None
+            raise ExportError(f"the explainer graph fails onnx.checker ({first_line(error)}); nothing was saved") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
@@ -515,8 +518,6 @@ def run_explainer(session: ort.InferenceSession, image: np.ndarray, classes: np.
 def _explainer_metadata(layer, method, reference, options, classes_input, num_classes, opset) -> dict[str, str]:
     import onnxruntime
 
-    import fdcam
-
     resolved = {}
     if method == "fdcam":
         resolved = {name: getattr(reference, name) for name in ("theta", "bias", "combine", "switch", "grouping")}
@@ -533,7 +534,7 @@ def _explainer_metadata(layer, method, reference, options, classes_input, num_cl
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
         "onnxruntime_version": onnxruntime.__version__,
-        "fdcam_version": fdcam.__version__,
+        "fdcam_version": __version__,
     }
 
 
@@ -586,7 +587,7 @@ def _validate(session, reference, model, images: torch.Tensor, classes_input: bo
         try:
             logits, got_targets, saliency = run_explainer(session, batch.numpy(), None if classes is None else classes.numpy())
         except Exception as error:  # ONNX Runtime raises its own types
-            raise ExportError(f"ONNX Runtime cannot run the explainer graph ({_first_line(error)}); nothing was saved") from None
+            raise ExportError(f"ONNX Runtime cannot run the explainer graph ({first_line(error)}); nothing was saved") from None
         if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, targets.numpy()):
             return float("inf"), float("inf"), 0.0, cases
         saliency_error = max(saliency_error, _max_abs(saliency, expected))
@@ -647,10 +648,7 @@ def _op_message(error: BaseException) -> str:
 
     text = str(error)
     found = re.search(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text)
-    first = _first_line(error)
+    first = first_line(error)
     return f"no ONNX translation for {found.group(1)}: {first}" if found and found.group(1) not in first else first
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__

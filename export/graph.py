@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from fdcam.factorise import tail_shortcut
+from fdcam._version import __version__
+from fdcam.errors import first_line
 from fdcam.split import SplitModel
 from fdcam.tail import MaskedTail
 
@@ -139,8 +141,8 @@ def export_split(
                 try:
                     proto = exporter(module, features, extras, opset, Path(staging), largest_weight)
                 except Exception as error:  # the exporters raise many types; the next one may work
-                    log.info("%s failed: %s", attempt, _first_line(error))
-                    problems.append(f"{attempt} failed ({_first_line(error)})")
+                    log.info("%s failed: %s", attempt, first_line(error))
+                    problems.append(f"{attempt} failed ({first_line(error)})")
                     continue
                 if fp16:
                     proto = to_fp16(proto)
@@ -152,7 +154,7 @@ def export_split(
                 try:
                     onnx.checker.check_model(str(staged))
                 except Exception as error:
-                    problems.append(f"{attempt} graph fails onnx.checker ({_first_line(error)})")
+                    problems.append(f"{attempt} graph fails onnx.checker ({first_line(error)})")
                     continue
                 session = _cpu_session(staged, session_options)
                 error, scale = _max_error(session, checks)
@@ -285,7 +287,7 @@ def _fold_weight_constants(model, largest_weight: int) -> None:
 
         onnxscript.optimizer.fold_constants(model, input_size_limit=max(largest_weight, 8192))
     except Exception as error:  # folding is an optimisation; the unfolded graph is correct
-        log.info("constant folding skipped: %s", _first_line(error))
+        log.info("constant folding skipped: %s", first_line(error))
 
 
 def _export_torchscript(
@@ -363,8 +365,6 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
 
 
 def _shape_metadata(split: SplitModel, features: torch.Tensor, num_classes: int, opset: int, fp16: bool) -> dict[str, str]:
-    import fdcam
-
     _, channels, height, width = features.shape
     return {
         "target_layer": split.layer,
@@ -377,7 +377,7 @@ def _shape_metadata(split: SplitModel, features: torch.Tensor, num_classes: int,
         "opset": str(opset),
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
-        "fdcam_version": fdcam.__version__,
+        "fdcam_version": __version__,
     }
 
 
@@ -427,6 +427,3 @@ def _move_into_place(staged: Path, path: Path) -> None:
     os.replace(staged, path)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fdcam.methods.base import preserved_model_state
+from fdcam.model_state import preserved_model_state
 from fdcam.split import resolve_layer_name, split_model
 
 from .graph import DEFAULT_OPSET, ExportedTail, ExportError, export_split, model_metadata

@@ -1,6 +1,7 @@
 """fdcam: FD-CAM and the CAM methods it is compared with, on any CNN layer, fast."""
 
 from . import models
+from ._version import __version__
 from .methods import (
     FDCAM,
     METHODS,
@@ -15,7 +16,6 @@ from .methods import (
 )
 from .split import SplitError, SplitModel, split_model
 
-__version__ = "0.1.0"
 
 __all__ = [
     "models",

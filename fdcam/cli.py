@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import first_line
+
 __all__ = ["main"]
 
 
@@ -37,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fdcam: interrupted", file=sys.stderr)
         return 130
     except (CommandError, ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"fdcam: error: {message}", file=sys.stderr)
+        print(f"fdcam: error: {first_line(error, limit=None)}", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,7 @@ from .evaluation import (
 )
 from .explain_command import check_output_dir
 from .methods import METHODS
+from .options import COMBINES, FDCAM_DEFAULTS
 from .scoring import SCORERS
 
 __all__ = ["add_arguments", "run", "partial_path_for"]
@@ -76,9 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pointing.add_argument("--multi-object", metavar="DIR", help="also a folder with boxes.json (e.g. shared/data/multi-object)")
 
     fdcam = parser.add_argument_group("FD-CAM options and ablations (Tables III, IV)")
-    fdcam.add_argument("--theta", type=float, help="row quantile of the cosine matrix for grouping (default 0.95)")
-    fdcam.add_argument("--bias", type=float, help="bias b in w = a*exp(s) - b (default 0.5)")
-    fdcam.add_argument("--combine", choices=["exp", "linear"], help="combination of gradient and score (default exp)")
+    fdcam.add_argument("--theta", type=float, help=f"row quantile of the cosine matrix for grouping (default {FDCAM_DEFAULTS['theta']})")
+    fdcam.add_argument("--bias", type=float, help=f"bias b in w = a*exp(s) - b (default {FDCAM_DEFAULTS['bias']})")
+    fdcam.add_argument("--combine", choices=COMBINES, help="combination of gradient and score (default exp)")
     fdcam.add_argument("--switch", choices=["on_off", "on-off", "off"], help="switch scores: on_off (default) or off")
     fdcam.add_argument("--no-grouping", action="store_true", help="each channel in its own group")
     fdcam.add_argument(

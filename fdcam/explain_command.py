@@ -16,6 +16,7 @@ from . import models
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, overlay, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError
+from .options import TORCH_PRECISIONS
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="engine for switch passes")
     parser.add_argument("--provider", default=None, help="onnxruntime provider: cpu, cuda or tensorrt")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp16"],
+    parser.add_argument("--precision", default="fp32", choices=TORCH_PRECISIONS,
                         help="math of the switch passes (bf16: torch backend only)")
     parser.add_argument("--cuda-graph", action="store_true", help="torch backend on CUDA: replay switch passes as a CUDA graph")
     parser.add_argument("--out", default="fdcam-out", help="output directory (default ./fdcam-out)")

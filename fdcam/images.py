@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fdcam.errors import first_line
 from fdcam.models import ModelSpec
 
 # Images above this many pixels are refused as possible decompression bombs (Pillow's own warning
@@ -102,7 +103,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXEL
         raise
     except (OSError, ValueError, SyntaxError, MemoryError) as error:
         # Truncated or corrupt files, modes Pillow cannot convert to RGB, images too large to hold.
-        raise ImageError(f"cannot read image {path}: {(str(error).splitlines() or [type(error).__name__])[0]}") from None
+        raise ImageError(f"cannot read image {path}: {first_line(error, None)}") from None
 
 
 def _bomb_message(path: Path, pixels: int | None, size: tuple[int, int] | None, limit: int) -> str:

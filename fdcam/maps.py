@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["weighted_sum", "normalise_maps", "to_input_size"]
+__all__ = ["minmax", "weighted_sum", "normalise_maps", "to_input_size"]
 
 
 def weighted_sum(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -15,13 +15,21 @@ def weighted_sum(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return F.relu(torch.einsum("ntk,nkhw->nthw", weights, activations))
 
 
+def minmax(values: torch.Tensor, dim: int | tuple[int, ...] = -1, eps: float | None = None) -> torch.Tensor:
+    """(v − min)/(max − min) along `dim`; a constant slice becomes zeros, never NaN.
+
+    With `eps`, (v − min)/(max − min + eps) instead (pytorch-grad-cam's Score-CAM convention).
+    """
+    low = values.amin(dim=dim, keepdim=True)
+    span = values.amax(dim=dim, keepdim=True) - low
+    if eps is not None:
+        return (values - low) / (span + eps)
+    return torch.where(span > 0, (values - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(values))
+
+
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
-    """(m − min)/(max − min) over the last two dims; an all-constant map becomes zeros, never NaN."""
-    flat = maps.flatten(-2)
-    low = flat.amin(-1, keepdim=True)
-    span = flat.amax(-1, keepdim=True) - low
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (flat - low) / safe, torch.zeros_like(flat)).reshape(maps.shape)
+    """Min-max over the last two dims; an all-constant map becomes zeros, never NaN."""
+    return minmax(maps, dim=(-2, -1))
 
 
 def to_input_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

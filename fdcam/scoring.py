@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import first_line
+
 __all__ = ["SCORERS", "OrtScorer", "Scorer", "make_scorer", "scorer_error", "torch_scorer"]
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -117,7 +119,7 @@ def make_scorer(
         error = scorer_error(scorer, reference, example)
     except Exception as failure:  # export or session failures: 'auto' keeps the torch path
         if kind == "onnxruntime":
-            raise RuntimeError(f"the ONNX Runtime scorer failed: {str(failure).strip().splitlines()[0][:200]}") from failure
+            raise RuntimeError(f"the ONNX Runtime scorer failed: {first_line(failure, 200)}") from failure
         return reference, "torch", f"ONNX Runtime scorer unavailable ({type(failure).__name__})"
     if error > TOLERANCE:
         message = f"ONNX Runtime scorer differs from torch by {error:.2e} in a probability (> {TOLERANCE:g})"

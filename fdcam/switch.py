@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from .options import SWITCHES, invalid_choice
 from .tail import Tail
 
 __all__ = ["switch_masks", "switch_logits", "switch_scores"]
@@ -21,7 +22,7 @@ def switch_masks(groups: torch.Tensor, switch: str = "on_off") -> torch.Tensor:
         return 1.0 - on
     if switch == "on_off":
         return torch.cat([on, 1.0 - on], dim=-2)
-    raise ValueError(f"switch must be 'on_off' or 'off', not {switch!r}")
+    raise invalid_choice("switch", switch, SWITCHES)
 
 
 def switch_logits(

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
+from .options import TORCH_PRECISIONS
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
-TORCH_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
 # A gathered sum over g of K channels replaces a dense product when g is at most this share of K

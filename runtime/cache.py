@@ -34,6 +34,8 @@ from torch import nn
 from fdcam.export import DEFAULT_OPSET, ExportError, export_split
 from fdcam.export.graph import input_names, model_metadata
 from fdcam.export.model import model_name
+from fdcam._version import __version__
+from fdcam.errors import first_line
 from fdcam.split import SplitModel
 
 from .providers import check_precision, create_session, resolve_provider, session_options
@@ -118,7 +120,7 @@ def ort_tail(
         precision,
         str(features.device),
     )
-    fingerprint = _fingerprint(split.tail)
+    fingerprint = tail_fingerprint(split.tail)
     per_model = _sessions.setdefault(model, {})
     entry = per_model.get(key)
     if entry is not None and entry.fingerprint == fingerprint:
@@ -183,9 +185,9 @@ def _build(
         session, used = open_session()
     except _LOAD_ERRORS as error:
         if not reused:
-            raise ExportError(f"onnxruntime cannot load the tail graph ({_first_line(error)})") from error
+            raise ExportError(f"onnxruntime cannot load the tail graph ({first_line(error, 200)})") from error
         # A damaged cached graph (interrupted copy, disk error): export it again, once.
-        log.warning("cached tail graph %s is unreadable (%s); exporting it again", reused[0], _first_line(error))
+        log.warning("cached tail graph %s is unreadable (%s); exporting it again", reused[0], first_line(error, 200))
         for path in reused:
             _remove_graph(path)
         session, used = open_session()
@@ -259,11 +261,6 @@ def _remove_graph(path: Path) -> None:
             pass
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def _metadata(model: nn.Module) -> dict[str, str]:
     from fdcam.models import spec_of
 
@@ -284,19 +281,17 @@ def _tail_tensors(tail: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(named.items())
 
 
-def _fingerprint(tail: nn.Module) -> tuple:
+def tail_fingerprint(tail: nn.Module) -> tuple:
     """Cheap identity of the tail's weights: tensor identities, storage pointers and in-place version counters."""
     return tuple((name, id(tensor), tensor.data_ptr(), tensor._version) for name, tensor in _tail_tensors(tail))
 
 
 def _content_hash(split: SplitModel, features: torch.Tensor, extras: Sequence[torch.Tensor]) -> str:
     """sha256 of the tail's code and weights, the layer, the input shapes and the tool versions."""
-    import fdcam
-
     digest = hashlib.sha256()
     header = [
         "fdcam-tail/3",  # bump when the export changes for the same tail
-        fdcam.__version__,
+        __version__,
         torch.__version__,
         str(DEFAULT_OPSET),
         split.layer,

@@ -15,6 +15,9 @@ from typing import Callable
 import onnxruntime as ort
 import torch
 
+from fdcam.errors import first_line
+from fdcam.options import ORT_PRECISIONS
+
 __all__ = [
     "PRECISIONS",
     "PROVIDERS",
@@ -26,7 +29,7 @@ __all__ = [
 
 log = logging.getLogger("fdcam.runtime")
 
-PRECISIONS = ("fp32", "tf32", "fp16")
+PRECISIONS = ORT_PRECISIONS
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 
 _ORT_NAMES = {
@@ -175,7 +178,7 @@ def create_session(
                 str(path), session_options(), providers=[(_ORT_NAMES["cuda"], cuda_options(device, precision)), _ORT_NAMES["cpu"]]
             )
         except Exception as error:  # ORT's pybind errors are not RuntimeErrors: make it one line the CLI prints
-            raise ProviderError(f"the CUDA execution provider failed to start ({_first_line(error)}); {hint}") from error
+            raise ProviderError(f"the CUDA execution provider failed to start ({first_line(error, 200)}); {hint}") from error
         if session.get_providers()[0] != _ORT_NAMES["cuda"]:
             raise ProviderError(f"the CUDA execution provider did not load; {hint}")
         return session, "cuda"
@@ -194,12 +197,9 @@ def _try_tensorrt(graph, precision, device, engine_dir, mask_batch, input_shapes
         # TensorRT does its own fp16 conversion, so it always gets the fp32 graph.
         session = ort.InferenceSession(str(graph(False)), session_options(), providers=providers)
     except Exception as error:  # TensorRT raises from deep inside (missing libs, unsupported op, build failure)
-        return None, _first_line(error)
+        return None, first_line(error, 200)
     if session.get_providers()[0] != _ORT_NAMES["tensorrt"]:
         return None, "the TensorRT library did not load"
     return session, ""
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

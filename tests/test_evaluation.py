@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fdcam import cli, evaluation
-from fdcam.evaluation import ResultStore, method_specs, write_json_atomic
+from fdcam import cli
+from fdcam.evaluation import ResultStore, insertion_deletion, method_specs, write_json_atomic
 
 DATA = Path(__file__).parent / "data"
 JPEGS = sorted(p.name for p in DATA.glob("*.JPEG"))
 FAST_STEP = str(224 * 56)  # 4 insertion/deletion steps instead of 28: same code paths, 7x fewer forwards
-REAL_INSERTION_DELETION = evaluation.insertion_deletion_batch
+REAL_INSERTION_DELETION = insertion_deletion.insertion_deletion_batch
 
 
 @pytest.fixture()
@@ -39,7 +39,7 @@ def _counting(monkeypatch):
         seen.append(x.shape[0])
         return REAL_INSERTION_DELETION(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "insertion_deletion_batch", counting)
+    monkeypatch.setattr(insertion_deletion, "insertion_deletion_batch", counting)
     return seen
 
 
@@ -130,7 +130,7 @@ def test_resume_computes_only_new_images_and_survives_an_interrupt(image_dir, tm
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluation, "insertion_deletion_batch", interrupted)
+    monkeypatch.setattr(insertion_deletion, "insertion_deletion_batch", interrupted)
     assert _evaluate(*args) == 130
     assert json.loads(out.read_text()) == second
     seen = _counting(monkeypatch)
@@ -261,7 +261,7 @@ def test_evaluation_runs_with_tf32_off_and_restores_the_flags(image_dir, tmp_pat
         seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         return REAL_INSERTION_DELETION(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "insertion_deletion_batch", recording)
+    monkeypatch.setattr(insertion_deletion, "insertion_deletion_batch", recording)
     # torch's backend flags are properties of module-like objects: pytest 9's monkeypatch cannot undo
     # a setattr on them, so the test sets and restores them itself.
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

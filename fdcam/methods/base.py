@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..concurrency import model_in_eval, running, tracing
+from ..backends import BACKENDS, tail_backend
+from ..concurrency import running, tracing
+from ..errors import first_line
 from ..head import HeadOutput, class_gradients, forward_head
 from ..maps import to_input_size, weighted_sum
+from ..model_state import preserved_model_state
+from ..options import invalid_choice
 from ..split import SplitModel, resolve_layer_name, split_model
 from ..tail import Tail, TorchTail, check_torch_precision
+from ..timing import stage
 
 __all__ = ["BaseCAM", "Explanation", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
 
@@ -25,17 +29,6 @@ Targets = Union[None, int, Sequence[int], Sequence[Sequence[int]], torch.Tensor]
 
 class NonFiniteError(ValueError):
     """The model's logits or a saliency map contain NaN or infinite values."""
-
-
-@contextlib.contextmanager
-def preserved_model_state(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode, then restore every module's train/eval flag and every parameter's requires_grad.
-
-    Safe under threads: the model stays in eval mode while any thread is inside, and the flags are
-    restored when the last one leaves (fdcam.concurrency.model_in_eval).
-    """
-    with model_in_eval(model):
-        yield
 
 
 def _class_index(value: object) -> int:
@@ -111,7 +104,8 @@ class Explanation:
     def gradients(self) -> torch.Tensor:
         """∂f_c/∂A [N,T,K,h,w], computed once on first use."""
         if self._gradients is None:
-            self._gradients = class_gradients(self.split, self.head, self.targets)
+            with stage("backward"):
+                self._gradients = class_gradients(self.split, self.head, self.targets)
         return self._gradients
 
 
@@ -144,8 +138,8 @@ class BaseCAM:
         precision: str = "fp32",
         cuda_graph: bool = False,
     ):
-        if backend not in ("torch", "onnxruntime"):
-            raise ValueError(f"backend must be 'torch' or 'onnxruntime', not {backend!r}")
+        if backend not in BACKENDS:
+            raise invalid_choice("backend", backend, BACKENDS)
         if backend == "torch":
             check_torch_precision(precision)
         elif cuda_graph:
@@ -202,7 +196,8 @@ class BaseCAM:
         with preserved_model_state(self.model):
             split = self.split_for(x)
             with running():
-                head = _one_line_errors(lambda: forward_head(split, x), x)
+                with stage("head"):
+                    head = _one_line_errors(lambda: forward_head(split, x), x)
                 if not torch.isfinite(head.logits).all():
                     raise NonFiniteError("the model's logits are NaN or infinite (are its weights finite?)")
                 if min(head.activations.shape[-2:]) == 1 and max(head.activations.shape[-2:]) == 1:
@@ -212,10 +207,12 @@ class BaseCAM:
                         " choose an earlier layer or a larger input",
                     )
                 explanation = Explanation(x, split, head, resolve_targets(targets, head.logits))
-                weights = self.channel_weights(explanation)
+                with stage("weights"):
+                    weights = self.channel_weights(explanation)
                 if not torch.isfinite(weights).all():
                     raise NonFiniteError(f"{type(self).__name__}'s channel weights are NaN or infinite")
-                maps = self.saliency(explanation, weights)
+                with stage("map"):
+                    maps = self.saliency(explanation, weights)
                 if not torch.isfinite(maps).all():
                     raise NonFiniteError(f"{type(self).__name__}'s saliency map is NaN or infinite")
         return maps.float()
@@ -259,16 +256,13 @@ class BaseCAM:
         place, by load_state_dict or by batch-norm statistics give a new graph.
         """
         key = id(explanation.split)
-        if self.backend == "onnxruntime":
-            from ..runtime.cache import _fingerprint
-
-            fingerprint = _fingerprint(explanation.split.tail)
+        if self.backend != "torch":
+            backend = tail_backend(self.backend)
+            fingerprint = backend.fingerprint(explanation.split.tail)
             if key in self._tails and self._tail_fingerprints.get(key) == fingerprint:
                 return self._tails[key]
-            from ..runtime import ort_tail
-
             with tracing():
-                tail = ort_tail(
+                tail = backend.build(
                     self.model,
                     explanation.split,
                     explanation.activations[:1],
@@ -303,9 +297,7 @@ def _one_line_errors(function, x: torch.Tensor):
     except torch.OutOfMemoryError:
         raise
     except RuntimeError as error:
-        text = str(error).strip()
-        first_line = text.splitlines()[0][:300] if text else type(error).__name__
-        raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line})") from error
+        raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line(error)})") from error
 
 
 def _default_layer(model: nn.Module) -> str:

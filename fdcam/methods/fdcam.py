@@ -6,7 +6,9 @@ import torch
 
 from ..factorise import max_group_size
 from ..groups import channel_groups, single_channel_groups
+from ..options import FDCAM_DEFAULTS, check_fdcam_options
 from ..switch import switch_logits, switch_masks, switch_scores
+from ..timing import timed_stage
 from ..weights import combine_weights
 from .base import BaseCAM, Explanation
 
@@ -29,22 +31,18 @@ class FDCAM(BaseCAM):
         model,
         target_layer=None,
         *,
-        theta: float = 0.95,
-        bias: float = 0.5,
-        combine: str = "exp",
-        switch: str = "on_off",
-        grouping: bool = True,
+        theta: float = FDCAM_DEFAULTS["theta"],
+        bias: float = FDCAM_DEFAULTS["bias"],
+        combine: str = FDCAM_DEFAULTS["combine"],
+        switch: str = FDCAM_DEFAULTS["switch"],
+        grouping: bool = FDCAM_DEFAULTS["grouping"],
         **options,
     ):
         super().__init__(model, target_layer, **options)
-        if combine not in ("exp", "linear"):
-            raise ValueError(f"combine must be 'exp' or 'linear', not {combine!r}")
-        if switch not in ("on_off", "off"):
-            raise ValueError(f"switch must be 'on_off' or 'off', not {switch!r}")
-        if not 0.0 <= theta <= 1.0:
-            raise ValueError(f"theta must lie in [0, 1], not {theta}")
-        self.theta, self.bias, self.combine, self.switch, self.grouping = theta, bias, combine, switch, grouping
+        options = check_fdcam_options(theta=theta, bias=bias, combine=combine, switch=switch, grouping=grouping)
+        self.theta, self.bias, self.combine, self.switch, self.grouping = options.values()
 
+    @timed_stage("grouping")
     def groups(self, activations: torch.Tensor) -> torch.Tensor:
         """Boolean channel groups: [K,K] for one image's activations [K,h,w], [N,K,K] for [N,K,h,w]."""
         if not self.grouping:
@@ -52,6 +50,7 @@ class FDCAM(BaseCAM):
             return eye.expand(*activations.shape[:-3], *eye.shape)
         return channel_groups(activations, self.theta)
 
+    @timed_stage("switch")
     def switch_scores(self, explanation: Explanation) -> torch.Tensor:
         """Switch scores s [N,T,K] from one batched set of tail passes for all N images."""
         tail = self.tail_for(explanation)

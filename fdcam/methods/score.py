@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..maps import normalise_maps
+from ..maps import minmax, normalise_maps
 from ..metrics import default_batch_size
 from ..scoring import Scorer
 from .base import BaseCAM, Explanation
@@ -55,9 +55,7 @@ class ScoreCAM(_ScoredCAM):
     def channel_weights(self, explanation: Explanation) -> torch.Tensor:
         x, activations = explanation.x, explanation.activations
         upsampled = F.interpolate(activations, size=x.shape[-2:], mode="bilinear", align_corners=True)
-        low = upsampled.amin(dim=(-2, -1), keepdim=True)
-        high = upsampled.amax(dim=(-2, -1), keepdim=True)
-        upsampled = (upsampled - low) / (high - low + 1e-8)
+        upsampled = minmax(upsampled, dim=(-2, -1), eps=1e-8)
         weights = []
         for i in range(x.shape[0]):
             image, masks = x[i][None], upsampled[i][:, None]  # [1,3,H,W], [K,1,H,W]
@@ -108,10 +106,9 @@ class GroupCAM(_ScoredCAM):
             threshold = torch.quantile(flat, self.percentile / 100.0, dim=-1, keepdim=True)
             group_maps = torch.where(flat > threshold, flat, torch.zeros_like(flat)).reshape(group_maps.shape)
             upsampled = F.interpolate(group_maps, size=size, mode="bilinear", align_corners=False)
-            low = upsampled.amin(dim=(-2, -1), keepdim=True)
-            span = upsampled.amax(dim=(-2, -1), keepdim=True) - low
-            valid = span > 0  # the authors skip constant group maps
-            masks = torch.where(valid, (upsampled - low) / torch.where(valid, span, torch.ones_like(span)), torch.zeros_like(upsampled))
+            masks = minmax(upsampled, dim=(-2, -1))
+            # the authors skip constant group maps
+            valid = upsampled.amax(dim=(-2, -1), keepdim=True) > upsampled.amin(dim=(-2, -1), keepdim=True)
             blurred = gaussian_blur(x[i : i + 1])
             # Input 0 is the blurred image itself (mask 0), the baseline of every group's score.
             flat_masks = torch.cat([masks.new_zeros(1, *size), masks.flatten(0, 1)])[:, None]  # [1+T*G,1,H,W]

@@ -1,0 +1,7 @@
+"""`python -m benchmarks.latency`."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The rows of the latency table: what each runs (fdcam methods, pytorch-grad-cam, the explainer graph, the authors' loop)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+import fdcam
+from fdcam import models
+from fdcam.errors import first_line
+
+from .authors import AuthorsFDCAM
+from .models import BenchModel
+
+__all__ = ["REFERENCE", "ROWS", "ROW_KEYS", "Row", "Runner", "one_line", "select_rows", "unavailable"]
+
+REFERENCE = "pgc-gradcam"
+
+
+@dataclass
+class Row:
+    key: str
+    library: str  # "fdcam", "pytorch-grad-cam" or "authors' loop"
+    label: str
+    build: Callable[[BenchModel], "Runner"]
+    backend: str = "torch"
+    precision: str = "fp32"
+    slow: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    needs: str | None = None  # "pgc" or "ort"
+
+
+@dataclass
+class Runner:
+    """A built row: `explain(x)` is timed; `before`/`after` run untimed around each call; `close` at the end."""
+
+    explain: Callable[[torch.Tensor], object]
+    before: Callable[[], None] = lambda: None
+    after: Callable[[], None] = lambda: None
+    close: Callable[[], None] = lambda: None
+
+
+def _fdcam_row(cls_name: str, **options):
+    def build(bm: BenchModel) -> Runner:
+        cam = getattr(fdcam, cls_name)(bm.model, bm.layer, **options)
+        return Runner(lambda x: cam(x))
+
+    return build
+
+
+def _pgc_row(cls_name: str):
+    """pytorch-grad-cam with its defaults. Its hooks live only around its own calls (between calls they
+    would run on, and copy activations from, every other row's forward of the same model)."""
+
+    def build(bm: BenchModel) -> Runner:
+        import pytorch_grad_cam
+        from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+
+        layer = bm.model.get_submodule(bm.layer)
+        cam = getattr(pytorch_grad_cam, cls_name)(model=bm.model, target_layers=[layer])
+        cam.activations_and_grads.release()
+
+        def before():
+            cam.activations_and_grads = ActivationsAndGradients(bm.model, [layer], cam.reshape_transform, cam.detach)
+
+        def after():
+            cam.activations_and_grads.release()
+            bm.model.zero_grad(set_to_none=True)  # pgc's backward leaves parameter gradients behind
+            _put_back(bm.model, bm.layer, layer)  # pgc's AblationCAM swaps the layer and, on error, leaves it swapped
+
+        return Runner(lambda x: cam(input_tensor=x, targets=None), before, after, after)
+
+    return build
+
+
+def _explainer_row(method: str):
+    """The exported explainer graph (image → logits, targets, saliency) in an ONNX Runtime session."""
+
+    def build(bm: BenchModel) -> Runner:
+        import tempfile
+
+        import onnxruntime as ort
+
+        from fdcam.export import export_explainer
+
+        directory = tempfile.TemporaryDirectory(prefix="fdcam-bench-explainer-")
+        device = bm.x.device
+        model = bm.model if device.type == "cpu" else _cpu_copy(bm.model)
+        path = export_explainer(model, Path(directory.name) / "explainer.onnx", bm.layer, method, input_size=tuple(bm.x.shape[-2:]))
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=providers)
+        if providers[0] not in session.get_providers():
+            directory.cleanup()
+            raise RuntimeError(f"ONNX Runtime has no {providers[0]} here")
+
+        def explain(x: torch.Tensor):
+            return session.run(["saliency"], {"image": x.detach().cpu().numpy()})[0]
+
+        return Runner(explain, close=directory.cleanup)
+
+    return build
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    copied = copy.deepcopy(model).cpu()
+    setattr(copied, "fdcam_spec", models.spec_of(model))
+    return copied
+
+
+def _put_back(model: nn.Module, name: str, layer: nn.Module) -> None:
+    if model.get_submodule(name) is not layer:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def _authors_row(bm: BenchModel) -> Runner:
+    cam = AuthorsFDCAM(bm.model, bm.layer)
+    return Runner(lambda x: cam(x))
+
+
+ROWS: list[Row] = [
+    Row("fdcam", "fdcam", "FD-CAM", _fdcam_row("FDCAM")),
+    Row("fdcam-tf32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", precision="tf32"), precision="tf32", devices=("cuda",)),
+    Row("fdcam-bf16", "fdcam", "FD-CAM", _fdcam_row("FDCAM", precision="bf16"), precision="bf16", devices=("cuda",)),
+    Row("fdcam-graph", "fdcam", "FD-CAM (CUDA graph)", _fdcam_row("FDCAM", cuda_graph=True), devices=("cuda",)),
+    Row("fdcam-graph-tf32", "fdcam", "FD-CAM (CUDA graph)", _fdcam_row("FDCAM", precision="tf32", cuda_graph=True),
+        precision="tf32", devices=("cuda",)),
+    Row("fdcam-ort-fp32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="fp32"),
+        backend="onnxruntime", needs="ort"),
+    Row("fdcam-ort-tf32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="tf32"),
+        backend="onnxruntime", precision="tf32", devices=("cuda",), needs="ort"),
+    Row("fdcam-ort-fp16", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="fp16"),
+        backend="onnxruntime", precision="fp16", devices=("cuda",), needs="ort"),
+    Row("gradcam", "fdcam", "Grad-CAM", _fdcam_row("GradCAM")),
+    Row("ablationcam", "fdcam", "Ablation-CAM", _fdcam_row("AblationCAM")),
+    Row("scorecam", "fdcam", "Score-CAM", _fdcam_row("ScoreCAM"), slow=True),
+    Row("groupcam", "fdcam", "Group-CAM", _fdcam_row("GroupCAM")),
+    Row("pgc-gradcam", "pytorch-grad-cam", "GradCAM", _pgc_row("GradCAM"), needs="pgc"),
+    Row("pgc-ablationcam", "pytorch-grad-cam", "AblationCAM", _pgc_row("AblationCAM"), slow=True, needs="pgc"),
+    Row("pgc-scorecam", "pytorch-grad-cam", "ScoreCAM", _pgc_row("ScoreCAM"), slow=True, needs="pgc"),
+    Row("explainer-fdcam", "fdcam", "FD-CAM (one ONNX graph)", _explainer_row("fdcam"), backend="onnxruntime", needs="ort"),
+    Row("explainer-gradcam", "fdcam", "Grad-CAM (one ONNX graph)", _explainer_row("gradcam"), backend="onnxruntime", needs="ort"),
+    Row("authors-fdcam", "authors' loop", "FD-CAM", _authors_row),
+]
+ROW_KEYS = [row.key for row in ROWS]
+
+
+def select_rows(spec: str | None) -> list[Row]:
+    """Rows named in a comma list (exact keys or key prefixes such as `pgc`), in table order; all if None."""
+    if not spec:
+        return list(ROWS)
+    chosen: set[str] = set()
+    for wanted in (w.strip().lower() for w in spec.split(",") if w.strip()):
+        matches = [wanted] if wanted in ROW_KEYS else [key for key in ROW_KEYS if key.startswith(wanted)]
+        if not matches:
+            raise SystemExit(f"unknown --methods entry {wanted!r}; rows: {', '.join(ROW_KEYS)}")
+        chosen.update(matches)
+    return [row for row in ROWS if row.key in chosen]
+
+
+def unavailable(row: Row, device: torch.device) -> str | None:
+    if device.type not in row.devices:
+        return f"{row.key} runs on CUDA only"
+    if row.needs == "pgc":
+        try:
+            import pytorch_grad_cam  # noqa: F401
+        except Exception as error:
+            return f"pytorch-grad-cam not importable ({one_line(error)})"
+        _quiet_pgc()
+    if row.needs == "ort":
+        try:
+            import fdcam.runtime  # noqa: F401
+        except Exception as error:
+            return f"fdcam.runtime not importable ({one_line(error)})"
+    return None
+
+
+def _quiet_pgc() -> None:
+    """Turn off the progress bars pytorch-grad-cam's Ablation-CAM and Score-CAM print per batch."""
+    import functools
+    import types
+
+    import tqdm
+
+    for module_name in ("pytorch_grad_cam.ablation_cam", "pytorch_grad_cam.score_cam"):
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(getattr(module, "tqdm", None), types.ModuleType):
+            module.tqdm = types.SimpleNamespace(tqdm=functools.partial(tqdm.tqdm, disable=True))
+
+
+def one_line(error: BaseException) -> str:
+    """The error's type and the first line of its message, for a skipped row."""
+    return f"{type(error).__name__}: {first_line(error, 160)}" if str(error).strip() else type(error).__name__
