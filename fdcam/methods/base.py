@@ -143,6 +143,7 @@ class BaseCAM:
         provider: str | None = None,
         precision: str = "fp32",
         cuda_graph: bool = False,
+        tracer_kwargs: dict | None = None,
     ):
         if backend not in ("torch", "onnxruntime"):
             raise ValueError(f"backend must be 'torch' or 'onnxruntime', not {backend!r}")
@@ -156,7 +157,9 @@ class BaseCAM:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
-        self.target_layer = resolve_layer_name(model, target_layer if target_layer is not None else _default_layer(model))
+        self.tracer_kwargs = tracer_kwargs
+        layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
+        self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.progress = progress
@@ -247,7 +250,7 @@ class BaseCAM:
             with tracing():
                 split = self._splits.get(key)  # another thread may have built it meanwhile
                 if split is None:
-                    split = _one_line_errors(lambda: split_model(self.model, self.target_layer, x[:1].detach()), x)
+                    split = _one_line_errors(lambda: split_model(self.model, self.target_layer, x[:1].detach(), self.tracer_kwargs), x)
                     self._splits[key] = split
         return split
 
@@ -308,13 +311,29 @@ def _one_line_errors(function, x: torch.Tensor):
         raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line})") from error
 
 
-def _default_layer(model: nn.Module) -> str:
+def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
+    """The spec's layer for fdcam's models, else the last layer with a spatial 4-D output (named in a warning)."""
     from ..models import spec_of
+    from ..nodes import layers
 
     spec = spec_of(model)
-    if spec is None:
-        raise ValueError("target_layer is required for models not made by fdcam.models.load")
-    return spec.default_layer
+    if spec is not None:
+        return spec.default_layer
+    try:
+        candidates = [layer for layer in layers(model, tracer_kwargs=tracer_kwargs) if max(layer.shape[-2:]) > 1]
+    except Exception as error:  # fx and the model raise many types; the user needs one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"give target_layer: no layer could be found for this model ({first_line})") from error
+    if not candidates:
+        raise ValueError("give target_layer: the model has no layer with a spatial 4-D output")
+    chosen = candidates[-1]
+    warnings.warn(
+        f"no target_layer given: explaining {chosen.name!r} ({chosen.type}, output {list(chosen.shape)}),"
+        " the last layer with a spatial 4-D output",
+        UserWarning,
+        stacklevel=4,
+    )
+    return chosen.name
 
 
 def _model_dtype_and_channels(model: nn.Module) -> tuple[torch.dtype | None, int | None]:
