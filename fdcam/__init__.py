@@ -13,6 +13,7 @@ from .methods import (
     ScoreCAM,
     XGradCAM,
 )
+from .nodes import LayerInfo, layers
 from .split import SplitError, SplitModel, split_model
 
 __version__ = "0.1.0"
@@ -32,4 +33,6 @@ __all__ = [
     "SplitError",
     "SplitModel",
     "split_model",
+    "layers",
+    "LayerInfo",
 ]

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from .concurrency import model_in_eval, tracing
 
-__all__ = ["LayerInfo", "NamingTracer", "ancestors", "descendants", "example_input_for", "layers", "trace_with_names"]
+__all__ = ["LayerInfo", "NamingTracer", "ancestors", "descendants", "example_input_for", "last_spatial_layer", "layers", "trace_with_names"]
 
 
 class NamingTracer(fx.Tracer):
@@ -135,6 +135,21 @@ def layers(
     eval-mode fx graph by its node name. `example_input` ([1,C,H,W]; default `example_input_for(model)`)
     gives the shapes; `tracer_kwargs` go to the tracer (`leaf_modules`, `autowrap_functions`, ...).
     """
+    return [info for _, info in _layers_by_node(model, example_input, tracer_kwargs)]
+
+
+def last_spatial_layer(model: nn.Module, tracer_kwargs: dict[str, Any] | None = None) -> LayerInfo | None:
+    """The last layer whose output is [1,K,h,w] with h or w above 1, by its outermost module's name if it has one."""
+    found = [(node, info) for node, info in _layers_by_node(model, None, tracer_kwargs) if max(info.shape[-2:]) > 1]
+    if not found:
+        return None
+    last = found[-1][0]
+    return next(info for node, info in found if node is last)
+
+
+def _layers_by_node(
+    model: nn.Module, example_input: torch.Tensor | None, tracer_kwargs: dict[str, Any] | None
+) -> list[tuple[fx.Node, LayerInfo]]:
     x = example_input_for(model) if example_input is None else example_input[:1]
     with model_in_eval(model), tracing():
         traced, tracer = trace_with_names(model, tracer_kwargs=tracer_kwargs)
@@ -149,16 +164,16 @@ def layers(
     for name, outputs in tracer.module_outputs.items():
         if name and len(outputs) == 1:
             modules_at.setdefault(outputs[0], []).append(name)
-    found: list[LayerInfo] = []
+    found: list[tuple[fx.Node, LayerInfo]] = []
     for node in graph_nodes:
         shape = shapes.get(node)
         if shape is None or len(shape) != 4 or node not in feeds_output or node not in from_input:
             continue
         node_name = tracer.names.get(node)
         for name in sorted(modules_at.get(node, []), key=lambda n: n.count(".")):
-            found.append(LayerInfo(name, shape, "module", type(modules[name]).__name__))
+            found.append((node, LayerInfo(name, shape, "module", type(modules[name]).__name__)))
         if node_name is not None and node_name not in modules_at.get(node, []):
-            found.append(LayerInfo(node_name, shape, node.op, _type_of(node, modules)))
+            found.append((node, LayerInfo(node_name, shape, node.op, _type_of(node, modules))))
     return found
 
 

@@ -52,14 +52,14 @@ def resolve_layer_name(
         return target_layer
     try:
         with model_in_eval(model), tracing():
-            node_names = list(_trace(model, (), tracer_kwargs)[1].names.values())
-    except SplitError:
-        node_names = []
+            node_names, untraceable = list(_trace(model, (), tracer_kwargs)[1].names.values()), ""
+    except SplitError as error:
+        node_names, untraceable = [], f"; fx node names are unknown: {error}"
     if target_layer in node_names:
         return target_layer
     close = difflib.get_close_matches(str(target_layer), list(names) + node_names, n=5, cutoff=0.5)
     hint = f"; close names: {', '.join(close)}" if close else ""
-    raise SplitError(f"no layer named {target_layer!r} in the model{hint} (fdcam.layers(model) lists them)")
+    raise SplitError(f"no layer named {target_layer!r} in the model{hint}{untraceable or ' (fdcam.layers(model) lists them)'}")
 
 
 def _trace(
