@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, default=SHARED / "imagenet-sample", help="ImageNet sample folder with labels.csv")
     parser.add_argument("--multi-object", type=Path, default=SHARED / "multi-object", help="folder with boxes.json ('' to skip)")
     parser.add_argument("--out", type=Path, default=Path("fdcam-out/tables"), help="results folder")
+    parser.add_argument("--layer", default=LAYER, help=f"target layer: module or fx node name (default {LAYER}; `fdcam layers` lists them)")
     parser.add_argument("--limit", type=int, help="only the first N images and N composites (quick check)")
     parser.add_argument("--pairs", type=int, default=250, help="composite pairs for Table II (default 250)")
     parser.add_argument("--tables", default="1,2,3,4", help="which tables to compute (default 1,2,3,4)")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     model = models.load(MODEL, device=device)
     common = dict(
-        layer=LAYER,
+        layer=args.layer,
         limit=args.limit,
         batch_size=args.batch_size,
         images_per_call=args.images_per_call,
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         model_name=MODEL,
         scorer=args.scorer,
     )
-    markdown = [f"# FD-CAM tables: {MODEL}, layer {LAYER}, images {args.images}" + (f" (limit {args.limit})" if args.limit else "")]
+    markdown = [f"# FD-CAM tables: {MODEL}, layer {args.layer}, images {args.images}" + (f" (limit {args.limit})" if args.limit else "")]
     timings: dict[str, dict] = {}
 
     if tables & {1, 3, 4}:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             "scorer": summary["scorer"],
         }
         if args.plots:
-            write_plots(run, model, args.out / "plots", layer=LAYER, batch_size=args.batch_size)
+            write_plots(run, model, args.out / "plots", layer=args.layer, batch_size=args.batch_size)
 
     if 2 in tables:
         out = args.out / "pointing-game.json"
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             "scorer": summary["scorer"],
         }
         if args.plots:
-            write_plots(run, model, args.out / "plots", layer=LAYER, batch_size=args.batch_size)
+            write_plots(run, model, args.out / "plots", layer=args.layer, batch_size=args.batch_size)
 
     timings["torch_threads"] = torch.get_num_threads()
     write_json_atomic(args.out / "timings.json", timings)

@@ -14,6 +14,7 @@ from .methods import (
     ScoreCAM,
     XGradCAM,
 )
+from .nodes import LayerInfo, layers
 from .split import SplitError, SplitModel, split_model
 
 
@@ -32,4 +33,6 @@ __all__ = [
     "SplitError",
     "SplitModel",
     "split_model",
+    "layers",
+    "LayerInfo",
 ]

@@ -1,4 +1,4 @@
-"""The `fdcam` command line: explain, evaluate, export, serve."""
+"""The `fdcam` command line: explain, evaluate, export, serve, layers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, evaluate_command, explain_command
+    from . import __version__, evaluate_command, explain_command, layers_command
     from .export import command as export_command
 
     parser = argparse.ArgumentParser(prog="fdcam", description="FD-CAM and other CAM explanations for CNNs.")
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain_command.add_arguments(commands.add_parser("explain", help="explain images, writing overlays and maps"))
     evaluate_command.add_arguments(commands.add_parser("evaluate", help="insertion/deletion or pointing game"))
     export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
+    layers_command.add_arguments(commands.add_parser("layers", help="list a model's target layers and their output shapes"))
     from .serving import command as serve_command
 
     serve_command.add_arguments(commands.add_parser("serve", help="serve explanations from Triton Inference Server"))

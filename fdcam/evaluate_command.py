@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", metavar="CSV", help="labels CSV (file,class_index,wnid,name); default DIR/labels.csv")
     parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
     parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
-    parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
+    parser.add_argument("--layer", default=None, help="target layer: module or fx node name (`fdcam layers` lists them); default: the model's")
     parser.add_argument(
         "--methods", default="all", help=f"comma-separated methods, or 'all' (default): {', '.join(METHODS)}"
     )

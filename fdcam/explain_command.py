@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files to explain")
     parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
     parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
-    parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
+    parser.add_argument("--layer", default=None, help="target layer: module or fx node name (`fdcam layers` lists them); default: the model's")
     parser.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}, or 'all' (default fdcam)")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices to explain")

@@ -1,21 +1,26 @@
 """Split a CNN at a target layer into a head (input → activation) and a tail (activation → logits).
 
-The split is derived from the model's torch.fx graph, so any module that is called once in the
-forward pass can be the target. Values the tail needs that the head computed besides the target
-activation (the skip tensor of a residual block, say) become extra tail inputs, computed once per
-image. The user's modules are shared, never copied or changed.
+The split is derived from the model's torch.fx graph. The target is a module that is called once in
+the forward pass, or one node of the graph named as torchvision's `get_graph_node_names` prints it
+(`_swish_1`: the second call of `_swish`; see fdcam.nodes), so a module called twice can be cut at
+one of its call sites. Values the tail needs that the head computed besides the target activation
+(the skip tensor of a residual block, say) become extra tail inputs, computed once per image. The
+user's modules are shared, never copied or changed.
 """
 
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .concurrency import tracing
+from .concurrency import model_in_eval, tracing
 from .fxgraph import is_batch_size as _is_batch_size
+from .nodes import NamingTracer, ancestors, descendants, trace_with_names
 
 __all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
 
@@ -34,8 +39,10 @@ class SplitModel:
     num_extras: int
 
 
-def resolve_layer_name(model: nn.Module, target_layer: str | nn.Module) -> str:
-    """The dotted name of `target_layer` in `model`; unknown names list the closest existing ones."""
+def resolve_layer_name(
+    model: nn.Module, target_layer: str | nn.Module, tracer_kwargs: dict[str, Any] | None = None
+) -> str:
+    """The dotted module name of `target_layer` in `model`, or its fx node name; unknown names list the closest ones."""
     names = {name: module for name, module in model.named_modules() if name}
     if isinstance(target_layer, nn.Module):
         for name, module in names.items():
@@ -44,56 +51,30 @@ def resolve_layer_name(model: nn.Module, target_layer: str | nn.Module) -> str:
         raise SplitError("the target layer module is not a submodule of the model")
     if target_layer in names:
         return target_layer
-    close = difflib.get_close_matches(str(target_layer), list(names), n=5, cutoff=0.5)
-    hint = f"; close names: {', '.join(close)}" if close else ""
-    raise SplitError(f"no layer named {target_layer!r} in the model{hint}")
-
-
-class _LeafTracer(fx.Tracer):
-    """torch.fx tracer that keeps the target module as one opaque call."""
-
-    def __init__(self, leaf_name: str):
-        super().__init__()
-        self.leaf_name = leaf_name
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if qualified_name == self.leaf_name:
-            return True
-        if self.leaf_name.startswith(qualified_name + ".") or qualified_name == "":
-            return False  # never hide the target inside a leaf
-        return super().is_leaf_module(module, qualified_name)
-
-
-def _trace(model: nn.Module, layer: str) -> fx.GraphModule:
     try:
-        graph = _LeafTracer(layer).trace(model)
+        with model_in_eval(model), tracing():
+            node_names, untraceable = list(_trace(model, (), tracer_kwargs)[1].names.values()), ""
+    except SplitError as error:
+        node_names, untraceable = [], f"; fx node names are unknown: {error}"
+    if target_layer in node_names:
+        return target_layer
+    close = difflib.get_close_matches(str(target_layer), list(names) + node_names, n=5, cutoff=0.5)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise SplitError(f"no layer named {target_layer!r} in the model{hint}{untraceable or ' (fdcam.layers(model) lists them)'}")
+
+
+def _trace(
+    model: nn.Module, leaf_names: tuple[str, ...], tracer_kwargs: dict[str, Any] | None
+) -> tuple[fx.GraphModule, NamingTracer]:
+    # A module target is traced as before; node names are those of get_graph_node_names.
+    try:
+        return trace_with_names(model, leaf_names, tracer_kwargs, torchvision_leaves=not leaf_names)
     except Exception as error:  # fx raises many types; the user needs one line
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SplitError(f"the model cannot be traced by torch.fx ({first_line})") from error
-    return fx.GraphModule(model, graph, class_name=type(model).__name__ + "Traced")
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
-
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(node.all_input_nodes)
-    return seen
+        raise SplitError(
+            f"the model cannot be traced by torch.fx ({first_line}); declare the untraceable submodules"
+            " leaves with tracer_kwargs={'leaf_modules': [ModuleType]}"
+        ) from error
 
 
 def _record_values(traced: fx.GraphModule, x: torch.Tensor, wanted: set[fx.Node]) -> dict[fx.Node, object]:
@@ -111,34 +92,52 @@ def _record_values(traced: fx.GraphModule, x: torch.Tensor, wanted: set[fx.Node]
     return values
 
 
-def split_model(model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor) -> SplitModel:
-    """Cut `model` at `target_layer` using its fx graph; `example_input` fixes non-batch sizes that cross the cut.
+def split_model(
+    model: nn.Module,
+    target_layer: str | nn.Module,
+    example_input: torch.Tensor,
+    tracer_kwargs: dict[str, Any] | None = None,
+) -> SplitModel:
+    """Cut `model` at `target_layer` (module or fx node name) using its fx graph; `example_input` fixes non-batch sizes that cross the cut.
 
-    Runs under fdcam.concurrency's process-wide tracing lock: fx patches process-wide functions while it traces.
+    `tracer_kwargs` go to the fx tracer: `leaf_modules` (module types kept as one call, for submodules
+    fx cannot trace), `autowrap_functions`, ... Runs under fdcam.concurrency's process-wide tracing
+    lock: fx patches process-wide functions while it traces.
     """
     with tracing():
-        return _split_model(model, target_layer, example_input)
+        return _split_model(model, target_layer, example_input, tracer_kwargs)
 
 
-def _split_model(model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor) -> SplitModel:
-    layer = resolve_layer_name(model, target_layer)
-    traced = _trace(model, layer)
+def _split_model(
+    model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor, tracer_kwargs: dict[str, Any] | None
+) -> SplitModel:
+    layer = resolve_layer_name(model, target_layer, tracer_kwargs)
+    is_module = layer in dict(model.named_modules())
+    traced, tracer = _trace(model, (layer,) if is_module else (), tracer_kwargs)
     graph = traced.graph
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    if is_module:
+        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
+    else:
+        calls = [node for node, name in tracer.names.items() if name == layer]
     if not calls:
         raise SplitError(f"layer {layer!r} is not called in the model's forward pass")
     if len(calls) > 1:
-        raise SplitError(
-            f"layer {layer!r} is called {len(calls)} times in one forward pass; choose a module that runs once"
+        # As get_graph_node_names prints them, a module's name is also the name of its first call.
+        sites = ", ".join(repr(tracer.names[n]) for n in calls[1:])
+        warnings.warn(
+            f"module {layer!r} is called {len(calls)} times in one forward pass: explaining its first call;"
+            f" the others are the nodes {sites}",
+            UserWarning,
+            stacklevel=4,
         )
     target = calls[0]
     outputs = [n for n in graph.nodes if n.op == "output"]
     input_nodes = [n for n in graph.nodes if n.op == "placeholder"]
 
-    tail_region = _descendants(target)
+    tail_region = descendants(target)
     if outputs[0] not in tail_region:
         raise SplitError(f"the model's output does not depend on layer {layer!r}")
-    depends_on_input = set().union(*(_descendants(n) for n in input_nodes)) | set(input_nodes)
+    depends_on_input = set().union(*(descendants(n) for n in input_nodes)) | set(input_nodes)
 
     # Values used by the tail but produced outside it: constants are copied into the tail,
     # input-dependent ones cross the cut.
@@ -154,7 +153,7 @@ def _split_model(model: nn.Module, target_layer: str | nn.Module, example_input:
                 if source not in crossing:
                     crossing.append(source)
             else:
-                copied |= _ancestors([source])
+                copied |= ancestors([source])
 
     batch_sizes = [n for n in crossing if _is_batch_size(n)]
     others = [n for n in crossing if n not in batch_sizes]
@@ -168,7 +167,7 @@ def _split_model(model: nn.Module, target_layer: str | nn.Module, example_input:
 
 
 def _build_head(traced: fx.GraphModule, target: fx.Node, extras: list[fx.Node]) -> fx.GraphModule:
-    needed = _ancestors([target, *extras])
+    needed = ancestors([target, *extras])
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in traced.graph.nodes:

@@ -75,3 +75,17 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "not found" in result.stderr
+
+
+def test_layers_lists_targets_with_shapes_and_marks_the_default(capsys):
+    assert main(["layers", "--model", "efficientnet_lite0"]) == 0
+    rows = {line[2:].split()[0]: line for line in capsys.readouterr().out.splitlines() if line[:2] in ("  ", "* ")}
+    assert rows["_blocks.15"].startswith("* ") and "320x7x7" in rows["_blocks.15"]
+    assert rows["_swish_1"].split()[1:] == ["1280x7x7", "call_module", "ReLU6"]
+    assert rows["_swish"].split()[1] == "32x112x112"
+
+
+def test_layers_of_an_unknown_model_is_one_line(capsys):
+    assert main(["layers", "--model", "alexnet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown model" in err and len(err.splitlines()) == 1

@@ -38,6 +38,19 @@ def test_fdcam_efficientnet_lite0_real_image_matches_reference(lite0, zebra_inpu
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
 
+def test_fdcam_lite0_head_activation_call_site_matches_reference(lite0, zebra_input):
+    m = lite0
+
+    def tail(a):
+        return m._fc(torch.flatten(m._avg_pooling(a[None]), 1))[0]
+
+    ours = fdcam.FDCAM(m, "_swish_1")(zebra_input, targets=340)[0, 0]  # the head's call of _swish
+    # The reference's hook on _swish sees both calls; the last one, the head's, is the one it keeps.
+    ref = fdcam_reference(m, m._swish, tail, zebra_input, 340)
+    corr, diff = agreement(ours, ref)
+    assert corr >= 0.999 and diff <= 0.02, (corr, diff)
+
+
 def test_fdcam_resnet_split_inside_residual_block_matches_reference():
     torch.manual_seed(2)
     model = torchvision.models.resnet50().eval()

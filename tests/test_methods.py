@@ -6,6 +6,8 @@ import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import fdcam
@@ -124,3 +126,98 @@ def test_perturbation_cams_run_their_forwards_on_a_scorer_with_the_same_maps(res
     assert_same_up_to_rounding(on_ort, expected)
     small_batches = fdcam.METHODS[name](resnet18, "layer4", batch_size=7)(image, targets=17)
     assert_same_up_to_rounding(small_batches, expected)
+
+
+class HeadActivationApart(nn.Module):
+    """EfficientNet-Lite0 (its own modules, shared) with the head's ReLU6 as a module of its own.
+
+    Lite0 calls `_swish` in the stem and in the head; here the head's call is `head_activation`, a
+    module target, so the node target `_swish_1` of the original has an independent counterpart.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.head_activation = nn.ReLU6()
+
+    def forward(self, x):
+        m = self.model
+        x = m._swish(m._bn0(m._conv_stem(x)))
+        for block in m._blocks:
+            x = block(x)  # no drop connect in eval mode
+        x = self.head_activation(m._bn1(m._conv_head(x)))
+        return m._fc(m._dropout(m._avg_pooling(x).flatten(1)))
+
+
+# Score-CAM's 1280 full forwards per map are too slow for the suite here: it has the small net below.
+@pytest.mark.parametrize("name", [name for name in fdcam.METHODS if name != "scorecam"])
+def test_every_method_explains_lite0_at_its_head_activation_call_site(lite0, name):
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(12))
+    apart = HeadActivationApart(lite0).eval()
+    with torch.no_grad():
+        assert_same_up_to_rounding(apart(x), lite0(x))
+    ours = fdcam.METHODS[name](lite0, "_swish_1")(x, targets=[[3, 340]])
+    reference = fdcam.METHODS[name](apart, "head_activation")(x, targets=[[3, 340]])
+    assert ours.shape == (1, 2, 96, 96)
+    assert float(ours.max()) > 0 or name == "groupcam"  # Group-CAM's 3x3 maps here are blank (so are the reference's)
+    assert_same_up_to_rounding(ours, reference)
+
+
+class SharedActivation(nn.Module):
+    """A small CNN that calls one ReLU twice; with `apart`, the second call is a module of its own."""
+
+    def __init__(self, apart: bool = False):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.relu_apart = nn.ReLU() if apart else self.relu
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.relu_apart(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", list(fdcam.METHODS))
+def test_every_method_explains_the_second_call_of_a_shared_module(name):
+    torch.manual_seed(13)
+    shared = SharedActivation().eval()
+    apart = SharedActivation(apart=True).eval()
+    apart.load_state_dict(shared.state_dict())
+    x = torch.randn(2, 3, 56, 56)  # Group-CAM's blur needs more than 51 pixels
+    ours = fdcam.METHODS[name](shared, "relu_1")(x, targets=[[1, 2], [3, 4]])
+    assert_same_up_to_rounding(ours, fdcam.METHODS[name](apart, "relu_apart")(x, targets=[[1, 2], [3, 4]]))
+    assert float(ours.max()) > 0
+
+
+def test_gradcam_at_lite0_head_call_site_matches_a_hand_computation(lite0, zebra_input):
+    name = "_swish_1"
+    with torch.no_grad():
+        features = create_feature_extractor(lite0, return_nodes=[name], suppress_diff_warning=True)(zebra_input)[name]
+    activation = features.clone().requires_grad_()
+    logits = lite0._fc(torch.flatten(lite0._avg_pooling(activation), 1))  # what follows the head ReLU6
+    with torch.no_grad():
+        assert_same_up_to_rounding(logits, lite0(zebra_input))
+    (gradient,) = torch.autograd.grad(logits[0, 340], activation)
+    cam = F.relu((gradient.mean((2, 3), keepdim=True) * activation).sum(1, keepdim=True)).detach()
+    cam = F.interpolate(cam, size=zebra_input.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    cam = (cam - cam.min()) / (cam.max() - cam.min())
+    assert_same_up_to_rounding(fdcam.GradCAM(lite0, name)(zebra_input, targets=340)[0, 0], cam)
+
+
+def test_without_a_target_layer_the_last_spatial_layer_is_named_in_a_warning(resnet18, image):
+    with pytest.warns(UserWarning, match=r"no target_layer given: explaining 'layer4' \(Sequential, output \[1, 512, 7, 7\]\)"):
+        cam = fdcam.GradCAM(resnet18)
+    assert cam.target_layer == "layer4"
+    assert torch.equal(cam(image, targets=5), fdcam.GradCAM(resnet18, "layer4")(image, targets=5))
+
+
+def test_methods_repr_shows_their_options(resnet18):
+    assert repr(fdcam.GradCAM(resnet18, "layer4")) == "GradCAM(target_layer='layer4')"
+    assert repr(fdcam.FDCAM(resnet18, "layer4.1.relu_1", theta=0.9, backend="onnxruntime", batch_size=64)) == (
+        "FDCAM(target_layer='layer4.1.relu_1', theta=0.9, bias=0.5, combine='exp', switch='on_off', grouping=True,"
+        " batch_size=64, backend='onnxruntime')"
+    )
+    assert repr(fdcam.GroupCAM(resnet18, "layer4", groups=16, scorer=resnet18)) == (
+        "GroupCAM(target_layer='layer4', scorer=<ResNet>, groups=16, percentile=70.0)"
+    )

@@ -58,7 +58,7 @@ def test_success_leaves_model_unchanged(model, name):
         ("layer4", torch.full((1, 3, 64, 64), float("nan")), None, "NaN"),
         ("layer4", torch.randn(3, 64, 64), None, "float tensor"),
         ("fc", torch.randn(1, 3, 64, 64), None, "2-D tensor"),
-        ("layer4.1.relu", torch.randn(1, 3, 64, 64), None, "called 2 times"),
+        ("layer4.1.relu_9", torch.randn(1, 3, 64, 64), None, "no layer named"),
         ("layer4", torch.randn(2, 3, 64, 64), [1, 2, 3], "3 targets for 2 images"),
     ],
 )

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from fdcam.head import class_gradients, forward_head
 from fdcam.split import SplitError, resolve_layer_name, split_model
@@ -71,10 +72,39 @@ def test_module_given_as_object_is_resolved():
         resolve_layer_name(model, nn.Conv2d(1, 1, 1))
 
 
-def test_module_called_twice_is_refused():
+def _features(model, name, x):
+    """The value of one fx node, by torchvision's feature extractor (no fdcam code)."""
+    with torch.no_grad():
+        return create_feature_extractor(model, return_nodes=[name], suppress_diff_warning=True)(x)[name]
+
+
+def test_module_called_twice_is_cut_at_the_call_site_named_as_torchvision_names_it():
+    torch.manual_seed(4)
     model = torchvision.models.resnet18().eval()  # BasicBlock calls its relu twice
-    with pytest.raises(SplitError, match="called 2 times"):
-        split_model(model, "layer4.1.relu", torch.randn(1, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(UserWarning, match="called 2 times.*first call.*'layer4.1.relu_1'"):
+        first = split_model(model, "layer4.1.relu", x)
+    second = split_model(model, "layer4.1.relu_1", x)
+    for split, name in ((first, "layer4.1.relu"), (second, "layer4.1.relu_1")):
+        activation, *crossing = split.head(x)
+        assert_same_up_to_rounding(activation, _features(model, name, x))
+        with torch.no_grad():
+            assert_same_up_to_rounding(split.tail(activation, *crossing), model(x))
+    assert first.num_extras == 1 and second.num_extras == 0  # the skip tensor crosses the first cut
+
+
+def test_lite0_head_activation_call_site_is_a_target(lite0, zebra_input):
+    split = split_model(lite0, "_swish_1", zebra_input)  # _swish runs in the stem and in the head
+    (activation,) = split.head(zebra_input)
+    assert activation.shape == (1, 1280, 7, 7)
+    assert_same_up_to_rounding(activation, _features(lite0, "_swish_1", zebra_input))
+    with torch.no_grad():
+        assert_same_up_to_rounding(split.tail(activation), lite0(zebra_input))
+
+
+def test_unknown_node_name_lists_close_names(lite0):
+    with pytest.raises(SplitError, match="no layer named '_swish_2'.*close names: .*_swish_1"):
+        resolve_layer_name(lite0, "_swish_2")
 
 
 class DataDependent(nn.Module):
@@ -91,9 +121,48 @@ class DataDependent(nn.Module):
 
 
 def test_untraceable_model_gives_one_line_error():
-    with pytest.raises(SplitError, match="cannot be traced by torch.fx") as info:
+    with pytest.raises(SplitError, match="cannot be traced by torch.fx.*leaf_modules") as info:
         split_model(DataDependent(), "conv", torch.randn(1, 3, 8, 8))
     assert "\n" not in str(info.value)
+
+
+class Gate(nn.Module):
+    def forward(self, y):
+        if y.sum() > 0:  # data-dependent control flow: fx cannot trace it, but it can keep it as one call
+            return y * 2
+        return y
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gate = Gate()
+        self.conv2 = nn.Conv2d(4, 6, 3)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.conv2(self.gate(torch.relu(self.conv(x))))
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("layer", ["conv", "relu", "gate", "conv2"])
+def test_untraceable_submodule_declared_a_leaf_is_split(layer):
+    torch.manual_seed(5)
+    model = GatedNet().eval()
+    x = torch.randn(2, 3, 12, 12)
+    if layer != "gate":  # a target module is kept as one call anyway
+        with pytest.raises(SplitError, match="cannot be traced"):
+            split_model(model, layer, x)
+    split = split_model(model, layer, x, tracer_kwargs={"leaf_modules": [Gate]})
+    activation, *crossing = split.head(x)
+    by_hand = {"conv": model.conv(x)}
+    by_hand["relu"] = torch.relu(by_hand["conv"])
+    by_hand["gate"] = model.gate(by_hand["relu"])
+    by_hand["conv2"] = model.conv2(by_hand["gate"])
+    with torch.no_grad():
+        assert_same_up_to_rounding(activation, by_hand[layer])
+        assert_same_up_to_rounding(split.tail(activation, *crossing), model(x))
 
 
 def test_non_4d_layer_is_refused():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import numbers
 import warnings
 from dataclasses import dataclass, field
@@ -124,6 +126,8 @@ class BaseCAM:
 
     #: Whether the method runs masked tail passes, i.e. uses backend/provider/precision/cuda_graph.
     uses_tail_engine = False
+    #: Attributes that hold constructor options under another name (for __repr__).
+    _option_attributes: dict[str, str] = {}
 
     def __init__(
         self,
@@ -137,6 +141,7 @@ class BaseCAM:
         provider: str | None = None,
         precision: str = "fp32",
         cuda_graph: bool = False,
+        tracer_kwargs: dict | None = None,
     ):
         if backend not in BACKENDS:
             raise invalid_choice("backend", backend, BACKENDS)
@@ -150,7 +155,9 @@ class BaseCAM:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
-        self.target_layer = resolve_layer_name(model, target_layer if target_layer is not None else _default_layer(model))
+        self.tracer_kwargs = tracer_kwargs
+        layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
+        self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.progress = progress
@@ -175,6 +182,22 @@ class BaseCAM:
                     "ignored",
                     f"{type(self).__name__} ignores {', '.join(ignored)}: only FD-CAM and Ablation-CAM run masked tail passes",
                 )
+
+    def __repr__(self) -> str:
+        """The class and its options, as torchcam prints its methods: the method's own, then engine options not at their default."""
+        options: dict[str, object] = {"target_layer": self.target_layer}
+        for cls in type(self).__mro__[::-1]:
+            if "__init__" not in cls.__dict__ or not issubclass(cls, BaseCAM):
+                continue
+            for parameter in inspect.signature(cls.__dict__["__init__"]).parameters.values():
+                if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+                    continue
+                value = getattr(self, self._option_attributes.get(parameter.name, parameter.name))
+                if cls is not BaseCAM or value != parameter.default:
+                    options[parameter.name] = value
+        base = [name for name in inspect.signature(BaseCAM.__init__).parameters if name in options and name != "target_layer"]
+        ordered = [name for name in options if name not in base] + base
+        return f"{type(self).__name__}({', '.join(f'{name}={_short_repr(options[name])}' for name in ordered)})"
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -244,7 +267,7 @@ class BaseCAM:
             with tracing():
                 split = self._splits.get(key)  # another thread may have built it meanwhile
                 if split is None:
-                    split = _one_line_errors(lambda: split_model(self.model, self.target_layer, x[:1].detach()), x)
+                    split = _one_line_errors(lambda: split_model(self.model, self.target_layer, x[:1].detach(), self.tracer_kwargs), x)
                     self._splits[key] = split
         return split
 
@@ -285,6 +308,13 @@ class BaseCAM:
         return self._tails[key]
 
 
+def _short_repr(value: object) -> str:
+    """repr of an option; a model or other object by its type, so that a repr stays one short line."""
+    if value is None or isinstance(value, (bool, int, float, str, dict, list, tuple)):
+        return repr(value)
+    return f"<{type(value).__name__}>"
+
+
 def _structure_of(model: nn.Module) -> tuple:
     """Which module objects make up the model: a split built before a submodule was replaced is stale."""
     return tuple(id(module) for module in model.modules())
@@ -300,13 +330,28 @@ def _one_line_errors(function, x: torch.Tensor):
         raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line(error)})") from error
 
 
-def _default_layer(model: nn.Module) -> str:
+def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
+    """The spec's layer for fdcam's models, else the last layer with a spatial 4-D output (named in a warning)."""
     from ..models import spec_of
+    from ..nodes import last_spatial_layer
 
     spec = spec_of(model)
-    if spec is None:
-        raise ValueError("target_layer is required for models not made by fdcam.models.load")
-    return spec.default_layer
+    if spec is not None:
+        return spec.default_layer
+    try:
+        chosen = last_spatial_layer(model, tracer_kwargs)
+    except Exception as error:  # fx and the model raise many types; the user needs one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"give target_layer: no layer could be found for this model ({first_line})") from error
+    if chosen is None:
+        raise ValueError("give target_layer: the model has no layer with a spatial 4-D output")
+    warnings.warn(
+        f"no target_layer given: explaining {chosen.name!r} ({chosen.type}, output {list(chosen.shape)}),"
+        " the last layer with a spatial 4-D output",
+        UserWarning,
+        stacklevel=3,
+    )
+    return chosen.name
 
 
 def _model_dtype_and_channels(model: nn.Module) -> tuple[torch.dtype | None, int | None]:

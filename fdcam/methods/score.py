@@ -86,6 +86,8 @@ class GroupCAM(_ScoredCAM):
     `scorer` may run the masked forwards instead of the model, as in ScoreCAM.
     """
 
+    _option_attributes = {"groups": "num_groups"}
+
     def __init__(self, model, target_layer=None, *, groups: int = 32, percentile: float = 70.0, **options):
         super().__init__(model, target_layer, **options)
         self.num_groups = groups
