@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,56 @@ def test_authors_loop_computes_fdcam():
     expected = FDCAM(model, "features.5")(x)
     got = latency.AuthorsFDCAM(model, "features.5")(x)
     assert_same_up_to_rounding(got, expected)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+
+    def forward(self, x, drop_connect_rate=None):
+        return torch.relu(self.conv(x))
+
+
+class _KeywordCallingNet(torch.nn.Module):
+    """Calls its block with a keyword argument, as EfficientNet-Lite0 calls its blocks."""
+
+    def __init__(self, keyword: bool):
+        super().__init__()
+        self.keyword = keyword
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.block = _Block()
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.block(x, drop_connect_rate=0.2) if self.keyword else self.block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_pgc_ablation_row_runs_on_blocks_called_with_keywords():
+    from benchmarks.latency.models import BenchModel
+    from benchmarks.latency.rows import ROWS
+
+    row = next(r for r in ROWS if r.key == "pgc-ablationcam")
+    if latency.rows.unavailable(row, torch.device("cpu")):
+        pytest.skip("pytorch-grad-cam is not installed")
+    import pytorch_grad_cam
+
+    torch.manual_seed(0)
+    plain = _KeywordCallingNet(keyword=False).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(TypeError, match="drop_connect_rate"):  # pgc's own layer: the reason for the row's adapter
+        broken = _KeywordCallingNet(keyword=True).eval()
+        pytorch_grad_cam.AblationCAM(broken, [broken.block])(input_tensor=x, targets=None)
+    keyword = _KeywordCallingNet(keyword=True).eval()
+    keyword.load_state_dict(plain.state_dict())
+
+    expected = pytorch_grad_cam.AblationCAM(plain, [plain.block])(input_tensor=x, targets=None)
+    runner = row.build(BenchModel("keyword-net", keyword, "block", x, "random"))
+    runner.before()
+    got = runner.explain(x)
+    runner.after()
+    assert isinstance(keyword.block, _Block)
+    assert np.ptp(expected) > 0.1
+    np.testing.assert_array_equal(got, expected)

@@ -62,7 +62,8 @@ def _pgc_row(cls_name: str):
         from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 
         layer = bm.model.get_submodule(bm.layer)
-        cam = getattr(pytorch_grad_cam, cls_name)(model=bm.model, target_layers=[layer])
+        options = {"ablation_layer": _keyword_tolerant_ablation_layer()} if cls_name == "AblationCAM" else {}
+        cam = getattr(pytorch_grad_cam, cls_name)(model=bm.model, target_layers=[layer], **options)
         cam.activations_and_grads.release()
 
         def before():
@@ -76,6 +77,22 @@ def _pgc_row(cls_name: str):
         return Runner(lambda x: cam(input_tensor=x, targets=None), before, after, after)
 
     return build
+
+
+def _keyword_tolerant_ablation_layer() -> nn.Module:
+    """pgc's AblationLayer, callable with the keyword arguments some blocks get from their parent.
+
+    EfficientNet-Lite0 calls its blocks as `block(x, drop_connect_rate=r)`; pgc's layer takes only x. The
+    rate does nothing in eval mode, so dropping it leaves pgc's computation unchanged (pgc takes a
+    custom `ablation_layer` for such architectures).
+    """
+    from pytorch_grad_cam.ablation_layer import AblationLayer
+
+    class KeywordTolerantAblationLayer(AblationLayer):
+        def __call__(self, x, *args, **kwargs):
+            return super().__call__(x)
+
+    return KeywordTolerantAblationLayer()
 
 
 def _explainer_row(method: str):
