@@ -333,7 +333,6 @@ class TorchTail:
                 offset += hi - lo
         return _cat(outputs).reshape(n, m, -1)
 
-
     def _takes_sets(self, shortcut, sparse, features: torch.Tensor) -> bool:
         """Whether the gathered passes run per channel set (`_compute_sets`): conv kind, CPU, full precision."""
         return sparse is not None and shortcut.kind == "conv" and features.device.type == "cpu" and self.precision == "fp32"
