@@ -275,6 +275,27 @@ class TailShortcut(nn.Module):
         (features,) = state
         return (features[:, None] * masks[..., None, None]).reshape(n * m, k, *features.shape[2:])
 
+    def input_rows(self, state: tuple) -> torch.Tensor | None:
+        """The "conv" kind's folded weight as rows per input channel [K,out] when the convolution is a
+        matrix product per pixel (1×1, stride 1, no padding), else None. For `gathered_sums`."""
+        weight = state[2]
+        if weight.shape[-2:] != (1, 1) or not _is_identity_geometry(self.conv):
+            return None
+        return weight[:, :, 0, 0].t().contiguous()
+
+    def gathered_sums(self, state: tuple, index: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_j gate[s,j]·C_index[s,j] for S channel sets [S,g] of the one image in `state` ("conv" kind):
+        [S, out, h', w'], without the bias. `rows` is `input_rows(state)`, made once per batch."""
+        features, full, weight, _ = state
+        s, g = index.shape
+        gathered = features[0, index] * gate.to(features.dtype)[..., None, None]  # [S,g,h,w]
+        if rows is not None:
+            return torch.bmm(rows[index].transpose(1, 2), gathered.reshape(s, g, -1)).reshape(s, *full.shape[1:])
+        out = weight.shape[0]
+        per_set = weight.transpose(0, 1)[index].transpose(1, 2).reshape(s * out, g, *weight.shape[-2:])
+        summed = self._convolve(gathered.reshape(1, s * g, *features.shape[2:]), per_set, None, groups=s)
+        return summed.reshape(s, *full.shape[1:])
+
     # --- the last op ----------------------------------------------------------------------------
 
     def logits(self, hidden: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
+CPU_SET_CHUNK_BYTES = 4 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
 # A gathered sum over g of K channels replaces a dense product when g is at most this share of K
 # (for a first Linear the dense product is one efficient GEMM, so gathering pays only when very sparse).
 CONV_SPARSE_SHARE = 0.25
@@ -300,6 +301,8 @@ class TorchTail:
             state = shortcut.prepare(features, classes if shortcut.first_is_final else None)  # once per batch
             sparse = sparse_rows(masks, bound) if bound is not None else None
             self.sparse_calls += sparse is not None
+            if self._takes_sets(shortcut, sparse, features):
+                return self._compute_sets(shortcut, state, sparse, features, masks, extras, classes)
         outputs = []
         for start in range(0, total, step):
             end = min(total, start + step)
@@ -329,6 +332,79 @@ class TorchTail:
                 outputs.append(shortcut.logits(part.reshape(1, hi - lo, *part.shape[1:]), chosen)[0])
                 offset += hi - lo
         return _cat(outputs).reshape(n, m, -1)
+
+    def _takes_sets(self, shortcut, sparse, features: torch.Tensor) -> bool:
+        """Whether the gathered passes run per channel set (`_compute_sets`): conv kind, CPU, full precision."""
+        return sparse is not None and shortcut.kind == "conv" and features.device.type == "cpu" and self.precision == "fp32"
+
+    def _compute_sets(self, shortcut, state, sparse, features, masks, extras: list, classes) -> torch.Tensor:
+        """The "conv" kind's gathered passes with one gathered sum per distinct channel set of an image.
+
+        The switch-on row of FD-CAM's group k is bias + Σ_G(k) C_l and its switch-off row is
+        full − Σ_G(k) C_l: both rows take one sum. Sets run in chunks of a few rows that stay in the
+        CPU's caches through the body.
+        """
+        n, m, _ = masks.shape
+        index, gate, complement = sparse
+        rows = shortcut.input_rows(state)
+        row_bytes = shortcut.row_numel * features.element_size()
+        step = self.batch_size or max(1, CPU_SET_CHUNK_BYTES // row_bytes)
+        results = []
+        for i in range(n):
+            image = shortcut.select(state, i)
+            full, bias = image[1], image[3][:, None, None]
+            bases = torch.stack([bias.expand_as(full[0]), full[0]])[:, None]  # [2,1,out,h',w']
+            signs = torch.tensor([1.0, -1.0], dtype=full.dtype).reshape(2, 1, 1, 1, 1)
+            key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
+            sets, inverse = torch.unique(key, dim=0, return_inverse=True)
+            first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
+            set_index, set_gate = index[i, first], gate[i, first]
+            result = None
+            for a, b, on, on_sets, off, off_sets in _set_chunks(inverse.tolist(), complement[i, :, 0].tolist(), step):
+                self.calls += 1
+                sums = shortcut.gathered_sums(image, set_index[a:b], set_gate[a:b], rows)
+                if on_sets == off_sets == list(range(len(sums))):  # one switch-on and one switch-off row per set
+                    start = torch.addcmul(bases, signs, sums[None])  # bias + Σ, full − Σ
+                    start = start.flatten(0, 1)
+                else:
+                    start = torch.empty((len(on) + len(off), *full.shape[1:]), dtype=sums.dtype)
+                    torch.add(_pick(sums, on_sets), bias, out=start[: len(on)])
+                    torch.sub(full, _pick(sums, off_sets), out=start[len(on) :])
+                hidden = shortcut.body(start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras))
+                chosen = None if classes is None else classes[i : i + 1]
+                logits = shortcut.logits(hidden[None], chosen)[0]
+                if result is None:
+                    result = logits.new_empty((m, *logits.shape[1:]))
+                result[on + off] = logits
+            results.append(result)
+        return torch.stack(results)
+
+
+def _set_chunks(inverse: list[int], complement: list[bool], step: int) -> list[tuple]:
+    """Chunks of consecutive sets holding about `step` rows: (first set, end set, switch-on rows, their
+    sets counted from the first, switch-off rows, their sets). A chunk has at least one set."""
+    count = max(inverse) + 1 if inverse else 0
+    members: list[tuple[list[int], list[int]]] = [([], []) for _ in range(count)]
+    for row, (which, off) in enumerate(zip(inverse, complement)):
+        members[which][off].append(row)
+    chunks, a = [], 0
+    while a < count:
+        b, size = a, 0
+        while b < count and (b == a or size + len(members[b][0]) + len(members[b][1]) <= step):
+            size += len(members[b][0]) + len(members[b][1])
+            b += 1
+        on = [(row, j - a) for j in range(a, b) for row in members[j][0]]
+        off = [(row, j - a) for j in range(a, b) for row in members[j][1]]
+        chunks.append((a, b, [r for r, _ in on], [j for _, j in on], [r for r, _ in off], [j for _, j in off]))
+        a = b
+    return chunks
+
+
+def _pick(sums: torch.Tensor, sets: list[int]) -> torch.Tensor:
+    """The sums of the given sets, in order (the tensor itself when that is all of them)."""
+    if sets == list(range(sums.shape[0])):
+        return sums
+    return sums.index_select(0, torch.tensor(sets, dtype=torch.long, device=sums.device))
 
 
 def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: int | None) -> int | None:

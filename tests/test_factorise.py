@@ -453,3 +453,30 @@ def test_an_unrecognised_tail_takes_the_plain_path(ends_in_linear):
     assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
     assert_same_up_to_rounding(tail.run(activations, masks, extras, classes),
                                expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(kernel=1), dict(kernel=3, padding=1)], ids=["1x1", "3x3"])
+def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(options, monkeypatch):
+    # FD-CAM's switch-on and switch-off rows of a group share one gathered sum; rows in any order,
+    # repeated, or with no partner, and chunks of a few rows give the same logits.
+    from reference import assert_same_up_to_rounding
+
+    torch.manual_seed(0)
+    split, activations, extras = _split(_ConvStart(**options).eval(), "stem", torch.randn(2, 3, 9, 9))
+    paired = _group_masks(activations, theta=0.8)  # [2,32,16]: groups of at most 3 channels
+    order = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+    mixed = torch.cat([paired[:, order], paired[:, :3], 1 - paired[:, 20:22]], dim=1)
+    bound = max_group_size(16, 0.8)
+    classes = torch.tensor([[4, 0], [1, 2]])
+    for masks in (paired, mixed):
+        expected = _plain(split, activations, masks, extras)
+        for batch_size in (None, 3):
+            tail = TorchTail(split.tail, batch_size=batch_size)
+            got = tail.run(activations, masks, extras, sparsity=bound)
+            assert tail.sparse_calls == 1 and tail.calls >= (1 if batch_size is None else 2 * 32 // 3)
+            assert_same_up_to_rounding(got, expected, rel=1e-5)
+            subset = tail.run(activations, masks, extras, classes, sparsity=bound)
+            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+        rows = TorchTail(split.tail)
+        monkeypatch.setattr(rows, "_takes_sets", lambda *args: False)
+        assert_same_up_to_rounding(rows.run(activations, masks, extras, sparsity=bound), got, rel=1e-5)

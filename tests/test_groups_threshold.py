@@ -1,0 +1,64 @@
+"""Tests for fdcam.groups.quantile_threshold: the topk-based row quantile equals torch.quantile bit for bit."""
+
+import pytest
+import torch
+
+from fdcam.groups import channel_groups, cosine_similarity_matrix, quantile_threshold
+from tests.reference import cosine_groups
+
+THETAS = (0.0, 0.05, 1 / 3, 0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+def _rows(kind: str, k: int, generator: torch.Generator) -> torch.Tensor:
+    if kind == "random":
+        return torch.rand(7, k, generator=generator) * 2 - 1
+    if kind == "ties":
+        return torch.randint(0, 4, (7, k), generator=generator).float() / 3
+    if kind == "constant":
+        return torch.full((3, k), 0.3)
+    if kind == "signed zeros":
+        rows = -torch.rand(4, k, generator=generator)
+        rows[0, 0], rows[1], rows[2, ::2] = -0.0, 0.0, -0.0
+        return rows
+    if kind == "batch":
+        return torch.rand(2, 5, k, generator=generator)
+    return torch.rand(5, k, generator=generator, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 16, 17, 100, 320, 2048])
+@pytest.mark.parametrize("kind", ["random", "ties", "constant", "signed zeros", "batch", "float64"])
+def test_threshold_equals_torch_quantile_bit_for_bit(k, kind):
+    generator = torch.Generator().manual_seed(k)
+    rows = _rows(kind, k, generator)
+    for theta in THETAS:
+        expected = torch.quantile(rows, theta, dim=-1, keepdim=True)
+        got = quantile_threshold(rows, theta)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), (theta, (got - expected).abs().max())
+        assert torch.equal(rows > got, rows > expected)
+
+
+def test_threshold_of_rows_with_nan_or_infinities_is_torch_quantiles():
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor([[0.0, 1, 2, inf, inf], [-inf, -inf, 2, 3, 4], [1.0, 2, inf, inf, inf], [0.5, nan, 1, 2, 3], [inf] * 5])
+    for theta in (0.0, 0.25, 0.5, 0.6, 0.75, 0.95, 1.0):
+        expected = torch.quantile(rows, theta, dim=-1, keepdim=True)
+        got = quantile_threshold(rows, theta)
+        assert torch.equal(got.isnan(), expected.isnan()), theta
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()), theta
+
+
+def test_out_of_range_theta_is_refused_as_by_torch_quantile():
+    with pytest.raises(RuntimeError):
+        quantile_threshold(torch.rand(3, 4), 1.5)
+
+
+@pytest.mark.parametrize("theta", [0.9, 0.95])
+def test_channel_groups_equal_torch_quantile_groups_and_the_numpy_reference(theta):
+    generator = torch.Generator().manual_seed(3)
+    activations = torch.relu(torch.randn(2, 64, 5, 5, generator=generator))
+    activations[0, 3] = 0  # a zero map: similarity 0 with every map
+    similarity = cosine_similarity_matrix(activations)
+    expected = similarity > torch.quantile(similarity, theta, dim=-1, keepdim=True)
+    got = channel_groups(activations, theta)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[1], cosine_groups(activations[1], theta))
