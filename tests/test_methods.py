@@ -1,5 +1,7 @@
 """The baselines against pytorch-grad-cam 1.5.7 (post-ReLU layer) and Group-CAM against a plain reference."""
 
+import gc
+
 import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
@@ -11,6 +13,9 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import fdcam
+from fdcam.forward import ForwardPass
+from fdcam.methods.base import BatchContext
+from fdcam.split import split_model
 from reference import agreement, assert_same_up_to_rounding
 
 
@@ -221,3 +226,17 @@ def test_methods_repr_shows_their_options(resnet18):
     assert repr(fdcam.GroupCAM(resnet18, "layer4", groups=16, scorer=resnet18)) == (
         "GroupCAM(target_layer='layer4', scorer=<ResNet>, groups=16, percentile=70.0)"
     )
+
+
+def test_a_new_split_never_gets_the_tail_of_an_earlier_one(resnet18, image):
+    # Tails are kept per split object: a cache keyed by id() handed a new split the tail of a freed
+    # one whenever Python reused the address.
+    cam = fdcam.AblationCAM(resnet18, "layer4")
+    for _ in range(4):
+        split = split_model(resnet18, "layer4", image)
+        context = BatchContext(image, ForwardPass.run(split, image), torch.tensor([[0]]))
+        tail = cam.tail_for(context)
+        assert tail.masked_tail.tail is split.tail and cam.tail_for(context) is tail
+        del split, context, tail
+        gc.collect()
+    assert cam.tails == []  # a split that is gone takes its tail with it

@@ -191,7 +191,7 @@ def test_onnxruntime_tail_follows_in_place_weight_changes(cache):
         expected = torch_cam(x, targets=2)
         assert_same_up_to_rounding(ort(x, targets=2), expected), what
         logits = model(x)
-        tail = ort._tails[id(ort.split_for(x))]
+        tail = ort._tails[ort.split_for(x)]
         split = ort.split_for(x)
         with torch.no_grad():
             a, *extras = split.head(x)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..maps import minmax, normalise_maps
 from ..metrics import default_batch_size
 from ..scoring import Scorer
-from .base import BaseCAM, Explanation
+from .base import BaseCAM, BatchContext
 
 __all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur"]
 
@@ -52,15 +52,15 @@ class ScoreCAM(_ScoredCAM):
     equal to the model, e.g. fdcam.scoring.OrtScorer) may run the masked forwards instead of the model.
     """
 
-    def channel_weights(self, explanation: Explanation) -> torch.Tensor:
-        x, activations = explanation.x, explanation.activations
+    def channel_weights(self, context: BatchContext) -> torch.Tensor:
+        x, activations = context.x, context.activations
         upsampled = F.interpolate(activations, size=x.shape[-2:], mode="bilinear", align_corners=True)
         upsampled = minmax(upsampled, dim=(-2, -1), eps=1e-8)
         weights = []
         for i in range(x.shape[0]):
             image, masks = x[i][None], upsampled[i][:, None]  # [1,3,H,W], [K,1,H,W]
             logits = self.score(masks.shape[0], lambda rows: image * masks[rows], "Score-CAM")
-            scores = logits[:, explanation.targets[i]].T  # [T,K]
+            scores = logits[:, context.targets[i]].T  # [T,K]
             weights.append(torch.softmax(scores, dim=-1))
         return torch.stack(weights)
 
@@ -93,11 +93,11 @@ class GroupCAM(_ScoredCAM):
         self.num_groups = groups
         self.percentile = percentile
 
-    def channel_weights(self, explanation: Explanation) -> torch.Tensor:
-        return explanation.gradients.mean(dim=(-2, -1))
+    def channel_weights(self, context: BatchContext) -> torch.Tensor:
+        return context.gradients.mean(dim=(-2, -1))
 
-    def saliency(self, explanation: Explanation, weights: torch.Tensor) -> torch.Tensor:
-        x, activations, targets = explanation.x, explanation.activations, explanation.targets
+    def saliency(self, context: BatchContext, weights: torch.Tensor) -> torch.Tensor:
+        x, activations, targets = context.x, context.activations, context.targets
         size = x.shape[-2:]
         maps = []
         for i in range(x.shape[0]):
