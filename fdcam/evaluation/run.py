@@ -15,7 +15,7 @@ import torch
 from .. import models
 from ..tail import tail_precision
 from .items import Item
-from .scorer import FORWARD_BOUND, Scoring
+from .scorer import Scoring
 from .specs import MethodSpec, as_specs
 from .store import ResultStore
 
@@ -125,7 +125,7 @@ def start_run(
     layer = layer if layer is not None else spec.default_layer
     scoring = Scoring(model, scorer)
     explainers = {
-        s.label: s.build(scoring.reference if s.name in FORWARD_BOUND else model, layer, batch_size) for s in specs
+        s.label: s.build(scoring.reference if s.method.uses_forward_scorer else model, layer, batch_size) for s in specs
     }
     config = {
         "metric": metric,

@@ -19,7 +19,7 @@ from ..errors import first_line
 from ..forward import ForwardPass
 from ..maps import to_input_size, weighted_sum
 from ..model_state import preserved_model_state
-from ..options import invalid_choice
+from ..options import ENGINE_DEFAULTS, invalid_choice
 from ..split import SplitModel, resolve_layer_name, split_model
 from ..tail import Tail, TorchTail, check_torch_precision
 from ..timing import stage
@@ -130,17 +130,23 @@ class BaseCAM:
     """A CAM method over a model split at `target_layer`; call it on a batch to get maps [N,T,H,W] in [0,1].
 
     Subclasses implement `channel_weights` (weights [N,T,K] or per-pixel [N,T,K,h,w]); the base
-    class does the split, the forward pass, target resolution and the map. Engine options apply to
-    the masked tail passes (FD-CAM, Ablation-CAM): `backend`, `provider`, `precision` ("fp32",
-    "tf32", "fp16"; "bf16" on torch), `batch_size`/`memory_budget`, and `cuda_graph` (torch on CUDA).
+    class does the split, the forward pass, target resolution and the map. Methods declare what
+    they run, and take only the options of that: with `uses_tail_engine` (FD-CAM, Ablation-CAM) the
+    engine options of the masked tail passes, `backend`, `provider`, `precision` ("fp32", "tf32",
+    "fp16"; "bf16" on torch), `tail_batch_size` (mask rows per pass) / `memory_budget`, and
+    `cuda_graph` (torch on CUDA); with `uses_forward_scorer` (Score-CAM, Group-CAM)
+    `forward_batch_size`, the perturbed inputs per forward. Any other method given one of these
+    raises a ValueError. `batch_size` is the deprecated name of whichever of the two applies.
 
     An explainer may be shared between threads: splits and ONNX tails are built under a process-wide
     tracing lock, the model stays in eval mode while any thread explains, and global flags are set
     under a lock and restored (see fdcam.concurrency).
     """
 
-    #: Whether the method runs masked tail passes, i.e. uses backend/provider/precision/cuda_graph.
+    #: Whether the method runs masked tail passes: the engine options (fdcam.options.ENGINE_DEFAULTS) apply.
     uses_tail_engine = False
+    #: Whether the method's cost is full-model forwards of perturbed inputs: `forward_batch_size` (and a scorer) apply.
+    uses_forward_scorer = False
     #: Attributes that hold constructor options under another name (for __repr__).
     _option_attributes: dict[str, str] = {}
 
@@ -149,22 +155,33 @@ class BaseCAM:
         model: nn.Module,
         target_layer: str | nn.Module | None = None,
         *,
-        batch_size: int | None = None,
+        tail_batch_size: int | None = None,
         memory_budget: int | None = None,
+        forward_batch_size: int | None = None,
         progress: bool = False,
         backend: str = "torch",
         provider: str | None = None,
         precision: str = "fp32",
         cuda_graph: bool = False,
         tracer_kwargs: dict | None = None,
+        batch_size: int | None = None,
     ):
+        if batch_size is not None:
+            tail_batch_size, forward_batch_size = self._deprecated_batch_size(batch_size, tail_batch_size, forward_batch_size)
+        engine = {"tail_batch_size": tail_batch_size, "memory_budget": memory_budget, "backend": backend,
+                  "provider": provider, "precision": precision, "cuda_graph": cuda_graph}
+        given = [f"{name}={value!r}" for name, value in engine.items() if value != ENGINE_DEFAULTS[name]]
+        if given and not self.uses_tail_engine:
+            raise ValueError(f"{type(self).__name__} runs no masked tail passes: {', '.join(given)} applies only to methods that do (FD-CAM, Ablation-CAM)")
+        if forward_batch_size is not None and not self.uses_forward_scorer:
+            raise ValueError(f"{type(self).__name__} runs no forwards of perturbed inputs: forward_batch_size applies only to Score-CAM and Group-CAM")
         if backend not in BACKENDS:
             raise invalid_choice("backend", backend, BACKENDS)
         if backend == "torch":
             check_torch_precision(precision)
         elif cuda_graph:
             raise ValueError("cuda_graph applies to the torch backend; ONNX Runtime sessions run without it")
-        for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget)):
+        for name, value in (("tail_batch_size", tail_batch_size), ("memory_budget", memory_budget), ("forward_batch_size", forward_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
         if not isinstance(model, nn.Module):
@@ -173,8 +190,9 @@ class BaseCAM:
         self.tracer_kwargs = tracer_kwargs
         layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
         self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
-        self.batch_size = batch_size
+        self.tail_batch_size = tail_batch_size
         self.memory_budget = memory_budget
+        self.forward_batch_size = forward_batch_size
         self.progress = progress
         self.backend, self.provider, self.precision = backend, provider, precision
         self.cuda_graph = cuda_graph
@@ -183,20 +201,16 @@ class BaseCAM:
         self._tail_fingerprints: weakref.WeakKeyDictionary[SplitModel, tuple] = weakref.WeakKeyDictionary()
         self._structure = _structure_of(model)
         self._warned: set[str] = set()
-        if not self.uses_tail_engine:
-            ignored = [
-                f"{name}={value!r}"
-                for name, value, default in (
-                    ("backend", backend, "torch"), ("provider", provider, None),
-                    ("precision", precision, "fp32"), ("cuda_graph", cuda_graph, False),
-                )
-                if value != default
-            ]
-            if ignored:
-                self._warn_once(
-                    "ignored",
-                    f"{type(self).__name__} ignores {', '.join(ignored)}: only FD-CAM and Ablation-CAM run masked tail passes",
-                )
+
+    def _deprecated_batch_size(self, batch_size: int, tail_batch_size: int | None, forward_batch_size: int | None) -> tuple:
+        """(tail_batch_size, forward_batch_size) with the old `batch_size` given to whichever the method uses."""
+        if self.uses_tail_engine == self.uses_forward_scorer:
+            raise ValueError(f"{type(self).__name__} runs no batched passes: batch_size does not apply")
+        new = "tail_batch_size" if self.uses_tail_engine else "forward_batch_size"
+        if (tail_batch_size if self.uses_tail_engine else forward_batch_size) is not None:
+            raise ValueError(f"give {new} only; batch_size is its deprecated name")
+        warnings.warn(f"batch_size is deprecated: give {new}", DeprecationWarning, stacklevel=3)
+        return (batch_size, forward_batch_size) if self.uses_tail_engine else (tail_batch_size, batch_size)
 
     def __repr__(self) -> str:
         """The class and its options, as torchcam prints its methods: the method's own, then engine options not at their default."""
@@ -205,8 +219,8 @@ class BaseCAM:
             if "__init__" not in cls.__dict__ or not issubclass(cls, BaseCAM):
                 continue
             for parameter in inspect.signature(cls.__dict__["__init__"]).parameters.values():
-                if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
-                    continue
+                if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name == "batch_size":
+                    continue  # batch_size, deprecated, is shown as the option it stands for
                 value = getattr(self, self._option_attributes.get(parameter.name, parameter.name))
                 if cls is not BaseCAM or value != parameter.default:
                     options[parameter.name] = value
@@ -312,14 +326,14 @@ class BaseCAM:
                     provider=self.provider,
                     precision=self.precision,
                     memory_budget=self.memory_budget,
-                    batch_size=self.batch_size,
+                    batch_size=self.tail_batch_size,
                 )
             self._tails[split], self._tail_fingerprints[split] = tail, fingerprint
             return tail
         if split not in self._tails:
             self._tails[split] = TorchTail(
                 split.tail,
-                batch_size=self.batch_size,
+                batch_size=self.tail_batch_size,
                 memory_budget=self.memory_budget,
                 precision=self.precision,
                 cuda_graph=self.cuda_graph,

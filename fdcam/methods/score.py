@@ -32,14 +32,16 @@ def _batched_logits(
 class _ScoredCAM(BaseCAM):
     """A CAM whose cost is full-model forwards of perturbed inputs, run by `scorer` (default: the model)."""
 
+    uses_forward_scorer = True
+
     def __init__(self, model, target_layer=None, *, scorer: Scorer | None = None, **options):
         super().__init__(model, target_layer, **options)
         self.scorer = scorer
 
     def score(self, count: int, make_inputs: Callable[[slice], torch.Tensor], label: str) -> torch.Tensor:
-        """Logits of `count` perturbed inputs, in batches of batch_size (default: fdcam.metrics.default_batch_size)."""
+        """Logits of `count` perturbed inputs, forward_batch_size at a time (default: fdcam.metrics.default_batch_size)."""
         scorer = self.scorer if self.scorer is not None else self.model
-        batch_size = self.batch_size or default_batch_size(next(self.model.parameters(), torch.empty(0)).device)
+        batch_size = self.forward_batch_size or default_batch_size(next(self.model.parameters(), torch.empty(0)).device)
         return _batched_logits(scorer, count, make_inputs, batch_size, self.progress, label)
 
 
