@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdcam.factorise import expand_rows, sparse_rows, tail_shortcut
-from fdcam.head import HeadOutput
+from fdcam.forward import ForwardPass
 from fdcam.methods import METHODS
 from fdcam._version import __version__
 from fdcam.errors import first_line
-from fdcam.methods.base import Explanation
+from fdcam.methods.base import BatchContext
 from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
 from fdcam.tail import CONV_SPARSE_SHARE, MaskedTail, expand_masks
@@ -138,7 +138,7 @@ def _graph_method(method: str, model: nn.Module, layer: str, options: dict, tail
     base = METHODS[method]
 
     class GraphMethod(base):
-        def tail_for(self, explanation):  # noqa: D102 - the engine swap is the whole point
+        def tail_for(self, context):  # noqa: D102 - the engine swap is the whole point
             return tail
 
     GraphMethod.__name__ = f"Graph{base.__name__}"
@@ -183,11 +183,11 @@ class ExplainerModule(nn.Module):
                 gradients = gradients.reshape(n, t, *features.shape[1:])
                 logits = all_logits.detach().reshape(n, t, -1)[:, 0]
         features = features.detach()
-        head = HeadOutput(features, tuple(e.detach() for e in extras), logits)
-        explanation = Explanation(image, self.split, head, targets, _gradients=gradients.detach())
+        forward = ForwardPass(self.split, features, tuple(e.detach() for e in extras), logits)
+        context = BatchContext(image, forward, targets, gradients=gradients.detach())
         with torch.no_grad():
-            weights = self.method.channel_weights(explanation)
-            saliency = self.method.saliency(explanation, weights)
+            weights = self.method.channel_weights(context)
+            saliency = self.method.saliency(context, weights)
         return logits, targets, saliency.float()
 
 

@@ -16,7 +16,7 @@ from . import models
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, overlay, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError
-from .options import TORCH_PRECISIONS
+from .options import ENGINE_DEFAULTS, TORCH_PRECISIONS
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
 
@@ -106,6 +106,17 @@ def _method_names(method: str) -> list[str]:
     return names
 
 
+def _engine_options(args: argparse.Namespace, method_names: list[str]) -> dict:
+    """The engine options the user set (those not at their default); ValueError when no chosen method runs tail passes."""
+    given = {"backend": args.backend, "provider": args.provider, "precision": args.precision, "cuda_graph": args.cuda_graph}
+    engine = {name: value for name, value in given.items() if value != ENGINE_DEFAULTS[name]}
+    if engine and not any(METHODS[name].uses_tail_engine for name in method_names):
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in engine)
+        users = ", ".join(name for name, method in METHODS.items() if method.uses_tail_engine)
+        raise ValueError(f"{flags} applies to methods that run masked tail passes ({users}), not {', '.join(method_names)}")
+    return engine
+
+
 def run(args: argparse.Namespace) -> int:
     """Explain every image; a bad image is reported and skipped, the others are still written."""
     if args.server:
@@ -114,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         return explain_remote(args)
     device = resolve_device(args.device)
     method_names = _method_names(args.method or "fdcam")
+    engine = _engine_options(args, method_names)
     if args.max_size < 1:
         raise ValueError(f"--max-size must be a positive number of pixels, not {args.max_size}")
     out = Path(args.out)
@@ -128,9 +140,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"class index {bad[0]} is out of range for {spec.name} ({spec.num_classes} classes)")
     if not args.classes and not 1 <= args.topk <= spec.num_classes:
         raise ValueError(f"--topk must be between 1 and {spec.num_classes}")
-    options = {"backend": args.backend, "provider": args.provider, "precision": args.precision, "cuda_graph": args.cuda_graph}
     explainers = {
-        name: METHODS[name](model, target_layer=args.layer, **(options if name in ("fdcam", "ablationcam") else {}))
+        name: METHODS[name](model, target_layer=args.layer, **(engine if METHODS[name].uses_tail_engine else {}))
         for name in method_names
     }
     rows, failures = [], []

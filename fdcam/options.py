@@ -7,6 +7,7 @@ from typing import Any
 
 __all__ = [
     "COMBINES",
+    "ENGINE_DEFAULTS",
     "FDCAM_DEFAULTS",
     "FDCAM_OPTIONS",
     "ORT_PRECISIONS",
@@ -22,6 +23,11 @@ ORT_PRECISIONS = ("fp32", "tf32", "fp16")
 
 COMBINES = ("exp", "linear")  # w = α̂·exp(ŝ) − b, or α̂·ŝ − b
 SWITCHES = ("on_off", "off")  # switch-on and switch-off scores, or switch-off only
+
+#: Options of the engine that runs masked tail passes (methods with `uses_tail_engine`) and their defaults.
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "tail_batch_size": None, "memory_budget": None, "backend": "torch", "provider": None, "precision": "fp32", "cuda_graph": False,
+}
 
 #: FD-CAM's options and the paper's values: θ, the row quantile of the cosine matrix; b, the bias.
 FDCAM_DEFAULTS: dict[str, Any] = {"theta": 0.95, "bias": 0.5, "combine": "exp", "switch": "on_off", "grouping": True}

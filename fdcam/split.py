@@ -29,9 +29,12 @@ class SplitError(ValueError):
     """The model cannot be split at the requested layer (the message says why, in one line)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class SplitModel:
-    """A model cut at `layer`: `head(x) -> (activation, *extras)`, `tail(activation, *extras) -> logits`."""
+    """A model cut at `layer`: `head(x) -> (activation, *extras)`, `tail(activation, *extras) -> logits`.
+
+    Compared and hashed by identity, so that what is built for one split (its tail engine) is kept per object.
+    """
 
     head: fx.GraphModule
     tail: fx.GraphModule

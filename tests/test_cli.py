@@ -52,6 +52,8 @@ def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
         (["--method", "magiccam"], "unknown method"),
         (["--model", "vgg16", "--weights", "WEIGHTS"], "does not fit"),
         (["--device", "cuda"], "cuda"),
+        (["--method", "gradcam,scorecam", "--backend", "onnxruntime"], "--backend applies to methods that run masked tail passes"),
+        (["--method", "gradcam", "--precision", "fp16", "--cuda-graph"], "--precision, --cuda-graph applies"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tmp_path, data_dir, capsys, arguments, message):

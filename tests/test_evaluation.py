@@ -273,3 +273,41 @@ def test_evaluation_runs_with_tf32_off_and_restores_the_flags(image_dir, tmp_pat
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _untagged_net():
+    """A small random CNN fdcam.models.load did not make (so it carries no spec)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()
+
+
+def test_any_model_is_evaluated_given_its_spec(image_dir):
+    import torch
+
+    from fdcam import GradCAM, models
+    from fdcam.evaluation import evaluate_insertion_deletion
+    from fdcam.images import load_image, preprocess
+    from fdcam.metrics import insertion_deletion_batch
+
+    model = _untagged_net()
+    spec = models.ModelSpec("tiny", "3", (32, 32), models.IMAGENET_MEAN, models.IMAGENET_STD, 10)
+    options = dict(methods="gradcam", limit=1, step=128, scorer="torch", progress=False, weights=None)
+    with pytest.raises(ValueError, match="give model_spec"):
+        evaluate_insertion_deletion(model, image_dir, **options)
+    run = evaluate_insertion_deletion(model, image_dir, model_spec=spec, **options)
+    entry = run.summary["per_image"][0]
+    assert run.summary["model"] == "tiny" and run.summary["layer"] == "3" and entry["file"] == JPEGS[0]
+    # The same numbers by hand: the spec's preprocessing, Grad-CAM at its default layer, the curves.
+    x = preprocess(load_image(image_dir / JPEGS[0]), spec)
+    cls = int(model(x).argmax())
+    saliency = GradCAM(model, "3")(x, targets=[cls])
+    expected = insertion_deletion_batch(model, x, saliency, [cls], step=128)
+    assert entry["class"] == cls
+    for key in ("insertion", "deletion"):
+        assert entry["methods"]["gradcam"][key] == pytest.approx(float(expected[key][0, 0]), abs=1e-6)

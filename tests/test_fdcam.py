@@ -132,7 +132,7 @@ def test_switch_passes_run_in_one_tail_call_within_budget(small_resnet):
     cam(x)
     tail = next(iter(cam._tails.values()))
     assert tail.calls == 1
-    chunked = fdcam.FDCAM(small_resnet, "layer4", batch_size=100)
+    chunked = fdcam.FDCAM(small_resnet, "layer4", tail_batch_size=100)
     assert_same_up_to_rounding(chunked(x), cam(x))
     assert next(iter(chunked._tails.values())).calls == 11  # ceil(1024 / 100)
 

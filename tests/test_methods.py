@@ -1,5 +1,7 @@
 """The baselines against pytorch-grad-cam 1.5.7 (post-ReLU layer) and Group-CAM against a plain reference."""
 
+import gc
+
 import numpy as np
 import pytest
 import pytorch_grad_cam as pgc
@@ -11,6 +13,9 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import fdcam
+from fdcam.forward import ForwardPass
+from fdcam.methods.base import BatchContext
+from fdcam.split import split_model
 from reference import agreement, assert_same_up_to_rounding
 
 
@@ -121,10 +126,10 @@ def test_perturbation_cams_run_their_forwards_on_a_scorer_with_the_same_maps(res
         return ort_scorer(inputs)
 
     expected = fdcam.METHODS[name](resnet18, "layer4")(image, targets=17)
-    on_ort = fdcam.METHODS[name](resnet18, "layer4", scorer=counting, batch_size=50)(image, targets=17)
+    on_ort = fdcam.METHODS[name](resnet18, "layer4", scorer=counting, forward_batch_size=50)(image, targets=17)
     assert sum(scored) == forwards and max(scored) == min(forwards, 50)
     assert_same_up_to_rounding(on_ort, expected)
-    small_batches = fdcam.METHODS[name](resnet18, "layer4", batch_size=7)(image, targets=17)
+    small_batches = fdcam.METHODS[name](resnet18, "layer4", forward_batch_size=7)(image, targets=17)
     assert_same_up_to_rounding(small_batches, expected)
 
 
@@ -214,10 +219,60 @@ def test_without_a_target_layer_the_last_spatial_layer_is_named_in_a_warning(res
 
 def test_methods_repr_shows_their_options(resnet18):
     assert repr(fdcam.GradCAM(resnet18, "layer4")) == "GradCAM(target_layer='layer4')"
-    assert repr(fdcam.FDCAM(resnet18, "layer4.1.relu_1", theta=0.9, backend="onnxruntime", batch_size=64)) == (
+    assert repr(fdcam.FDCAM(resnet18, "layer4.1.relu_1", theta=0.9, backend="onnxruntime", tail_batch_size=64)) == (
         "FDCAM(target_layer='layer4.1.relu_1', theta=0.9, bias=0.5, combine='exp', switch='on_off', grouping=True,"
-        " batch_size=64, backend='onnxruntime')"
+        " tail_batch_size=64, backend='onnxruntime')"
     )
     assert repr(fdcam.GroupCAM(resnet18, "layer4", groups=16, scorer=resnet18)) == (
         "GroupCAM(target_layer='layer4', scorer=<ResNet>, groups=16, percentile=70.0)"
     )
+
+
+def test_a_new_split_never_gets_the_tail_of_an_earlier_one(resnet18, image):
+    # Tails are kept per split object: a cache keyed by id() handed a new split the tail of a freed
+    # one whenever Python reused the address.
+    cam = fdcam.AblationCAM(resnet18, "layer4")
+    for _ in range(3):
+        split = split_model(resnet18, "layer4", image)
+        context = BatchContext(image, ForwardPass.run(split, image), torch.tensor([[0]]))
+        tail = cam.tail_for(context)
+        assert tail.masked_tail.tail is split.tail and cam.tail_for(context) is tail
+        del split, context, tail
+        gc.collect()
+    assert cam.tails == []  # a split that is gone takes its tail with it
+
+
+@pytest.mark.parametrize("name", [name for name, method in fdcam.METHODS.items() if not method.uses_tail_engine])
+@pytest.mark.parametrize("option", [{"backend": "onnxruntime"}, {"provider": "cpu"}, {"precision": "fp16"},
+                                    {"cuda_graph": True}, {"memory_budget": 2**20}, {"tail_batch_size": 8}])
+def test_engine_options_given_to_a_method_without_tail_passes_are_refused(resnet18, name, option):
+    ((key, value),) = option.items()
+    with pytest.raises(ValueError, match=rf"^{fdcam.METHODS[name].__name__} runs no masked tail passes: {key}=") as raised:
+        fdcam.METHODS[name](resnet18, "layer4", **option)
+    assert "\n" not in str(raised.value)
+
+
+def test_methods_declare_what_they_run(resnet18):
+    tail = {name for name, method in fdcam.METHODS.items() if method.uses_tail_engine}
+    forward = {name for name, method in fdcam.METHODS.items() if method.uses_forward_scorer}
+    assert (tail, forward) == ({"fdcam", "ablationcam"}, {"scorecam", "groupcam"})
+    with pytest.raises(ValueError, match="GradCAM runs no forwards of perturbed inputs: forward_batch_size"):
+        fdcam.GradCAM(resnet18, "layer4", forward_batch_size=8)
+    with pytest.raises(ValueError, match="FDCAM runs no forwards of perturbed inputs"):
+        fdcam.FDCAM(resnet18, "layer4", forward_batch_size=8)
+    with pytest.raises(ValueError, match="ScoreCAM runs no masked tail passes: tail_batch_size=8"):
+        fdcam.ScoreCAM(resnet18, "layer4", tail_batch_size=8)
+
+
+def test_batch_size_is_the_deprecated_name_of_the_batch_the_method_runs(resnet18):
+    with pytest.warns(DeprecationWarning, match="give tail_batch_size"):
+        cam = fdcam.FDCAM(resnet18, "layer4", batch_size=64)
+    assert (cam.tail_batch_size, cam.forward_batch_size) == (64, None)
+    with pytest.warns(DeprecationWarning, match="give forward_batch_size"):
+        cam = fdcam.ScoreCAM(resnet18, "layer4", batch_size=16)
+    assert (cam.tail_batch_size, cam.forward_batch_size) == (None, 16)
+    assert repr(cam) == "ScoreCAM(target_layer='layer4', scorer=None, forward_batch_size=16)"
+    with pytest.raises(ValueError, match="GradCAM runs no batched passes: batch_size does not apply"):
+        fdcam.GradCAM(resnet18, "layer4", batch_size=16)
+    with pytest.raises(ValueError, match="give tail_batch_size only"):
+        fdcam.AblationCAM(resnet18, "layer4", batch_size=16, tail_batch_size=16)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fdcam.groups import channel_groups
-from fdcam.head import HeadOutput, class_gradients, forward_head
+from fdcam.forward import ForwardPass
 from fdcam.maps import to_input_size, weighted_sum
 from fdcam.model_state import preserved_model_state
 from fdcam.split import split_model
@@ -33,18 +33,19 @@ class AuthorsFDCAM:
                 split = split_model(self.model, self.layer, x[:1].detach())
                 self._cache[key] = (split, TorchTail(split.tail, batch_size=self.chunk, factorise=False))
             split, tail = self._cache[key]
-            head = forward_head(split, x)
+            forward = ForwardPass.run(split, x)
             maps = []  # [N] of [1,T,H,W]
             for i in range(x.shape[0]):
                 class_maps = []
-                extras = tuple(extra[i : i + 1] for extra in head.extras)
-                one = HeadOutput(head.activations[i : i + 1], extras, head.logits[i : i + 1])
-                for c in head.logits[i].argmax(0, keepdim=True):  # top-1; the loop is per class
-                    gradients = class_gradients(split, one, c.view(1, 1))
+                extras = tuple(extra[i : i + 1] for extra in forward.extras)
+                # one image's pass, without the batch's graph: its gradients run the tail again, as the authors' loop does
+                one = ForwardPass(split, forward.activations[i : i + 1], extras, forward.logits[i : i + 1])
+                for c in forward.logits[i].argmax(0, keepdim=True):  # top-1; the loop is per class
+                    gradients = one.gradients(c.view(1, 1))
                     alpha = gradients.mean(dim=(-2, -1))[0]  # [1,K]
-                    masks = switch_masks(channel_groups(head.activations[i], self.theta))
+                    masks = switch_masks(channel_groups(forward.activations[i], self.theta))
                     logits = switch_logits(tail, one.activations, masks, extras, c.view(1, 1))[0]
-                    scores = switch_scores(logits, head.logits[i], c.view(1))
+                    scores = switch_scores(logits, forward.logits[i], c.view(1))
                     weights = combine_weights(alpha, scores, self.bias)
                     cam = weighted_sum(one.activations, weights[None])
                     class_maps.append(to_input_size(cam, tuple(x.shape[-2:])))

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import models
 from ..metrics import default_batch_size, insertion_deletion_batch
 from .items import Item, chunks, class_name, image_items, loaded
-from .run import EvaluationRun, Run, exact_fp32, model_spec, start_run
+from .run import EvaluationRun, Run, exact_fp32, resolve_model_spec, start_run
 from .specs import MethodSpec
 
 __all__ = ["DEFAULT_STEP", "evaluate_insertion_deletion"]
@@ -43,6 +44,7 @@ def evaluate_insertion_deletion(
     model_name: str | None = None,
     weights: str | None = "imagenet",
     scorer: str = "auto",
+    model_spec: models.ModelSpec | str | None = None,
 ) -> EvaluationRun:
     """RISE insertion and deletion of each method on every image in `images_dir` (sorted, first `limit`).
 
@@ -52,6 +54,8 @@ def evaluate_insertion_deletion(
     Finished (image, method) pairs are appended to `partial_path` and skipped when found there.
     `scorer` runs the curves' and Score-CAM / Group-CAM's forwards: 'torch', 'onnxruntime' or 'auto'
     (ONNX Runtime on CPU after it matched torch to 1e-4 on the first images, else torch).
+    `model_spec` gives the input format of a model not made by fdcam.models.load (a ModelSpec or a
+    known model's name); `model_name` labels the run (default: the spec's name).
     """
     if target not in ("predicted", "label"):
         raise ValueError(f"target must be 'predicted' or 'label', not {target!r}")
@@ -64,9 +68,10 @@ def evaluate_insertion_deletion(
         raise FileNotFoundError(f"labels file not found: {labels_csv}")
     labels_path = Path(labels_csv) if labels_csv is not None else images_dir / "labels.csv"
     skipped: list[dict[str, str]] = []
-    items = image_items(images_dir, labels_path, target, skipped, model_spec(model).num_classes)
+    spec = resolve_model_spec(model, model_spec)
+    items = image_items(images_dir, labels_path, target, skipped, spec.num_classes)
     run = start_run(
-        model, methods, "insertion-deletion", layer=layer, batch_size=batch_size, scorer=scorer, model_name=model_name,
+        model, spec, methods, "insertion-deletion", layer=layer, batch_size=batch_size, scorer=scorer, model_name=model_name,
         weights=weights, partial_path=partial_path, resume=resume, keep_maps=keep_maps, skipped=skipped,
         target=target, labels=str(labels_path.resolve()) if target == "label" else None,
         images_dir=str(images_dir.resolve()), step=step,

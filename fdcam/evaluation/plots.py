@@ -14,7 +14,7 @@ from PIL import Image
 from ..images import overlay, preprocess
 from .items import Item, class_name
 from .pointing import peak
-from .run import EvaluationRun, model_spec
+from .run import EvaluationRun, resolve_model_spec
 
 __all__ = ["require_matplotlib", "write_plots"]
 
@@ -90,7 +90,7 @@ def _rectangle(x0, y0, x1, y1):
 
 def _maps_for(run: EvaluationRun, model, layer, batch_size, items: Sequence[Item], targets: Sequence[list[int]]) -> dict[str, dict[str, np.ndarray]]:
     """The kept maps of `items`, computing the missing ones (e.g. of resumed items)."""
-    spec = model_spec(model)
+    spec = resolve_model_spec(model, run.model_spec)
     device = next(model.parameters()).device
     explainers: dict[str, Any] = {}
     result: dict[str, dict[str, np.ndarray]] = {}
@@ -101,7 +101,7 @@ def _maps_for(run: EvaluationRun, model, layer, batch_size, items: Sequence[Item
             x = preprocess(item.load(), spec).to(device)
             for s in missing:
                 if s.label not in explainers:
-                    explainers[s.label] = s.build(model, layer, batch_size)
+                    explainers[s.label] = s.build(model, layer if layer is not None else spec.default_layer, batch_size)
                 kept = {**kept, s.label: explainers[s.label](x, targets=[item_targets])[0].cpu().numpy()}
         result[item.id] = kept
     return result
@@ -120,7 +120,7 @@ def write_plots(
     require_matplotlib()
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    spec = model_spec(model)
+    spec = resolve_model_spec(model, run.model_spec)
     summary = run.summary
     labels = [s.label for s in run.specs]
     written: list[Path] = []

@@ -13,11 +13,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import models
 from ..composites import composite_set, make_pairs
 from ..images import ImageError, load_image
 from ..metrics import pointing_game
 from .items import Item, chunks, class_name, labels_by_file, loaded
-from .run import EvaluationRun, Run, exact_fp32, start_run
+from .run import EvaluationRun, Run, exact_fp32, resolve_model_spec, start_run
 from .specs import MethodSpec
 from .store import ResultStore
 
@@ -119,6 +120,7 @@ def evaluate_pointing_game(
     model_name: str | None = None,
     weights: str | None = "imagenet",
     scorer: str = "auto",
+    model_spec: models.ModelSpec | str | None = None,
 ) -> EvaluationRun:
     """Pointing-game accuracy of each method on `pairs` two-class composites (and a multi-object folder).
 
@@ -127,12 +129,14 @@ def evaluate_pointing_game(
     `tolerance` px of that class's box. With `multi_object` (a folder with boxes.json), each
     object's top-scoring class among its listed classes is explained, and a hit is a maximum near
     any box that lists that class. Composite results are stored in `partial_path` and resumed.
-    `scorer` runs Score-CAM / Group-CAM's forwards, as in evaluate_insertion_deletion.
+    `scorer` runs Score-CAM / Group-CAM's forwards and `model_spec` gives the input format, as in
+    evaluate_insertion_deletion.
     """
     if pairs < 1:
         raise ValueError(f"--pairs must be at least 1, got {pairs}")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
+    spec = resolve_model_spec(model, model_spec)
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise ImageError(f"not a directory: {images_dir}")
@@ -145,7 +149,7 @@ def evaluate_pointing_game(
         raise FileNotFoundError(f"{len(missing)} image(s) listed in {labels_path.name} are not in {images_dir}, e.g. {missing[0]}")
     multi_items = read_boxes(multi_object) if multi_object is not None else []
     run = start_run(
-        model, methods, "pointing-game", layer=layer, batch_size=batch_size, scorer=scorer, model_name=model_name,
+        model, spec, methods, "pointing-game", layer=layer, batch_size=batch_size, scorer=scorer, model_name=model_name,
         weights=weights, partial_path=partial_path, resume=resume, keep_maps=keep_maps,
         labels=str(labels_path.resolve()), images_dir=str(images_dir.resolve()), seed=seed, tolerance=tolerance,
     )

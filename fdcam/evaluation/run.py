@@ -15,11 +15,11 @@ import torch
 from .. import models
 from ..tail import tail_precision
 from .items import Item
-from .scorer import FORWARD_BOUND, Scoring
+from .scorer import Scoring
 from .specs import MethodSpec, as_specs
 from .store import ResultStore
 
-__all__ = ["EvaluationRun", "Run", "exact_fp32", "model_spec", "start_run"]
+__all__ = ["EvaluationRun", "Run", "exact_fp32", "resolve_model_spec", "start_run"]
 
 
 @dataclass
@@ -30,6 +30,7 @@ class EvaluationRun:
     specs: list[MethodSpec]
     items: list[Item]
     maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # item id -> label -> [T,H,W]
+    model_spec: models.ModelSpec | None = None  # the model's input format the run used
 
 
 def exact_fp32(function):
@@ -44,11 +45,19 @@ def exact_fp32(function):
     return wrapper
 
 
-def model_spec(model: torch.nn.Module) -> models.ModelSpec:
-    """The input format of a model made by fdcam.models.load; ValueError for other models."""
+def resolve_model_spec(model: torch.nn.Module, given: models.ModelSpec | str | None) -> models.ModelSpec:
+    """The model's input format: `given` (a ModelSpec, or the name of a known model), else the spec
+    fdcam.models.load attached to the models it makes; ValueError when there is neither."""
+    if isinstance(given, models.ModelSpec):
+        return given
+    if given is not None:
+        return models.spec(given)
     spec = models.spec_of(model)
     if spec is None:
-        raise ValueError("evaluation needs a model made by fdcam.models.load (for its input format)")
+        raise ValueError(
+            "give model_spec (a fdcam.models.ModelSpec or a known model name) for a model not made by"
+            " fdcam.models.load: evaluation needs its input size, normalisation and number of classes"
+        )
     return spec
 
 
@@ -85,11 +94,12 @@ class Run:
         summary["computed"], summary["resumed"] = computed, resumed
         summary["scorer"] = self.scoring.resolved
         summary["seconds"] = round(time.perf_counter() - self.started, 3)
-        return EvaluationRun(summary, self.specs, items, self.maps_kept)
+        return EvaluationRun(summary, self.specs, items, self.maps_kept, self.spec)
 
 
 def start_run(
     model: torch.nn.Module,
+    spec: models.ModelSpec,
     methods: Sequence[MethodSpec] | str,
     metric: str,
     *,
@@ -106,15 +116,16 @@ def start_run(
 ) -> Run:
     """Rows, one explainer per row, the scorer, and the result store of the run's configuration.
 
-    The configuration (which keys the stored records) is metric, model, weights, the resolved layer
-    and the metric's own entries in `config`. Score-CAM and Group-CAM explain on the scorer's
-    channels-last copy.
+    `spec` is the model's input format (see resolve_model_spec); its default layer is explained when
+    `layer` is None. The configuration (which keys the stored records) is metric, model, weights, the
+    resolved layer and the metric's own entries in `config`. Score-CAM and Group-CAM explain on the
+    scorer's channels-last copy.
     """
     specs = as_specs(methods)
-    spec = model_spec(model)
+    layer = layer if layer is not None else spec.default_layer
     scoring = Scoring(model, scorer)
     explainers = {
-        s.label: s.build(scoring.reference if s.name in FORWARD_BOUND else model, layer, batch_size) for s in specs
+        s.label: s.build(scoring.reference if s.method.uses_forward_scorer else model, layer, batch_size) for s in specs
     }
     config = {
         "metric": metric,

@@ -11,10 +11,7 @@ from ..scoring import SCORERS, make_scorer, torch_scorer
 from .items import log
 from .specs import MethodSpec
 
-__all__ = ["FORWARD_BOUND", "Scoring"]
-
-# Methods whose cost is full-model forwards of masked inputs: they run on the channels-last copy.
-FORWARD_BOUND = frozenset({"scorecam", "groupcam"})
+__all__ = ["Scoring"]
 
 
 class Scoring:
@@ -39,6 +36,6 @@ class Scoring:
             if note:
                 log(f"fdcam: note: scoring with torch: {note}")
             for s in specs:
-                if s.name in FORWARD_BOUND:
+                if s.method.uses_forward_scorer:
                     explainers[s.label].scorer = self.scorer
         return self.scorer

@@ -40,8 +40,17 @@ class MethodSpec:
     options: tuple[tuple[str, Any], ...] = ()
     variant: str | None = None
 
+    @property
+    def method(self) -> type:
+        """The method's class in METHODS (its `uses_tail_engine` / `uses_forward_scorer` say what it runs)."""
+        return METHODS[self.name]
+
     def build(self, model: torch.nn.Module, layer: str | None = None, batch_size: int | None = None):
-        return METHODS[self.name](model, target_layer=layer, batch_size=batch_size, **dict(self.options))
+        """The explainer; `batch_size` is the rows of its batched passes (mask rows or perturbed inputs), if it runs any."""
+        method = self.method
+        sizes = {"tail_batch_size": batch_size} if method.uses_tail_engine else {}
+        sizes |= {"forward_batch_size": batch_size} if method.uses_forward_scorer else {}
+        return method(model, target_layer=layer, **sizes, **dict(self.options))
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {"method": self.name, "options": dict(self.options)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..switch import switch_logits
-from .base import BaseCAM, Explanation
+from .base import BaseCAM, BatchContext
 
 __all__ = ["AblationCAM"]
 
@@ -15,14 +15,14 @@ class AblationCAM(BaseCAM):
 
     uses_tail_engine = True
 
-    def channel_weights(self, explanation: Explanation) -> torch.Tensor:
-        tail = self.tail_for(explanation)
-        activations = explanation.activations
+    def channel_weights(self, context: BatchContext) -> torch.Tensor:
+        tail = self.tail_for(context)
+        activations = context.activations
         num_channels = activations.shape[1]
         masks = 1.0 - torch.eye(num_channels, device=activations.device, dtype=activations.dtype)
-        classes = explanation.targets  # [N,T]
+        classes = context.targets  # [N,T]
         # Row k switches channel k off: one zero per row, so the shortcut tails take Z(1) − C_k.
-        logits = switch_logits(tail, activations, masks, explanation.head.extras, classes, sparsity=1)  # [N,K,T]
+        logits = switch_logits(tail, activations, masks, context.extras, classes, sparsity=1)  # [N,K,T]
         ablated = logits.transpose(1, 2)  # [N,T,K]
-        original = explanation.head.logits.gather(1, classes)[..., None]  # [N,T,1]
+        original = context.logits.gather(1, classes)[..., None]  # [N,T,1]
         return (original - ablated) / original

@@ -1,4 +1,4 @@
-"""The shared machinery of every CAM method: split, head forward, targets, gradients, maps."""
+"""The shared machinery of every CAM method: split, forward pass, targets, gradients, maps."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import numbers
 import warnings
-from dataclasses import dataclass, field
+import weakref
 from typing import Sequence, Union
 
 import numpy as np
@@ -16,15 +16,15 @@ from torch import nn
 from ..backends import BACKENDS, tail_backend
 from ..concurrency import running, tracing
 from ..errors import first_line
-from ..head import HeadOutput, class_gradients, forward_head
+from ..forward import ForwardPass
 from ..maps import to_input_size, weighted_sum
 from ..model_state import preserved_model_state
-from ..options import invalid_choice
+from ..options import ENGINE_DEFAULTS, invalid_choice
 from ..split import SplitModel, resolve_layer_name, split_model
 from ..tail import Tail, TorchTail, check_torch_precision
 from ..timing import stage
 
-__all__ = ["BaseCAM", "Explanation", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
+__all__ = ["BaseCAM", "BatchContext", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
 
 Targets = Union[None, int, Sequence[int], Sequence[Sequence[int]], torch.Tensor]
 
@@ -88,26 +88,41 @@ def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor:
     return resolved
 
 
-@dataclass
-class Explanation:
-    """Everything a method needs to weigh channels for a batch: inputs, split, head output, targets."""
+class BatchContext:
+    """What a method weighs channels from for one batch: the inputs x, the forward pass, the target classes [N,T].
 
-    x: torch.Tensor
-    split: SplitModel
-    head: HeadOutput
-    targets: torch.Tensor
-    _gradients: torch.Tensor | None = field(default=None, repr=False)
+    `gradients` (∂f_c/∂A [N,T,K,h,w] of those classes) is computed on first use, or given when the
+    caller already has it (the exported explainer differentiates in its own graph).
+    """
+
+    def __init__(self, x: torch.Tensor, forward: ForwardPass, targets: torch.Tensor, gradients: torch.Tensor | None = None):
+        self.x = x
+        self.forward = forward
+        self.targets = targets
+        self._gradients = gradients
+
+    @property
+    def split(self) -> SplitModel:
+        return self.forward.split
 
     @property
     def activations(self) -> torch.Tensor:
-        return self.head.activations
+        return self.forward.activations
+
+    @property
+    def extras(self) -> tuple[torch.Tensor, ...]:
+        return self.forward.extras
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.forward.logits
 
     @property
     def gradients(self) -> torch.Tensor:
-        """∂f_c/∂A [N,T,K,h,w], computed once on first use."""
+        """∂f_c/∂A [N,T,K,h,w] of the target classes, computed once on first use."""
         if self._gradients is None:
             with stage("backward"):
-                self._gradients = class_gradients(self.split, self.head, self.targets)
+                self._gradients = self.forward.gradients(self.targets)
         return self._gradients
 
 
@@ -115,17 +130,23 @@ class BaseCAM:
     """A CAM method over a model split at `target_layer`; call it on a batch to get maps [N,T,H,W] in [0,1].
 
     Subclasses implement `channel_weights` (weights [N,T,K] or per-pixel [N,T,K,h,w]); the base
-    class does the split, the forward pass, target resolution and the map. Engine options apply to
-    the masked tail passes (FD-CAM, Ablation-CAM): `backend`, `provider`, `precision` ("fp32",
-    "tf32", "fp16"; "bf16" on torch), `batch_size`/`memory_budget`, and `cuda_graph` (torch on CUDA).
+    class does the split, the forward pass, target resolution and the map. Methods declare what
+    they run, and take only the options of that: with `uses_tail_engine` (FD-CAM, Ablation-CAM) the
+    engine options of the masked tail passes, `backend`, `provider`, `precision` ("fp32", "tf32",
+    "fp16"; "bf16" on torch), `tail_batch_size` (mask rows per pass) / `memory_budget`, and
+    `cuda_graph` (torch on CUDA); with `uses_forward_scorer` (Score-CAM, Group-CAM)
+    `forward_batch_size`, the perturbed inputs per forward. Any other method given one of these
+    raises a ValueError. `batch_size` is the deprecated name of whichever of the two applies.
 
     An explainer may be shared between threads: splits and ONNX tails are built under a process-wide
     tracing lock, the model stays in eval mode while any thread explains, and global flags are set
     under a lock and restored (see fdcam.concurrency).
     """
 
-    #: Whether the method runs masked tail passes, i.e. uses backend/provider/precision/cuda_graph.
+    #: Whether the method runs masked tail passes: the engine options (fdcam.options.ENGINE_DEFAULTS) apply.
     uses_tail_engine = False
+    #: Whether the method's cost is full-model forwards of perturbed inputs: `forward_batch_size` (and a scorer) apply.
+    uses_forward_scorer = False
     #: Attributes that hold constructor options under another name (for __repr__).
     _option_attributes: dict[str, str] = {}
 
@@ -134,22 +155,33 @@ class BaseCAM:
         model: nn.Module,
         target_layer: str | nn.Module | None = None,
         *,
-        batch_size: int | None = None,
+        tail_batch_size: int | None = None,
         memory_budget: int | None = None,
+        forward_batch_size: int | None = None,
         progress: bool = False,
         backend: str = "torch",
         provider: str | None = None,
         precision: str = "fp32",
         cuda_graph: bool = False,
         tracer_kwargs: dict | None = None,
+        batch_size: int | None = None,
     ):
+        if batch_size is not None:
+            tail_batch_size, forward_batch_size = self._deprecated_batch_size(batch_size, tail_batch_size, forward_batch_size)
+        engine = {"tail_batch_size": tail_batch_size, "memory_budget": memory_budget, "backend": backend,
+                  "provider": provider, "precision": precision, "cuda_graph": cuda_graph}
+        given = [f"{name}={value!r}" for name, value in engine.items() if value != ENGINE_DEFAULTS[name]]
+        if given and not self.uses_tail_engine:
+            raise ValueError(f"{type(self).__name__} runs no masked tail passes: {', '.join(given)} applies only to methods that do (FD-CAM, Ablation-CAM)")
+        if forward_batch_size is not None and not self.uses_forward_scorer:
+            raise ValueError(f"{type(self).__name__} runs no forwards of perturbed inputs: forward_batch_size applies only to Score-CAM and Group-CAM")
         if backend not in BACKENDS:
             raise invalid_choice("backend", backend, BACKENDS)
         if backend == "torch":
             check_torch_precision(precision)
         elif cuda_graph:
             raise ValueError("cuda_graph applies to the torch backend; ONNX Runtime sessions run without it")
-        for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget)):
+        for name, value in (("tail_batch_size", tail_batch_size), ("memory_budget", memory_budget), ("forward_batch_size", forward_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
         if not isinstance(model, nn.Module):
@@ -158,30 +190,27 @@ class BaseCAM:
         self.tracer_kwargs = tracer_kwargs
         layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
         self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
-        self.batch_size = batch_size
+        self.tail_batch_size = tail_batch_size
         self.memory_budget = memory_budget
+        self.forward_batch_size = forward_batch_size
         self.progress = progress
         self.backend, self.provider, self.precision = backend, provider, precision
         self.cuda_graph = cuda_graph
         self._splits: dict[tuple, SplitModel] = {}
-        self._tails: dict[tuple, Tail] = {}
-        self._tail_fingerprints: dict[tuple, tuple] = {}
+        self._tails: weakref.WeakKeyDictionary[SplitModel, Tail] = weakref.WeakKeyDictionary()
+        self._tail_fingerprints: weakref.WeakKeyDictionary[SplitModel, tuple] = weakref.WeakKeyDictionary()
         self._structure = _structure_of(model)
         self._warned: set[str] = set()
-        if not self.uses_tail_engine:
-            ignored = [
-                f"{name}={value!r}"
-                for name, value, default in (
-                    ("backend", backend, "torch"), ("provider", provider, None),
-                    ("precision", precision, "fp32"), ("cuda_graph", cuda_graph, False),
-                )
-                if value != default
-            ]
-            if ignored:
-                self._warn_once(
-                    "ignored",
-                    f"{type(self).__name__} ignores {', '.join(ignored)}: only FD-CAM and Ablation-CAM run masked tail passes",
-                )
+
+    def _deprecated_batch_size(self, batch_size: int, tail_batch_size: int | None, forward_batch_size: int | None) -> tuple:
+        """(tail_batch_size, forward_batch_size) with the old `batch_size` given to whichever the method uses."""
+        if self.uses_tail_engine == self.uses_forward_scorer:
+            raise ValueError(f"{type(self).__name__} runs no batched passes: batch_size does not apply")
+        new = "tail_batch_size" if self.uses_tail_engine else "forward_batch_size"
+        if (tail_batch_size if self.uses_tail_engine else forward_batch_size) is not None:
+            raise ValueError(f"give {new} only; batch_size is its deprecated name")
+        warnings.warn(f"batch_size is deprecated: give {new}", DeprecationWarning, stacklevel=3)
+        return (batch_size, forward_batch_size) if self.uses_tail_engine else (tail_batch_size, batch_size)
 
     def __repr__(self) -> str:
         """The class and its options, as torchcam prints its methods: the method's own, then engine options not at their default."""
@@ -190,8 +219,8 @@ class BaseCAM:
             if "__init__" not in cls.__dict__ or not issubclass(cls, BaseCAM):
                 continue
             for parameter in inspect.signature(cls.__dict__["__init__"]).parameters.values():
-                if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
-                    continue
+                if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name == "batch_size":
+                    continue  # batch_size, deprecated, is shown as the option it stands for
                 value = getattr(self, self._option_attributes.get(parameter.name, parameter.name))
                 if cls is not BaseCAM or value != parameter.default:
                     options[parameter.name] = value
@@ -220,35 +249,36 @@ class BaseCAM:
             split = self.split_for(x)
             with running():
                 with stage("head"):
-                    head = _one_line_errors(lambda: forward_head(split, x), x)
-                if not torch.isfinite(head.logits).all():
+                    forward = _one_line_errors(lambda: ForwardPass.run(split, x), x)
+                if not torch.isfinite(forward.logits).all():
                     raise NonFiniteError("the model's logits are NaN or infinite (are its weights finite?)")
-                if min(head.activations.shape[-2:]) == 1 and max(head.activations.shape[-2:]) == 1:
+                if min(forward.activations.shape[-2:]) == 1 and max(forward.activations.shape[-2:]) == 1:
                     self._warn_once(
                         "blank",
                         f"layer {self.target_layer!r} is 1x1 for inputs of {tuple(x.shape[-2:])}: its maps are blank (all zero);"
                         " choose an earlier layer or a larger input",
                     )
-                explanation = Explanation(x, split, head, resolve_targets(targets, head.logits))
+                context = BatchContext(x, forward, resolve_targets(targets, forward.logits))
                 with stage("weights"):
-                    weights = self.channel_weights(explanation)
+                    weights = self.channel_weights(context)
                 if not torch.isfinite(weights).all():
                     raise NonFiniteError(f"{type(self).__name__}'s channel weights are NaN or infinite")
                 with stage("map"):
-                    maps = self.saliency(explanation, weights)
+                    maps = self.saliency(context, weights)
                 if not torch.isfinite(maps).all():
                     raise NonFiniteError(f"{type(self).__name__}'s saliency map is NaN or infinite")
         return maps.float()
 
-    def saliency(self, explanation: Explanation, weights: torch.Tensor) -> torch.Tensor:
+    def saliency(self, context: BatchContext, weights: torch.Tensor) -> torch.Tensor:
         """ReLU of the weighted sum of activations, upsampled to the input and min-max normalised."""
-        cams = weighted_sum(explanation.activations, weights.to(explanation.activations.dtype))
+        cams = weighted_sum(context.activations, weights.to(context.activations.dtype))
         # min-max normalisation would turn NaN into zeros; not while tracing to a graph (no data to look at)
         if not _is_traced(cams) and not torch.isfinite(cams).all():
             raise NonFiniteError(f"{type(self).__name__}'s map is NaN or infinite before normalisation")
-        return to_input_size(cams, tuple(explanation.x.shape[-2:]))
+        return to_input_size(cams, tuple(context.x.shape[-2:]))
 
-    def channel_weights(self, explanation: Explanation) -> torch.Tensor:
+    def channel_weights(self, context: BatchContext) -> torch.Tensor:
+        """Channel weights [N,T,K], or per-pixel weights [N,T,K,h,w], for the batch's target classes."""
         raise NotImplementedError
 
     def split_for(self, x: torch.Tensor) -> SplitModel:
@@ -260,7 +290,8 @@ class BaseCAM:
         key = (tuple(x.shape[1:]), x.device, x.dtype)
         structure = _structure_of(self.model)
         if structure != self._structure:
-            self._splits, self._tails, self._tail_fingerprints = {}, {}, {}
+            self._splits = {}
+            self._tails, self._tail_fingerprints = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
             self._structure = structure
         split = self._splits.get(key)
         if split is None:
@@ -271,41 +302,48 @@ class BaseCAM:
                     self._splits[key] = split
         return split
 
-    def tail_for(self, explanation: Explanation) -> Tail:
-        """The engine that runs masked tail passes: torch, or an ONNX Runtime session (fdcam.runtime).
+    def tail_for(self, context: BatchContext) -> Tail:
+        """The engine that runs masked tail passes for the context's split: torch, or an ONNX Runtime session (fdcam.runtime).
 
-        An ONNX Runtime tail is checked against a cheap fingerprint of the tail's weights on every
-        call (tensor identities, storage pointers, in-place version counters): weights changed in
-        place, by load_state_dict or by batch-norm statistics give a new graph.
+        Tails are kept per split object (weakly: a split that is gone takes its tail with it), so a
+        new split never gets the tail of an earlier one. An ONNX Runtime tail is checked against a
+        cheap fingerprint of the tail's weights on every call (tensor identities, storage pointers,
+        in-place version counters): weights changed in place, by load_state_dict or by batch-norm
+        statistics give a new graph.
         """
-        key = id(explanation.split)
+        split = context.split
         if self.backend != "torch":
             backend = tail_backend(self.backend)
-            fingerprint = backend.fingerprint(explanation.split.tail)
-            if key in self._tails and self._tail_fingerprints.get(key) == fingerprint:
-                return self._tails[key]
+            fingerprint = backend.fingerprint(split.tail)
+            if split in self._tails and self._tail_fingerprints.get(split) == fingerprint:
+                return self._tails[split]
             with tracing():
                 tail = backend.build(
                     self.model,
-                    explanation.split,
-                    explanation.activations[:1],
-                    [extra[:1] for extra in explanation.head.extras],
+                    split,
+                    context.activations[:1],
+                    [extra[:1] for extra in context.extras],
                     provider=self.provider,
                     precision=self.precision,
                     memory_budget=self.memory_budget,
-                    batch_size=self.batch_size,
+                    batch_size=self.tail_batch_size,
                 )
-            self._tails[key], self._tail_fingerprints[key] = tail, fingerprint
+            self._tails[split], self._tail_fingerprints[split] = tail, fingerprint
             return tail
-        if key not in self._tails:
-            self._tails[key] = TorchTail(
-                explanation.split.tail,
-                batch_size=self.batch_size,
+        if split not in self._tails:
+            self._tails[split] = TorchTail(
+                split.tail,
+                batch_size=self.tail_batch_size,
                 memory_budget=self.memory_budget,
                 precision=self.precision,
                 cuda_graph=self.cuda_graph,
             )
-        return self._tails[key]
+        return self._tails[split]
+
+    @property
+    def tails(self) -> list[Tail]:
+        """The tail engines built so far, one per live split (their counters show the passes they ran)."""
+        return list(self._tails.values())
 
 
 def _short_repr(value: object) -> str:

@@ -10,7 +10,7 @@ from ..options import FDCAM_DEFAULTS, check_fdcam_options
 from ..switch import switch_logits, switch_masks, switch_scores
 from ..timing import timed_stage
 from ..weights import combine_weights
-from .base import BaseCAM, Explanation
+from .base import BaseCAM, BatchContext
 
 __all__ = ["FDCAM"]
 
@@ -51,17 +51,17 @@ class FDCAM(BaseCAM):
         return channel_groups(activations, self.theta)
 
     @timed_stage("switch")
-    def switch_scores(self, explanation: Explanation) -> torch.Tensor:
+    def switch_scores(self, context: BatchContext) -> torch.Tensor:
         """Switch scores s [N,T,K] from one batched set of tail passes for all N images."""
-        tail = self.tail_for(explanation)
-        activations = explanation.activations
+        tail = self.tail_for(context)
+        activations = context.activations
         masks = switch_masks(self.groups(activations), self.switch)  # [N,M,K]
         # Every group has at most this many channels: rows have few ones (on) or few zeros (off).
         sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
-        targets = explanation.targets
-        logits = switch_logits(tail, activations, masks, explanation.head.extras, targets, sparsity)  # [N,M,T]
-        return switch_scores(logits, explanation.head.logits, targets, self.switch)
+        targets = context.targets
+        logits = switch_logits(tail, activations, masks, context.extras, targets, sparsity)  # [N,M,T]
+        return switch_scores(logits, context.logits, targets, self.switch)
 
-    def channel_weights(self, explanation: Explanation) -> torch.Tensor:
-        alpha = explanation.gradients.mean(dim=(-2, -1))
-        return combine_weights(alpha, self.switch_scores(explanation), self.bias, self.combine)
+    def channel_weights(self, context: BatchContext) -> torch.Tensor:
+        alpha = context.gradients.mean(dim=(-2, -1))
+        return combine_weights(alpha, self.switch_scores(context), self.bias, self.combine)

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..maps import minmax, normalise_maps
 from ..metrics import default_batch_size
 from ..scoring import Scorer
-from .base import BaseCAM, Explanation
+from .base import BaseCAM, BatchContext
 
 __all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur"]
 
@@ -32,14 +32,16 @@ def _batched_logits(
 class _ScoredCAM(BaseCAM):
     """A CAM whose cost is full-model forwards of perturbed inputs, run by `scorer` (default: the model)."""
 
+    uses_forward_scorer = True
+
     def __init__(self, model, target_layer=None, *, scorer: Scorer | None = None, **options):
         super().__init__(model, target_layer, **options)
         self.scorer = scorer
 
     def score(self, count: int, make_inputs: Callable[[slice], torch.Tensor], label: str) -> torch.Tensor:
-        """Logits of `count` perturbed inputs, in batches of batch_size (default: fdcam.metrics.default_batch_size)."""
+        """Logits of `count` perturbed inputs, forward_batch_size at a time (default: fdcam.metrics.default_batch_size)."""
         scorer = self.scorer if self.scorer is not None else self.model
-        batch_size = self.batch_size or default_batch_size(next(self.model.parameters(), torch.empty(0)).device)
+        batch_size = self.forward_batch_size or default_batch_size(next(self.model.parameters(), torch.empty(0)).device)
         return _batched_logits(scorer, count, make_inputs, batch_size, self.progress, label)
 
 
@@ -52,15 +54,15 @@ class ScoreCAM(_ScoredCAM):
     equal to the model, e.g. fdcam.scoring.OrtScorer) may run the masked forwards instead of the model.
     """
 
-    def channel_weights(self, explanation: Explanation) -> torch.Tensor:
-        x, activations = explanation.x, explanation.activations
+    def channel_weights(self, context: BatchContext) -> torch.Tensor:
+        x, activations = context.x, context.activations
         upsampled = F.interpolate(activations, size=x.shape[-2:], mode="bilinear", align_corners=True)
         upsampled = minmax(upsampled, dim=(-2, -1), eps=1e-8)
         weights = []
         for i in range(x.shape[0]):
             image, masks = x[i][None], upsampled[i][:, None]  # [1,3,H,W], [K,1,H,W]
             logits = self.score(masks.shape[0], lambda rows: image * masks[rows], "Score-CAM")
-            scores = logits[:, explanation.targets[i]].T  # [T,K]
+            scores = logits[:, context.targets[i]].T  # [T,K]
             weights.append(torch.softmax(scores, dim=-1))
         return torch.stack(weights)
 
@@ -93,11 +95,11 @@ class GroupCAM(_ScoredCAM):
         self.num_groups = groups
         self.percentile = percentile
 
-    def channel_weights(self, explanation: Explanation) -> torch.Tensor:
-        return explanation.gradients.mean(dim=(-2, -1))
+    def channel_weights(self, context: BatchContext) -> torch.Tensor:
+        return context.gradients.mean(dim=(-2, -1))
 
-    def saliency(self, explanation: Explanation, weights: torch.Tensor) -> torch.Tensor:
-        x, activations, targets = explanation.x, explanation.activations, explanation.targets
+    def saliency(self, context: BatchContext, weights: torch.Tensor) -> torch.Tensor:
+        x, activations, targets = context.x, context.activations, context.targets
         size = x.shape[-2:]
         maps = []
         for i in range(x.shape[0]):
