@@ -204,6 +204,11 @@ class BaseCAM:
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=3)
 
+    @property
+    def tails(self) -> tuple[Tail, ...]:
+        """The tail engines built so far (one per split), read-only: their `calls` counters show the switch passes."""
+        return tuple(self._tails.values())
+
     def __call__(self, x: torch.Tensor, targets: Targets = None) -> torch.Tensor:
         return self.explain(x, targets)
 
