@@ -143,32 +143,6 @@ def test_invalid_options_are_refused(small_resnet):
             fdcam.FDCAM(small_resnet, "layer4", **bad)
 
 
-def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit(small_resnet, monkeypatch):
-    from fdcam import groups
-
-    activations = torch.rand(3, 16, 4, 4, generator=torch.Generator().manual_seed(8))
-    per_image = torch.stack([groups.channel_groups(a) for a in activations])
-    assert torch.equal(groups.channel_groups(activations), per_image)
-    monkeypatch.setattr(groups, "_QUANTILE_LIMIT", 16 * 16)
-    assert torch.equal(groups.channel_groups(activations), per_image)
-
-
-def test_batched_switch_scores_equal_per_image_scores():
-    from fdcam.switch import switch_scores
-
-    generator = torch.Generator().manual_seed(9)
-    logits, full = torch.randn(2, 8, 5, generator=generator), torch.randn(2, 5, generator=generator)
-    classes = torch.tensor([[1, 3], [4, 0]])
-    logits = logits.gather(2, classes[:, None, :].expand(-1, 8, -1))  # the switch logits of the classes only
-    for switch in ("on_off", "off"):
-        batched = switch_scores(logits, full, classes, switch)
-        for i in range(2):
-            torch.testing.assert_close(batched[i], switch_scores(logits[i], full[i], classes[i], switch))
-        if switch == "on_off":  # by the definition, for image 0 and class 1
-            expected = (logits[0, :4, 0] + full[0, 1] - logits[0, 4:, 0]) / 2
-            torch.testing.assert_close(batched[0, 0], expected)
-
-
 @pytest.mark.parametrize("method", ["FDCAM", "AblationCAM"])
 def test_a_batch_runs_its_switch_passes_in_one_tail_call(small_resnet, method):
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(10))

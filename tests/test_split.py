@@ -168,7 +168,7 @@ def test_untraceable_submodule_declared_a_leaf_is_split(layer):
 def test_non_4d_layer_is_refused():
     model = torchvision.models.resnet18().eval()
     split = split_model(model, "avgpool", torch.randn(1, 3, 64, 64))
-    forward_head(split, torch.randn(1, 3, 64, 64))  # avgpool output is 4-D [N,512,1,1]: allowed
+    assert forward_head(split, torch.randn(1, 3, 64, 64)).activations.shape == (1, 512, 1, 1)  # 4-D: allowed
     split = split_model(model, "fc", torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="2-D tensor"):
         forward_head(split, torch.randn(1, 3, 64, 64))
