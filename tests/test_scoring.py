@@ -74,10 +74,10 @@ def test_make_scorer_falls_back_to_torch_when_onnxruntime_disagrees(monkeypatch)
 
 
 def test_make_scorer_falls_back_when_export_fails(monkeypatch):
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("cannot export")
 
-    monkeypatch.setattr(scoring, "_onnx_bytes", broken)
+    monkeypatch.setattr(torch.onnx, "export", broken)
     model, x = small_cnn(), torch.randn(1, 3, 16, 16)
     assert make_scorer(model, "auto", x)[1] == "torch"
     with pytest.raises(RuntimeError, match="cannot export"):
