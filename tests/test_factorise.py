@@ -10,15 +10,8 @@ from torch import nn
 
 from fdcam import FDCAM, models
 from fdcam.factorise import TailShortcut, max_group_size, sparse_rows, tail_shortcut
-from fdcam.split import split_model
 from fdcam.tail import MaskedTail, TorchTail
-
-
-def _split(model, layer, x):
-    split = split_model(model, layer, x)
-    with torch.no_grad():
-        activations, *extras = split.head(x)
-    return split, activations, tuple(extras)
+from nets import split_at
 
 
 def _relative_error(got, expected):
@@ -37,7 +30,7 @@ def vgg16():
     torch.manual_seed(0)
     model = models.load("vgg16", weights=None)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    return model, x, *_split(model, "features.30", x)
+    return model, x, *split_at(model, "features.30", x)
 
 
 def test_vgg16_features30_factorised_equals_masked_tail(vgg16):
@@ -65,7 +58,7 @@ def test_resnet50_layer4_is_factorised_too():
     # layer4 is followed by AdaptiveAvgPool2d → flatten → fc: the pattern applies (block of 1 per channel).
     torch.manual_seed(0)
     model = models.load("resnet50", weights=None)
-    split, activations, extras = _split(model, "layer4", torch.randn(1, 3, 224, 224))
+    split, activations, extras = split_at(model, "layer4", torch.randn(1, 3, 224, 224))
     factorised = tail_shortcut(split.tail, activations, extras)
     assert factorised.kind == "linear" and factorised.block == 1 and factorised.first_is_final
     masks = _masks(2048, n=16)
@@ -94,7 +87,7 @@ class _Functional(nn.Module):
 def test_a_relu_between_the_target_and_the_linear_stops_the_pattern():
     torch.manual_seed(0)
     model = _Functional().eval()
-    split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
+    split, activations, extras = split_at(model, "conv", torch.randn(1, 3, 8, 8))
     # The target is the conv; the relu after it is not linear: only the last Linear's rows can be chosen.
     assert tail_shortcut(split.tail, activations, extras).kind == "plain"
 
@@ -118,7 +111,7 @@ class _Pooled(nn.Module):
 def test_functional_linear_view_and_batch_size_in_the_rest():
     torch.manual_seed(0)
     model = _Pooled().eval()
-    split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
+    split, activations, extras = split_at(model, "conv", torch.randn(1, 3, 8, 8))
     factorised = tail_shortcut(split.tail, activations, extras)
     assert factorised.kind == "linear" and factorised.block == 16
     masks = _masks(6, n=10)
@@ -150,7 +143,7 @@ def test_global_pooling_prefixes(prefix, matches):
 
     torch.manual_seed(0)
     model = Net().eval()
-    split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
+    split, activations, extras = split_at(model, "conv", torch.randn(1, 3, 8, 8))
     factorised = tail_shortcut(split.tail, activations, extras)
     assert (factorised.kind == "linear") == matches
     if matches:
@@ -179,7 +172,7 @@ def test_nonlinear_or_channel_mixing_prefixes_are_not_factorised():
             return self.fc(torch.flatten(self.conv(x).permute(0, 2, 3, 1), 1))
 
     for model in (MaxPooled().eval(), Permuted().eval()):
-        split, activations, extras = _split(model, "conv", torch.randn(1, 3, 8, 8))
+        split, activations, extras = split_at(model, "conv", torch.randn(1, 3, 8, 8))
         assert tail_shortcut(split.tail, activations, extras).kind == "plain"
 
 
@@ -210,11 +203,11 @@ def test_fdcam_maps_equal_with_factorise_on_and_off(vgg16, monkeypatch):
     model, x, *_ = vgg16
     on = FDCAM(model, "features.30")
     maps_on = on(x)
-    assert any(t.shortcut_for(on.split_for(x).head(x)[0]) is not None for t in on._tails.values())
+    assert any(t.shortcut_for(on.split_for(x).head(x)[0]) is not None for t in on.tails)
     monkeypatch.setattr("fdcam.methods.base.TorchTail", functools.partial(TorchTail, factorise=False))
     off = FDCAM(model, "features.30")
     maps_off = off(x)
-    assert all(not t.factorise for t in off._tails.values())
+    assert all(not t.factorise for t in off.tails)
     torch.testing.assert_close(maps_on, maps_off, atol=1e-4, rtol=0)
 
 
@@ -225,7 +218,7 @@ def test_factorised_tail_leaves_the_shared_dropout_in_eval_after_export(tmp_path
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Dropout(),
         nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5),
     ).eval()
-    split, activations, extras = _split(model, "1", torch.randn(1, 3, 8, 8))
+    split, activations, extras = split_at(model, "1", torch.randn(1, 3, 8, 8))
     factorised = tail_shortcut(split.tail, activations, extras)
     assert factorised is not None and not factorised.training
     masks = _masks(8, n=6)
@@ -251,7 +244,7 @@ def test_factorised_tail_exports_with_the_dynamo_exporter(tmp_path):
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(),
         nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5),
     ).eval()
-    split, activations, extras = _split(model, "1", torch.randn(1, 3, 8, 8))
+    split, activations, extras = split_at(model, "1", torch.randn(1, 3, 8, 8))
     factorised = tail_shortcut(split.tail, activations, extras)
     masks = _masks(8, n=6)
     path = tmp_path / "factorised.onnx"
@@ -305,7 +298,7 @@ def _check_all_paths(split, activations, extras, masks, sparsity, kind):
 
 def test_lite0_blocks15_conv_shortcut_equals_the_plain_tail(lite0):
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))  # small images: 3×3 maps
-    split, activations, extras = _split(lite0, "_blocks.15", x)
+    split, activations, extras = split_at(lite0, "_blocks.15", x)
     shortcut = tail_shortcut(split.tail, activations, extras)
     assert shortcut.kind == "conv" and shortcut.norm is lite0._bn1 and shortcut.final is lite0._fc
     masks = _group_masks(activations)[:, ::8]  # 40 of the 320 switch-on and 40 of the switch-off rows
@@ -355,7 +348,7 @@ class _ConvStart(nn.Module):
 def test_conv_shortcut_with_padding_kernels_and_batch_norm_equals_the_plain_tail(options):
     torch.manual_seed(0)
     model = _ConvStart(**options).eval()
-    split, activations, extras = _split(model, "stem", torch.randn(2, 3, 9, 9))
+    split, activations, extras = split_at(model, "stem", torch.randn(2, 3, 9, 9))
     shortcut = tail_shortcut(split.tail, activations, extras)
     assert shortcut.kind == "conv" and (shortcut.norm is not None) == options.get("norm", True)
     few = torch.zeros(2, 6, 16)
@@ -367,7 +360,7 @@ def test_conv_shortcut_with_padding_kernels_and_batch_norm_equals_the_plain_tail
 
 def test_masks_that_are_not_sparse_take_the_dense_product():
     torch.manual_seed(0)
-    split, activations, extras = _split(_ConvStart(kernel=1).eval(), "stem", torch.randn(1, 3, 9, 9))
+    split, activations, extras = split_at(_ConvStart(kernel=1).eval(), "stem", torch.randn(1, 3, 9, 9))
     masks = torch.cat([_masks(16, n=6), torch.rand(1, 2, 16)[0]])[None]  # half on, and real-valued weights
     tail = _check_all_paths(split, activations, extras, masks, None, "conv")
     assert tail.sparse_calls == 0
@@ -401,7 +394,7 @@ def test_resnet50_split_inside_the_last_block_stays_on_the_plain_path_and_exact(
     # layer4.2.conv3: the tail starts bn3 → add(skip) → relu, not linear in the masks with a skip added.
     torch.manual_seed(0)
     model = models.load("resnet50", weights=None)
-    split, activations, extras = _split(model, "layer4.2.conv3", torch.randn(2, 3, 64, 64))
+    split, activations, extras = split_at(model, "layer4.2.conv3", torch.randn(2, 3, 64, 64))
     assert len(extras) == 1
     masks = _group_masks(activations)[:, ::64]  # a few rows of each kind keep this cheap
     _check_all_paths(split, activations, extras, masks, max_group_size(2048, 0.95), "plain")
@@ -410,7 +403,7 @@ def test_resnet50_split_inside_the_last_block_stays_on_the_plain_path_and_exact(
 def test_resnet50_layer4_first_linear_is_the_last_and_gives_class_rows_only():
     torch.manual_seed(0)
     model = models.load("resnet50", weights=None)
-    split, activations, extras = _split(model, "layer4", torch.randn(2, 3, 64, 64))
+    split, activations, extras = split_at(model, "layer4", torch.randn(2, 3, 64, 64))
     masks = _group_masks(activations)[:, ::32]
     _check_all_paths(split, activations, extras, masks, max_group_size(2048, 0.95), "linear")
 
@@ -441,7 +434,7 @@ def test_an_unrecognised_tail_takes_the_plain_path(ends_in_linear):
     last = nn.Linear(16, 3) if ends_in_linear else nn.Softmax(1)
     final = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), last)
     model = _NonLinearStart(final).eval()
-    split, activations, extras = _split(model, "conv", torch.randn(2, 3, 6, 6))
+    split, activations, extras = split_at(model, "conv", torch.randn(2, 3, 6, 6))
     shortcut = tail_shortcut(split.tail, activations, extras)  # tanh first: not linear in the masks
     assert (shortcut is None) != ends_in_linear and (shortcut is None or shortcut.kind == "plain")
     masks = _masks(6, n=5)[None].expand(2, -1, -1)

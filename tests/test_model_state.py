@@ -84,6 +84,7 @@ def test_memory_does_not_grow_over_200_calls():
     x = torch.randn(2, 3, 32, 32)
     for _ in range(20):
         cam(x, targets=[[1, 2], [3, 4]])
+    split, tails = cam.split_for(x), cam.tails
     gc.collect()
     tensors_before, rss_before = _live_tensors(), _rss_bytes()
     for _ in range(200):
@@ -93,7 +94,7 @@ def test_memory_does_not_grow_over_200_calls():
     assert _live_tensors() <= tensors_before
     grown = _rss_bytes() - rss_before
     assert grown < 64 * 1024**2, f"resident memory grew by {grown / 1024**2:.1f} MiB over 200 calls"
-    assert len(cam._splits) == 1 and len(cam._tails) == 1
+    assert cam.split_for(x) is split and len(tails) == 1 and cam.tails == tails  # built once, reused
 
 
 def _live_tensors() -> int:

@@ -191,7 +191,7 @@ def test_onnxruntime_tail_follows_in_place_weight_changes(cache):
         expected = torch_cam(x, targets=2)
         assert_same_up_to_rounding(ort(x, targets=2), expected), what
         logits = model(x)
-        tail = ort._tails[ort.split_for(x)]
+        (tail,) = ort.tails  # one input shape: one split, its tail rebuilt in place on each change
         split = ort.split_for(x)
         with torch.no_grad():
             a, *extras = split.head(x)

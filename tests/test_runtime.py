@@ -51,7 +51,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def the_tail(cam) -> OrtTail:
-    (tail,) = cam._tails.values()
+    (tail,) = cam.tails
     return tail
 
 

@@ -32,7 +32,8 @@ def test_ort_scorer_matches_torch_for_any_batch_size():
         expected = model(x)
     for batch in (1, 3, 7):
         torch.testing.assert_close(scorer(x[:batch]), expected[:batch], rtol=0, atol=1e-4)
-    assert scorer(x).dtype == torch.float32 and len(scorer._sessions) == 1
+    assert scorer(x).dtype == torch.float32
+    assert len({id(scorer.session_for(x[:batch])) for batch in (1, 3, 7)}) == 1  # one session for every batch size
 
 
 def test_ort_scorer_matches_torch_on_lite0(lite0, zebra_input):
@@ -73,10 +74,10 @@ def test_make_scorer_falls_back_to_torch_when_onnxruntime_disagrees(monkeypatch)
 
 
 def test_make_scorer_falls_back_when_export_fails(monkeypatch):
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("cannot export")
 
-    monkeypatch.setattr(scoring, "_onnx_bytes", broken)
+    monkeypatch.setattr(torch.onnx, "export", broken)
     model, x = small_cnn(), torch.randn(1, 3, 16, 16)
     assert make_scorer(model, "auto", x)[1] == "torch"
     with pytest.raises(RuntimeError, match="cannot export"):

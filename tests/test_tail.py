@@ -2,42 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
 
-from fdcam.split import split_model
 from fdcam.tail import MaskedTail, Tail, TorchTail, chunk_size
+from nets import Mlp, Residual, split_at
 from reference import assert_same_up_to_rounding
-
-
-class Residual(nn.Module):
-    """A residual block, so a split inside it has an extra (the skip tensor) crossing the cut."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        skip = torch.relu(self.stem(x))
-        y = torch.relu(self.conv1(skip))
-        y = self.conv2(y) + skip
-        return self.fc(torch.flatten(self.pool(torch.relu(y)), 1))
-
-
-class Mlp(nn.Module):
-    """Conv features then adaptive pool, flatten and an MLP: the factorisable pattern."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
-        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-        self.classifier = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 4))
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def _masks(k, n, seed=0):
@@ -45,18 +13,11 @@ def _masks(k, n, seed=0):
     return (torch.rand(n, k, generator=generator) > 0.5).float()
 
 
-def _head(model, layer, x):
-    split = split_model(model, layer, x)
-    with torch.no_grad():
-        activations, *extras = split.head(x)
-    return split, activations, tuple(extras)
-
-
 def test_masked_tail_equals_the_tail_on_masked_copies_with_extras_broadcast():
     torch.manual_seed(0)
     model = Residual().eval()
     x = torch.randn(1, 3, 8, 8)
-    split, activations, extras = _head(model, "conv1", x)
+    split, activations, extras = split_at(model, "conv1", x)
     assert len(extras) == 1
     masks = _masks(8, 5)
     with torch.no_grad():
@@ -77,7 +38,7 @@ def test_masked_tail_wrapper_is_in_eval_mode_without_touching_the_model():
 def test_torch_tail_is_a_tail_and_equals_masked_tail_in_any_chunking(model_class, layer, factorise):
     torch.manual_seed(0)
     model = model_class().eval()
-    split, activations, extras = _head(model, layer, torch.randn(1, 3, 8, 8))
+    split, activations, extras = split_at(model, layer, torch.randn(1, 3, 8, 8))
     k = activations.shape[1]
     masks = _masks(k, 11)
     with torch.no_grad():
@@ -93,8 +54,8 @@ def test_torch_tail_is_a_tail_and_equals_masked_tail_in_any_chunking(model_class
 
 def test_torch_tail_shortens_the_mlp_pattern_only():
     torch.manual_seed(0)
-    mlp_split, mlp_features, _ = _head(Mlp().eval(), "features.1", torch.randn(1, 3, 8, 8))
-    residual_split, residual_features, residual_extras = _head(Residual().eval(), "conv1", torch.randn(1, 3, 8, 8))
+    mlp_split, mlp_features, _ = split_at(Mlp().eval(), "features.1", torch.randn(1, 3, 8, 8))
+    residual_split, residual_features, residual_extras = split_at(Residual().eval(), "conv1", torch.randn(1, 3, 8, 8))
     assert TorchTail(mlp_split.tail).shortcut_for(mlp_features).kind == "linear"
     assert TorchTail(mlp_split.tail, factorise=False).shortcut_for(mlp_features) is None
     # conv1 → relu first: not linear in the masks; only the last Linear's rows can be chosen
@@ -104,11 +65,11 @@ def test_torch_tail_shortens_the_mlp_pattern_only():
 def test_torch_tail_builds_the_factorised_module_once_per_feature_shape():
     torch.manual_seed(0)
     model = Mlp().eval()
-    split, activations, _ = _head(model, "features.1", torch.randn(1, 3, 8, 8))
+    split, activations, _ = split_at(model, "features.1", torch.randn(1, 3, 8, 8))
     tail = TorchTail(split.tail)
     first = tail.shortcut_for(activations)
     assert tail.shortcut_for(activations * 2) is first
-    _, larger, _ = _head(model, "features.1", torch.randn(1, 3, 12, 12))
+    _, larger, _ = split_at(model, "features.1", torch.randn(1, 3, 12, 12))
     second = tail.shortcut_for(larger)
     assert second is not None and second is not first
     masks = _masks(6, 3)
@@ -118,7 +79,7 @@ def test_torch_tail_builds_the_factorised_module_once_per_feature_shape():
 
 def test_memory_budget_sets_the_chunks():
     torch.manual_seed(0)
-    split, activations, extras = _head(Mlp().eval(), "features.1", torch.randn(1, 3, 8, 8))
+    split, activations, extras = split_at(Mlp().eval(), "features.1", torch.randn(1, 3, 8, 8))
     per_mask = 4 * activations[0].numel() * activations.element_size()
     tail = TorchTail(split.tail, memory_budget=3 * per_mask, factorise=False)
     tail.run(activations, _masks(6, 10), extras)
@@ -146,7 +107,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def _images(model, layer, n, seed=0):
     """Split at `layer` and the head's outputs for n random images (on the model's device)."""
     x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
-    split, activations, extras = _head(model, layer, x)
+    split, activations, extras = split_at(model, layer, x)
     return split, activations, extras
 
 
@@ -196,7 +157,10 @@ def test_precisions_of_the_torch_tail(factorise):
 
 @CUDA
 @pytest.mark.parametrize("model_class, layer", [(Residual, "conv1"), (Mlp, "features.1")])
-def test_cuda_graph_replays_equal_eager_runs(model_class, layer):
+def test_cuda_graph_replays_equal_eager_runs(model_class, layer, monkeypatch):
+    captures = []
+    capture = torch.cuda.graph
+    monkeypatch.setattr(torch.cuda, "graph", lambda *args, **kwargs: captures.append(1) or capture(*args, **kwargs))
     torch.manual_seed(0)
     model = model_class().eval().cuda()
     split, activations, extras = _images(model, layer, 2)
@@ -209,4 +173,4 @@ def test_cuda_graph_replays_equal_eager_runs(model_class, layer):
         torch.testing.assert_close(graphed.run(scaled, masks, extras), eager.run(scaled, masks, extras))
         torch.testing.assert_close(graphed.run(scaled[:1], masks[0], [e[:1] for e in extras]),
                                    eager.run(scaled[:1], masks[0], [e[:1] for e in extras]))
-    assert graphed.graph_replays == 6 and len(graphed._graphs) == 2
+    assert graphed.graph_replays == 6 and len(captures) == 2  # one capture per input shape, then replays

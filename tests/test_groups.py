@@ -1,0 +1,126 @@
+"""fdcam.groups against the paper's Eq. 4-5 written as loops: cosine similarity of flattened maps and
+G(k) = {l : cos(k, l) > the θ quantile of row k} (numpy's linear quantile)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fdcam import groups
+from fdcam.groups import channel_groups, cosine_similarity_matrix, single_channel_groups
+from reference import EPS32, assert_same_up_to_rounding, cosine_groups
+
+
+def plain_cosine(activations: torch.Tensor) -> torch.Tensor:
+    """cos(A_k, A_l) = v_k·v_l / (‖v_k‖‖v_l‖) one pair at a time, in float64; 0 where either map is all zero."""
+    flat = activations.reshape(activations.shape[0], -1).tolist()
+    k = len(flat)
+    cos = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(k):
+        for j in range(k):
+            dot = math.fsum(a * b for a, b in zip(flat[i], flat[j]))
+            norms = math.sqrt(math.fsum(a * a for a in flat[i])) * math.sqrt(math.fsum(b * b for b in flat[j]))
+            cos[i, j] = dot / norms if norms > 0 else 0.0
+    return cos
+
+
+def random_activations(k: int, seed: int, h: int = 3, w: int = 4) -> torch.Tensor:
+    # ReLU-like maps: non-negative with some zeros, as a post-activation layer gives
+    return torch.relu(torch.randn(k, h, w, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 20])
+def test_cosine_similarity_matrix_is_the_pairwise_cosine(k):
+    activations = random_activations(k, seed=k)
+    activations[0] *= 1000.0  # the cosine does not see a map's scale
+    got = cosine_similarity_matrix(activations)
+    assert got.dtype == torch.float32 and got.shape == (k, k)
+    # float64 arithmetic cast to float32: equal up to float32's rounding of values in [-1, 1]
+    assert_same_up_to_rounding(got, plain_cosine(activations), rel=2 * EPS32)
+    assert torch.equal(got, got.T)
+
+
+def test_an_all_zero_map_has_similarity_zero_with_every_map_and_itself():
+    activations = random_activations(5, seed=1)
+    activations[2] = 0.0
+    got = cosine_similarity_matrix(activations)
+    assert not got[2].any() and not got[:, 2].any()
+    assert_same_up_to_rounding(got, plain_cosine(activations), rel=2 * EPS32)
+    assert not cosine_similarity_matrix(torch.zeros(4, 3, 3)).any()
+
+
+def test_constant_maps_are_parallel_whatever_their_level():
+    activations = random_activations(4, seed=2)
+    activations[1], activations[3] = 0.5, 7.0
+    got = cosine_similarity_matrix(activations)
+    assert abs(float(got[1, 3]) - 1.0) <= 2 * EPS32
+    assert_same_up_to_rounding(got, plain_cosine(activations), rel=2 * EPS32)
+
+
+def test_the_similarity_keeps_the_activations_dtype():
+    activations = random_activations(6, seed=3).double()
+    got = cosine_similarity_matrix(activations)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, plain_cosine(activations), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 20, 64])
+@pytest.mark.parametrize("theta", [0.5, 0.9, 0.95, 1.0])
+def test_channel_groups_are_the_papers_groups(k, theta):
+    activations = random_activations(k, seed=10 + k)
+    assert torch.equal(channel_groups(activations, theta), cosine_groups(activations, theta))
+
+
+def test_groups_at_the_default_theta_hold_the_channels_above_the_row_quantile_by_hand():
+    # K = 20: the 0.95 quantile sits at position 0.95·19 = 18.05 of the sorted row, between its two
+    # largest values, so G(k) is exactly the channel with the largest similarity (itself).
+    activations = random_activations(20, seed=4)
+    similarity = cosine_similarity_matrix(activations).double()
+    for row in similarity:
+        ordered = row.sort().values
+        threshold = ordered[18] + 0.05 * (ordered[19] - ordered[18])
+        assert ordered[18] < threshold < ordered[19]
+        assert float(threshold) == pytest.approx(float(np.quantile(row.numpy(), 0.95)), abs=1e-12)
+    got = channel_groups(activations)
+    assert torch.equal(got, torch.eye(20, dtype=torch.bool))  # distinct random maps: most similar to itself only
+
+
+def test_duplicate_and_scaled_channels_tie_and_share_their_group():
+    # K = 40: the 0.95 quantile sits at position 37.05, just above the third largest similarity, so a
+    # channel and its one copy (similarity 1, tied with itself) form its group.
+    activations = random_activations(40, seed=5)
+    activations[7] = activations[3]
+    assert torch.equal(channel_groups(activations), cosine_groups(activations, 0.95))
+    activations[11] = 3.0 * activations[5]  # parallel up to float rounding, which float64 would still see
+    got = channel_groups(activations)
+    assert got[3].nonzero().flatten().tolist() == got[7].nonzero().flatten().tolist() == [3, 7]
+    assert got[5].nonzero().flatten().tolist() == got[11].nonzero().flatten().tolist() == [5, 11]
+    # every other channel has them in its group together or not at all (here: tied at its quantile, both out)
+    assert torch.equal(got[:, 3], got[:, 7]) and torch.equal(got[:, 5], got[:, 11])
+
+
+def test_all_zero_activations_give_empty_groups():
+    assert not channel_groups(torch.zeros(6, 4, 4)).any()
+
+
+def test_a_single_channel_is_its_own_top_and_the_strict_threshold_leaves_its_group_empty():
+    activations = random_activations(1, seed=6)
+    assert torch.equal(cosine_similarity_matrix(activations), torch.ones(1, 1))
+    assert torch.equal(channel_groups(activations), cosine_groups(activations, 0.95))
+    assert not channel_groups(activations).any()  # cos = 1 is not above the quantile 1 (Eq. 5 is strict)
+
+
+def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit(monkeypatch):
+    activations = torch.rand(3, 16, 4, 4, generator=torch.Generator().manual_seed(8))
+    per_image = torch.stack([channel_groups(a) for a in activations])
+    assert torch.equal(channel_groups(activations), per_image)
+    for image, expected in zip(activations, per_image):
+        assert torch.equal(expected, cosine_groups(image, 0.95))
+    monkeypatch.setattr(groups, "_QUANTILE_LIMIT", 16 * 16)  # each image alone, as for very large K
+    assert torch.equal(channel_groups(activations), per_image)
+
+
+def test_single_channel_groups_are_the_identity():
+    assert torch.equal(single_channel_groups(5), torch.eye(5, dtype=torch.bool))
+    assert single_channel_groups(1).dtype == torch.bool and single_channel_groups(3, "cpu").device.type == "cpu"
