@@ -455,7 +455,7 @@ def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(opt
     from reference import assert_same_up_to_rounding
 
     torch.manual_seed(0)
-    split, activations, extras = _split(_ConvStart(**options).eval(), "stem", torch.randn(2, 3, 9, 9))
+    split, activations, extras = split_at(_ConvStart(**options).eval(), "stem", torch.randn(2, 3, 9, 9))
     paired = _group_masks(activations, theta=0.8)  # [2,32,16]: groups of at most 3 channels
     order = torch.randperm(32, generator=torch.Generator().manual_seed(1))
     mixed = torch.cat([paired[:, order], paired[:, :3], 1 - paired[:, 20:22]], dim=1)
