@@ -127,7 +127,7 @@ def ort_tail(
     fingerprint = tail_fingerprint(split.tail)
     example = features[:1].detach()
     example_extras = [extra[:1].detach() for extra in extras]
-    directory = Path(cache_dir) if cache_dir is not None else None
+    directory = _writable(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     # TensorRT engines are built for the plain form's inputs only; other providers get the shortcut forms.
     shortcut = None if resolved == "tensorrt" else tail_shortcut(split.tail, example, example_extras)
     num_channels = features.shape[1]
@@ -139,8 +139,7 @@ def ort_tail(
             stats.session_reuses += 1
         else:
             with tracing():  # an export traces the tail: no other thread runs modules meanwhile
-                writable = _writable(directory if directory is not None else default_cache_dir())
-                entry = _build(model, split, example, example_extras, resolved, precision, writable, fingerprint, form)
+                entry = _build(model, split, example, example_extras, resolved, precision, directory, fingerprint, form)
             per_model[(*key, form)] = entry
         return entry.session, entry.provider, entry.stream
 
