@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdcam import FDCAM, models
-from fdcam.factorise import TailShortcut, max_group_size, sparse_rows, tail_shortcut
+from fdcam.factorise import ShortcutGraph, TailShortcut, max_group_size, sparse_rows, tail_shortcut
 from fdcam.split import split_model
 from fdcam.tail import MaskedTail, TorchTail
 
@@ -453,3 +453,27 @@ def test_an_unrecognised_tail_takes_the_plain_path(ends_in_linear):
     assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
     assert_same_up_to_rounding(tail.run(activations, masks, extras, classes),
                                expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(kernel=1), dict(kernel=1, functional=True), dict(kernel=3, padding=1)], ids=["1x1", "functional-1x1", "3x3"]
+)
+def test_shortcut_graph_with_classes_and_a_bound_equals_the_plain_tail(options):
+    from reference import assert_same_up_to_rounding
+
+    torch.manual_seed(0)
+    model = _ConvStart(**options).eval()
+    split, activations, extras = _split(model, "stem", torch.randn(2, 3, 9, 9))
+    shortcut = tail_shortcut(split.tail, activations, extras)
+    few = torch.zeros(2, 6, 16)
+    few[:, :3, :2] = 1  # rows with two ones
+    few[:, 3:] = 1
+    few[:, 3:, 5:8] = 0  # rows with three zeros
+    few[1, 0, 9] = 1
+    classes = torch.tensor([[4, 0], [1, 1]])
+    with torch.no_grad():
+        expected = MaskedTail(split.tail)(activations, few, *extras)
+        gathered = ShortcutGraph(shortcut, classes=True, bound=3)(activations, few, classes, *extras)
+        dense = ShortcutGraph(shortcut)(activations, few, *extras)
+    assert_same_up_to_rounding(gathered, expected.gather(2, classes[:, None].expand(-1, 6, -1)))
+    assert_same_up_to_rounding(dense, expected)
