@@ -291,7 +291,7 @@ def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel)
 
     from fdcam.export.graph import TailForm
 
-    _, split, features, extras, tail = _conv_start_tail(tmp_path, kernel=kernel)
+    model, split, features, extras, tail = _conv_start_tail(tmp_path, kernel=kernel)
     masks = _switch_masks(2, 32, 4, seed=kernel)
     classes = torch.tensor([[7, 0], [3, 3]])
     sparse = tail.run(features, masks, extras, classes, sparsity=4)
@@ -304,6 +304,9 @@ def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel)
     everything = tail.run(features, masks, extras)
     assert_same_up_to_rounding(everything, _plain(split, features, masks, extras))
     assert tail.forms_run[TailForm()] == 1
+    chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path, batch_size=20)
+    assert_same_up_to_rounding(chunked.run(features, masks, extras, classes, sparsity=4), sparse)  # each chunk gets its classes
+    assert chunked.forms_run == {TailForm(classes=True, bound=4): 8}  # slices of 20 of each image's 64 masks
 
 
 def test_rows_over_the_bound_run_densely_and_stay_exact(tmp_path):
