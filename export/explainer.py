@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdcam.factorise import expand_rows, sparse_rows, tail_shortcut
+from fdcam.factorise import shortcut_passes, sparse_rows, tail_shortcut
 from fdcam.forward import ForwardPass
 from fdcam.methods import METHODS
 from fdcam._version import __version__
@@ -39,9 +39,9 @@ from fdcam.errors import first_line
 from fdcam.methods.base import BatchContext
 from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
-from fdcam.tail import CONV_SPARSE_SHARE, MaskedTail, expand_masks
+from fdcam.tail import MaskedTail, expand_masks
 
-from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, model_metadata
+from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, gathers, model_metadata
 
 __all__ = [
     "EXPLAINER_METHODS",
@@ -121,15 +121,13 @@ class GraphTail:
                                 for lo in range(0, m, self.rows)], 1)
             return logits if classes is None else logits.gather(2, classes[:, None, :].expand(-1, m, -1))
         state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
-        gathered = shortcut.kind == "conv" and sparsity is not None and sparsity <= CONV_SPARSE_SHARE * k
-        sparse = sparse_rows(masks, sparsity) if gathered else None
+        sparse = sparse_rows(masks, sparsity) if gathers(shortcut, k, sparsity) else None
         outputs = []
         for lo in range(0, m, self.rows):
             chunk = masks[:, lo : lo + self.rows]
             c = chunk.shape[1]
-            start = shortcut.pre_activation(state, chunk, None if sparse is None else tuple(t[:, lo : lo + c] for t in sparse))
-            hidden = shortcut.body(start, *expand_rows(extras, n, c))
-            outputs.append(shortcut.logits(hidden.reshape(n, c, *hidden.shape[1:]), classes))
+            chunk_sparse = None if sparse is None else tuple(t[:, lo : lo + c] for t in sparse)
+            outputs.append(shortcut_passes(shortcut, state, chunk, extras, classes, chunk_sparse))
         return torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
 
 

@@ -3,7 +3,10 @@
 The graph takes `features` [N,K,h,w] of N images, `masks` [N,M,K] (M masks per image) and the
 tensors that cross the split (`extra_0`, … [N,...]), with N and M symbolic axes; it applies the
 masks inside (`MaskedTail`, or the factorised form from `fdcam.factorise` when the tail starts with
-pooling and a Linear) and returns `logits` [N,M,classes]: N images' switch passes are one run. A
+pooling and a Linear) and returns `logits` [N,M,classes]: N images' switch passes are one run. Other
+forms (`TailForm`, used by fdcam.runtime) also take `classes` [N,T] int64 and return [N,M,T], only
+those rows of a last Linear computed, and/or gather the few channels of each 0/1 mask row (a static
+`bound`) instead of the dense product of a first convolution. A
 graph is written only after onnx.checker accepted it and ONNX Runtime (CPU) reproduced the plain
 torch masked tail on 1 image × 3 masks and 2 images × 2K masks within tolerance. Exporters, in
 order: torch.onnx.export(dynamo=True) with dynamic image and mask axes, then the TorchScript
@@ -27,11 +30,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fdcam.factorise import tail_shortcut
+from fdcam.factorise import ShortcutGraph, TailShortcut, tail_shortcut
 from fdcam._version import __version__
 from fdcam.errors import first_line
 from fdcam.split import SplitModel
-from fdcam.tail import MaskedTail
+from fdcam.tail import CONV_SPARSE_SHARE, MaskedTail
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -39,8 +42,10 @@ __all__ = [
     "FP32_TOLERANCE",
     "ExportError",
     "ExportedTail",
+    "TailForm",
     "Tolerance",
     "export_split",
+    "gathers",
     "input_names",
     "model_metadata",
     "read_metadata",
@@ -90,9 +95,29 @@ class ExportedTail:
     session: ort.InferenceSession | None = field(default=None, repr=False)  # the CPU session used for the check
 
 
-def input_names(num_extras: int) -> list[str]:
-    """Graph input names: features, masks, then extra_0 … extra_{n-1}."""
-    return ["features", "masks", *(f"extra_{index}" for index in range(num_extras))]
+@dataclass(frozen=True)
+class TailForm:
+    """What a tail graph computes: with `classes`, it takes classes [N,T] and returns [N,M,T]; with `bound`,
+    a first convolution's pre-activations are gathered sums over `bound` channels per 0/1 mask row."""
+
+    classes: bool = False
+    bound: int | None = None
+
+    @property
+    def suffix(self) -> str:
+        """The form in a graph's file name: "" for the plain form."""
+        return ("-classes" if self.classes else "") + (f"-sparse{self.bound}" if self.bound is not None else "")
+
+
+def gathers(shortcut: TailShortcut | None, num_channels: int, sparsity: int | None) -> bool:
+    """Whether masks whose rows have at most `sparsity` ones or zeros take the gathered sums of a first
+    convolution (as fdcam.tail.TorchTail does for a convolution) rather than its dense product."""
+    return shortcut is not None and shortcut.kind == "conv" and sparsity is not None and 1 <= sparsity <= CONV_SPARSE_SHARE * num_channels
+
+
+def input_names(num_extras: int, classes: bool = False) -> list[str]:
+    """Graph input names: features, masks, classes (when the graph takes them), then extra_0 … extra_{n-1}."""
+    return ["features", "masks", *(["classes"] if classes else []), *(f"extra_{index}" for index in range(num_extras))]
 
 
 def export_split(
@@ -107,6 +132,7 @@ def export_split(
     check_batches: tuple[int, int] | None = None,
     session_options: ort.SessionOptions | None = None,
     factorise: bool = True,
+    form: TailForm = TailForm(),
 ) -> ExportedTail:
     """Export `split.tail` as a masked-tail graph at `path`, checked and validated first (ExportError if not).
 
@@ -114,7 +140,8 @@ def export_split(
     sizes of the ONNX Runtime check (default 3 and 2K). fp16=True stores fp16 weights and compute
     with fp32 inputs/outputs, validated with FP16_TOLERANCE instead of FP32_TOLERANCE. With
     `factorise`, a tail that starts with pooling and a Linear is exported factorised (same inputs
-    and outputs, far fewer operations); the check is always against the plain masked tail.
+    and outputs, far fewer operations); the check is always against the plain masked tail. `form`
+    adds the classes input and the gathered sums (see `TailForm`; checked on masks that fit its bound).
     """
     path = Path(path)
     tail = _export_copy(split.tail)
@@ -125,28 +152,28 @@ def export_split(
     num_channels = features.shape[1]
     batches = check_batches or (3, 2 * num_channels)
     reference = MaskedTail(tail).eval()
-    checks = _checks(reference, features, extras, batches)
-    num_classes = int(checks[0][-1].shape[-1])
+    checks = _checks(reference, features, extras, batches, form)
+    num_classes = int(_reference_logits(reference, features, torch.ones(1, 1, num_channels), extras).shape[-1])
     tolerance = FP16_TOLERANCE if fp16 else FP32_TOLERANCE
-    props = {**(metadata or {}), **_shape_metadata(split, features, num_classes, opset, fp16)}
+    props = {**(metadata or {}), **_shape_metadata(split, features, num_classes, opset, fp16), **_form_metadata(form)}
     tensors = _tail_tensors(tail)
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     largest_weight = max((t.numel() for t in tensors), default=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     problems = []
-    for form, module in _tail_forms(tail, features, extras, factorise):
+    for kind, module in _tail_forms(tail, features, extras, factorise, form):
         for exporter_name, exporter in _EXPORTERS:
-            attempt = f"{exporter_name} exporter ({form} tail)"
+            attempt = f"{exporter_name} exporter ({kind} tail)"
             with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fdcam-export-") as staging:
                 try:
-                    proto = exporter(module, features, extras, opset, Path(staging), largest_weight)
+                    proto = exporter(module, features, extras, opset, Path(staging), largest_weight, form.classes)
                 except Exception as error:  # the exporters raise many types; the next one may work
                     log.info("%s failed: %s", attempt, first_line(error))
                     problems.append(f"{attempt} failed ({first_line(error)})")
                     continue
                 if fp16:
                     proto = to_fp16(proto)
-                final_props = {**props, "exporter": exporter_name, "tail_form": form}
+                final_props = {**props, "exporter": exporter_name, "tail_form": kind}
                 _set_metadata(proto, final_props)
                 staged = Path(staging) / path.name
                 _save(proto, staged, external=weight_bytes > EXTERNAL_DATA_BYTES)
@@ -170,19 +197,32 @@ def export_split(
     raise ExportError(f"{'; '.join(problems)}; nothing was saved")
 
 
-def _tail_forms(tail: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], factorise: bool) -> list[tuple[str, nn.Module]]:
-    """The modules to export, best first: the factorised tail (fdcam.factorise) when it applies, then MaskedTail.
+def _tail_forms(
+    tail: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], factorise: bool, form: TailForm = TailForm()
+) -> list[tuple[str, nn.Module]]:
+    """The modules to export, best first: the tail's shortcut (fdcam.factorise) when it applies, then MaskedTail.
 
-    Both have MaskedTail's inputs and outputs; the factorised one computes the per-channel
-    contributions to the tail's first Linear once, so M masks cost a [M,K]×[K,out] product.
+    All have the inputs and outputs of `form`. The factorised one computes the per-channel
+    contributions to the tail's first Linear once, so M masks cost a [M,K]×[K,out] product; the
+    shortcut forms compute only the rows of the classes of a last Linear, and gather a first
+    convolution's channels under a bound. A tail without such a shortcut exports the masked form.
     """
     forms: list[tuple[str, nn.Module]] = []
     if factorise:
         shortcut = tail_shortcut(tail, features, extras)
-        if shortcut is not None and shortcut.kind == "linear":
-            forms.append(("factorised", shortcut))
-    forms.append(("masked", MaskedTail(tail).eval()))
+        bound = form.bound if gathers(shortcut, features.shape[1], form.bound) else None
+        if shortcut is not None and (shortcut.kind == "linear" or bound is not None or (form.classes and shortcut.selects_rows)):
+            forms.append(("factorised" if shortcut.kind == "linear" else "shortcut", ShortcutGraph(shortcut, form.classes, bound)))
+    forms.append(("masked", _MaskedClasses(tail) if form.classes else MaskedTail(tail).eval()))
     return forms
+
+
+class _MaskedClasses(MaskedTail):
+    """MaskedTail taking classes [N,T] after the masks: logits [N,M,T] gathered from all classes."""
+
+    def forward(self, features: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(features, masks, *extras)
+        return logits.gather(2, classes[:, None, :].expand(-1, masks.shape[1], -1))
 
 
 def _export_copy(tail: nn.Module) -> nn.Module:
@@ -200,22 +240,42 @@ def _tail_tensors(tail: nn.Module) -> list[torch.Tensor]:
     return [*tail.parameters(), *tail.buffers()]
 
 
-def _checks(reference: nn.Module, features: torch.Tensor, extras: Sequence[torch.Tensor], batches: Sequence[int]) -> list[tuple]:
-    """(features, masks, extras, torch logits) cases: 1 image × batches[0] masks, 2 images × batches[1].
+def _checks(
+    reference: nn.Module, features: torch.Tensor, extras: Sequence[torch.Tensor], batches: Sequence[int], form: TailForm = TailForm()
+) -> list[tuple]:
+    """(features, masks, extras, classes, torch logits) cases: 1 image × batches[0] masks, 2 images × batches[1].
 
-    The masks are random 0/1 with the first row all ones (the unmasked tail); the second image is
-    the first one flipped, its extras halved.
+    The masks are random 0/1 with the first row all ones (the unmasked tail), or with a `form.bound`
+    rows of at most that many ones or zeros; the second image is the first one flipped, its extras
+    halved. With `form.classes`, each image asks for 2 random classes (None otherwise).
     """
     generator = torch.Generator().manual_seed(0)
     cases = []
+    k = features.shape[1]
     for images, batch in zip((1, 2), batches):
-        masks = (torch.rand(images, int(batch), features.shape[1], generator=generator) > 0.5).float()
+        if form.bound is None:
+            masks = (torch.rand(images, int(batch), k, generator=generator) > 0.5).float()
+        else:
+            masks = _bounded_masks(images, int(batch), k, form.bound, generator)
         masks[:, 0] = 1.0
         batch_features = torch.cat([features, features.flip(-1)])[:images]
         batch_extras = [torch.cat([extra, extra * 0.5])[:images] for extra in extras]
         expected = _reference_logits(reference, batch_features, masks, batch_extras)
-        cases.append((batch_features, masks, batch_extras, expected))
+        classes = None
+        if form.classes:
+            classes = torch.randint(0, expected.shape[-1], (images, 2), generator=generator)
+            expected = expected.gather(2, classes[:, None, :].expand(-1, masks.shape[1], -1))
+        cases.append((batch_features, masks, batch_extras, classes, expected))
     return cases
+
+
+def _bounded_masks(images: int, batch: int, k: int, bound: int, generator: torch.Generator) -> torch.Tensor:
+    """Random 0/1 masks [images,batch,K] whose rows have 1…`bound` ones (even rows) or zeros (odd rows)."""
+    order = torch.rand(images, batch, k, generator=generator).argsort(-1)
+    counts = torch.randint(1, bound + 1, (images, batch, 1), generator=generator)
+    chosen = (order < counts).float()  # `counts` random channels per row
+    odd = (torch.arange(batch) % 2 == 1)[None, :, None]
+    return torch.where(odd, 1 - chosen, chosen)
 
 
 @torch.no_grad()
@@ -227,8 +287,9 @@ def _reference_logits(masked: nn.Module, features: torch.Tensor, masks: torch.Te
 def _max_error(session: ort.InferenceSession, checks: list[tuple]) -> tuple[float, float]:
     """(max |ONNX − torch|, max |torch|) over all check cases; a non-finite output counts as infinite error."""
     error, scale = 0.0, 0.0
-    for features, masks, extras, reference in checks:
-        feed = dict(zip(input_names(len(extras)), (t.numpy() for t in (features, masks, *extras))))
+    for features, masks, extras, classes, reference in checks:
+        tensors = (features, masks, *([] if classes is None else [classes]), *extras)
+        feed = dict(zip(input_names(len(extras), classes is not None), (t.numpy() for t in tensors)))
         (logits,) = session.run(["logits"], feed)
         logits = torch.from_numpy(logits)
         if logits.shape != reference.shape:
@@ -250,21 +311,24 @@ def _cpu_session(path: Path, options: ort.SessionOptions | None) -> ort.Inferenc
 
 
 def _export_dynamo(
-    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int
+    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int,
+    classes: bool = False,
 ) -> onnx.ModelProto:
-    """torch.export-based exporter, with the mask batch as the one dynamic dimension."""
+    """torch.export-based exporter, with the image, mask (and class) batches as the dynamic dimensions."""
     features, masks, extras = _example_batch(features, extras)
     images, batch = torch.export.Dim("images", min=1), torch.export.Dim("masks", min=1)
+    rest = [*([_example_classes()] if classes else []), *extras]
+    rest_shapes = [*([{0: images, 1: torch.export.Dim("classes", min=1)}] if classes else []), *({0: images} for _ in extras)]
     # MaskedTail takes the extras as *args, which torch.export sees as one tuple argument.
-    dynamic_shapes = ({0: images}, {0: images, 1: batch}, tuple({0: images} for _ in extras))
-    if not extras:
+    dynamic_shapes = ({0: images}, {0: images, 1: batch}, tuple(rest_shapes))
+    if not rest:
         dynamic_shapes = dynamic_shapes[:2]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             masked,
-            (features, masks, *extras),
-            input_names=input_names(len(extras)),
+            (features, masks, *rest),
+            input_names=input_names(len(extras), classes),
             output_names=["logits"],
             opset_version=opset,
             dynamo=True,
@@ -291,21 +355,25 @@ def _fold_weight_constants(model, largest_weight: int) -> None:
 
 
 def _export_torchscript(
-    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int
+    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int,
+    classes: bool = False,
 ) -> onnx.ModelProto:
     """The legacy TorchScript exporter with a dynamic axis on masks and logits (the fallback)."""
     features, masks, extras = _example_batch(features, extras)
     target = staging / "torchscript.onnx"  # a file path: tails over 2 GB need external data
-    names = input_names(len(extras))
+    names = input_names(len(extras), classes)
     axes = {name: {0: "images"} for name in names}
     axes.update(masks={0: "images", 1: "masks"}, logits={0: "images", 1: "masks"})
+    if classes:
+        axes.update(classes={0: "images", 1: "classes"}, logits={0: "images", 1: "masks", 2: "classes"})
+    rest = [*([_example_classes()] if classes else []), *extras]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             masked,
-            (features, masks, *extras),
+            (features, masks, *rest),
             str(target),
-            input_names=input_names(len(extras)),
+            input_names=names,
             output_names=["logits"],
             opset_version=opset,
             dynamo=False,
@@ -320,6 +388,11 @@ def _example_batch(features: torch.Tensor, extras: list[torch.Tensor]) -> tuple[
     repeat = lambda t: t.expand(EXAMPLE_IMAGES, *t.shape[1:]).contiguous()  # noqa: E731
     masks = torch.ones(EXAMPLE_IMAGES, EXAMPLE_MASK_BATCH, features.shape[1])
     return repeat(features), masks, [repeat(extra) for extra in extras]
+
+
+def _example_classes() -> torch.Tensor:
+    """Classes [EXAMPLE_IMAGES, 4] for tracing a graph with a classes input."""
+    return torch.zeros(EXAMPLE_IMAGES, 4, dtype=torch.long)
 
 
 _EXPORTERS: list[tuple[str, Callable[..., onnx.ModelProto]]] = [
@@ -379,6 +452,10 @@ def _shape_metadata(split: SplitModel, features: torch.Tensor, num_classes: int,
         "onnx_version": onnx.__version__,
         "fdcam_version": __version__,
     }
+
+
+def _form_metadata(form: TailForm) -> dict[str, str]:
+    return {"classes_input": "true" if form.classes else "false", "sparse_bound": "" if form.bound is None else str(form.bound)}
 
 
 def model_metadata(

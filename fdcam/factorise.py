@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from .fxgraph import NotASubgraph, fetch_attr, is_batch_size, node_arg, record_shapes, subgraph
 
-__all__ = ["TailShortcut", "expand_rows", "max_group_size", "sparse_rows", "tail_shortcut"]
+__all__ = ["ShortcutGraph", "TailShortcut", "expand_rows", "max_group_size", "shortcut_passes", "sparse_rows", "tail_shortcut"]
 
 # Modules that act on each channel separately and linearly, with the rank of input they accept
 # (None: any rank; a pooling module given an unbatched input would pool across channels).
@@ -317,6 +317,75 @@ class TailShortcut(nn.Module):
         start = self.pre_activation(self.prepare(features), masks)
         hidden = self.body(start, *expand_rows(extras, n, m))
         return self.logits(hidden.reshape(n, m, *hidden.shape[1:]))
+
+
+def shortcut_passes(
+    shortcut: TailShortcut,
+    state: tuple,
+    masks: torch.Tensor,
+    extras: Sequence[torch.Tensor] = (),
+    classes: torch.Tensor | None = None,
+    sparse: tuple | None = None,
+) -> torch.Tensor:
+    """Logits [n,m,C] (or [n,m,T] of classes [n,T]) of mask rows [n,m,K] on the n images of `state`
+    (`TailShortcut.prepare`): pre-activation (gathered when `sparse` is given), body, last Linear."""
+    n, m = masks.shape[0], masks.shape[1]
+    if sparse is not None and shortcut.kind == "conv" and _is_pointwise(shortcut.conv):
+        start = _gathered_pointwise(state, sparse)
+    else:
+        start = shortcut.pre_activation(state, masks, sparse)
+    hidden = shortcut.body(start, *expand_rows(extras, n, m))
+    return shortcut.logits(hidden.reshape(n, m, *hidden.shape[1:]), classes)
+
+
+def _is_pointwise(conv: _TailWeights) -> bool:
+    return tuple(conv.weight.shape[-2:]) == (1, 1) and _is_identity_geometry(conv)
+
+
+def _gathered_pointwise(state: tuple, sparse: tuple) -> torch.Tensor:
+    """A 1×1 convolution's pre-activations [n·m,out,h,w] as gathered sums, written for exported graphs.
+
+    The same sums as `TailShortcut.pre_activation`, arranged so that no op broadcasts a choice over
+    the large output (ONNX Runtime's Where does that slowly): the bias rides in the product as one
+    more channel of ones, and the rows kept as full − Σ add (full − bias) times their 0/1 flag.
+    """
+    features, full, weight, bias = state
+    index, gate, complement = sparse
+    n, m, g = index.shape
+    out, plane = weight.shape[0], full[0, 0].numel()
+    gate = torch.where(complement, -gate, gate).to(features.dtype)
+    gathered = features.flatten(2)[torch.arange(n, device=index.device)[:, None, None], index] * gate[..., None]  # [n,m,g,hw]
+    ones = torch.ones_like(gathered[:, :, :1])
+    per_input = torch.cat([weight[:, :, 0, 0].t(), bias[None]])  # [K+1,out]: the bias as channel K
+    last = torch.full_like(index[..., :1], weight.shape[1])
+    rows = per_input[torch.cat([index, last], -1)].reshape(n * m, g + 1, out).transpose(1, 2)  # [n·m,out,g+1]
+    summed = rows @ torch.cat([gathered, ones], 2).reshape(n * m, g + 1, plane)
+    delta = full.reshape(n, 1, out * plane) - bias.repeat_interleave(plane)
+    z = summed.reshape(n, m, out * plane) + complement.to(features.dtype) * delta
+    return z.reshape(n * m, *full.shape[1:])
+
+
+class ShortcutGraph(nn.Module):
+    """A `TailShortcut` with its options fixed, for export: `forward(features, masks, [classes,] *extras)`.
+
+    With `classes` the graph takes classes [N,T] (int64) and returns logits [N,M,T] (only those rows of
+    the last Linear); with `bound` the pre-activations are gathered sums over `bound` channels per row
+    (`sparse_rows`), exact for 0/1 rows with at most `bound` ones or zeros: the caller checks
+    (`fits_sparse`) and runs other masks through a graph without `bound`.
+    """
+
+    def __init__(self, shortcut: TailShortcut, classes: bool = False, bound: int | None = None):
+        super().__init__()
+        self.shortcut = shortcut
+        self.classes = classes
+        self.bound = bound
+        self.training = False  # this wrapper's own flag only (see TailShortcut)
+
+    def forward(self, features: torch.Tensor, masks: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        classes, extras = (rest[0], rest[1:]) if self.classes else (None, rest)
+        state = self.shortcut.prepare(features, classes if self.shortcut.first_is_final else None)
+        sparse = None if self.bound is None else sparse_rows(masks, self.bound)
+        return shortcut_passes(self.shortcut, state, masks, extras, classes, sparse)
 
 
 def _is_identity_geometry(conv: _TailWeights) -> bool:

@@ -3,7 +3,8 @@
 Graphs live in a cache directory (`cache_dir`, else $FDCAM_CACHE, else $XDG_CACHE_HOME/fdcam or
 ~/.cache/fdcam) under a name that hashes the tail's code, weights, layer and shapes, so a changed
 model never gets a stale graph. Sessions are kept in memory per (model, layer, shapes, provider,
-precision, device) while the model lives; an in-place change of the tail's weights is noticed
+precision, device, graph form) while the model lives; each form (`TailForm`: a classes input, a
+sparse bound) is exported and opened on its first use; an in-place change of the tail's weights is noticed
 (tensor version counters) and rebuilds. Each graph has its sha256 recorded next to it
 (`<name>.onnx.sha256`); a cached graph that does not match (altered on disk, truncated, zero-length,
 or written without a record) is exported again. An unwritable cache directory falls back to a
@@ -32,7 +33,9 @@ import torch
 from torch import nn
 
 from fdcam.export import DEFAULT_OPSET, ExportError, export_split
-from fdcam.export.graph import input_names, model_metadata
+from fdcam.concurrency import tracing
+from fdcam.export.graph import TailForm, gathers, input_names, model_metadata
+from fdcam.factorise import tail_shortcut
 from fdcam.export.model import model_name
 from fdcam._version import __version__
 from fdcam.errors import first_line
@@ -107,8 +110,9 @@ def ort_tail(
 
     provider: None/"auto", "cpu", "cuda" or "tensorrt"; precision: "fp32" (no TF32), "tf32" or
     "fp16" (see fdcam.runtime.providers). All masks of a call go in one session run unless
-    `memory_budget` (bytes) or `batch_size` is set. The graph is exported once per model state and
-    the session built once per key; later calls reuse both.
+    `memory_budget` (bytes) or `batch_size` is set. Each graph form the calls need (all classes or
+    a classes input; dense or gathered sums under a bound) is exported once per model state and its
+    session built once per key, on first use; later calls reuse both.
     """
     precision = check_precision(precision)
     resolved = resolve_provider(provider, features.device)
@@ -121,15 +125,33 @@ def ort_tail(
         str(features.device),
     )
     fingerprint = tail_fingerprint(split.tail)
-    per_model = _sessions.setdefault(model, {})
-    entry = per_model.get(key)
-    if entry is not None and entry.fingerprint == fingerprint:
-        stats.session_reuses += 1
-    else:
-        directory = _writable(Path(cache_dir) if cache_dir is not None else default_cache_dir())
-        entry = _build(model, split, features, extras, resolved, precision, directory, fingerprint)
-        per_model[key] = entry
-    return OrtTail(entry.session, entry.provider, batch_size=batch_size, memory_budget=memory_budget, stream=entry.stream)
+    example = features[:1].detach()
+    example_extras = [extra[:1].detach() for extra in extras]
+    directory = _writable(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    # TensorRT engines are built for the plain form's inputs only; other providers get the shortcut forms.
+    shortcut = None if resolved == "tensorrt" else tail_shortcut(split.tail, example, example_extras)
+    num_channels = features.shape[1]
+
+    def sessions(form: TailForm) -> tuple[ort.InferenceSession, str, int | None]:
+        per_model = _sessions.setdefault(model, {})
+        entry = per_model.get((*key, form))
+        if entry is not None and entry.fingerprint == fingerprint:
+            stats.session_reuses += 1
+        else:
+            with tracing():  # an export traces the tail: no other thread runs modules meanwhile
+                entry = _build(model, split, example, example_extras, resolved, precision, directory, fingerprint, form)
+            per_model[(*key, form)] = entry
+        return entry.session, entry.provider, entry.stream
+
+    return OrtTail(
+        sessions,
+        resolved,
+        num_extras=len(extras),
+        selects_rows=shortcut is not None and shortcut.selects_rows,
+        gathers=lambda sparsity: gathers(shortcut, num_channels, sparsity),
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+    )
 
 
 def _build(
@@ -141,8 +163,9 @@ def _build(
     precision: str,
     directory: Path,
     fingerprint: tuple,
+    form: TailForm = TailForm(),
 ) -> _Entry:
-    digest = _content_hash(split, features, extras)
+    digest = _content_hash(split, features, extras) + form.suffix
     validated: dict[Path, ort.InferenceSession] = {}
     reused: list[Path] = []
 
@@ -157,7 +180,7 @@ def _build(
             _remove_graph(path)
         try:
             exported = export_split(
-                split, features, extras, path, fp16=fp16, metadata=_metadata(model), session_options=session_options()
+                split, features, extras, path, fp16=fp16, metadata=_metadata(model), session_options=session_options(), form=form
             )
             _record_hash(path)
         except OSError as error:

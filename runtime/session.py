@@ -3,48 +3,84 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from fdcam.export.graph import TailForm, input_names
+from fdcam.factorise import fits_sparse
 from fdcam.tail import chunk_size, expand_masks
 
 __all__ = ["OrtTail"]
 
 
 class OrtTail:
-    """The `Tail` protocol over a session: N images' masked passes in one `session.run` (chunked only under
-    a user memory budget or batch size).
+    """The `Tail` protocol over sessions of a tail's graph forms: N images' masked passes in one `session.run`
+    (chunked only under a user memory budget or batch size).
 
-    Torch tensors in, float32 logits out on the features' device. On a CUDA session with
-    CUDA tensors, inputs and the preallocated output are bound by pointer (IOBinding): nothing goes
-    through the host. `runs` counts session runs; `bound_runs` the ones that went through IOBinding.
+    Torch tensors in, float32 logits out on the features' device. Like the torch tail, a call with
+    classes runs the graph that computes only those rows of a last Linear (`selects_rows`), and a call
+    whose `sparsity` bound fits every mask row runs the graph of gathered sums under that bound; every
+    other call runs the dense all-classes graph (so a wrong bound costs speed, never exactness).
+    `sessions(form)` gives (session, provider, stream) of a `TailForm`, exported on first use. On a
+    CUDA session with CUDA tensors, inputs and the preallocated output are bound by pointer
+    (IOBinding): nothing goes through the host. `runs` counts session runs; `bound_runs` the ones
+    that went through IOBinding.
     """
 
     def __init__(
         self,
-        session: ort.InferenceSession,
+        sessions: Callable[[TailForm], tuple[ort.InferenceSession, str, int | None]],
         provider: str,
         *,
+        num_extras: int = 0,
+        selects_rows: bool = False,
+        gathers: Callable[[int | None], bool] = lambda sparsity: False,
         batch_size: int | None = None,
         memory_budget: int | None = None,
-        stream: int | None = None,
     ):
-        self.session = session
-        self.provider = provider
+        self._sessions = sessions
+        self._opened: dict[TailForm, tuple[ort.InferenceSession, str, int | None]] = {}
+        self._provider = provider  # the requested one, until a session says which one it runs on
+        self.num_extras = num_extras
+        self.selects_rows = selects_rows
+        self.gathers = gathers
         self.batch_size = batch_size
         self.memory_budget = memory_budget
-        self.stream = stream  # the CUDA stream the session's kernels run on (None: ORT's own or CPU)
-        self.input_names = [value.name for value in session.get_inputs()]
-        self.num_classes = _num_classes(session)
         self.runs = 0
         self.bound_runs = 0
+        self.forms_run: dict[TailForm, int] = {}  # session runs per graph form
+
+    def opened(self, form: TailForm = TailForm()) -> tuple[ort.InferenceSession, str, int | None]:
+        """(session, provider, CUDA stream or None) of a graph form, exported and opened on first use."""
+        if form not in self._opened:
+            self._opened[form] = self._sessions(form)
+            self._provider = self._opened[form][1]
+        return self._opened[form]
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The session of the plain form (all classes, dense)."""
+        return self.opened()[0]
+
+    @property
+    def provider(self) -> str:
+        """The provider the sessions run on (building the plain form's session if none is open yet)."""
+        if not self._opened:
+            self.opened()
+        return self._provider
 
     @property
     def on_gpu(self) -> bool:
         return self.provider in ("cuda", "tensorrt")
+
+    def form_for(self, masks: torch.Tensor, classes: torch.Tensor | None, sparsity: int | None) -> TailForm:
+        """The graph form for masks [N,M,K]: a classes input when the graph can use it, the sparsity bound when
+        every row is 0/1 with at most that many ones or zeros (one host sync)."""
+        bound = sparsity if self.gathers(sparsity) and fits_sparse(masks, sparsity) else None
+        return TailForm(classes=classes is not None and self.selects_rows, bound=bound)
 
     @torch.no_grad()
     def run(
@@ -59,41 +95,51 @@ class OrtTail:
         """Float32 logits [N,M,C] of the tail on features [N,K,h,w] masked by masks [N,M,K] (or [M,K] shared),
         or [N,M,T] of `classes` [N,T]: all N images in one session run unless a budget splits them.
 
-        `sparsity` is accepted for the protocol; the graph computes every mask densely.
+        `sparsity` promises at most that many ones or zeros per 0/1 row; it is checked, not trusted.
         """
-        if len(extras) != len(self.input_names) - 2:
-            raise ValueError(f"this tail graph takes {len(self.input_names) - 2} extra tensors, got {len(extras)}")
+        if len(extras) != self.num_extras:
+            raise ValueError(f"this tail graph takes {self.num_extras} extra tensors, got {len(extras)}")
         masks = expand_masks(features, masks)
         n, m, _ = masks.shape
+        form = self.form_for(masks, classes, sparsity)
+        chosen_classes = classes.to(features.device, torch.long) if form.classes else None
+
+        def once(images: slice, rows: slice) -> torch.Tensor:
+            return self._run_once(
+                form, features[images], masks[images, rows], [e[images] for e in extras],
+                None if chosen_classes is None else chosen_classes[images],
+            )
+
         if self.batch_size is None and self.memory_budget is None:
-            outputs = [self._run_once(features, masks, extras)]
+            outputs = [once(slice(None), slice(None))]
         else:
             rows = chunk_size(features, self.memory_budget, self.batch_size, n * m)
             outputs = []
             if rows >= m:  # whole images per run
                 step = rows // m
                 for start in range(0, n, step):
-                    chosen = slice(start, start + step)
-                    outputs.append(self._run_once(features[chosen], masks[chosen], [e[chosen] for e in extras]))
+                    outputs.append(once(slice(start, start + step), slice(None)))
             else:  # slices of one image's masks per run
                 for i in range(n):
-                    pieces = [
-                        self._run_once(features[i : i + 1], masks[i : i + 1, lo : lo + rows], [e[i : i + 1] for e in extras])
-                        for lo in range(0, m, rows)
-                    ]
+                    pieces = [once(slice(i, i + 1), slice(lo, lo + rows)) for lo in range(0, m, rows)]
                     outputs.append(torch.cat(pieces, 1))
         logits = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        if classes is not None:
+        if classes is not None and not form.classes:
             logits = logits.gather(2, classes.to(logits.device)[:, None, :].expand(-1, m, -1))
         return logits
 
-    def _run_once(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _run_once(
+        self, form: TailForm, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None
+    ) -> torch.Tensor:
+        session, provider, stream = self.opened(form)
         self.runs += 1
+        self.forms_run[form] = self.forms_run.get(form, 0) + 1
         try:
-            if self.on_gpu and features.is_cuda:
+            if provider in ("cuda", "tensorrt") and features.is_cuda:
                 self.bound_runs += 1
-                return self._run_bound(features, masks, extras)
-            return self._run_host(features, masks, extras)
+                width = _num_classes(session) if classes is None else classes.shape[1]
+                return self._run_bound(session, stream, features, masks, extras, classes, width)
+            return self._run_host(session, features, masks, extras, classes)
         except Exception as error:
             if not type(error).__module__.startswith("onnxruntime"):
                 raise
@@ -104,25 +150,42 @@ class OrtTail:
                 "if memory ran out, set memory_budget or batch_size to run them in chunks"
             ) from error
 
-    def _run_host(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Numpy feeds: zero-copy views of contiguous CPU fp32 tensors (CUDA tensors are copied, for a CPU session)."""
-        tensors = [_as_input(t).cpu() for t in (features, masks, *extras)]
-        feed = {name: tensor.numpy() for name, tensor in zip(self.input_names, tensors)}
-        (logits,) = self.session.run(["logits"], feed)
+    @property
+    def num_classes(self) -> int:
+        """C, the tail's number of classes."""
+        return _num_classes(self.session)
+
+    @staticmethod
+    def _run_host(
+        session: ort.InferenceSession, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Numpy feeds: zero-copy views of contiguous CPU tensors (CUDA tensors are copied, for a CPU session)."""
+        tensors = [_as_input(t).cpu() for t in (features, masks)]
+        tensors += [] if classes is None else [classes.contiguous().cpu()]
+        tensors += [_as_input(t).cpu() for t in extras]
+        names = input_names(len(extras), classes is not None)
+        feed = {name: tensor.numpy() for name, tensor in zip(names, tensors)}
+        (logits,) = session.run(["logits"], feed)
         return torch.from_numpy(logits).to(features.device)
 
-    def _run_bound(self, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
+    @staticmethod
+    def _run_bound(
+        session: ort.InferenceSession, stream: int | None, features: torch.Tensor, masks: torch.Tensor,
+        extras: Sequence[torch.Tensor], classes: torch.Tensor | None, width: int,
+    ) -> torch.Tensor:
         """IOBinding on device pointers; the output is a torch tensor ORT writes into."""
         device = features.device
         index = device.index if device.index is not None else torch.cuda.current_device()
-        tensors = [_as_input(t.to(device)) for t in (features, masks, *extras)]
-        logits = torch.empty((*masks.shape[:2], self.num_classes), device=device, dtype=torch.float32)
-        binding = self.session.io_binding()
-        for name, tensor in zip(self.input_names, tensors):
-            binding.bind_input(name, "cuda", index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        tensors = [(_as_input(t.to(device)), np.float32) for t in (features, masks)]
+        tensors += [] if classes is None else [(classes.to(device).contiguous(), np.int64)]
+        tensors += [(_as_input(t.to(device)), np.float32) for t in extras]
+        logits = torch.empty((*masks.shape[:2], width), device=device, dtype=torch.float32)
+        binding = session.io_binding()
+        for name, (tensor, dtype) in zip(input_names(len(extras), classes is not None), tensors):
+            binding.bind_input(name, "cuda", index, dtype, tuple(tensor.shape), tensor.data_ptr())
         binding.bind_output("logits", "cuda", index, np.float32, tuple(logits.shape), logits.data_ptr())
-        with _on_session_stream(self.stream, device):
-            self.session.run_with_iobinding(binding)
+        with _on_session_stream(stream, device):
+            session.run_with_iobinding(binding)
         return logits
 
 

@@ -188,3 +188,29 @@ def test_wheel_installs_export_and_runtime_inside_fdcam(tmp_path):
     assert "fdcam/runtime/__init__.py" in names and "fdcam/runtime/session.py" in names
     assert "fdcam/evaluation/__init__.py" in names and "fdcam/evaluation/run.py" in names
     assert not [n for n in names if n.startswith(("export/", "runtime/"))]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_classes_form_takes_int64_classes_and_returns_their_logits(resnet18_split, tmp_path, monkeypatch, exporter):
+    from reference import assert_same_up_to_rounding
+
+    split, features, extras = resnet18_split
+    if exporter == "torchscript":
+        monkeypatch.setattr(export_graph, "_EXPORTERS", [e for e in export_graph._EXPORTERS if e[0] == "torchscript"])
+    form = export_graph.TailForm(classes=True)
+    exported = export_split(split, features, extras, tmp_path / "classes.onnx", check_batches=(3, 9), form=form)
+    assert exported.exporter == exporter and exported.num_classes == 1000
+    meta = read_metadata(exported.path)
+    assert (meta["classes_input"], meta["tail_form"]) == ("true", "shortcut")  # the rows of fc only
+    proto = onnx.load(str(exported.path))
+    inputs = {value.name: value for value in proto.graph.input}
+    assert list(inputs) == ["features", "masks", "classes", "extra_0"]
+    assert inputs["classes"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    masks = (torch.rand(1, 5, 512, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    classes = torch.tensor([[999, 0, 17]])
+    (logits,) = session.run(["logits"], {"features": features.numpy(), "masks": masks.numpy(), "classes": classes.numpy(),
+                                         "extra_0": extras[0].numpy()})
+    assert logits.shape == (1, 5, 3)
+    expected = torch_logits(split, features, masks, extras).gather(2, classes[:, None].expand(-1, 5, -1))
+    assert_same_up_to_rounding(logits, expected)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdcam import FDCAM, models
-from fdcam.factorise import TailShortcut, max_group_size, sparse_rows, tail_shortcut
+from fdcam.factorise import ShortcutGraph, TailShortcut, max_group_size, sparse_rows, tail_shortcut
 from fdcam.tail import MaskedTail, TorchTail
 from nets import split_at
 
@@ -473,3 +473,27 @@ def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(opt
         rows = TorchTail(split.tail)
         monkeypatch.setattr(rows, "_takes_sets", lambda *args: False)
         assert_same_up_to_rounding(rows.run(activations, masks, extras, sparsity=bound), got, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(kernel=1), dict(kernel=1, functional=True), dict(kernel=3, padding=1)], ids=["1x1", "functional-1x1", "3x3"]
+)
+def test_shortcut_graph_with_classes_and_a_bound_equals_the_plain_tail(options):
+    from reference import assert_same_up_to_rounding
+
+    torch.manual_seed(0)
+    model = _ConvStart(**options).eval()
+    split, activations, extras = split_at(model, "stem", torch.randn(2, 3, 9, 9))
+    shortcut = tail_shortcut(split.tail, activations, extras)
+    few = torch.zeros(2, 6, 16)
+    few[:, :3, :2] = 1  # rows with two ones
+    few[:, 3:] = 1
+    few[:, 3:, 5:8] = 0  # rows with three zeros
+    few[1, 0, 9] = 1
+    classes = torch.tensor([[4, 0], [1, 1]])
+    with torch.no_grad():
+        expected = MaskedTail(split.tail)(activations, few, *extras)
+        gathered = ShortcutGraph(shortcut, classes=True, bound=3)(activations, few, classes, *extras)
+        dense = ShortcutGraph(shortcut)(activations, few, *extras)
+    assert_same_up_to_rounding(gathered, expected.gather(2, classes[:, None].expand(-1, 6, -1)))
+    assert_same_up_to_rounding(dense, expected)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import fdcam
 from fdcam import runtime
@@ -70,8 +71,9 @@ def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run():
     tail = the_tail(cam)
     assert isinstance(tail, OrtTail) and isinstance(tail, Tail)
     assert tail.runs == 1 and tail.provider == "cpu"
-    # pooling + Linear after features.30: the graph is the factorised tail (fdcam.factorise)
-    assert tail.session.get_modelmeta().custom_metadata_map["tail_form"] == "factorised"
+    # pooling + Linear after features.30: the graph is the factorised tail (fdcam.factorise), with the target class input
+    (form,) = tail.forms_run
+    assert form.classes and tail.opened(form)[0].get_modelmeta().custom_metadata_map["tail_form"] == "factorised"
 
 
 def test_fdcam_efficientnet_lite0_onnxruntime_equals_torch(lite0, zebra):
@@ -102,9 +104,8 @@ def test_ablationcam_onnxruntime_equals_torch(lite0, zebra):
     assert the_tail(cam).runs == 1
 
 
-def test_a_second_explainer_reuses_the_session_and_builds_nothing(lite0, zebra, lite0_split):
-    split, features, extras = lite0_split
-    ort_tail(lite0, split, features, extras, provider="cpu")  # built here unless an earlier test did
+def test_a_second_explainer_reuses_the_session_and_builds_nothing(lite0, zebra):
+    fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")(zebra)  # built here unless an earlier test did
     before = copy.copy(runtime.stats)
     cam = fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
     cam(zebra)
@@ -119,16 +120,17 @@ def test_graphs_are_reused_from_disk_and_changed_weights_export_again(zebra):
     split = fdcam.split_model(model, "_blocks.15", zebra)
     with torch.no_grad():
         features, *extras = split.head(zebra)
-    ort_tail(model, split, features, extras, provider="cpu")
+    ort_tail(model, split, features, extras, provider="cpu").session  # forms are exported on first use
     runtime.clear_sessions()
     before = copy.copy(runtime.stats)
-    ort_tail(model, split, features, extras, provider="cpu")
+    ort_tail(model, split, features, extras, provider="cpu").session
     assert runtime.stats.exports == before.exports and runtime.stats.graph_reuses == before.graph_reuses + 1
     assert runtime.stats.sessions == before.sessions + 1
 
     with torch.no_grad():
         model._fc.bias.add_(1.0)  # an in-place change of a tail weight
     tail = ort_tail(model, split, features, extras, provider="cpu")
+    tail.session
     assert runtime.stats.exports == before.exports + 1
     masks = torch.ones(2, 320)
     torch.testing.assert_close(tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras), atol=1e-4, rtol=1e-4)
@@ -141,12 +143,13 @@ def test_a_damaged_cached_graph_is_exported_again(tmp_path, caplog):
     split = fdcam.split_model(model, "layer4.1.conv2", x)
     with torch.no_grad():
         features, *extras = split.head(x)
-    ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path)
+    ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path).session
     (cached,) = (tmp_path / "tails").glob("*.onnx")
     cached.write_bytes(b"not an onnx graph")
     runtime.clear_sessions()
     with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
         tail = ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path)
+        tail.session
     assert "does not match its recorded sha256" in caplog.text  # verified before ONNX Runtime reads it
     masks = torch.ones(3, 512)
     expected = TorchTail(split.tail).run(features, masks, extras)
@@ -178,7 +181,8 @@ def test_tensorrt_without_tensorrt_falls_back_with_one_warning(lite0, lite0_spli
     split, features, extras = lite0_split
     with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
         tail = ort_tail(lite0, split, features, extras, provider="tensorrt")
-        ort_tail(lite0, split, features, extras, provider="tensorrt")  # cached: no second warning
+        tail.session
+        ort_tail(lite0, split, features, extras, provider="tensorrt").session  # cached: no second warning
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "TensorRT cannot be used" in warnings[0].getMessage()
     assert tail.provider in ("cuda", "cpu")
@@ -231,3 +235,135 @@ def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path
                            memory_budget=rows * per_mask)
         assert_same_up_to_rounding(chunked.run(features, masks, extras), together)
         assert chunked.runs == runs
+
+
+# --- graph forms: a classes input, gathered sums under a static bound ---------------------------------
+
+
+class _ConvStart(nn.Module):
+    """Random-weight net whose tail after `stem` starts with a k×k convolution + batch norm and ends in a Linear."""
+
+    def __init__(self, kernel: int = 1, plain: bool = False):
+        super().__init__()
+        self.plain = plain  # a ReLU first and a max last: nothing for fdcam.factorise to shorten
+        self.stem = nn.Conv2d(3, 32, 3, stride=4)
+        self.conv = nn.Conv2d(32, 48, kernel, padding=kernel // 2)
+        self.bn = nn.BatchNorm2d(48)
+        self.fc = nn.Linear(48, 10)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        stem = self.stem(x)
+        y = torch.nn.functional.relu6(self.bn(self.conv(torch.relu(stem) if self.plain else stem)))
+        return y.amax((2, 3)) if self.plain else self.fc(y.mean((2, 3)))
+
+
+def _conv_start_tail(tmp_path, seed=0, **options):
+    torch.manual_seed(seed)
+    model = _ConvStart(**options).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
+    split = fdcam.split_model(model, "stem", x[:1])
+    with torch.no_grad():
+        features, *extras = split.head(x)
+    tail = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path)
+    return model, split, features, extras, tail
+
+
+def _switch_masks(n, k, bound, seed):
+    """FD-CAM's switch-on and switch-off rows [n,2K,K] of random groups of 1…bound channels."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, bound + 1, (n, k, 1), generator=generator)
+    groups = (torch.rand(n, k, k, generator=generator).argsort(-1) < sizes).float()
+    return torch.cat([groups, 1 - groups], 1)
+
+
+def _plain(split, features, masks, extras, classes=None):
+    """The plain torch masked tail (no shortcut), gathered to `classes`."""
+    logits = TorchTail(split.tail, factorise=False).run(features, masks, extras)
+    return logits if classes is None else logits.gather(2, classes[:, None].expand(-1, masks.shape[1], -1))
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel):
+    from reference import assert_same_up_to_rounding
+
+    from fdcam.export.graph import TailForm
+
+    model, split, features, extras, tail = _conv_start_tail(tmp_path, kernel=kernel)
+    masks = _switch_masks(2, 32, 4, seed=kernel)
+    classes = torch.tensor([[7, 0], [3, 3]])
+    sparse = tail.run(features, masks, extras, classes, sparsity=4)
+    assert tail.forms_run == {TailForm(classes=True, bound=4): 1} and tail.runs == 1
+    assert sparse.shape == (2, 64, 2)
+    assert_same_up_to_rounding(sparse, _plain(split, features, masks, extras, classes))
+    dense = tail.run(features, masks, extras, classes)  # no bound: the dense rows of the same classes
+    assert tail.forms_run[TailForm(classes=True)] == 1
+    assert_same_up_to_rounding(sparse, dense)
+    everything = tail.run(features, masks, extras)
+    assert_same_up_to_rounding(everything, _plain(split, features, masks, extras))
+    assert tail.forms_run[TailForm()] == 1
+    chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path, batch_size=20)
+    assert_same_up_to_rounding(chunked.run(features, masks, extras, classes, sparsity=4), sparse)  # each chunk gets its classes
+    assert chunked.forms_run == {TailForm(classes=True, bound=4): 8}  # slices of 20 of each image's 64 masks
+
+
+def test_rows_over_the_bound_run_densely_and_stay_exact(tmp_path):
+    from reference import assert_same_up_to_rounding
+
+    from fdcam.export.graph import TailForm
+
+    _, split, features, extras, tail = _conv_start_tail(tmp_path, seed=3)
+    masks = _switch_masks(2, 32, 4, seed=5)
+    masks[1, 3, :9] = 1.0  # one row with 9 or more ones and more than 4 zeros: the bound 4 is wrong
+    weighted = torch.rand(2, 3, 32, generator=torch.Generator().manual_seed(6))  # not 0/1 at all
+    classes = torch.tensor([[1, 2], [9, 0]])
+    for rows in (masks, weighted):
+        got = tail.run(features, rows, extras, classes, sparsity=4)
+        assert_same_up_to_rounding(got, _plain(split, features, rows, extras, classes))
+    assert set(tail.forms_run) == {TailForm(classes=True)}  # the gathered graph was never used
+    too_large = tail.run(features, masks[:, :2], extras, classes, sparsity=20)  # 20 > a quarter of K: dense
+    assert_same_up_to_rounding(too_large, _plain(split, features, masks[:, :2], extras, classes))
+    assert set(tail.forms_run) == {TailForm(classes=True)}
+
+
+def test_each_graph_form_has_its_own_file_and_session(tmp_path):
+    from fdcam.export.graph import TailForm, read_metadata
+
+    model, _, features, extras, tail = _conv_start_tail(tmp_path, seed=7)
+    forms = [TailForm(), TailForm(classes=True), TailForm(bound=4), TailForm(classes=True, bound=4)]
+    sessions = [tail.opened(form)[0] for form in forms]
+    assert len({id(session) for session in sessions}) == 4
+    files = sorted((tmp_path / "tails").glob("*.onnx"))
+    digest = files[0].name[:32]  # one content hash, one file per form
+    assert sorted(path.name for path in files) == sorted(f"{digest}{form.suffix}.onnx" for form in forms)
+    by_suffix = {path.name[32:]: read_metadata(path) for path in files}
+    assert by_suffix["-classes-sparse4.onnx"]["classes_input"] == "true" and by_suffix["-classes-sparse4.onnx"]["sparse_bound"] == "4"
+    assert by_suffix["-classes-sparse4.onnx"]["tail_form"] == "shortcut" and by_suffix[".onnx"]["classes_input"] == "false"
+    keys = list(runtime.cache._sessions[model])
+    assert sorted((key[-1].classes, key[-1].bound or 0) for key in keys) == [(False, 0), (False, 4), (True, 0), (True, 4)]
+    before = copy.copy(runtime.stats)
+    again = ort_tail(model, tail_split(model, features), features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path)
+    assert again.opened(TailForm(classes=True, bound=4))[0] is sessions[3]
+    assert runtime.stats.exports == before.exports
+
+
+def tail_split(model, features):
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return fdcam.split_model(model, "stem", x)
+
+
+def test_a_tail_without_shortcuts_exports_the_plain_graph_for_every_call(tmp_path):
+    from reference import assert_same_up_to_rounding
+
+    from fdcam.export.graph import TailForm
+
+    _, split, features, extras, tail = _conv_start_tail(tmp_path, plain=True)
+    assert not tail.selects_rows and not tail.gathers(4)
+    masks = _switch_masks(2, 32, 4, seed=8)
+    classes = torch.tensor([[5, 1], [0, 47]])
+    got = tail.run(features, masks, extras, classes, sparsity=4)
+    assert_same_up_to_rounding(got, _plain(split, features, masks, extras, classes))
+    assert set(tail.forms_run) == {TailForm()}
+    assert tail.session.get_modelmeta().custom_metadata_map["tail_form"] == "masked"
