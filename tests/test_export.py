@@ -18,6 +18,7 @@ import torchvision
 import fdcam
 from fdcam.cli import main
 from fdcam.export import FP16_TOLERANCE, ExportError, export_split, export_tail, read_metadata
+from fdcam.export.graph import TailForm
 from fdcam.split import split_model
 from fdcam.tail import MaskedTail
 
@@ -195,9 +196,16 @@ def test_a_classes_form_takes_int64_classes_and_returns_their_logits(resnet18_sp
     from reference import assert_same_up_to_rounding
 
     split, features, extras = resnet18_split
-    if exporter == "torchscript":
-        monkeypatch.setattr(export_graph, "_EXPORTERS", [e for e in export_graph._EXPORTERS if e[0] == "torchscript"])
-    form = export_graph.TailForm(classes=True)
+    if exporter == "torchscript":  # dynamo fails, as in the fallback test above
+        export = torch.onnx.export
+
+        def dynamo_fails(*args, **kwargs):
+            if kwargs.get("dynamo"):
+                raise RuntimeError("simulated torch.export failure")
+            return export(*args, **kwargs)
+
+        monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    form = TailForm(classes=True)
     exported = export_split(split, features, extras, tmp_path / "classes.onnx", check_batches=(3, 9), form=form)
     assert exported.exporter == exporter and exported.num_classes == 1000
     meta = read_metadata(exported.path)
