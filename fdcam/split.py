@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from .concurrency import model_in_eval, tracing
+from .errors import first_line
 from .fxgraph import is_batch_size as _is_batch_size
 from .nodes import NamingTracer, ancestors, descendants, trace_with_names
 
@@ -73,9 +74,8 @@ def _trace(
     try:
         return trace_with_names(model, leaf_names, tracer_kwargs, torchvision_leaves=not leaf_names)
     except Exception as error:  # fx raises many types; the user needs one line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SplitError(
-            f"the model cannot be traced by torch.fx ({first_line}); declare the untraceable submodules"
+            f"the model cannot be traced by torch.fx ({first_line(error, None)}); declare the untraceable submodules"
             " leaves with tracer_kwargs={'leaf_modules': [ModuleType]}"
         ) from error
 

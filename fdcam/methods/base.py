@@ -379,8 +379,7 @@ def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
     try:
         chosen = last_spatial_layer(model, tracer_kwargs)
     except Exception as error:  # fx and the model raise many types; the user needs one line
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"give target_layer: no layer could be found for this model ({first_line})") from error
+        raise ValueError(f"give target_layer: no layer could be found for this model ({first_line(error, None)})") from error
     if chosen is None:
         raise ValueError("give target_layer: the model has no layer with a spatial 4-D output")
     warnings.warn(

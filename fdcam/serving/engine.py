@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import models
+from ..errors import first_line
 from ..images import ImageError, _to_rgb, preprocess, resize_map
 from ..methods import METHODS
 
@@ -134,12 +135,7 @@ def decode_image(data: bytes) -> "PIL.Image.Image":  # noqa: F821
     except UnidentifiedImageError:
         raise RequestError("image_bytes is not an image (or a format Pillow cannot read)") from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise RequestError(f"cannot decode image_bytes: {str(error).splitlines()[0]}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise RequestError(f"cannot decode image_bytes: {first_line(error, None)}") from None
 
 
 def _check_classes(request: Mapping[str, np.ndarray], num_classes: int, batched: bool) -> np.ndarray | None:
@@ -194,7 +190,7 @@ def _explain_items(explainer: Explainer, items: Sequence[_Item], results: list) 
             logits, targets, saliency = explainer.explain(images, classes)
         except Exception as error:  # an engine failure fails this group only, as one line
             for item in group:
-                results[item.index] = f"explanation failed: {_first_line(error)}"
+                results[item.index] = f"explanation failed: {first_line(error, None)}"
             continue
         for row, item in enumerate(group):
             results[item.index] = {
@@ -244,7 +240,7 @@ def handle_image_requests(
             try:
                 x = preprocess(image, spec)[0].numpy()
             except ImageError as error:
-                raise RequestError(_first_line(error)) from None
+                raise RequestError(first_line(error, None)) from None
             items.append(_Item(index, x, _check_classes(request, explainer.num_classes, batched=True), image))
         except RequestError as error:
             results[index] = str(error)
