@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import models
-from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, overlay, preprocess, resize_map
+from .explain_output import check_classes, check_output_dir, class_labels, output_stems, print_table, save_explanation
+from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError
 from .options import ENGINE_DEFAULTS, TORCH_PRECISIONS
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
 
-__all__ = ["add_arguments", "run", "resolve_device", "output_stems", "check_output_dir"]
+__all__ = ["add_arguments", "run", "resolve_device"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,46 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=None,
                         help="explain on a running `fdcam serve` (http://HOST:PORT or grpc://HOST:PORT) instead of locally")
     parser.set_defaults(run=run)
-
-
-def output_stems(paths: list[str]) -> list[str]:
-    """A distinct file-name stem per input: the file's stem, or for clashes (a/x.jpg b/x.jpg, x.jpg x.webp)
-    the name with its suffix, then with its parent folders, then a counter."""
-    def candidates(path: Path):
-        yield path.stem
-        named = path.stem + (f"_{path.suffix.lstrip('.')}" if path.suffix else "")
-        yield named
-        parts = [part for part in path.resolve().parent.parts if part not in ("/", "\\")]
-        for depth in range(1, len(parts) + 1):
-            yield "_".join(parts[-depth:] + [named])
-
-    def safe(text: str) -> str:
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
-    options = [[safe(c) for c in candidates(Path(path))] for path in paths]
-    stems: list[str] = []
-    for i, mine in enumerate(options):
-        others = [o for j, o in enumerate(options) if j != i]
-        chosen = next((c for c in mine if all(c not in o for o in others)), mine[-1])
-        stems.append(chosen)
-    seen: dict[str, int] = {}
-    for i, stem in enumerate(stems):  # the same file given twice: number the repeats
-        seen[stem] = seen.get(stem, 0) + 1
-        if seen[stem] > 1:
-            stems[i] = f"{stem}-{seen[stem]}"
-    return stems
-
-
-def check_output_dir(path: Path, option: str = "--out") -> None:
-    """Create the output directory, or say in one line why it cannot be written (before any computing)."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".fdcam-write-check-"):
-            pass
-    except OSError as error:
-        raise ValueError(f"{option} {path} is not writable ({error.strerror or error})") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,13 +91,8 @@ def run(args: argparse.Namespace) -> int:
     weights = None if args.weights == "random" else args.weights
     model = models.load(args.model, weights=weights, device=device)
     spec = models.spec_of(model)
-    names = models.class_names() if spec.num_classes == 1000 else [str(i) for i in range(spec.num_classes)]
-    if args.classes:
-        bad = [c for c in args.classes if not 0 <= c < spec.num_classes]
-        if bad:
-            raise ValueError(f"class index {bad[0]} is out of range for {spec.name} ({spec.num_classes} classes)")
-    if not args.classes and not 1 <= args.topk <= spec.num_classes:
-        raise ValueError(f"--topk must be between 1 and {spec.num_classes}")
+    check_classes(args.classes, args.topk, spec)
+    names = class_labels(spec)
     explainers = {
         name: METHODS[name](model, target_layer=args.layer, **(engine if METHODS[name].uses_tail_engine else {}))
         for name in method_names
@@ -176,22 +129,13 @@ def run(args: argparse.Namespace) -> int:
                 skip(f"{path}: {name}: {error}")
                 continue
             for class_index, saliency in zip(classes, maps):
-                full = resize_map(saliency.cpu(), (height, width))
-                base = out / f"{stem}_{name}_{class_index}"
-                overlay(shown, full).save(base.with_suffix(".png"))
-                np.save(base.with_suffix(".npy"), full.numpy().astype(np.float32))
-                rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), f"{base}.png|.npy"))
+                full = resize_map(saliency.cpu(), (height, width)).numpy()
+                files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
+                rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
     bar.close()
-    _print_table(rows)
+    print_table(rows)
     if failures:
         print(f"fdcam: {len(failures)} problem(s) with {len(args.images)} image(s); the others were written", file=sys.stderr)
         return 1
     return 0
 
-
-def _print_table(rows: list[tuple]) -> None:
-    header = ("image", "method", "class", "name", "prob", "files")
-    table = [header] + [(r[0], r[1], str(r[2]), r[3], f"{r[4]:.3f}", r[5]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
