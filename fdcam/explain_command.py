@@ -10,11 +10,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models
+from .backends import BACKENDS
 from .explain_output import check_classes, check_output_dir, class_labels, output_stems, print_table, save_explanation
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError
-from .options import ENGINE_DEFAULTS, TORCH_PRECISIONS
+from .options import TORCH_PRECISIONS, EngineOptions, engine_changes
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     targets.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices to explain")
     targets.add_argument("--topk", type=int, default=1, help="explain the K most likely classes (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="engine for switch passes")
+    parser.add_argument("--backend", default="torch", choices=BACKENDS, help="engine for switch passes")
     parser.add_argument("--provider", default=None, help="onnxruntime provider: cpu, cuda or tensorrt")
     parser.add_argument("--precision", default="fp32", choices=TORCH_PRECISIONS,
                         help="math of the switch passes (bf16: torch backend only)")
@@ -64,15 +65,15 @@ def _method_names(method: str) -> list[str]:
     return names
 
 
-def _engine_options(args: argparse.Namespace, method_names: list[str]) -> dict:
-    """The engine options the user set (those not at their default); ValueError when no chosen method runs tail passes."""
+def _engine_options(args: argparse.Namespace, method_names: list[str]) -> EngineOptions:
+    """The engine options of the command line; ValueError when one is set and no chosen method runs tail passes."""
     given = {"backend": args.backend, "provider": args.provider, "precision": args.precision, "cuda_graph": args.cuda_graph}
-    engine = {name: value for name, value in given.items() if value != ENGINE_DEFAULTS[name]}
-    if engine and not any(METHODS[name].uses_tail_engine for name in method_names):
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in engine)
+    changed = engine_changes(given)
+    if changed and not any(METHODS[name].uses_tail_engine for name in method_names):
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         users = ", ".join(name for name, method in METHODS.items() if method.uses_tail_engine)
         raise ValueError(f"{flags} applies to methods that run masked tail passes ({users}), not {', '.join(method_names)}")
-    return engine
+    return EngineOptions(**given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     check_classes(args.classes, args.topk, spec)
     names = class_labels(spec)
     explainers = {
-        name: METHODS[name](model, target_layer=args.layer, **(engine if METHODS[name].uses_tail_engine else {}))
+        name: METHODS[name](model, target_layer=args.layer, engine=engine if METHODS[name].uses_tail_engine else None)
         for name in method_names
     }
     rows, failures = [], []
