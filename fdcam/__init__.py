@@ -15,6 +15,7 @@ from .methods import (
     XGradCAM,
 )
 from .nodes import LayerInfo, layers
+from .options import EngineOptions
 from .split import SplitError, SplitModel, split_model
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "AblationCAM",
     "GroupCAM",
     "BaseCAM",
+    "EngineOptions",
     "METHODS",
     "SplitError",
     "SplitModel",

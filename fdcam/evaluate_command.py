@@ -19,7 +19,7 @@ from .evaluation import (
     write_json_atomic,
     write_plots,
 )
-from .explain_command import check_output_dir
+from .explain_output import check_output_dir
 from .methods import METHODS
 from .options import COMBINES, FDCAM_DEFAULTS
 from .scoring import SCORERS

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import models
-from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, overlay, preprocess, resize_map
+from .backends import BACKENDS
+from .explain_output import check_classes, check_output_dir, class_labels, output_stems, print_table, save_explanation
+from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError
-from .options import ENGINE_DEFAULTS, TORCH_PRECISIONS
+from .options import TORCH_PRECISIONS, EngineOptions, engine_changes
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
 
-__all__ = ["add_arguments", "run", "resolve_device", "output_stems", "check_output_dir"]
+__all__ = ["add_arguments", "run", "resolve_device"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     targets.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices to explain")
     targets.add_argument("--topk", type=int, default=1, help="explain the K most likely classes (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="engine for switch passes")
+    parser.add_argument("--backend", default="torch", choices=BACKENDS, help="engine for switch passes")
     parser.add_argument("--provider", default=None, help="onnxruntime provider: cpu, cuda or tensorrt")
     parser.add_argument("--precision", default="fp32", choices=TORCH_PRECISIONS,
                         help="math of the switch passes (bf16: torch backend only)")
@@ -46,46 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=None,
                         help="explain on a running `fdcam serve` (http://HOST:PORT or grpc://HOST:PORT) instead of locally")
     parser.set_defaults(run=run)
-
-
-def output_stems(paths: list[str]) -> list[str]:
-    """A distinct file-name stem per input: the file's stem, or for clashes (a/x.jpg b/x.jpg, x.jpg x.webp)
-    the name with its suffix, then with its parent folders, then a counter."""
-    def candidates(path: Path):
-        yield path.stem
-        named = path.stem + (f"_{path.suffix.lstrip('.')}" if path.suffix else "")
-        yield named
-        parts = [part for part in path.resolve().parent.parts if part not in ("/", "\\")]
-        for depth in range(1, len(parts) + 1):
-            yield "_".join(parts[-depth:] + [named])
-
-    def safe(text: str) -> str:
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
-    options = [[safe(c) for c in candidates(Path(path))] for path in paths]
-    stems: list[str] = []
-    for i, mine in enumerate(options):
-        others = [o for j, o in enumerate(options) if j != i]
-        chosen = next((c for c in mine if all(c not in o for o in others)), mine[-1])
-        stems.append(chosen)
-    seen: dict[str, int] = {}
-    for i, stem in enumerate(stems):  # the same file given twice: number the repeats
-        seen[stem] = seen.get(stem, 0) + 1
-        if seen[stem] > 1:
-            stems[i] = f"{stem}-{seen[stem]}"
-    return stems
-
-
-def check_output_dir(path: Path, option: str = "--out") -> None:
-    """Create the output directory, or say in one line why it cannot be written (before any computing)."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{option} {path} is a file, not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".fdcam-write-check-"):
-            pass
-    except OSError as error:
-        raise ValueError(f"{option} {path} is not writable ({error.strerror or error})") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,15 +65,15 @@ def _method_names(method: str) -> list[str]:
     return names
 
 
-def _engine_options(args: argparse.Namespace, method_names: list[str]) -> dict:
-    """The engine options the user set (those not at their default); ValueError when no chosen method runs tail passes."""
+def _engine_options(args: argparse.Namespace, method_names: list[str]) -> EngineOptions:
+    """The engine options of the command line; ValueError when one is set and no chosen method runs tail passes."""
     given = {"backend": args.backend, "provider": args.provider, "precision": args.precision, "cuda_graph": args.cuda_graph}
-    engine = {name: value for name, value in given.items() if value != ENGINE_DEFAULTS[name]}
-    if engine and not any(METHODS[name].uses_tail_engine for name in method_names):
-        flags = ", ".join(f"--{name.replace('_', '-')}" for name in engine)
+    changed = engine_changes(given)
+    if changed and not any(METHODS[name].uses_tail_engine for name in method_names):
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         users = ", ".join(name for name, method in METHODS.items() if method.uses_tail_engine)
         raise ValueError(f"{flags} applies to methods that run masked tail passes ({users}), not {', '.join(method_names)}")
-    return engine
+    return EngineOptions(**given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,15 +92,10 @@ def run(args: argparse.Namespace) -> int:
     weights = None if args.weights == "random" else args.weights
     model = models.load(args.model, weights=weights, device=device)
     spec = models.spec_of(model)
-    names = models.class_names() if spec.num_classes == 1000 else [str(i) for i in range(spec.num_classes)]
-    if args.classes:
-        bad = [c for c in args.classes if not 0 <= c < spec.num_classes]
-        if bad:
-            raise ValueError(f"class index {bad[0]} is out of range for {spec.name} ({spec.num_classes} classes)")
-    if not args.classes and not 1 <= args.topk <= spec.num_classes:
-        raise ValueError(f"--topk must be between 1 and {spec.num_classes}")
+    check_classes(args.classes, args.topk, spec)
+    names = class_labels(spec)
     explainers = {
-        name: METHODS[name](model, target_layer=args.layer, **(engine if METHODS[name].uses_tail_engine else {}))
+        name: METHODS[name](model, target_layer=args.layer, engine=engine if METHODS[name].uses_tail_engine else None)
         for name in method_names
     }
     rows, failures = [], []
@@ -176,22 +130,13 @@ def run(args: argparse.Namespace) -> int:
                 skip(f"{path}: {name}: {error}")
                 continue
             for class_index, saliency in zip(classes, maps):
-                full = resize_map(saliency.cpu(), (height, width))
-                base = out / f"{stem}_{name}_{class_index}"
-                overlay(shown, full).save(base.with_suffix(".png"))
-                np.save(base.with_suffix(".npy"), full.numpy().astype(np.float32))
-                rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), f"{base}.png|.npy"))
+                full = resize_map(saliency.cpu(), (height, width)).numpy()
+                files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
+                rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
     bar.close()
-    _print_table(rows)
+    print_table(rows)
     if failures:
         print(f"fdcam: {len(failures)} problem(s) with {len(args.images)} image(s); the others were written", file=sys.stderr)
         return 1
     return 0
 
-
-def _print_table(rows: list[tuple]) -> None:
-    header = ("image", "method", "class", "name", "prob", "files")
-    table = [header] + [(r[0], r[1], str(r[2]), r[3], f"{r[4]:.3f}", r[5]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

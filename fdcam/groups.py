@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cosine_similarity_matrix", "channel_groups", "quantile_threshold", "single_channel_groups"]
+__all__ = ["QUANTILE_LIMIT", "cosine_similarity_matrix", "channel_groups", "quantile_threshold", "single_channel_groups"]
 
-_QUANTILE_LIMIT = 2**24  # torch.quantile refuses larger inputs
+#: The most elements torch.quantile takes in one call; channel_groups groups images together up to it.
+QUANTILE_LIMIT = 2**24
 
 
 def cosine_similarity_matrix(activations: torch.Tensor) -> torch.Tensor:
@@ -17,12 +18,13 @@ def cosine_similarity_matrix(activations: torch.Tensor) -> torch.Tensor:
     return (unit @ unit.transpose(-1, -2)).to(activations.dtype)
 
 
-def channel_groups(activations: torch.Tensor, theta: float = 0.95) -> torch.Tensor:
+def channel_groups(activations: torch.Tensor, theta: float = 0.95, *, quantile_limit: int = QUANTILE_LIMIT) -> torch.Tensor:
     """Boolean [...,K,K]: row k is G(k) = {l : cos(k,l) > quantile_θ(cos(k,·))} (torch.quantile, linear rule).
 
-    Activations [K,h,w] of one image, or [N,K,h,w] for N images at once.
+    Activations [K,h,w] of one image, or [N,K,h,w] for N images at once: in one call while the N·K²
+    similarities are at most `quantile_limit`, else one image at a time (the groups are the same).
     """
-    if activations.dim() == 4 and activations.shape[0] * activations.shape[1] ** 2 > _QUANTILE_LIMIT:
+    if activations.dim() == 4 and activations.shape[0] * activations.shape[1] ** 2 > quantile_limit:
         return torch.stack([channel_groups(image, theta) for image in activations])
     similarity = cosine_similarity_matrix(activations)
     return similarity > quantile_threshold(similarity, theta)

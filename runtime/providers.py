@@ -16,7 +16,7 @@ import onnxruntime as ort
 import torch
 
 from fdcam.errors import first_line
-from fdcam.options import ORT_PRECISIONS
+from fdcam.options import ORT_PRECISIONS, ORT_PROVIDERS
 
 __all__ = [
     "PRECISIONS",
@@ -30,7 +30,7 @@ __all__ = [
 log = logging.getLogger("fdcam.runtime")
 
 PRECISIONS = ORT_PRECISIONS
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+PROVIDERS = ORT_PROVIDERS
 
 _ORT_NAMES = {
     "cpu": "CPUExecutionProvider",

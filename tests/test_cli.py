@@ -54,6 +54,8 @@ def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
         (["--device", "cuda"], "cuda"),
         (["--method", "gradcam,scorecam", "--backend", "onnxruntime"], "--backend applies to methods that run masked tail passes"),
         (["--method", "gradcam", "--precision", "fp16", "--cuda-graph"], "--precision, --cuda-graph applies"),
+        (["--provider", "cpu"], "provider='cpu' applies to the onnxruntime backend"),
+        (["--backend", "onnxruntime", "--precision", "bf16"], "precision must be one of fp32, tf32, fp16 for the onnxruntime backend"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tmp_path, data_dir, capsys, arguments, message):

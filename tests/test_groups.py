@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from fdcam import groups
 from fdcam.groups import channel_groups, cosine_similarity_matrix, single_channel_groups
 from reference import EPS32, assert_same_up_to_rounding, cosine_groups
 
@@ -111,14 +110,13 @@ def test_a_single_channel_is_its_own_top_and_the_strict_threshold_leaves_its_gro
     assert not channel_groups(activations).any()  # cos = 1 is not above the quantile 1 (Eq. 5 is strict)
 
 
-def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit(monkeypatch):
+def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit():
     activations = torch.rand(3, 16, 4, 4, generator=torch.Generator().manual_seed(8))
     per_image = torch.stack([channel_groups(a) for a in activations])
     assert torch.equal(channel_groups(activations), per_image)
     for image, expected in zip(activations, per_image):
         assert torch.equal(expected, cosine_groups(image, 0.95))
-    monkeypatch.setattr(groups, "_QUANTILE_LIMIT", 16 * 16)  # each image alone, as for very large K
-    assert torch.equal(channel_groups(activations), per_image)
+    assert torch.equal(channel_groups(activations, quantile_limit=16 * 16), per_image)  # each image alone, as for very large K
 
 
 def test_single_channel_groups_are_the_identity():

@@ -14,14 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Knots outside this check's reach, named so that no other cycle can hide behind them: fdcam.tail and
-# fdcam.factorise import each other lazily (being untied with the switch-pass rewrite), and the
-# Triton client borrows explain_command's table printer while explain --server calls the client.
-KNOWN_LAZY_CYCLES = [
-    {"fdcam.tail", "fdcam.factorise"},
-    {"fdcam.explain_command", "fdcam.serving.client"},
-]
-
 
 def package_modules() -> dict[str, Path]:
     """Module name -> file, for the packages of pyproject.toml (fdcam.export lives in export/, ...)."""
@@ -137,8 +129,7 @@ def test_no_import_cycle_at_module_level():
 
 
 def test_no_import_cycle_even_through_imports_inside_functions():
-    unknown = [cycle for cycle in cycles(import_graph(lazy=True)) if cycle not in KNOWN_LAZY_CYCLES]
-    assert unknown == []
+    assert cycles(import_graph(lazy=True)) == []
 
 
 @pytest.mark.parametrize("order", ["sorted", "reversed"])

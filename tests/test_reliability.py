@@ -17,7 +17,7 @@ import fdcam
 from fdcam import runtime
 from fdcam.cli import main
 from fdcam.composites import LabelsError, read_labels
-from fdcam.explain_command import output_stems
+from fdcam.explain_output import output_stems
 from fdcam.images import ImageError, load_image, output_size, overlay
 from fdcam.methods.base import NonFiniteError
 from fdcam.runtime import ort_tail

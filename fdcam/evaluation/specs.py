@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..methods import METHODS
-from ..options import FDCAM_DEFAULTS, FDCAM_OPTIONS, check_fdcam_options
+from ..options import FDCAM_DEFAULTS, FDCAM_OPTIONS, EngineOptions, check_fdcam_options
 
 __all__ = ["FDCAM_OPTIONS", "FDCAM_VARIANTS", "MethodSpec", "fdcam_defaults", "fdcam_spec", "method_specs"]
 
@@ -48,9 +48,9 @@ class MethodSpec:
     def build(self, model: torch.nn.Module, layer: str | None = None, batch_size: int | None = None):
         """The explainer; `batch_size` is the rows of its batched passes (mask rows or perturbed inputs), if it runs any."""
         method = self.method
-        sizes = {"tail_batch_size": batch_size} if method.uses_tail_engine else {}
-        sizes |= {"forward_batch_size": batch_size} if method.uses_forward_scorer else {}
-        return method(model, target_layer=layer, **sizes, **dict(self.options))
+        engine = EngineOptions(tail_batch_size=batch_size) if method.uses_tail_engine else None
+        forward_batch_size = batch_size if method.uses_forward_scorer else None
+        return method(model, target_layer=layer, engine=engine, forward_batch_size=forward_batch_size, **dict(self.options))
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {"method": self.name, "options": dict(self.options)}

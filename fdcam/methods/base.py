@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backends import BACKENDS, tail_backend
+from ..backends import tail_backend
 from ..concurrency import running, tracing
 from ..errors import first_line
 from ..forward import ForwardPass
 from ..maps import to_input_size, weighted_sum
 from ..model_state import preserved_model_state
-from ..options import ENGINE_DEFAULTS, invalid_choice
+from ..options import EngineOptions, check_positive_int, engine_changes
 from ..split import SplitModel, resolve_layer_name, split_model
-from ..tail import Tail, TorchTail, check_torch_precision
+from ..tail import Tail, TorchTail
 from ..timing import stage
 
 __all__ = ["BaseCAM", "BatchContext", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
@@ -132,9 +132,10 @@ class BaseCAM:
     Subclasses implement `channel_weights` (weights [N,T,K] or per-pixel [N,T,K,h,w]); the base
     class does the split, the forward pass, target resolution and the map. Methods declare what
     they run, and take only the options of that: with `uses_tail_engine` (FD-CAM, Ablation-CAM) the
-    engine options of the masked tail passes, `backend`, `provider`, `precision` ("fp32", "tf32",
-    "fp16"; "bf16" on torch), `tail_batch_size` (mask rows per pass) / `memory_budget`, and
-    `cuda_graph` (torch on CUDA); with `uses_forward_scorer` (Score-CAM, Group-CAM)
+    options of the masked tail passes, as `engine=` (a fdcam.EngineOptions) or as its fields given as
+    keywords, `backend`, `provider`, `precision` ("fp32", "tf32", "fp16"; "bf16" on torch),
+    `tail_batch_size` (mask rows per pass) / `memory_budget`, and `cuda_graph` (torch on CUDA); they
+    are kept in `self.engine`. With `uses_forward_scorer` (Score-CAM, Group-CAM)
     `forward_batch_size`, the perturbed inputs per forward. Any other method given one of these
     raises a ValueError. `batch_size` is the deprecated name of whichever of the two applies.
 
@@ -143,7 +144,7 @@ class BaseCAM:
     under a lock and restored (see fdcam.concurrency).
     """
 
-    #: Whether the method runs masked tail passes: the engine options (fdcam.options.ENGINE_DEFAULTS) apply.
+    #: Whether the method runs masked tail passes: the engine options (fdcam.EngineOptions) apply.
     uses_tail_engine = False
     #: Whether the method's cost is full-model forwards of perturbed inputs: `forward_batch_size` (and a scorer) apply.
     uses_forward_scorer = False
@@ -163,44 +164,54 @@ class BaseCAM:
         provider: str | None = None,
         precision: str = "fp32",
         cuda_graph: bool = False,
+        engine: EngineOptions | None = None,
         tracer_kwargs: dict | None = None,
         batch_size: int | None = None,
     ):
         if batch_size is not None:
             tail_batch_size, forward_batch_size = self._deprecated_batch_size(batch_size, tail_batch_size, forward_batch_size)
-        engine = {"tail_batch_size": tail_batch_size, "memory_budget": memory_budget, "backend": backend,
-                  "provider": provider, "precision": precision, "cuda_graph": cuda_graph}
-        given = [f"{name}={value!r}" for name, value in engine.items() if value != ENGINE_DEFAULTS[name]]
-        if given and not self.uses_tail_engine:
-            raise ValueError(f"{type(self).__name__} runs no masked tail passes: {', '.join(given)} applies only to methods that do (FD-CAM, Ablation-CAM)")
+        keywords = {"tail_batch_size": tail_batch_size, "memory_budget": memory_budget, "backend": backend,
+                    "provider": provider, "precision": precision, "cuda_graph": cuda_graph}
+        self.engine = self._engine_options(engine, keywords)
         if forward_batch_size is not None and not self.uses_forward_scorer:
             raise ValueError(f"{type(self).__name__} runs no forwards of perturbed inputs: forward_batch_size applies only to Score-CAM and Group-CAM")
-        if backend not in BACKENDS:
-            raise invalid_choice("backend", backend, BACKENDS)
-        if backend == "torch":
-            check_torch_precision(precision)
-        elif cuda_graph:
-            raise ValueError("cuda_graph applies to the torch backend; ONNX Runtime sessions run without it")
-        for name, value in (("tail_batch_size", tail_batch_size), ("memory_budget", memory_budget), ("forward_batch_size", forward_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
-                raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
+        check_positive_int("forward_batch_size", forward_batch_size)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
         self.tracer_kwargs = tracer_kwargs
         layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
         self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
-        self.tail_batch_size = tail_batch_size
-        self.memory_budget = memory_budget
         self.forward_batch_size = forward_batch_size
         self.progress = progress
-        self.backend, self.provider, self.precision = backend, provider, precision
-        self.cuda_graph = cuda_graph
         self._splits: dict[tuple, SplitModel] = {}
         self._tails: weakref.WeakKeyDictionary[SplitModel, Tail] = weakref.WeakKeyDictionary()
         self._tail_fingerprints: weakref.WeakKeyDictionary[SplitModel, tuple] = weakref.WeakKeyDictionary()
         self._structure = _structure_of(model)
         self._warned: set[str] = set()
+
+    def _engine_options(self, engine: EngineOptions | None, keywords: dict) -> EngineOptions:
+        """The engine options from `engine=` or the keywords (not both); refused unless the method runs tail passes."""
+        given = engine_changes(keywords)
+        if engine is not None:
+            if not isinstance(engine, EngineOptions):
+                raise ValueError(f"engine must be a fdcam.EngineOptions, not {type(engine).__name__}")
+            clashes = [name for name, value in given.items() if value != getattr(engine, name)]
+            if clashes:
+                listed = ", ".join(f"{name}={getattr(engine, name)!r} in engine= but {given[name]!r} as a keyword" for name in clashes)
+                raise ValueError(f"give each engine option once, in engine= or as a keyword: {listed}")
+            given = engine.changed()
+        if given and not self.uses_tail_engine:
+            listed = ", ".join(f"{name}={value!r}" for name, value in given.items())
+            raise ValueError(f"{type(self).__name__} runs no masked tail passes: {listed} applies only to methods that do (FD-CAM, Ablation-CAM)")
+        return engine if engine is not None else EngineOptions(**keywords)
+
+    tail_batch_size = property(lambda self: self.engine.tail_batch_size, doc="Mask rows per tail pass (None: from memory_budget).")
+    memory_budget = property(lambda self: self.engine.memory_budget, doc="Bytes a tail pass may use when tail_batch_size is None.")
+    backend = property(lambda self: self.engine.backend, doc="The engine of the tail passes: torch or onnxruntime.")
+    provider = property(lambda self: self.engine.provider, doc="The onnxruntime provider (None: auto).")
+    precision = property(lambda self: self.engine.precision, doc="The math of the tail passes.")
+    cuda_graph = property(lambda self: self.engine.cuda_graph, doc="Whether torch tail passes replay as a CUDA graph.")
 
     def _deprecated_batch_size(self, batch_size: int, tail_batch_size: int | None, forward_batch_size: int | None) -> tuple:
         """(tail_batch_size, forward_batch_size) with the old `batch_size` given to whichever the method uses."""
@@ -219,8 +230,8 @@ class BaseCAM:
             if "__init__" not in cls.__dict__ or not issubclass(cls, BaseCAM):
                 continue
             for parameter in inspect.signature(cls.__dict__["__init__"]).parameters.values():
-                if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name == "batch_size":
-                    continue  # batch_size, deprecated, is shown as the option it stands for
+                if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name in ("batch_size", "engine"):
+                    continue  # shown as the options they stand for: batch_size is deprecated, engine's fields are keywords
                 value = getattr(self, self._option_attributes.get(parameter.name, parameter.name))
                 if cls is not BaseCAM or value != parameter.default:
                     options[parameter.name] = value

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .. import models
-from ..images import ImageError, load_image, overlay
+from ..explain_output import check_classes, check_output_dir, class_labels, output_stems, print_table, save_explanation
+from ..images import ImageError, load_image
 
 __all__ = ["ExplainClient", "ServerError", "parse_url", "explain_remote"]
 
@@ -145,8 +146,6 @@ def _datatype(array: np.ndarray) -> str:
 
 def explain_remote(args: argparse.Namespace) -> int:
     """`fdcam explain --server URL`: the same files and table as the local command, computed by the server."""
-    from ..explain_command import _print_table
-
     client = ExplainClient(args.server)
     try:
         config = client.server_config("fdcam_image")
@@ -154,17 +153,12 @@ def explain_remote(args: argparse.Namespace) -> int:
             raise ValueError(f"the server explains with {config['method']}, not {args.method}; omit --method or start "
                              f"a server with --method {args.method}")
         method, spec = config["method"], models.spec(config["model"])
-        names = models.class_names() if spec.num_classes == 1000 else [str(i) for i in range(spec.num_classes)]
-        if args.classes:
-            bad = [c for c in args.classes if not 0 <= c < spec.num_classes]
-            if bad:
-                raise ValueError(f"class index {bad[0]} is out of range for {spec.name} ({spec.num_classes} classes)")
-        elif not 1 <= args.topk <= spec.num_classes:
-            raise ValueError(f"--topk must be between 1 and {spec.num_classes}")
+        check_classes(args.classes, args.topk, spec)
+        names = class_labels(spec)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out)
         rows, failures = [], []
-        for path in args.images:
+        for path, stem in zip(args.images, output_stems(args.images)):
             try:
                 image = load_image(path)
                 data = Path(path).read_bytes()
@@ -177,13 +171,10 @@ def explain_remote(args: argparse.Namespace) -> int:
                 print(f"fdcam: skipped: {path}: {error}", file=sys.stderr)
                 continue
             probabilities = torch.softmax(torch.tensor(result["logits"][0]), dim=0)
-            stem = Path(path).stem
             for class_index, full in zip(result["targets"][0].tolist(), result["saliency_original"][0]):
-                base = out / f"{stem}_{method}_{class_index}"
-                overlay(image, full).save(base.with_suffix(".png"))
-                np.save(base.with_suffix(".npy"), full.astype(np.float32))
-                rows.append((stem, method, class_index, names[class_index], float(probabilities[class_index]), f"{base}.png|.npy"))
-        _print_table(rows)
+                files = save_explanation(image, full, out / f"{stem}_{method}_{class_index}")
+                rows.append((stem, method, class_index, names[class_index], float(probabilities[class_index]), files))
+        print_table(rows)
         if failures:
             print(f"fdcam: {len(failures)} of {len(args.images)} images could not be explained", file=sys.stderr)
             return 1
