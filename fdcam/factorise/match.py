@@ -279,12 +279,6 @@ def _is_helper(node: fx.Node) -> bool:
     return is_batch_size(node) or _is_shape_source(node)
 
 
-def node_arg(node: fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
 def _spatial_dims(dims, rank: int) -> bool:
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
     return bool(dims) and all(isinstance(d, int) and -rank <= d < rank and d % rank >= 2 for d in dims)
