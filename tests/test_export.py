@@ -188,6 +188,7 @@ def test_wheel_installs_export_and_runtime_inside_fdcam(tmp_path):
     assert "fdcam/export/__init__.py" in names and "fdcam/export/command.py" in names
     assert "fdcam/runtime/__init__.py" in names and "fdcam/runtime/session.py" in names
     assert "fdcam/evaluation/__init__.py" in names and "fdcam/evaluation/run.py" in names
+    assert "fdcam/factorise/__init__.py" in names and "fdcam/factorise/shortcut.py" in names
     assert not [n for n in names if n.startswith(("export/", "runtime/"))]
 
 
