@@ -31,6 +31,9 @@ CPU_SET_CHUNK_BYTES = 4 * 1024**2  # rows of a chunk of channel sets: about what
 # (for a first Linear the dense product is one efficient GEMM, so gathering pays only when very sparse).
 CONV_SPARSE_SHARE = 0.25
 _SPARSE_SHARE = {"conv": CONV_SPARSE_SHARE, "linear": 0.05}
+# Per channel set on CPUs, a first Linear's rows take one sum per set whatever its size (a row is never
+# more than half on its sparse side), and the sums of the denser sets one product (`gathered_sums`).
+LINEAR_SETS_SHARE = 0.5
 
 
 @runtime_checkable
@@ -255,7 +258,7 @@ class TorchTail:
         masks = expand_masks(features, masks)
         extras = list(extras)
         shortcut = self.shortcut_for(features, extras)
-        bound = _sparse_bound(shortcut, masks, sparsity)
+        bound = _sparse_bound(shortcut, masks, sparsity, per_set=self._sets_apply(shortcut, features))
         if self.cuda_graph and features.is_cuda:
             return self._graphed(shortcut, bound, features, masks, extras, classes)
         with tail_precision(self.precision, features.device):
@@ -334,27 +337,33 @@ class TorchTail:
         return _cat(outputs).reshape(n, m, -1)
 
     def _takes_sets(self, shortcut, sparse, features: torch.Tensor) -> bool:
-        """Whether the gathered passes run per channel set (`_compute_sets`): conv kind, CPU, full precision."""
-        return sparse is not None and shortcut.kind == "conv" and features.device.type == "cpu" and self.precision == "fp32"
+        """Whether the gathered passes run per channel set (`_compute_sets`): CPU, full precision."""
+        return sparse is not None and self._sets_apply(shortcut, features)
+
+    def _sets_apply(self, shortcut, features: torch.Tensor) -> bool:
+        return shortcut is not None and shortcut.kind in ("conv", "linear") and features.device.type == "cpu" and self.precision == "fp32"
 
     def _compute_sets(self, shortcut, state, sparse, features, masks, extras: list, classes) -> torch.Tensor:
-        """The "conv" kind's gathered passes with one gathered sum per distinct channel set of an image.
+        """The gathered passes with one gathered sum per distinct channel set of an image.
 
         The switch-on row of FD-CAM's group k is bias + Σ_G(k) C_l and its switch-off row is
-        full − Σ_G(k) C_l: both rows take one sum. Sets run in chunks of a few rows that stay in the
-        CPU's caches through the body.
+        full − Σ_G(k) C_l: both rows take one sum. A convolution's sets run in chunks of a few rows
+        that stay in the CPU's caches through the body; a first Linear's in chunks of the memory
+        budget, so the body's next Linear is one large product.
         """
         n, m, _ = masks.shape
         index, gate, complement = sparse
         rows = shortcut.input_rows(state)
-        row_bytes = shortcut.row_numel * features.element_size()
-        step = self.batch_size or max(1, CPU_SET_CHUNK_BYTES // row_bytes)
+        if shortcut.kind == "linear":
+            step = self._rows_per_chunk(shortcut, features, m)
+        else:
+            step = self.batch_size or max(1, CPU_SET_CHUNK_BYTES // (shortcut.row_numel * features.element_size()))
         results = []
         for i in range(n):
             image = shortcut.select(state, i)
-            full, bias = image[1], image[3][:, None, None]
-            bases = torch.stack([bias.expand_as(full[0]), full[0]])[:, None]  # [2,1,out,h',w']
-            signs = torch.tensor([1.0, -1.0], dtype=full.dtype).reshape(2, 1, 1, 1, 1)
+            bias, full = shortcut.row_bases(image)
+            bases = torch.stack([bias, full])[:, None]  # [2,1,*row]
+            signs = torch.tensor([1.0, -1.0], dtype=full.dtype).reshape(2, 1, *[1] * full.dim())
             key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
             sets, inverse = torch.unique(key, dim=0, return_inverse=True)
             first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
@@ -367,7 +376,7 @@ class TorchTail:
                     start = torch.addcmul(bases, signs, sums[None])  # bias + Σ, full − Σ
                     start = start.flatten(0, 1)
                 else:
-                    start = torch.empty((len(on) + len(off), *full.shape[1:]), dtype=sums.dtype)
+                    start = torch.empty((len(on) + len(off), *full.shape), dtype=sums.dtype)
                     torch.add(_pick(sums, on_sets), bias, out=start[: len(on)])
                     torch.sub(full, _pick(sums, off_sets), out=start[len(on) :])
                 hidden = shortcut.body(start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras))
@@ -407,8 +416,12 @@ def _pick(sums: torch.Tensor, sets: list[int]) -> torch.Tensor:
     return sums.index_select(0, torch.tensor(sets, dtype=torch.long, device=sums.device))
 
 
-def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: int | None) -> int | None:
-    """How many entries per row the gathered sums take, or None for the dense product (one host sync)."""
+def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: int | None, per_set: bool = False) -> int | None:
+    """How many entries per row the gathered sums take, or None for the dense product (one host sync).
+
+    `per_set`: the passes run per channel set (`TorchTail._compute_sets`), which takes a first Linear's
+    0/1 masks of any density.
+    """
     if shortcut is None or not shortcut.sparse_capable or masks.numel() == 0:
         return None
     k = masks.shape[-1]
@@ -419,7 +432,8 @@ def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: 
     if not is_binary:
         return None
     bound = sparsity if sparsity is not None and largest <= sparsity else int(largest)
-    return max(1, bound) if bound <= _SPARSE_SHARE[shortcut.kind] * k else None
+    share = LINEAR_SETS_SHARE if per_set and shortcut.kind == "linear" else _SPARSE_SHARE[shortcut.kind]
+    return max(1, bound) if bound <= share * k else None
 
 
 def _split_rows(logits: torch.Tensor, segments, classes: torch.Tensor | None) -> list[torch.Tensor]:

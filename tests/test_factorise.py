@@ -497,3 +497,45 @@ def test_shortcut_graph_with_classes_and_a_bound_equals_the_plain_tail(options):
         dense = ShortcutGraph(shortcut)(activations, few, *extras)
     assert_same_up_to_rounding(gathered, expected.gather(2, classes[:, None].expand(-1, 6, -1)))
     assert_same_up_to_rounding(dense, expected)
+
+
+class _LinearStart(nn.Module):
+    """Convolution, 2×2 average pooling and a flattening into a Linear-ReLU-Linear head (VGG-shaped)."""
+
+    def __init__(self, channels: int = 40):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Sequential(nn.Linear(channels * 4, 24), nn.ReLU(), nn.Linear(24, 5))
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.stem(x)), 1))
+
+
+@pytest.mark.parametrize("theta", [0.92, 0.6], ids=["gathered-sums", "product-sums"])
+def test_linear_passes_per_channel_set_equal_the_plain_tail(theta):
+    # A first Linear's switch-on and switch-off rows share one sum per channel set, gathered for small
+    # sets (at most GATHER_SHARE of the channels) and one product of 0/1 set rows for larger ones;
+    # rows in any order, repeated or without partner, and chunks of a few rows give the same logits.
+    from reference import assert_same_up_to_rounding
+
+    from fdcam.factorise import GATHER_SHARE
+
+    torch.manual_seed(0)
+    split, activations, extras = split_at(_LinearStart().eval(), "stem", torch.randn(2, 3, 8, 8))
+    paired = _group_masks(activations, theta=theta)  # [2,80,40]
+    sizes = paired[:, :40].sum(-1)
+    assert bool((sizes <= GATHER_SHARE * 40).all()) == (theta > 0.9)  # the branch the id names
+    order = torch.randperm(80, generator=torch.Generator().manual_seed(1))
+    mixed = torch.cat([paired[:, order], paired[:, :3], 1 - paired[:, 50:52]], dim=1)
+    classes = torch.tensor([[4, 0], [1, 2]])
+    for masks in (paired, mixed):
+        expected = _plain(split, activations, masks, extras)
+        for batch_size in (None, 7):
+            tail = TorchTail(split.tail, batch_size=batch_size)
+            assert tail.shortcut_for(activations, extras).kind == "linear"
+            got = tail.run(activations, masks, extras)
+            assert tail.sparse_calls == 1 and tail.calls >= (2 if batch_size is None else masks.shape[1] // 7)
+            assert_same_up_to_rounding(got, expected, rel=1e-5)
+            subset = tail.run(activations, masks, extras, classes)
+            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)

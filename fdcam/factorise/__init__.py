@@ -12,10 +12,11 @@ and `sparse` describes 0/1 mask rows by their few ones or few zeros for the gath
 """
 
 from .match import tail_shortcut
-from .shortcut import ShortcutGraph, TailShortcut, expand_rows, shortcut_passes
+from .shortcut import GATHER_SHARE, ShortcutGraph, TailShortcut, expand_rows, shortcut_passes
 from .sparse import fits_sparse, max_group_size, sparse_bound, sparse_rows
 
 __all__ = [
+    "GATHER_SHARE",
     "ShortcutGraph",
     "TailShortcut",
     "expand_rows",

@@ -19,7 +19,11 @@ from torch import fx, nn
 from ..fxgraph import fetch_attr
 from .sparse import sparse_rows
 
-__all__ = ["ShortcutGraph", "TailShortcut", "TailWeights", "expand_rows", "shortcut_passes"]
+__all__ = ["GATHER_SHARE", "ShortcutGraph", "TailShortcut", "TailWeights", "expand_rows", "shortcut_passes"]
+
+#: A first Linear's channel-set sums are gathered rows up to this share of the channels (where gathering
+#: beats one product of 0/1 set rows on CPUs), one product beyond.
+GATHER_SHARE = 0.1
 
 
 class TailWeights:
@@ -198,14 +202,34 @@ class TailShortcut(nn.Module):
     def input_rows(self, state: tuple) -> torch.Tensor | None:
         """The "conv" kind's folded weight as rows per input channel [K,out] when the convolution is a
         matrix product per pixel (1×1, stride 1, no padding), else None. For `gathered_sums`."""
+        if self.kind != "conv":
+            return None
         weight = state[2]
         if weight.shape[-2:] != (1, 1) or not _is_identity_geometry(self.conv):
             return None
         return weight[:, :, 0, 0].t().contiguous()
 
+    def row_bases(self, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-activation row of the one image in `state` with every channel off (the bias) and with
+        every channel on (the plain pass), each shaped like one row ("linear" and "conv" kinds)."""
+        if self.kind == "linear":
+            contributions, bias = state
+            base = torch.zeros_like(contributions[0, 0]) if bias is None else bias[0]
+            return base, contributions[0].sum(0) + base
+        _, full, _, bias = state
+        return bias[:, None, None].expand_as(full[0]), full[0]
+
     def gathered_sums(self, state: tuple, index: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_j gate[s,j]·C_index[s,j] for S channel sets [S,g] of the one image in `state` ("conv" kind):
+        """Σ_j gate[s,j]·C_index[s,j] for S channel sets [S,g] of the one image in `state`: [S, out] or
         [S, out, h', w'], without the bias. `rows` is `input_rows(state)`, made once per batch."""
+        if self.kind == "linear":
+            contributions = state[0][0]  # [K,out]
+            weights = gate.to(contributions.dtype)
+            if index.shape[-1] <= GATHER_SHARE * self.num_channels:
+                return F.embedding_bag(index, contributions, per_sample_weights=weights, mode="sum")
+            # Denser sets: one product with the sets as 0/1 rows (the indices of a row are distinct).
+            rows = torch.zeros((index.shape[0], self.num_channels), dtype=contributions.dtype, device=index.device)
+            return rows.scatter_(1, index, weights) @ contributions
         features, full, weight, _ = state
         s, g = index.shape
         gathered = features[0, index] * gate.to(features.dtype)[..., None, None]  # [S,g,h,w]
