@@ -19,6 +19,7 @@ __all__ = [
     "SWITCHES",
     "TORCH_PRECISIONS",
     "check_fdcam_options",
+    "check_precision",
     "check_positive_int",
     "engine_changes",
     "invalid_choice",
@@ -55,9 +56,7 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise invalid_choice("backend", self.backend, BACKENDS)
-        precisions = TORCH_PRECISIONS if self.backend == "torch" else ORT_PRECISIONS
-        if self.precision not in precisions:
-            raise ValueError(f"precision must be one of {', '.join(precisions)} for the {self.backend} backend, not {self.precision!r}")
+        check_precision(self.backend, self.precision)
         if self.cuda_graph and self.backend != "torch":
             raise ValueError("cuda_graph applies to the torch backend; ONNX Runtime sessions run without it")
         if self.provider is not None:
@@ -88,6 +87,14 @@ def invalid_choice(name: str, value: object, choices: tuple[str, ...]) -> ValueE
     """The one-line error for an option that is not one of `choices`."""
     listed = " or ".join(repr(choice) for choice in choices) if len(choices) == 2 else ", ".join(map(repr, choices))
     return ValueError(f"{name} must be {listed}, not {value!r}")
+
+
+def check_precision(backend: str, precision: str) -> str:
+    """The precision if `backend` ("torch" or "onnxruntime") has it, else a one-line ValueError."""
+    precisions = TORCH_PRECISIONS if backend == "torch" else ORT_PRECISIONS
+    if precision not in precisions:
+        raise ValueError(f"precision must be one of {', '.join(precisions)} for the {backend} backend, not {precision!r}")
+    return precision
 
 
 def check_positive_int(name: str, value: object) -> None:

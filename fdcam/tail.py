@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
-from .options import TORCH_PRECISIONS
+from .options import TORCH_PRECISIONS, check_precision
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
@@ -99,9 +99,7 @@ def chunk_size(features: torch.Tensor, memory_budget: int | None, batch_size: in
 
 def check_torch_precision(precision: str) -> str:
     """The precision if the torch backend knows it, else ValueError."""
-    if precision not in TORCH_PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)} for the torch backend, not {precision!r}")
-    return precision
+    return check_precision("torch", precision)
 
 
 class _Tf32Flags:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import torch
 
 from fdcam.errors import first_line
-from fdcam.options import ORT_PRECISIONS, ORT_PROVIDERS
+from fdcam.options import ORT_PRECISIONS, ORT_PROVIDERS, check_precision as _check_precision
 
 __all__ = [
     "PRECISIONS",
@@ -45,9 +45,7 @@ class ProviderError(RuntimeError):
 
 def check_precision(precision: str) -> str:
     """The precision if it is one of PRECISIONS, else ValueError."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    return precision
+    return _check_precision("onnxruntime", precision)
 
 
 def available_providers() -> list[str]:

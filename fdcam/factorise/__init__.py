@@ -13,7 +13,7 @@ and `sparse` describes 0/1 mask rows by their few ones or few zeros for the gath
 
 from .match import tail_shortcut
 from .shortcut import GATHER_SHARE, ShortcutGraph, TailShortcut, expand_rows, shortcut_passes
-from .sparse import fits_sparse, max_group_size, sparse_bound, sparse_rows
+from .sparse import fits_sparse, max_group_size, sparse_rows
 
 __all__ = [
     "GATHER_SHARE",
@@ -23,7 +23,6 @@ __all__ = [
     "fits_sparse",
     "max_group_size",
     "shortcut_passes",
-    "sparse_bound",
     "sparse_rows",
     "tail_shortcut",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fits_sparse", "max_group_size", "sparse_bound", "sparse_rows"]
+__all__ = ["fits_sparse", "max_group_size", "sparse_rows"]
 
 
 def max_group_size(num_channels: int, theta: float) -> int:
@@ -39,9 +39,3 @@ def fits_sparse(masks: torch.Tensor, bound: int) -> bool:
     ones = masks.sum(-1)
     sparse = torch.minimum(ones, masks.shape[-1] - ones)
     return bool((((masks == 0) | (masks == 1)).all() & (sparse <= bound).all()).item())
-
-
-def sparse_bound(masks: torch.Tensor) -> int:
-    """The largest sparse side (min of ones and zeros) over 0/1 mask rows (one host sync)."""
-    ones = masks.sum(-1)
-    return int(torch.minimum(ones, masks.shape[-1] - ones).max().item()) if masks.numel() else 0
