@@ -28,7 +28,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fdcam.factorise import shortcut_passes, sparse_rows, tail_shortcut
