@@ -256,7 +256,7 @@ class TorchTail:
         masks = expand_masks(features, masks)
         extras = list(extras)
         shortcut = self.shortcut_for(features, extras)
-        bound = _sparse_bound(shortcut, masks, sparsity, per_set=self._sets_apply(shortcut, features))
+        bound = _sparse_bound(shortcut, masks, sparsity, per_set=self._runs_sets(features))
         if self.cuda_graph and features.is_cuda:
             return self._graphed(shortcut, bound, features, masks, extras, classes)
         with tail_precision(self.precision, features.device):
@@ -302,7 +302,7 @@ class TorchTail:
             state = shortcut.prepare(features, classes if shortcut.first_is_final else None)  # once per batch
             sparse = sparse_rows(masks, bound) if bound is not None else None
             self.sparse_calls += sparse is not None
-            if self._takes_sets(shortcut, sparse, features):
+            if self._takes_sets(sparse, features):
                 return self._compute_sets(shortcut, state, sparse, features, masks, extras, classes)
         outputs = []
         for start in range(0, total, step):
@@ -334,12 +334,13 @@ class TorchTail:
                 offset += hi - lo
         return _cat(outputs).reshape(n, m, -1)
 
-    def _takes_sets(self, shortcut, sparse, features: torch.Tensor) -> bool:
+    def _takes_sets(self, sparse, features: torch.Tensor) -> bool:
         """Whether the gathered passes run per channel set (`_compute_sets`): CPU, full precision."""
-        return sparse is not None and self._sets_apply(shortcut, features)
+        return sparse is not None and self._runs_sets(features)
 
-    def _sets_apply(self, shortcut, features: torch.Tensor) -> bool:
-        return shortcut is not None and shortcut.kind in ("conv", "linear") and features.device.type == "cpu" and self.precision == "fp32"
+    def _runs_sets(self, features: torch.Tensor) -> bool:
+        """Whether gathered passes on these features would run per channel set: CPU, full precision."""
+        return features.device.type == "cpu" and self.precision == "fp32"
 
     def _compute_sets(self, shortcut, state, sparse, features, masks, extras: list, classes) -> torch.Tensor:
         """The gathered passes with one gathered sum per distinct channel set of an image.

@@ -170,8 +170,7 @@ class TailShortcut(nn.Module):
                 (index + offsets).reshape(n * m, -1), contributions.reshape(n * k, out),
                 per_sample_weights=weight.reshape(n * m, -1).to(contributions.dtype), mode="sum",
             ).reshape(n, m, out)
-            base = torch.zeros_like(summed[:, :1]) if bias is None else bias[:, None]
-            full = contributions.sum(1, keepdim=True) + base
+            base, full = _linear_bases(contributions, bias)
             return torch.where(complement, full - summed, base + summed).reshape(n * m, out)
         if self.kind == "conv":
             features, full, weight, bias = state
@@ -213,9 +212,8 @@ class TailShortcut(nn.Module):
         """The pre-activation row of the one image in `state` with every channel off (the bias) and with
         every channel on (the plain pass), each shaped like one row ("linear" and "conv" kinds)."""
         if self.kind == "linear":
-            contributions, bias = state
-            base = torch.zeros_like(contributions[0, 0]) if bias is None else bias[0]
-            return base, contributions[0].sum(0) + base
+            base, full = _linear_bases(*state)
+            return base[0, 0], full[0, 0]
         _, full, _, bias = state
         return bias[:, None, None].expand_as(full[0]), full[0]
 
@@ -261,6 +259,12 @@ class TailShortcut(nn.Module):
         start = self.pre_activation(self.prepare(features), masks)
         hidden = self.body(start, *expand_rows(extras, n, m))
         return self.logits(hidden.reshape(n, m, *hidden.shape[1:]))
+
+
+def _linear_bases(contributions: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A first Linear's pre-activation per image with every channel off (the bias) and on: [n,1,out] each."""
+    base = torch.zeros_like(contributions[:, :1]) if bias is None else bias[:, None]
+    return base, contributions.sum(1, keepdim=True) + base
 
 
 def shortcut_passes(
