@@ -23,7 +23,7 @@ from .options import TORCH_PRECISIONS, check_precision
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+DEFAULT_MEMORY_BUDGET = 1024**3
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
 CPU_SET_CHUNK_BYTES = 4 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold

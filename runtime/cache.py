@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from fdcam.export import DEFAULT_OPSET, ExportError, export_split
-from fdcam.concurrency import tracing
+from fdcam.concurrency import running, tracing
 from fdcam.export.graph import TailForm, gathers, input_names, model_metadata
 from fdcam.factorise import tail_shortcut
+from fdcam.memory import row_bytes
 from fdcam.export.model import model_name
 from fdcam._version import __version__
 from fdcam.errors import first_line
@@ -109,8 +110,8 @@ def ort_tail(
     """An OrtTail for `split` of `model` on features shaped like `features` [N,K,h,w] (and `extras`).
 
     provider: None/"auto", "cpu", "cuda" or "tensorrt"; precision: "fp32" (no TF32), "tf32" or
-    "fp16" (see fdcam.runtime.providers). All masks of a call go in one session run unless
-    `memory_budget` (bytes) or `batch_size` is set. Each graph form the calls need (all classes or
+    "fp16" (see fdcam.runtime.providers). The masks of a call go in as few session runs as
+    `memory_budget` (bytes; default fdcam.tail.DEFAULT_MEMORY_BUDGET) allows, or `batch_size` rows a run. Each graph form the calls need (all classes or
     a classes input; dense or gathered sums under a bound) is exported once per model state and its
     session built once per key, on first use; later calls reuse both.
     """
@@ -131,6 +132,8 @@ def ort_tail(
     # TensorRT engines are built for the plain form's inputs only; other providers get the shortcut forms.
     shortcut = None if resolved == "tensorrt" else tail_shortcut(split.tail, example, example_extras)
     num_channels = features.shape[1]
+    with running():
+        bytes_per_row = row_bytes(split.tail, example, example_extras)
 
     def sessions(form: TailForm) -> tuple[ort.InferenceSession, str, int | None]:
         per_model = _sessions.setdefault(model, {})
@@ -151,6 +154,7 @@ def ort_tail(
         gathers=lambda sparsity: gathers(shortcut, num_channels, sparsity),
         batch_size=batch_size,
         memory_budget=memory_budget,
+        row_bytes=bytes_per_row,
     )
 
 

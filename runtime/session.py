@@ -11,14 +11,16 @@ import torch
 
 from fdcam.export.graph import TailForm, input_names
 from fdcam.factorise import fits_sparse
-from fdcam.tail import chunk_size, expand_masks
+from fdcam.memory import rows_within
+from fdcam.tail import DEFAULT_MEMORY_BUDGET, chunk_size, expand_masks
 
 __all__ = ["OrtTail"]
 
 
 class OrtTail:
-    """The `Tail` protocol over sessions of a tail's graph forms: N images' masked passes in one `session.run`
-    (chunked only under a user memory budget or batch size).
+    """The `Tail` protocol over sessions of a tail's graph forms: N images' masked passes in as few
+    `session.run`s as the memory budget allows (`row_bytes` per mask row; default budget
+    `DEFAULT_MEMORY_BUDGET`), in chunks of (nearly) equal size, so ONNX Runtime reuses its memory plans.
 
     Torch tensors in, float32 logits out on the features' device. Like the torch tail, a call with
     classes runs the graph that computes only those rows of a last Linear (`selects_rows`), and a call
@@ -40,6 +42,7 @@ class OrtTail:
         gathers: Callable[[int | None], bool] = lambda sparsity: False,
         batch_size: int | None = None,
         memory_budget: int | None = None,
+        row_bytes: int | None = None,
     ):
         self._sessions = sessions
         self._opened: dict[TailForm, tuple[ort.InferenceSession, str, int | None]] = {}
@@ -49,6 +52,7 @@ class OrtTail:
         self.gathers = gathers
         self.batch_size = batch_size
         self.memory_budget = memory_budget
+        self.row_bytes = row_bytes  # memory one mask row's pass holds (fdcam.memory.row_bytes); None: 4× its features
         self.runs = 0
         self.bound_runs = 0
         self.forms_run: dict[TailForm, int] = {}  # session runs per graph form
@@ -110,23 +114,25 @@ class OrtTail:
                 None if chosen_classes is None else chosen_classes[images],
             )
 
-        if self.batch_size is None and self.memory_budget is None:
-            outputs = [once(slice(None), slice(None))]
-        else:
-            rows = chunk_size(features, self.memory_budget, self.batch_size, n * m)
-            outputs = []
-            if rows >= m:  # whole images per run
-                step = rows // m
-                for start in range(0, n, step):
-                    outputs.append(once(slice(start, start + step), slice(None)))
-            else:  # slices of one image's masks per run
-                for i in range(n):
-                    pieces = [once(slice(i, i + 1), slice(lo, lo + rows)) for lo in range(0, m, rows)]
-                    outputs.append(torch.cat(pieces, 1))
+        rows = self.rows_per_run(features, n * m)
+        outputs = []
+        if rows >= m:  # whole images per run
+            for images in _even_slices(n, rows // m):
+                outputs.append(once(images, slice(None)))
+        else:  # slices of one image's masks per run
+            for i in range(n):
+                outputs.append(torch.cat([once(slice(i, i + 1), part) for part in _even_slices(m, rows)], 1))
         logits = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         if classes is not None and not form.classes:
             logits = logits.gather(2, classes.to(logits.device)[:, None, :].expand(-1, m, -1))
         return logits
+
+    def rows_per_run(self, features: torch.Tensor, total: int) -> int:
+        """Mask rows per session run: `batch_size` if set, else what the memory budget holds at `row_bytes`."""
+        if self.batch_size is not None or self.row_bytes is None:
+            return chunk_size(features, self.memory_budget, self.batch_size, total)
+        budget = DEFAULT_MEMORY_BUDGET if self.memory_budget is None else self.memory_budget
+        return rows_within(budget, self.row_bytes, total)
 
     def _run_once(
         self, form: TailForm, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None
@@ -187,6 +193,16 @@ class OrtTail:
         with _on_session_stream(stream, device):
             session.run_with_iobinding(binding)
         return logits
+
+
+def _even_slices(total: int, most: int) -> list[slice]:
+    """`total` items in the fewest slices of at most `most` each, their sizes differing by one at most."""
+    count = -(-total // max(1, most))
+    size, longer = divmod(total, count)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (index < longer))
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _num_classes(session: ort.InferenceSession) -> int:

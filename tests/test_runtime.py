@@ -229,10 +229,9 @@ def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path
     assert_same_up_to_rounding(together, TorchTail(split.tail, factorise=False).run(features, masks, extras))
     classes = torch.tensor([[5, 1], [0, 999], [3, 3]])
     torch.testing.assert_close(tail.run(features, masks, extras, classes), together.gather(2, classes[:, None].expand(-1, 7, -1)))
-    per_mask = 4 * features[0].numel() * features.element_size()
-    for rows, runs in ((14, 2), (3, 9)):  # two images per run; slices of 3 masks of one image
+    for rows, runs in ((14, 2), (3, 9)):  # two images per run (2 + 1); slices of 3, 2, 2 masks of one image
         chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path,
-                           memory_budget=rows * per_mask)
+                           memory_budget=rows * tail.row_bytes)
         assert_same_up_to_rounding(chunked.run(features, masks, extras), together)
         assert chunked.runs == runs
 
@@ -366,3 +365,53 @@ def test_a_tail_without_shortcuts_exports_the_plain_graph_for_every_call(tmp_pat
     assert_same_up_to_rounding(got, _plain(split, features, masks, extras, classes))
     assert set(tail.forms_run) == {TailForm()}
     assert tail.session.get_modelmeta().custom_metadata_map["tail_form"] == "masked"
+
+
+def test_runs_split_a_batch_evenly_within_the_memory_budget(lite0, lite0_split):
+    from fdcam.runtime.session import _even_slices
+
+    assert [s.stop - s.start for s in _even_slices(10, 4)] == [4, 3, 3]
+    assert [s.stop - s.start for s in _even_slices(64, 1)] == [1] * 64
+    split, features, extras = lite0_split
+    batch = features.expand(5, -1, -1, -1) + 0.01 * torch.arange(5.0)[:, None, None, None]
+    masks = (torch.rand(5, 9, 320, generator=torch.Generator().manual_seed(8)) > 0.5).float()
+    tail = ort_tail(lite0, split, features, extras, provider="cpu", memory_budget=None)
+    budget_for_two_images = 2 * 9 * tail.row_bytes
+    chunked = ort_tail(lite0, split, features, extras, provider="cpu", memory_budget=budget_for_two_images)
+    assert not extras  # Lite0's tail takes only the features
+    expected = TorchTail(split.tail).run(batch, masks)
+    got = chunked.run(batch, masks)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert chunked.runs == 3  # images 2 + 2 + 1
+    assert tail.rows_per_run(batch, 45) == 45  # the default budget holds these 45 rows in one run
+
+
+@pytest.mark.slow
+def test_a_batch_of_64_lite0_images_through_the_onnxruntime_tail_stays_under_2_gb(tmp_path):
+    """Default settings: the process grows by less than 2 GB for 64 images (head, gradients and switch passes)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import torch, fdcam
+        from fdcam.images import load_image, preprocess
+        from fdcam.models import spec_of
+        model = fdcam.models.load("efficientnet_lite0")
+        x = preprocess(load_image({str(ROOT / "tests" / "data" / "n02391049_zebra.JPEG")!r}), spec_of(model))
+        cam = fdcam.FDCAM(model, "_blocks.15", backend="onnxruntime", provider="cpu")
+        cam(x)  # the session is built
+        status = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+        before = status("VmRSS")
+        open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts here
+        maps = cam(x.repeat(64, 1, 1, 1) + 0.01 * torch.randn(64, 1, 1, 1))
+        assert maps.shape[:2] == (64, 1) and torch.isfinite(maps).all()
+        print(status("VmHWM") - before)
+        """
+    )
+    env = {**__import__("os").environ, "FDCAM_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = int(done.stdout.strip().splitlines()[-1])
+    assert growth < 2 * 1024**3, f"the process grew by {growth / 1024**3:.2f} GB"
