@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from . import models
 from .backends import BACKENDS
-from .explain_output import check_classes, check_output_dir, class_labels, output_stems, print_table, save_explanation
+from .explain_output import check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError
@@ -102,41 +102,38 @@ def run(args: argparse.Namespace) -> int:
     stems = output_stems(args.images)
     bar = tqdm(total=len(args.images), desc="images", disable=len(args.images) < 2)
 
-    def skip(message: str) -> None:
-        failures.append(message)
-        tqdm.write(f"fdcam: skipped: {message}", file=sys.stderr)  # above the progress bar, not on its line
+    def skip(path: str, error: BaseException | str) -> None:
+        failures.append(str(error))
+        tqdm.write(skip_line(path, error), file=sys.stderr)  # above the progress bar, not on its line
 
     for path, stem in zip(args.images, stems):
-        bar.update(1)
         try:
-            image = load_image(path)
-            x = preprocess(image, spec).to(device)
-        except ImageError as error:
-            skip(str(error))
-            continue
-        with torch.no_grad():
-            logits = model(x)
-        if not torch.isfinite(logits).all():
-            skip(f"{path}: the model's logits are NaN or infinite (are its weights finite?)")
-            continue
-        probabilities = torch.softmax(logits, dim=1)[0]
-        classes = args.classes or probabilities.topk(args.topk).indices.tolist()
-        width, height = output_size(image.size, args.max_size)
-        shown = image if (width, height) == image.size else image.resize((width, height), resample=_BILINEAR)
-        for name, explainer in explainers.items():
             try:
-                maps = explainer(x, targets=[classes])[0]
-            except NonFiniteError as error:
-                skip(f"{path}: {name}: {error}")
+                image = load_image(path)
+                x = preprocess(image, spec).to(device)
+            except ImageError as error:
+                skip(path, error)
                 continue
-            for class_index, saliency in zip(classes, maps):
-                full = resize_map(saliency.cpu(), (height, width)).numpy()
-                files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
-                rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
+            with torch.no_grad():
+                logits = model(x)
+            if not torch.isfinite(logits).all():
+                skip(path, "the model's logits are NaN or infinite (are its weights finite?)")
+                continue
+            probabilities = torch.softmax(logits, dim=1)[0]
+            classes = args.classes or probabilities.topk(args.topk).indices.tolist()
+            width, height = output_size(image.size, args.max_size)
+            shown = image if (width, height) == image.size else image.resize((width, height), resample=_BILINEAR)
+            for name, explainer in explainers.items():
+                try:
+                    maps = explainer(x, targets=[classes])[0]
+                except NonFiniteError as error:
+                    skip(path, f"{name}: {error}")
+                    continue
+                for class_index, saliency in zip(classes, maps):
+                    full = resize_map(saliency.cpu(), (height, width)).numpy()
+                    files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
+                    rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
+        finally:
+            bar.update(1)  # an image counts once its files are written (or it is skipped), not when it starts
     bar.close()
-    print_table(rows)
-    if failures:
-        print(f"fdcam: {len(failures)} problem(s) with {len(args.images)} image(s); the others were written", file=sys.stderr)
-        return 1
-    return 0
-
+    return finish(rows, failures, len(args.images))
