@@ -152,7 +152,9 @@ function normalise(rgb, height, width, mean, std, into, offset) {
   const f = Math.fround;
   for (let c = 0; c < 3; c++) {
     const [m, s] = [f(mean[c]), f(std[c])];
-    for (let i = 0; i < height * width; i++) into[offset + c * height * width + i] = f(f(f(rgb[i * 3 + c] / 255) - m) / s);
+    for (let i = 0; i < height * width; i++) {
+      into[offset + c * height * width + i] = f(f(f(rgb[i * 3 + c] / 255) - m) / s);
+    }
   }
 }
 
@@ -227,7 +229,9 @@ async function main(argv) {
     const [mean, std] = [numbers(description.mean, "mean"), numbers(description.std, "std")];
     photos = inputs.map((file) => ({ file, ...decode(file) }));
     pixels = new Float32Array(photos.length * perImage);
-    photos.forEach((photo, i) => normalise(resizeRgb(photo, width, height), height, width, mean, std, pixels, i * perImage));
+    photos.forEach((photo, i) => {
+      normalise(resizeRgb(photo, width, height), height, width, mean, std, pixels, i * perImage);
+    });
   }
   const n = pixels.length / perImage;
 
@@ -266,7 +270,8 @@ async function main(argv) {
     }
   }
   fs.writeFileSync(`${outPrefix}.json`, JSON.stringify({ shape: saliency.dims, images: summary }, null, 2) + "\n");
-  console.log(`${path.resolve(outPrefix)}.saliency.f32 [${saliency.dims.join(",")}]${photos.length ? ", overlays .png" : ""}`);
+  const overlays = photos.length ? ", overlays .png" : "";
+  console.log(`${path.resolve(outPrefix)}.saliency.f32 [${saliency.dims.join(",")}]${overlays}`);
 }
 
 main(process.argv.slice(2)).catch((error) => fail(String(error.message || error).split("\n")[0]));

@@ -106,7 +106,8 @@ def _check_input_size(model, size: tuple[int, int] | None, name: str) -> None:
         with torch.no_grad():
             model(torch.zeros(1, 3, *size))
     except RuntimeError as error:
-        raise ValueError(f"--input-size {size[0]}x{size[1]} is too small for {name} ({first_line(error, None)})") from None
+        reason = first_line(error, None)
+        raise ValueError(f"--input-size {size[0]}x{size[1]} is too small for {name} ({reason})") from None
 
 
 def run_explainer(args: argparse.Namespace) -> int:

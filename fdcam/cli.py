@@ -63,7 +63,8 @@ def _warning_printer():
             return
         from tqdm.auto import tqdm
 
-        tqdm.write(f"fdcam: warning: {first_line(message, limit=None)}", file=file or sys.stderr)  # above a progress bar
+        # tqdm.write: above a progress bar, not on its line
+        tqdm.write(f"fdcam: warning: {first_line(message, limit=None)}", file=file or sys.stderr)
 
     return show
 

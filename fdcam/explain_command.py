@@ -11,7 +11,9 @@ from tqdm.auto import tqdm
 
 from . import models
 from .backends import BACKENDS
-from .explain_output import check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line
+from .explain_output import (
+    check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
+)
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError

@@ -95,10 +95,11 @@ def finish(rows: list[tuple], failures: list[str], image_count: int) -> int:
         print_table(rows)
     if not failures:
         return 0
+    problems = f"{len(failures)} problem(s) with {image_count} image(s)"
     if rows:
-        print(f"fdcam: {len(failures)} problem(s) with {image_count} image(s); the others were written", file=sys.stderr)
+        print(f"fdcam: {problems}; the others were written", file=sys.stderr)
     else:
-        print(f"fdcam: nothing written: {len(failures)} problem(s) with {image_count} image(s)", file=sys.stderr)
+        print(f"fdcam: nothing written: {problems}", file=sys.stderr)
     return 1
 
 

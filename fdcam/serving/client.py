@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from .. import models
-from ..explain_output import check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line
+from ..explain_output import (
+    check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
+)
 from ..images import ImageError, load_image
 
 __all__ = ["ExplainClient", "ServerError", "parse_url", "explain_remote"]
