@@ -47,7 +47,8 @@ def _fdcam_folders() -> tuple[Path, ...]:
     folders = []
     for name in ("fdcam", "fdcam.export", "fdcam.runtime"):
         spec = importlib.util.find_spec(name)
-        folders += [Path(folder).resolve() for folder in (spec.submodule_search_locations or []) if spec]
+        if spec is not None:
+            folders += [Path(folder).resolve() for folder in spec.submodule_search_locations or []]
     return tuple(folders)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -108,34 +109,39 @@ def run(args: argparse.Namespace) -> int:
         failures.append(str(error))
         tqdm.write(skip_line(path, error), file=sys.stderr)  # above the progress bar, not on its line
 
-    for path, stem in zip(args.images, stems):
+    for path, stem in _counted(zip(args.images, stems), bar):
         try:
+            image = load_image(path)
+            x = preprocess(image, spec).to(device)
+        except ImageError as error:
+            skip(path, error)
+            continue
+        with torch.no_grad():
+            logits = model(x)
+        if not torch.isfinite(logits).all():
+            skip(path, "the model's logits are NaN or infinite (are its weights finite?)")
+            continue
+        probabilities = torch.softmax(logits, dim=1)[0]
+        classes = args.classes or probabilities.topk(args.topk).indices.tolist()
+        width, height = output_size(image.size, args.max_size)
+        shown = image if (width, height) == image.size else image.resize((width, height), resample=_BILINEAR)
+        for name, explainer in explainers.items():
             try:
-                image = load_image(path)
-                x = preprocess(image, spec).to(device)
-            except ImageError as error:
-                skip(path, error)
+                maps = explainer(x, targets=[classes])[0]
+            except NonFiniteError as error:
+                skip(path, f"{name}: {error}")
                 continue
-            with torch.no_grad():
-                logits = model(x)
-            if not torch.isfinite(logits).all():
-                skip(path, "the model's logits are NaN or infinite (are its weights finite?)")
-                continue
-            probabilities = torch.softmax(logits, dim=1)[0]
-            classes = args.classes or probabilities.topk(args.topk).indices.tolist()
-            width, height = output_size(image.size, args.max_size)
-            shown = image if (width, height) == image.size else image.resize((width, height), resample=_BILINEAR)
-            for name, explainer in explainers.items():
-                try:
-                    maps = explainer(x, targets=[classes])[0]
-                except NonFiniteError as error:
-                    skip(path, f"{name}: {error}")
-                    continue
-                for class_index, saliency in zip(classes, maps):
-                    full = resize_map(saliency.cpu(), (height, width)).numpy()
-                    files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
-                    rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
-        finally:
-            bar.update(1)  # an image counts once its files are written (or it is skipped), not when it starts
+            for class_index, saliency in zip(classes, maps):
+                full = resize_map(saliency.cpu(), (height, width)).numpy()
+                files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
+                rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
     bar.close()
     return finish(rows, failures, len(args.images))
+
+
+def _counted(items: Iterable, bar: tqdm) -> Iterator:
+    """The items, each counted on the bar when the loop asks for the next one: once it is written or skipped."""
+    for item in items:
+        yield item
+        bar.update(1)
+
