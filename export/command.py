@@ -8,6 +8,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from fdcam.errors import first_line
+from fdcam.explain_output import check_output_dir
 from fdcam.options import COMBINES, FDCAM_DEFAULTS, SWITCHES
 
 __all__ = ["add_arguments", "run"]
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     model = models.load(args.model, weights=weights)
     layer = args.layer or models.spec_of(model).default_layer
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
     stem = output_stem(models.spec_of(model).name, layer, args.fp16)
     exported = export_tail(model, layer, out / f"{stem}.onnx", fp16=args.fp16)
     description = out / f"{stem}.json"
@@ -89,7 +91,23 @@ def _input_size(text: str | None) -> tuple[int, int] | None:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--input-size must look like 224x224, not {text!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"--input-size must be two positive numbers of pixels, not {text!r}")
     return height, width
+
+
+def _check_input_size(model, size: tuple[int, int] | None, name: str) -> None:
+    """One line, before the (long) export, when the model cannot run at `size` (its convolutions outgrow the input)."""
+    if size is None:
+        return
+    import torch
+
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *size))
+    except RuntimeError as error:
+        reason = first_line(error, None)
+        raise ValueError(f"--input-size {size[0]}x{size[1]} is too small for {name} ({reason})") from None
 
 
 def run_explainer(args: argparse.Namespace) -> int:
@@ -106,12 +124,18 @@ def run_explainer(args: argparse.Namespace) -> int:
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, not {args.max_batch}")
     options = method_options(args)
+    input_size = _input_size(args.input_size)
+    if args.out is not None:
+        check_output_dir(Path(args.out))
+    if args.triton is not None:
+        check_output_dir(Path(args.triton), "--triton")
     weights = None if args.weights == "random" else args.weights
     model = models.load(args.model, weights=weights)
+    _check_input_size(model, input_size, models.spec_of(model).name)
     with tempfile.TemporaryDirectory(prefix="fdcam-explainer-") as scratch:
         out = Path(args.out) if args.out is not None else Path(scratch)
         exported = export_explainer_full(
-            model, out / "explainer.onnx", args.layer, args.method, args.classes_input, input_size=_input_size(args.input_size), **options
+            model, out / "explainer.onnx", args.layer, args.method, args.classes_input, input_size=input_size, **options
         )
         summary = f"saliency max |Δ| {exported.saliency_error:.2g}, logits max |Δ| {exported.logits_error:.2g} vs the library"
         if args.out is not None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from . import models
 from .backends import BACKENDS
-from .explain_output import check_classes, check_output_dir, class_labels, output_stems, print_table, save_explanation
+from .explain_output import (
+    check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
+)
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
 from .methods.base import NonFiniteError
@@ -102,22 +105,21 @@ def run(args: argparse.Namespace) -> int:
     stems = output_stems(args.images)
     bar = tqdm(total=len(args.images), desc="images", disable=len(args.images) < 2)
 
-    def skip(message: str) -> None:
-        failures.append(message)
-        tqdm.write(f"fdcam: skipped: {message}", file=sys.stderr)  # above the progress bar, not on its line
+    def skip(path: str, error: BaseException | str) -> None:
+        failures.append(str(error))
+        tqdm.write(skip_line(path, error), file=sys.stderr)  # above the progress bar, not on its line
 
-    for path, stem in zip(args.images, stems):
-        bar.update(1)
+    for path, stem in _counted(zip(args.images, stems), bar):
         try:
             image = load_image(path)
             x = preprocess(image, spec).to(device)
         except ImageError as error:
-            skip(str(error))
+            skip(path, error)
             continue
         with torch.no_grad():
             logits = model(x)
         if not torch.isfinite(logits).all():
-            skip(f"{path}: the model's logits are NaN or infinite (are its weights finite?)")
+            skip(path, "the model's logits are NaN or infinite (are its weights finite?)")
             continue
         probabilities = torch.softmax(logits, dim=1)[0]
         classes = args.classes or probabilities.topk(args.topk).indices.tolist()
@@ -127,16 +129,19 @@ def run(args: argparse.Namespace) -> int:
             try:
                 maps = explainer(x, targets=[classes])[0]
             except NonFiniteError as error:
-                skip(f"{path}: {name}: {error}")
+                skip(path, f"{name}: {error}")
                 continue
             for class_index, saliency in zip(classes, maps):
                 full = resize_map(saliency.cpu(), (height, width)).numpy()
                 files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
                 rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
     bar.close()
-    print_table(rows)
-    if failures:
-        print(f"fdcam: {len(failures)} problem(s) with {len(args.images)} image(s); the others were written", file=sys.stderr)
-        return 1
-    return 0
+    return finish(rows, failures, len(args.images))
+
+
+def _counted(items: Iterable, bar: tqdm) -> Iterator:
+    """The items, each counted on the bar when the loop asks for the next one: once it is written or skipped."""
+    for item in items:
+        yield item
+        bar.update(1)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,7 +13,10 @@ from PIL import Image
 from . import models
 from .images import overlay
 
-__all__ = ["output_stems", "check_output_dir", "class_labels", "check_classes", "save_explanation", "print_table"]
+__all__ = [
+    "output_stems", "check_output_dir", "class_labels", "check_classes", "save_explanation", "print_table", "skip_line",
+    "finish",
+]
 
 
 def output_stems(paths: list[str]) -> list[str]:
@@ -74,6 +79,28 @@ def save_explanation(image: Image.Image, saliency: np.ndarray, base: Path) -> st
     overlay(image, saliency).save(base.with_suffix(".png"))
     np.save(base.with_suffix(".npy"), np.asarray(saliency, dtype=np.float32))
     return f"{base}.png|.npy"
+
+
+def skip_line(path: str | os.PathLike, error: BaseException | str) -> str:
+    """The `fdcam: skipped: …` text for an input: the message, led by the file's name unless it names the file already
+    (load_image's messages do; preprocess's "image is 16x16 px" and the server's refusals do not)."""
+    message = str(error)
+    named = any(f"{name}" in message for name in (path, Path(path)))
+    return f"fdcam: skipped: {message if named else f'{path}: {message}'}"
+
+
+def finish(rows: list[tuple], failures: list[str], image_count: int) -> int:
+    """Print the table of what was written (nothing when nothing was) and a summary of the problems; the exit status."""
+    if rows:
+        print_table(rows)
+    if not failures:
+        return 0
+    problems = f"{len(failures)} problem(s) with {image_count} image(s)"
+    if rows:
+        print(f"fdcam: {problems}; the others were written", file=sys.stderr)
+    else:
+        print(f"fdcam: nothing written: {problems}", file=sys.stderr)
+    return 1
 
 
 def print_table(rows: list[tuple]) -> None:

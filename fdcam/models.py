@@ -114,7 +114,7 @@ def _imagenet_weights_path(name: str) -> Path:
             return checkpoints / file_name
     raise ModelError(
         f"no ImageNet weights for {name} in {checkpoints}: download {_HUB_CHECKPOINTS[name][0].url} "
-        f"on a machine with network and put it there, or pass weights=PATH"
+        f"on a machine with network and put it there, or pass weights=PATH (on the command line: --weights PATH)"
     )
 
 

@@ -93,3 +93,137 @@ def test_layers_of_an_unknown_model_is_one_line(capsys):
     assert main(["layers", "--model", "alexnet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown model" in err and len(err.splitlines()) == 1
+
+
+# --- what a person sees: warnings, bad options, skips, progress (issue 19, items 7-12) ----------------------
+
+_ONE_PROCESS = """
+import sys, torch
+from fdcam.cli import main
+status = main(sys.argv[1:])
+print(f"EXIT {status}", file=sys.stderr, flush=True)
+torch.fx._symbolic_trace.is_fx_tracing()  # a user's own call after fdcam's run: torch still warns this user, once
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_run(data_dir, tmp_path_factory):
+    """stderr of `fdcam explain` at a 1x1 layer (fdcam warns) in a fresh Python, then a user's is_fx_tracing() call."""
+    out = tmp_path_factory.mktemp("warnings")
+    image = data_dir / "n02391049_zebra.JPEG"
+    result = subprocess.run(
+        [sys.executable, "-c", _ONE_PROCESS, "explain", str(image), "--method", "gradcam,fdcam",
+         "--layer", "_avg_pooling", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert "EXIT 0" in result.stderr, result.stderr
+    return result.stderr
+
+
+def test_torch_fx_deprecation_warning_is_not_triggered_by_fdcam(fresh_process_run):
+    fx_warning = "is_fx_tracing will return true"
+    before, after = fresh_process_run.split("EXIT 0")
+    assert fx_warning not in before  # fdcam's run, every method's map check included
+    assert after.count(fx_warning) == 1  # not swallowed: the user's own first call still gets torch's warning
+
+
+def test_fdcam_warnings_are_one_line_without_file_or_source(fresh_process_run):
+    before = fresh_process_run.split("EXIT 0")[0]
+    warned = [line for line in before.splitlines() if line.startswith("fdcam: warning: ")]
+    assert len(warned) == 2  # once per explainer (gradcam, fdcam)
+    assert all("'_avg_pooling' is 1x1" in line and "maps are blank" in line for line in warned)
+    assert ".py:" not in before and "UserWarning" not in before and "self.explain(" not in before
+
+
+def test_the_library_still_raises_python_warnings(lite0, zebra_input):
+    import fdcam
+
+    with pytest.warns(UserWarning, match="is 1x1"):
+        fdcam.GradCAM(lite0, target_layer="_avg_pooling")(zebra_input, [[340]])
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["explain", "x.jpg", "--max-size", "abc"], "argument --max-size: invalid int value: 'abc'"),
+        (["explain", "x.jpg", "--class", "1", "--topk", "2"], "argument --topk: not allowed with argument --class"),
+        (["explain"], "the following arguments are required: images"),
+        (["explian"], "invalid choice: 'explian'"),
+    ],
+)
+def test_a_bad_option_is_one_line_as_readme_says(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exited:
+        main(arguments)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.count("\n") == 1 and message in err and "usage:" not in err and "--help" in err
+
+
+def test_readme_describes_bad_options_as_one_line():
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert "a bad option exits with status 2 and one line, never a traceback (argparse's own mistakes too" in readme
+    assert "without the usage block" in readme
+
+
+def test_only_bad_images_print_no_table_and_say_nothing_was_written(tmp_path, data_dir, capsys):
+    tiny, not_image = data_dir / "tiny.png", data_dir / "not_an_image.jpg"
+    assert main(["explain", str(tiny), str(not_image), "--method", "gradcam", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no table header without rows
+    skipped = [line for line in captured.err.splitlines() if line.startswith("fdcam: skipped: ")]
+    assert len(skipped) == 2
+    assert str(tiny) in skipped[0] and "8x8" in skipped[0]  # preprocess's message alone does not name the file
+    assert skipped[1].count(str(not_image)) == 1  # load_image's names it already: not twice
+    assert "nothing written: 2 problem(s) with 2 image(s)" in captured.err
+    assert "the others were written" not in captured.err
+
+
+def test_the_progress_bar_counts_an_image_once_its_files_are_written(tmp_path, data_dir, monkeypatch):
+    from fdcam import explain_command
+
+    seen = []
+
+    class Bar:
+        write = staticmethod(lambda text, file=None: None)
+
+        def __init__(self, total, **_):
+            self.count = 0
+
+        def update(self, n):
+            self.count += n
+            seen.append((self.count, len(list(tmp_path.glob("*.npy")))))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(explain_command, "tqdm", Bar)
+    images = [str(data_dir / name) for name in ("n02391049_zebra.JPEG", "tiny.png", "n02077923_sea_lion.JPEG")]
+    assert main(["explain", *images, "--method", "gradcam", "--topk", "2", "--out", str(tmp_path)]) == 1
+    assert seen == [(1, 2), (2, 2), (3, 4)]  # each count after that image's 2 maps (or its skip)
+
+
+def test_missing_imagenet_weights_name_the_weights_flag(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    status = main(["explain", str(data_dir / "tiny.png"), "--model", "vgg16", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "no ImageNet weights for vgg16" in err and "--weights PATH" in err
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--out", "FILE"], "is a file, not a directory"),
+        (["--out", "DIR", "--input-size", "16x16"], "--input-size 16x16 is too small for efficientnet_lite0"),
+        (["--out", "DIR", "--input-size", "0x224"], "--input-size must be two positive numbers"),
+    ],
+)
+def test_export_refuses_a_file_as_out_and_a_too_small_input_size_in_one_line(tmp_path, capsys, arguments, message):
+    (tmp_path / "FILE").write_text("not a directory")
+    arguments = [str(tmp_path / a) if a in ("FILE", "DIR") else a for a in arguments]
+    status = main(["export", "--explainer", "--model", "efficientnet_lite0", "--method", "gradcam", *arguments])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("explainer.onnx"))

@@ -47,3 +47,15 @@ def test_saved_files_are_the_overlay_and_the_float32_map(tmp_path):
     saved = np.load(tmp_path / "x_fdcam_3.npy")
     assert saved.dtype == np.float32 and np.array_equal(saved, saliency.astype(np.float32))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "x_fdcam_3.png")), np.asarray(overlay(image, saliency)))
+
+
+def test_a_skip_names_its_file_once(tmp_path):
+    from fdcam.explain_output import skip_line
+    from fdcam.images import ImageError, load_image
+
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(ImageError) as error:
+        load_image(missing)
+    assert skip_line(missing, error.value).count(str(missing)) == 1  # load_image's message names it
+    refused = skip_line(str(missing), "the server refused the image: 16x16 px")  # a server's message does not
+    assert refused == f"fdcam: skipped: {missing}: the server refused the image: 16x16 px"

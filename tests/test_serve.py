@@ -377,6 +377,16 @@ def test_explain_with_server_refuses_another_method_in_one_line(server, data_dir
     assert err == f"fdcam: error: the server explains with {METHOD}, not fdcam; omit --method or start a server with --method fdcam"
 
 
+def test_explain_with_server_names_each_skipped_file_once(server, data_dir, tmp_path, capsys):
+    missing, tiny = data_dir / "missing.jpg", data_dir / "tiny.png"  # refused by the loader, by the server
+    status = main(["explain", str(missing), str(tiny), "--server", server.http, "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out == ""  # nothing written: no table header
+    skipped = [line for line in captured.err.splitlines() if line.startswith("fdcam: skipped: ")]
+    assert len(skipped) == 2 and skipped[0].count(str(missing)) == 1 and skipped[1].count(str(tiny)) == 1
+    assert "nothing written: 2 problem(s) with 2 image(s)" in captured.err
+
+
 def test_ctrl_c_stops_the_server_and_leaves_no_tritonserver(server):
     assert server.family, "tritonserver and its stubs should run under fdcam serve"
     started = time.monotonic()

@@ -412,7 +412,9 @@ def _is_traced(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is symbolic (export tracing), so that checks of its values cannot run."""
     from torch._subclasses.fake_tensor import is_fake
 
-    return is_fake(tensor) or torch.fx._symbolic_trace.is_fx_tracing()
+    # Not torch.fx's is_fx_tracing(): that one logs a deprecation warning on its first call in a process,
+    # which every CLI run printed; these two are what it combines.
+    return is_fake(tensor) or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
 
 
 def _check_input(x: torch.Tensor, model: nn.Module | None = None) -> None:

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from .. import models
-from ..explain_output import check_classes, check_output_dir, class_labels, output_stems, print_table, save_explanation
+from ..explain_output import (
+    check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
+)
 from ..images import ImageError, load_image
 
 __all__ = ["ExplainClient", "ServerError", "parse_url", "explain_remote"]
@@ -168,16 +170,12 @@ def explain_remote(args: argparse.Namespace) -> int:
                     result = client.explain_bytes(data, top)
             except (ImageError, ServerError, OSError) as error:
                 failures.append(str(error))
-                print(f"fdcam: skipped: {path}: {error}", file=sys.stderr)
+                print(skip_line(path, error), file=sys.stderr)
                 continue
             probabilities = torch.softmax(torch.tensor(result["logits"][0]), dim=0)
             for class_index, full in zip(result["targets"][0].tolist(), result["saliency_original"][0]):
                 files = save_explanation(image, full, out / f"{stem}_{method}_{class_index}")
                 rows.append((stem, method, class_index, names[class_index], float(probabilities[class_index]), files))
-        print_table(rows)
-        if failures:
-            print(f"fdcam: {len(failures)} of {len(args.images)} images could not be explained", file=sys.stderr)
-            return 1
-        return 0
+        return finish(rows, failures, len(args.images))
     finally:
         client.close()

@@ -1,0 +1,158 @@
+"""examples/explain.js from a fresh copy of examples/: `npm install` as README says, then photos explained in Node.js
+(decoded, resized and normalised there) against fdcam's own preprocessing, graph and overlays in Python."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from fdcam import models
+from fdcam.cli import main
+from fdcam.export import export_explainer
+from fdcam.images import load_image, preprocess
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CLASSES = [340, 243]  # zebra, bull mastiff: the same two for every photo
+
+# A PNG is decoded bit for bit by pngjs and Pillow, and explain.js resizes with Pillow's fixed-point bilinear filter
+# and normalises in float32 as torch does, so its input equals Python's and its maps are the graph's own maps.
+# The graph is validated to 1e-4 of the library; the overlays then differ only where float32 (torch) and float64
+# (JavaScript) rounding of the map's bilinear resize, the JET colormap and the blend land on opposite sides of
+# a half level: at most 1 level, in a few pixels. (JET's steepest slope is 4.5/unit, blended at 0.5: a 1e-4
+# map difference moves a channel by 0.06 level.)
+SALIENCY_ATOL = 1e-4
+OVERLAY_MAX_LEVELS = 1
+OVERLAY_DIFFERENT_FRACTION = 0.01
+# A JPEG is decoded by jpeg-js, not libjpeg-turbo: other IDCT rounding and chroma upsampling move pixels by a few
+# levels, so the inputs differ and only the explanation's shape can be compared (measured on the zebra: top-class
+# map correlation 0.9998, overlay mean |Δ| 1.5 levels).
+JPEG_MAP_CORRELATION = 0.999
+JPEG_OVERLAY_MEAN_LEVELS = 3.0
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def installed_example(tmp_path_factory) -> tuple[str, object]:
+    """A copy of examples/'s tracked files in a fresh folder, installed with a plain `npm install` (README's words)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "Node.js and npm are needed for the JavaScript example test"
+    folder = tmp_path_factory.mktemp("examples")
+    for name in ("package.json", "package-lock.json", ".npmrc", "explain.js"):
+        shutil.copy2(EXAMPLES / name, folder / name)
+    switches = ("onnxruntime_node", "npm_config_onnxruntime")  # the switch must come from the files, not from here
+    env = {k: v for k, v in os.environ.items() if not k.lower().startswith(switches)}
+    result = subprocess.run([npm, "install"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (folder / "node_modules" / "onnxruntime-node").is_dir() and "nuget" not in result.stderr.lower()
+    return node, folder
+
+
+@pytest.fixture(scope="module")
+def graph(lite0, tmp_path_factory):
+    path = tmp_path_factory.mktemp("graph") / "explainer.onnx"
+    return export_explainer(lite0, path, target_layer="_blocks.15", method="fdcam", classes_input=True)
+
+
+@pytest.fixture(scope="module")
+def photos(data_dir, tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("photos")
+    zebra = Image.open(data_dir / "n02391049_zebra.JPEG").convert("RGB")
+    zebra.resize((700, 525), Image.Resampling.BICUBIC).save(folder / "zebra_large.png")  # shrunk 3.1× by the example
+    return {
+        "large": str(folder / "zebra_large.png"),
+        "rgba": str(data_dir / "rgba.png"),  # enlarged, transparent pixels on black
+        "jpeg": str(data_dir / "n02391049_zebra.JPEG"),
+    }
+
+
+def run_node(installed_example, graph_path, inputs, out_prefix) -> None:
+    node, folder = installed_example
+    classes = ",".join(map(str, CLASSES))
+    command = [node, str(folder / "explain.js"), str(graph_path), *inputs, str(out_prefix), "--classes", classes]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def node_run(installed_example, graph, photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("node") / "not" / "yet" / "there" / "maps"  # the example creates the folders
+    run_node(installed_example, graph, list(photos.values()), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def python_overlays(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("python")
+    status = main(["explain", *photos.values(), "--method", "fdcam", "--class", *map(str, CLASSES), "--out", str(out)])
+    assert status == 0
+    return out
+
+
+def levels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_npm_install_as_readme_says_skips_the_download_and_ships_the_cpu_binding(installed_example):
+    node, folder = installed_example
+    loads = "require('onnxruntime-node'); require('jpeg-js'); require('pngjs')"
+    result = subprocess.run([node, "-e", loads], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    assert "cd examples && npm install`" in readme and "--ignore-scripts" not in readme
+
+
+def test_photos_decoded_in_node_give_the_graphs_maps(node_run, graph, photos):
+    spec = models.spec("efficientnet_lite0")
+    lossless = [photos["large"], photos["rgba"]]
+    x = torch.cat([preprocess(load_image(path), spec) for path in lossless]).numpy()
+    classes = np.array([CLASSES] * len(lossless), dtype=np.int64)
+    _, targets, expected = ort.InferenceSession(str(graph)).run(None, {"image": x, "classes": classes})
+    from_node = np.fromfile(f"{node_run}.saliency.f32", dtype="<f4").reshape(3, len(CLASSES), 224, 224)
+    assert np.abs(from_node[:2] - expected).max() <= SALIENCY_ATOL
+    summary = json.loads(node_run.with_suffix(".json").read_text())
+    assert [image["targets"] for image in summary["images"]] == [CLASSES] * 3
+    assert summary["images"][0]["top1"] == 340
+
+
+@pytest.mark.parametrize("index, name", [(0, "large"), (1, "rgba")])
+def test_png_overlays_equal_pythons_within_a_level(node_run, python_overlays, photos, index, name):
+    stem = os.path.splitext(os.path.basename(photos[name]))[0]
+    for j, class_index in enumerate(CLASSES):
+        from_python = levels(python_overlays / f"{stem}_fdcam_{class_index}.png")
+        from_node = levels(f"{node_run}.{index}.{j}.png")
+        assert from_node.shape == from_python.shape == (*Image.open(photos[name]).size[::-1], 3)
+        difference = np.abs(from_node - from_python)
+        assert difference.max() <= OVERLAY_MAX_LEVELS
+        assert (difference > 0).mean() <= OVERLAY_DIFFERENT_FRACTION
+
+
+def test_a_jpeg_decoded_by_jpeg_js_explains_like_pillows(node_run, python_overlays, graph, photos):
+    from_node = np.fromfile(f"{node_run}.saliency.f32", dtype="<f4").reshape(3, len(CLASSES), 224, 224)[2, 0]
+    x = preprocess(load_image(photos["jpeg"]), models.spec("efficientnet_lite0")).numpy()
+    _, _, expected = ort.InferenceSession(str(graph)).run(None, {"image": x, "classes": np.array([CLASSES[:1]])})
+    assert np.corrcoef(from_node.ravel(), expected[0, 0].ravel())[0, 1] >= JPEG_MAP_CORRELATION
+    stem = os.path.splitext(os.path.basename(photos["jpeg"]))[0]
+    from_python = levels(python_overlays / f"{stem}_fdcam_{CLASSES[0]}.png")
+    overlay = levels(f"{node_run}.2.0.png")
+    assert overlay.shape == from_python.shape
+    assert np.abs(overlay - from_python).mean() <= JPEG_OVERLAY_MEAN_LEVELS
+
+
+def test_typed_explainer_json_is_read_too(installed_example, graph, photos, node_run, tmp_path):
+    typed = tmp_path / "explainer.onnx"
+    shutil.copy2(graph, typed)
+    description = json.loads(graph.with_suffix(".json").read_text())
+    description.update(classes_input=True, num_classes=1000, input_size=[224, 224])  # booleans and numbers, not text
+    typed.with_suffix(".json").write_text(json.dumps(description))
+    run_node(installed_example, typed, [photos["rgba"]], tmp_path / "typed")
+    again = np.fromfile(tmp_path / "typed.saliency.f32", dtype="<f4")
+    first = np.fromfile(f"{node_run}.saliency.f32", dtype="<f4").reshape(3, -1)[1]
+    assert np.array_equal(again, first)
