@@ -1,39 +1,77 @@
 """The Triton Python-backend model behind `fdcam` and `fdcam_image`; runs inside Triton's Python-backend stub process.
 
 Each dynamic batch Triton hands to `execute` is checked request by request; the good requests are
-explained in one call and a bad one gets its own error response (one line) without failing the others.
+explained in one call and a bad one gets its own error response (one line, INVALID_ARG: HTTP 400)
+without failing the others.
+
+Responses go out one request at a time through each request's response sender, so an execution holds
+one full-size `saliency_original` at a time, not the whole batch's.
+
+Refusals in Triton's statistics and metrics: the Python backend reports one success flag per
+execution (all its requests alike), and only an exception raised by `execute` makes it "failure".
+So an execution whose requests were all refused answers each with its own line, then raises: Triton
+counts them as failures (and sends nothing more, every request being answered already). A refusal
+that shares its execution with good requests cannot be counted apart from them there; the counter
+`fdcam_refused_requests_total{model=...}` on the metrics endpoint counts every refusal.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import json
 
 import numpy as np
 
 from .. import models
-from .engine import ServingConfig, handle_image_requests, handle_tensor_requests, make_explainer
+from .engine import (ORIGINAL_SIZE, ServingConfig, add_original_maps, handle_image_requests, handle_tensor_requests,
+                     make_explainer)
 
-__all__ = ["TritonPythonModel", "INPUTS"]
+__all__ = ["TritonPythonModel", "INPUTS", "ALL_REFUSED"]
 
 INPUTS = {"tensor": ("image", "classes"), "image": ("image_bytes", "classes")}
+# The message of the exception `execute` raises after answering an all-refused execution (no client sees it).
+ALL_REFUSED = "every request of this execution was refused (each was answered with its reason)"
 
 
 def _parameter(config: dict, key: str) -> str:
     return config["parameters"][key]["string_value"]
 
 
+def _malloc_trim():
+    """glibc's malloc_trim, or None: hands freed heap pages back to the system after a large request."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
+
+
 class TritonPythonModel:
     """Triton's Python-backend entry points: initialize, execute, finalize."""
 
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        self.kind = _parameter(config, "fdcam_kind")
-        serving = ServingConfig(**json.loads(base64.b64decode(_parameter(config, "fdcam_config")).decode("utf-8")))
-        self.spec = models.spec(serving.model)
-        self.explainer = make_explainer(serving)
+        import triton_python_backend_utils as pb_utils
 
-    def execute(self, requests: list) -> list:
+        config = json.loads(args["model_config"])
+        self.name = config.get("name", "fdcam")
+        self.kind = _parameter(config, "fdcam_kind")
+        self.serving = ServingConfig(**json.loads(base64.b64decode(_parameter(config, "fdcam_config")).decode("utf-8")))
+        self.bounds = self.serving.bounds
+        self.spec = models.spec(self.serving.model)
+        self.explainer = make_explainer(self.serving)
+        self.trim = _malloc_trim()
+        self.refused = None
+        if hasattr(pb_utils, "MetricFamily"):
+            family = pb_utils.MetricFamily(
+                name="fdcam_refused_requests_total",
+                description="Requests fdcam refused (bad input, over a bound), each answered with one line",
+                kind=pb_utils.MetricFamily.COUNTER,
+            )
+            self.refused = family.Metric(labels={"model": self.name})
+
+    def execute(self, requests: list) -> None:
         import triton_python_backend_utils as pb_utils
 
         decoded = []
@@ -45,10 +83,30 @@ class TritonPythonModel:
                     inputs[name] = tensor.as_numpy()
             decoded.append(inputs)
         if self.kind == "tensor":
-            results = handle_tensor_requests(self.explainer, decoded)
+            results = handle_tensor_requests(self.explainer, decoded, self.bounds)
         else:
-            results = handle_image_requests(self.explainer, decoded, self.spec)
-        return [_response(pb_utils, result) for result in results]
+            results = handle_image_requests(self.explainer, decoded, self.spec, self.bounds, with_original=False)
+        del decoded
+        refused = 0
+        for index, request in enumerate(requests):
+            result, results[index] = results[index], None  # the batch never holds answers already sent
+            if isinstance(result, str):
+                refused += 1
+            elif ORIGINAL_SIZE in result:
+                if "saliency_original" in request.requested_output_names() or not request.requested_output_names():
+                    add_original_maps(result)
+                else:
+                    result.pop(ORIGINAL_SIZE)
+            request.get_response_sender().send(_response(pb_utils, result),
+                                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            del result
+        if self.trim is not None:
+            self.trim(0)
+        if refused and self.refused is not None:
+            self.refused.increment(refused)
+        if refused == len(requests):
+            raise pb_utils.TritonModelException(ALL_REFUSED)
+        return None
 
     def finalize(self) -> None:
         self.explainer = None
