@@ -8,11 +8,15 @@ Responses go out one request at a time through each request's response sender, s
 one full-size `saliency_original` at a time, not the whole batch's.
 
 Refusals in Triton's statistics and metrics: the Python backend reports one success flag per
-execution (all its requests alike), and only an exception raised by `execute` makes it "failure".
-So an execution whose requests were all refused answers each with its own line, then raises: Triton
-counts them as failures (and sends nothing more, every request being answered already). A refusal
-that shares its execution with good requests cannot be counted apart from them there; the counter
-`fdcam_refused_requests_total{model=...}` on the metrics endpoint counts every refusal.
+execution, for all its requests alike, and it is "failure" only when `execute` fails. Raising after
+the responses went out crashes tritonserver (the backend frees each response factory twice); the
+backend's own guarded path is a response *returned* for a request already answered, which it takes
+as the execution's error without touching the factories again. So an execution whose requests were
+all refused answers each with its own line, then returns one such response: Triton counts the
+refusals as failures, and the log gets one line ("Failed to process the request(s) ... Non-decoupled
+model cannot send more than one response").
+A refusal that shares its execution with good requests is counted with them as a success there; the
+counter `fdcam_refused_requests_total{model=...}` on the metrics endpoint counts every refusal.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .engine import (ORIGINAL_SIZE, ServingConfig, add_original_maps, handle_ima
 __all__ = ["TritonPythonModel", "INPUTS", "ALL_REFUSED"]
 
 INPUTS = {"tensor": ("image", "classes"), "image": ("image_bytes", "classes")}
-# The message of the exception `execute` raises after answering an all-refused execution (no client sees it).
+# What the log says of an all-refused execution (no client sees it: each got its own line already).
 ALL_REFUSED = "every request of this execution was refused (each was answered with its reason)"
 
 
@@ -62,14 +66,14 @@ class TritonPythonModel:
         self.spec = models.spec(self.serving.model)
         self.explainer = make_explainer(self.serving)
         self.trim = _malloc_trim()
-        self.refused = None
-        if hasattr(pb_utils, "MetricFamily"):
-            family = pb_utils.MetricFamily(
+        self.refused_family = self.refused = None
+        if hasattr(pb_utils, "MetricFamily"):  # the family must outlive its metric: both are kept
+            self.refused_family = pb_utils.MetricFamily(
                 name="fdcam_refused_requests_total",
                 description="Requests fdcam refused (bad input, over a bound), each answered with one line",
                 kind=pb_utils.MetricFamily.COUNTER,
             )
-            self.refused = family.Metric(labels={"model": self.name})
+            self.refused = self.refused_family.Metric(labels={"model": self.name})
 
     def execute(self, requests: list) -> None:
         import triton_python_backend_utils as pb_utils
@@ -105,11 +109,14 @@ class TritonPythonModel:
         if refused and self.refused is not None:
             self.refused.increment(refused)
         if refused == len(requests):
-            raise pb_utils.TritonModelException(ALL_REFUSED)
+            # Every request is answered: this response goes nowhere; it marks the execution failed (see above).
+            return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(ALL_REFUSED))] + [
+                None] * (len(requests) - 1)
         return None
 
     def finalize(self) -> None:
         self.explainer = None
+        self.refused = self.refused_family = None  # the metric before its family
 
 
 def _response(pb_utils, result):
