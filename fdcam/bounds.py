@@ -67,10 +67,15 @@ class ImageBounds:
 
     def check_pixels(self, width: int, height: int, what: str = "the image") -> None:
         """BoundsError when a width × height image is over max_pixels (a possible decompression bomb)."""
-        pixels = width * height
-        if self.max_pixels is not None and pixels > self.max_pixels:
-            raise BoundsError(f"refused {what}: {width}x{height} px ({_mpx(pixels)}) is more than the "
-                              f"{_mpx(self.max_pixels)} allowed (a possible decompression bomb)")
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise self.too_many_pixels(what, width * height, f"{width}x{height} px")
+
+    def too_many_pixels(self, what: str, pixels: int | None, size: str = "the image") -> BoundsError:
+        """The refusal of an image of `pixels` pixels (None: not known), in one line."""
+        limit = self.max_pixels or PILLOW_LIMIT
+        amount = f" ({_mpx(pixels)})" if pixels else ""
+        return BoundsError(f"refused {what}: {size}{amount} is more than the {_mpx(limit)} allowed "
+                           "(a possible decompression bomb)")
 
     def check_classes(self, count: int) -> None:
         """BoundsError when one request asks for more than max_classes classes."""

@@ -108,7 +108,8 @@ def decode_image(
 
 def _decode(file, name: str, max_pixels: int | None) -> Image.Image:
     """Open, check the size against `max_pixels` from the header alone, then decode as RGB."""
-    bounds = ImageBounds(max_pixels=max_pixels, max_bytes=None)
+    # No limit of ours: Pillow's own decides (its warning becomes an error), and is named as the limit.
+    bounds = ImageBounds(max_pixels=max_pixels or MAX_IMAGE_PIXELS, max_bytes=None)
     try:
         with _warnings_lock, warnings.catch_warnings():
             # With a limit of ours, ours decides (Pillow still refuses above twice its own threshold).
@@ -123,11 +124,7 @@ def _decode(file, name: str, max_pixels: int | None) -> Image.Image:
         raise ImageError(str(error)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         # Pillow's own check fired first (a frame larger than the header said, or no limit set here).
-        pixels = _pixels_in(str(error))
-        limit = max_pixels or MAX_IMAGE_PIXELS
-        amount = f" ({pixels / 1e6:.0f} Mpx)" if pixels else ""
-        raise ImageError(f"refused {name}: the image{amount} is more than the {limit / 1e6:.0f} Mpx allowed "
-                         "(a possible decompression bomb)") from None
+        raise ImageError(str(bounds.too_many_pixels(name, _pixels_in(str(error))))) from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image file (or a format Pillow cannot read): {name}") from None
     except ImageError:

@@ -185,6 +185,7 @@ def clean_stale_workspaces(directory: str | os.PathLike | None = None) -> list[P
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; then stop tritonserver and its stubs before returning."""
+    clean_stale_workspaces()  # first: also a start that fails on its arguments cleans up after a killed server
     _check_arguments(args)
     spec = models.spec(args.model)
     config = ServingConfig(
@@ -211,7 +212,6 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_queue_delay_us=args.max_queue_delay_us,
     )
-    clean_stale_workspaces()
     # The server's log lives beside the workspace: an error names it, so it outlives a failed start.
     prefix = f"{WORKSPACE_PREFIX}{os.getpid()}-"
     handle, log_name = tempfile.mkstemp(prefix=prefix, suffix=".log")
