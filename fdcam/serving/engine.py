@@ -27,6 +27,7 @@ __all__ = [
     "TorchExplainer",
     "OnnxExplainer",
     "RequestError",
+    "EngineFailure",
     "make_explainer",
     "decode_image",
     "handle_tensor_requests",
@@ -42,6 +43,10 @@ Result = Union[dict, str]
 
 class RequestError(ValueError):
     """A request that cannot be explained; its message is the one line the client gets back."""
+
+
+class EngineFailure(str):
+    """The one-line result of a request whose input was good but whose explanation failed (a server error, not a 400)."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,7 @@ def _explain_items(explainer: Explainer, items: Sequence[_Item], results: list) 
             logits, targets, saliency = explainer.explain(images, classes)
         except Exception as error:  # an engine failure fails this group only, as one line
             for item in group:
-                results[item.index] = f"explanation failed: {first_line(error, None)}"
+                results[item.index] = EngineFailure(f"explanation failed: {first_line(error, None)}")
             continue
         for row, item in enumerate(group):
             results[item.index] = {

@@ -24,12 +24,14 @@ from __future__ import annotations
 import base64
 import ctypes
 import json
+import sys
 
 import numpy as np
 
 from .. import models
-from .engine import (ORIGINAL_SIZE, ServingConfig, add_original_maps, handle_image_requests, handle_tensor_requests,
-                     make_explainer)
+from ..errors import first_line
+from .engine import (ORIGINAL_SIZE, EngineFailure, ServingConfig, add_original_maps, handle_image_requests,
+                     handle_tensor_requests, make_explainer)
 
 __all__ = ["TritonPythonModel", "INPUTS", "ALL_REFUSED"]
 
@@ -75,40 +77,56 @@ class TritonPythonModel:
             )
             self.refused = self.refused_family.Metric(labels={"model": self.name})
 
-    def execute(self, requests: list) -> None:
+    def execute(self, requests: list) -> list | None:
         import triton_python_backend_utils as pb_utils
 
-        decoded = []
-        for request in requests:
-            inputs = {}
-            for name in INPUTS[self.kind]:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is not None:
-                    inputs[name] = tensor.as_numpy()
-            decoded.append(inputs)
-        if self.kind == "tensor":
-            results = handle_tensor_requests(self.explainer, decoded, self.bounds)
-        else:
-            results = handle_image_requests(self.explainer, decoded, self.spec, self.bounds, with_original=False)
-        del decoded
-        refused = 0
+        try:
+            decoded = []
+            for request in requests:
+                inputs = {}
+                for name in INPUTS[self.kind]:
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    if tensor is not None:
+                        inputs[name] = tensor.as_numpy()
+                decoded.append(inputs)
+            if self.kind == "tensor":
+                results = handle_tensor_requests(self.explainer, decoded, self.bounds)
+            else:
+                results = handle_image_requests(self.explainer, decoded, self.spec, self.bounds, with_original=False)
+            del decoded
+        except Exception as error:  # nothing is sent yet; each request still gets one line
+            results = [EngineFailure(f"explanation failed: {first_line(error, None)}")] * len(requests)
+        # Nothing below may raise once a response is out (see the module's docstring): each step is guarded.
+        refused = failed = 0
         for index, request in enumerate(requests):
             result, results[index] = results[index], None  # the batch never holds answers already sent
+            try:
+                if isinstance(result, dict) and ORIGINAL_SIZE in result:
+                    wanted = request.requested_output_names()
+                    if not wanted or "saliency_original" in wanted:
+                        add_original_maps(result)
+                    else:
+                        result.pop(ORIGINAL_SIZE)
+                response = _response(pb_utils, result)
+            except Exception as error:
+                result = EngineFailure(f"explanation failed: {first_line(error, None)}")
+                response = _response(pb_utils, result)
             if isinstance(result, str):
-                refused += 1
-            elif ORIGINAL_SIZE in result:
-                if "saliency_original" in request.requested_output_names() or not request.requested_output_names():
-                    add_original_maps(result)
-                else:
-                    result.pop(ORIGINAL_SIZE)
-            request.get_response_sender().send(_response(pb_utils, result),
-                                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            del result
-        if self.trim is not None:
-            self.trim(0)
-        if refused and self.refused is not None:
-            self.refused.increment(refused)
-        if refused == len(requests):
+                failed += 1
+                refused += not isinstance(result, EngineFailure)
+            try:
+                request.get_response_sender().send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as error:  # the client went away, say: nothing more to do for this request
+                _warn(pb_utils, f"cannot send a response: {first_line(error, None)}")
+            del result, response
+        try:
+            if self.trim is not None:
+                self.trim(0)
+            if refused and self.refused is not None:
+                self.refused.increment(refused)
+        except Exception as error:
+            _warn(pb_utils, first_line(error, None))
+        if failed == len(requests):
             # Every request is answered: this response goes nowhere; it marks the execution failed (see above).
             return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(ALL_REFUSED))] + [
                 None] * (len(requests) - 1)
@@ -119,9 +137,18 @@ class TritonPythonModel:
         self.refused = self.refused_family = None  # the metric before its family
 
 
+def _warn(pb_utils, message: str) -> None:
+    """One line in the server's log."""
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        logger.log_warn(f"fdcam: {message}")
+    else:
+        print(f"fdcam: warning: {message}", file=sys.stderr, flush=True)
+
+
 def _response(pb_utils, result):
-    if isinstance(result, str):
-        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    if isinstance(result, str):  # a refusal is the client's to fix (400); an engine failure is the server's (500)
+        code = getattr(pb_utils.TritonError, "INTERNAL" if isinstance(result, EngineFailure) else "INVALID_ARG", None)
         error = pb_utils.TritonError(result, code) if code is not None else pb_utils.TritonError(result)
         return pb_utils.InferenceResponse(output_tensors=[], error=error)
     tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in result.items()]
