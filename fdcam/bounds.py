@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-__all__ = ["MAX_IMAGE_PIXELS", "PILLOW_LIMIT", "MAX_IMAGE_BYTES", "MAX_OUTPUT_SIDE", "MAX_CLASSES", "ImageBounds", "BoundsError",
-           "DEFAULT_BOUNDS"]
+__all__ = ["MAX_IMAGE_PIXELS", "PILLOW_LIMIT", "MAX_IMAGE_BYTES", "MAX_OUTPUT_SIDE", "MAX_CLASSES", "ImageBounds",
+           "BoundsError", "DEFAULT_BOUNDS"]
 
 # Images above this many pixels are refused as possible decompression bombs before their pixels are
 # decoded: Pillow's own warning threshold, about 89 Mpx. Pillow itself refuses twice that, so no
@@ -83,7 +83,7 @@ class ImageBounds:
             raise BoundsError(f"{count} classes in one request is more than the {self.max_classes} allowed")
 
     def output_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """(width, height) of the outputs for an image of `image_size`: the same, or scaled so the longer side is max_output_side."""
+        """(width, height) of the outputs for an image of `image_size`: the same, or scaled to max_output_side."""
         width, height = image_size
         if self.max_output_side is None or max(width, height) <= self.max_output_side:
             return width, height

@@ -407,14 +407,16 @@ def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answer
     from tritonclient.utils import InferenceServerException
 
     bomb = _png((15_000, 15_000))
-    payloads = [(data_dir / name).read_bytes() for name in IMAGES[:2]] + [bomb] + [(data_dir / name).read_bytes() for name in IMAGES[2:]]
+    photos = [(data_dir / name).read_bytes() for name in IMAGES]
+    payloads = photos[:2] + [bomb] + photos[2:]
     with ExplainClient(onnx_server.http) as client:
         before = client.statistics("fdcam_image")
 
     def one(data: bytes):
         with ExplainClient(onnx_server.http) as own:
             try:
-                return own.client.infer("fdcam_image", [own._input("image_bytes", np.array([[data]], dtype=np.object_), "BYTES")])
+                encoded = own._input("image_bytes", np.array([[data]], dtype=np.object_), "BYTES")
+                return own.client.infer("fdcam_image", [encoded])
             except InferenceServerException as error:
                 return error
 
@@ -424,7 +426,8 @@ def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answer
         after = client.statistics("fdcam_image")
     refused = answers.pop(2)
     assert isinstance(refused, InferenceServerException) and refused.status() == "400"
-    assert refused.message() == "refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed (a possible decompression bomb)"
+    assert refused.message() == ("refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed "
+                                 "(a possible decompression bomb)")
     for name, answer in zip(IMAGES, answers):
         x = preprocess(load_image(data_dir / name), spec_of(lite0))
         result = {key: answer.as_numpy(key) for key in ("logits", "targets", "saliency")}
@@ -476,7 +479,8 @@ def test_refusals_are_failures_in_triton_statistics_and_metrics(server, inputs):
         with ExplainClient(server.http) as client:
             entry = client.client.get_inference_statistics("fdcam")["model_stats"][0]["inference_stats"]
         return (int(entry["success"]["count"]), int(entry["fail"]["count"]),
-                _metric(server, "nv_inference_request_success", "fdcam"), _metric(server, "nv_inference_request_failure", "fdcam"),
+                _metric(server, "nv_inference_request_success", "fdcam"),
+                _metric(server, "nv_inference_request_failure", "fdcam"),
                 _metric(server, "fdcam_refused_requests_total", "fdcam"))
 
     before = counters()
@@ -567,7 +571,8 @@ def test_soak_stub_memory_stays_flat(server, inputs, data_dir, tmp_path):
 
     def run_client(client_index: int) -> list[tuple[int, np.ndarray]]:
         with ExplainClient(server.http) as own:
-            return [(client_index * SOAK_REQUESTS + i, send(own, client_index * SOAK_REQUESTS + i)) for i in range(SOAK_REQUESTS)]
+            indices = range(client_index * SOAK_REQUESTS, (client_index + 1) * SOAK_REQUESTS)
+            return [(index, send(own, index)) for index in indices]
 
     with concurrent.futures.ThreadPoolExecutor(SOAK_CLIENTS) as pool:
         warm = dict(answer for answers in pool.map(run_client, range(SOAK_CLIENTS), timeout=600) for answer in answers)

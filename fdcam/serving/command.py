@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bounds.add_argument("--max-request-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="BYTES",
                         help=f"refuse encoded images (image_bytes) of more bytes (default {MAX_IMAGE_BYTES})")
     bounds.add_argument("--max-output-side", type=int, default=MAX_OUTPUT_SIDE, metavar="PIXELS",
-                        help=f"longest side of saliency_original; larger images get it scaled down (default {MAX_OUTPUT_SIDE})")
+                        help=f"longest side of saliency_original; larger images get it scaled down "
+                        f"(default {MAX_OUTPUT_SIDE})")
     bounds.add_argument("--max-classes", type=int, default=MAX_CLASSES, metavar="T",
                         help=f"refuse requests for more classes than this (default {MAX_CLASSES})")
     parser.set_defaults(run=run)

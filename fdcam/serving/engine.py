@@ -46,7 +46,7 @@ class RequestError(ValueError):
 
 
 class EngineFailure(str):
-    """The one-line result of a request whose input was good but whose explanation failed (a server error, not a 400)."""
+    """The one-line result of a good request whose explanation failed: a server error, not a 400."""
 
 
 @dataclass(frozen=True)
