@@ -540,7 +540,7 @@ SOAK_GROWTH_MB = 100  # a stub's resident memory after the soak, against after t
 # A stub's peak over its resident memory after the warm-up: one decoded 6000×4500 image with its RGB
 # copies (3 × 81 MB), or one saliency_original of 3 maps at 4096×3072 and its copy into shared memory
 # (2 × 151 MB), plus slack. The server before issue #19 held a whole batch of them: 2229 MB peak over
-# 1387 MB after the warm-up in this soak (and that 1387 MB included ~680 MB it kept from the warm-up).
+# 1387 MB after the warm-up in a similar soak (README), 1387 MB that held ~680 MB kept from the warm-up.
 SOAK_PEAK_MB = 500
 
 
