@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -12,15 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fdcam.bounds import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_OUTPUT_SIDE, BoundsError, ImageBounds
 from fdcam.errors import first_line
 from fdcam.models import ModelSpec
 
-# Images above this many pixels are refused as possible decompression bombs (Pillow's own warning
-# threshold, about 89 Mpx; Pillow itself refuses twice that). Change it with load_image(max_pixels=...).
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-# Overlays and maps are written at the image's size up to this many pixels on the longer side;
-# larger images get outputs scaled down to it (keeping the aspect ratio).
-MAX_OUTPUT_SIDE = 4096
 _OVERLAY_ROWS = 256  # rows blended at a time: an overlay never holds more than this many float rows
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -71,12 +67,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 _warnings_lock = threading.Lock()  # warnings.catch_warnings changes process-wide filters
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(
+    path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS, max_bytes: int | None = MAX_IMAGE_BYTES
+) -> Image.Image:
     """Read an image file as RGB, applying its EXIF orientation.
 
     Grayscale, palette, 16-bit and CMYK images are converted; transparent pixels are composited on
-    black. An image of more than `max_pixels` pixels (None: no limit beyond Pillow's own) is refused
-    as a possible decompression bomb before its pixels are decoded (ImageError, one line).
+    black. A file of more than `max_bytes` bytes, or an image of more than `max_pixels` pixels, is
+    refused before its pixels are decoded (ImageError, one line; the limits are fdcam.bounds', None:
+    no limit beyond Pillow's own).
     """
     path = Path(path)
     if path.is_dir():
@@ -84,32 +83,55 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXEL
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     try:
-        with _warnings_lock, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            opened = Image.open(path)
-        with opened:
-            width, height = opened.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(_bomb_message(path, width * height, (width, height), max_pixels))
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return _to_rgb(image).copy()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        pixels = _pixels_in(str(error))
-        raise ImageError(_bomb_message(path, pixels, None, max_pixels or MAX_IMAGE_PIXELS)) from None
-    except UnidentifiedImageError:
-        raise ImageError(f"not an image file (or a format Pillow cannot read): {path}") from None
-    except ImageError:
-        raise
-    except (OSError, ValueError, SyntaxError, MemoryError) as error:
-        # Truncated or corrupt files, modes Pillow cannot convert to RGB, images too large to hold.
+        ImageBounds(max_pixels=max_pixels, max_bytes=max_bytes).check_bytes(path.stat().st_size, str(path))
+        with open(path, "rb") as file:
+            return _decode(file, str(path), max_pixels)
+    except BoundsError as error:
+        raise ImageError(str(error)) from None
+    except OSError as error:
         raise ImageError(f"cannot read image {path}: {first_line(error, None)}") from None
 
 
-def _bomb_message(path: Path, pixels: int | None, size: tuple[int, int] | None, limit: int) -> str:
-    what = f"{size[0]}x{size[1]} px" if size else "the image"
-    amount = f" ({pixels / 1e6:.0f} Mpx)" if pixels else ""
-    return f"refused {path}: {what}{amount} is more than the {limit / 1e6:.0f} Mpx allowed (a possible decompression bomb)"
+def decode_image(
+    data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS, max_bytes: int | None = MAX_IMAGE_BYTES,
+    name: str = "the image",
+) -> Image.Image:
+    """`load_image` for an encoded image held in memory (a server request's bytes); `name` is how errors call it."""
+    if not data:
+        raise ImageError(f"{name} is empty")
+    try:
+        ImageBounds(max_pixels=max_pixels, max_bytes=max_bytes).check_bytes(len(data), name)
+    except BoundsError as error:
+        raise ImageError(str(error)) from None
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(file, name: str, max_pixels: int | None) -> Image.Image:
+    """Open, check the size against `max_pixels` from the header alone, then decode as RGB."""
+    # No limit of ours: Pillow's own decides (its warning becomes an error), and is named as the limit.
+    bounds = ImageBounds(max_pixels=max_pixels or MAX_IMAGE_PIXELS, max_bytes=None)
+    try:
+        with _warnings_lock, warnings.catch_warnings():
+            # With a limit of ours, ours decides (Pillow still refuses above twice its own threshold).
+            warnings.simplefilter("ignore" if max_pixels else "error", Image.DecompressionBombWarning)
+            opened = Image.open(file)
+        with opened:
+            bounds.check_pixels(*opened.size, name)
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            return _to_rgb(image).copy()
+    except BoundsError as error:
+        raise ImageError(str(error)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # Pillow's own check fired first (a frame larger than the header said, or no limit set here).
+        raise ImageError(str(bounds.too_many_pixels(name, _pixels_in(str(error))))) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image file (or a format Pillow cannot read): {name}") from None
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, MemoryError, EOFError) as error:
+        # Truncated or corrupt files, modes Pillow cannot convert to RGB, images too large to hold.
+        raise ImageError(f"cannot read image {name}: {first_line(error, None)}") from None
 
 
 def _pixels_in(message: str) -> int | None:
@@ -122,11 +144,7 @@ def _pixels_in(message: str) -> int | None:
 
 def output_size(image_size: tuple[int, int], max_side: int | None = MAX_OUTPUT_SIDE) -> tuple[int, int]:
     """(width, height) of the outputs for an image of `image_size`: the same, or scaled so the longer side is `max_side`."""
-    width, height = image_size
-    if max_side is None or max(width, height) <= max_side:
-        return width, height
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    return ImageBounds(max_output_side=max_side).output_size(image_size)
 
 
 def preprocess(image: Image.Image, spec: ModelSpec, min_size: int = 32) -> torch.Tensor:

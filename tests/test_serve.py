@@ -8,6 +8,7 @@ that no tritonserver or stub process is left.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import os
 import signal
@@ -17,17 +18,20 @@ import sys
 import sysconfig
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton)")
 pytest.importorskip("tritonclient.http", reason="needs the [serve] extra (tritonclient[http,grpc])")
 pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient[http,grpc])")
 
 import fdcam.models  # noqa: E402
+from fdcam.bounds import MAX_CLASSES  # noqa: E402
 from fdcam.cli import main  # noqa: E402
 from fdcam.images import load_image, preprocess, resize_map  # noqa: E402
 from fdcam.methods import METHODS  # noqa: E402
@@ -59,14 +63,16 @@ def _free_ports(count: int) -> list[int]:
 class Server:
     """`fdcam serve` as a child process on free loopback ports."""
 
-    def __init__(self, *extra: str, backend: str = "torch", startup_timeout_s: float = STARTUP_TIMEOUT_S):
+    def __init__(self, *extra: str, backend: str = "torch", startup_timeout_s: float = STARTUP_TIMEOUT_S,
+                 env: dict | None = None):
         self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         command = [
             sys.executable, "-m", "fdcam.cli", "serve", "--backend", backend, "--method", METHOD,
             "--address", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), *extra,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -263,6 +269,8 @@ def _bad_requests(inputs, data_dir):
         "undecodable bytes": (_bytes_request((data_dir / "not_an_image.jpg").read_bytes()), "not an image"),
         "empty bytes": (_bytes_request(b""), "empty"),
         "image too small": (_bytes_request((data_dir / "tiny.png").read_bytes()), "8x8"),
+        "too many classes": (_tensor_request(good, list(range(MAX_CLASSES + 1))),
+                             f"{MAX_CLASSES + 1} classes in one request is more than the {MAX_CLASSES} allowed"),
     }
 
 
@@ -385,6 +393,217 @@ def test_explain_with_server_names_each_skipped_file_once(server, data_dir, tmp_
     skipped = [line for line in captured.err.splitlines() if line.startswith("fdcam: skipped: ")]
     assert len(skipped) == 2 and skipped[0].count(str(missing)) == 1 and skipped[1].count(str(tiny)) == 1
     assert "nothing written: 2 problem(s) with 2 image(s)" in captured.err
+
+
+def _png(size, mode="1") -> bytes:
+    """A PNG of `size` in a few kB (mode 1, all black): what a decompression bomb looks like on the wire."""
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _metric(server: Server, name: str, model: str) -> float:
+    """The sum of a Prometheus counter over its series for `model` (Triton's failure counter has one per reason)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode("utf-8")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and f'model="{model}"' in line)
+
+
+@pytest.mark.slow
+def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answered(onnx_server, lite0, cam, data_dir):
+    """A 225 Mpx PNG sent together with four photographs (the server waits 300 ms to batch them): one line
+    for the bomb, a 400, and the four explanations equal to the library's."""
+    from tritonclient.utils import InferenceServerException
+
+    bomb = _png((15_000, 15_000))
+    photos = [(data_dir / name).read_bytes() for name in IMAGES]
+    payloads = photos[:2] + [bomb] + photos[2:]
+    with ExplainClient(onnx_server.http) as client:
+        before = client.statistics("fdcam_image")
+
+    def one(data: bytes):
+        with ExplainClient(onnx_server.http) as own:
+            try:
+                encoded = own._input("image_bytes", np.array([[data]], dtype=np.object_), "BYTES")
+                return own.client.infer("fdcam_image", [encoded])
+            except InferenceServerException as error:
+                return error
+
+    with concurrent.futures.ThreadPoolExecutor(len(payloads)) as pool:
+        answers = list(pool.map(one, payloads, timeout=300))
+    with ExplainClient(onnx_server.http) as client:
+        after = client.statistics("fdcam_image")
+    refused = answers.pop(2)
+    assert isinstance(refused, InferenceServerException) and refused.status() == "400"
+    assert refused.message() == ("refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed "
+                                 "(a possible decompression bomb)")
+    for name, answer in zip(IMAGES, answers):
+        x = preprocess(load_image(data_dir / name), spec_of(lite0))
+        result = {key: answer.as_numpy(key) for key in ("logits", "targets", "saliency")}
+        _assert_same_explanation(result, *_library(lite0, cam, x))
+    assert after["inference_count"] - before["inference_count"] == 5
+    assert after["execution_count"] - before["execution_count"] < 5, "the five requests did not share an execution"
+
+
+@pytest.mark.slow
+def test_a_100_megapixel_png_is_refused_like_the_command_line_refuses_it(server, tmp_path, capsys):
+    data = _png((10_000, 10_000))
+    with ExplainClient(server.grpc) as client, pytest.raises(ServerError) as refused:
+        client.explain_bytes(data)
+    assert str(refused.value) == ("refused image_bytes: 10000x10000 px (100 Mpx) is more than the 89 Mpx allowed "
+                                  "(a possible decompression bomb)")
+    path = tmp_path / "big.png"
+    path.write_bytes(data)
+    assert main(["explain", str(path), "--out", str(tmp_path / "out")]) == 1
+    assert "10000x10000 px (100 Mpx) is more than the 89 Mpx allowed" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_explain_with_server_honours_max_size_like_the_local_command(server, data_dir, tmp_path, capsys):
+    large = tmp_path / "large.jpg"
+    load_image(data_dir / IMAGES[0]).resize((6000, 4500)).save(large, quality=90)
+    common = [str(large), "--max-size", "512", "--topk", "2"]
+    assert main(["explain", *common, "--method", METHOD, "--out", str(tmp_path / "local")]) == 0
+    assert main(["explain", *common, "--server", server.http, "--out", str(tmp_path / "served")]) == 0
+    capsys.readouterr()
+    local = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert local == sorted(p.name for p in (tmp_path / "served").iterdir()) and len(local) == 4
+    for name in local:
+        if name.endswith(".npy"):
+            ours, theirs = np.load(tmp_path / "local" / name), np.load(tmp_path / "served" / name)
+            assert ours.shape == theirs.shape == (384, 512)
+            assert np.abs(ours - theirs).max() <= MAP_TOLERANCE
+        else:
+            assert Image.open(tmp_path / "served" / name).size == (512, 384)
+
+
+@pytest.mark.slow
+def test_refusals_are_failures_in_triton_statistics_and_metrics(server, inputs):
+    """Requests sent one at a time (each its own execution): 3 good, 2 NaN → success +3, failure +2,
+    and fdcam's own refusal counter +2."""
+    nan = inputs[0].numpy().copy()
+    nan[0, 0, 5, 5] = np.nan
+
+    def counters():
+        with ExplainClient(server.http) as client:
+            entry = client.client.get_inference_statistics("fdcam")["model_stats"][0]["inference_stats"]
+        return (int(entry["success"]["count"]), int(entry["fail"]["count"]),
+                _metric(server, "nv_inference_request_success", "fdcam"),
+                _metric(server, "nv_inference_request_failure", "fdcam"),
+                _metric(server, "fdcam_refused_requests_total", "fdcam"))
+
+    before = counters()
+    with ExplainClient(server.http) as client:
+        for x in (inputs[0], nan, inputs[1], nan, inputs[2]):
+            try:
+                client.explain_tensor(x)
+            except ServerError as error:
+                assert str(error) == "image contains NaN or infinite values"
+    time.sleep(2)  # Triton's metrics are refreshed every second
+    after = counters()
+    assert [b - a for a, b in zip(before, after)] == [3, 2, 3, 2, 2]
+
+
+def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):
+    ports = _free_ports(3)
+    status = main(["serve", "--method", "scorecam", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                   "--metrics-port", str(ports[2])])
+    captured = capsys.readouterr()
+    assert status == 2 and "exporting" not in captured.err + captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fdcam: error: --method scorecam") and "--backend torch" in lines[0]
+
+
+def test_serve_refuses_a_negative_bound_in_one_line(capsys):
+    ports = _free_ports(3)
+    assert main(["serve", "--max-classes", "-1", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                 "--metrics-port", str(ports[2])]) == 2
+    assert capsys.readouterr().err.strip() == "fdcam: error: --max-classes must be 0 (no limit) or more, not -1"
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_no_server_and_the_next_start_removes_the_workspace(tmp_path):
+    """`fdcam serve` killed outright: tritonserver and its stubs go (the kernel tells tritonserver);
+    its workspace and log stay until the next `fdcam serve`, which removes them first thing."""
+    killed = Server(env={"TMPDIR": str(tmp_path)})
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"fdcam-serve-{killed.process.pid}-"))
+    assert len(left) == 2  # the workspace and the log
+    killed.process.kill()
+    killed.process.wait()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(_alive(pid) for pid in killed.family) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in killed.family if _alive(pid)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("fdcam-serve-")) == left
+    # The next start: here one that stops at its first argument check, after cleaning up.
+    ports = [str(port) for port in _free_ports(3)]
+    status = subprocess.run([sys.executable, "-m", "fdcam.cli", "serve", "--max-classes", "-1", "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2]], capture_output=True, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)}).returncode
+    assert status == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("fdcam-serve-")]
+
+
+SOAK_CLIENTS, SOAK_REQUESTS = 8, 6  # per client, after a warm-up round of the same requests
+SOAK_GROWTH_MB = 100  # a stub's resident memory after the soak, against after the warm-up
+# A stub's peak over its resident memory after the warm-up: one decoded 6000×4500 image with its RGB
+# copies (3 × 81 MB), or one saliency_original of 3 maps at 4096×3072 and its copy into shared memory
+# (2 × 151 MB), plus slack. The server before issue #19 held a whole batch of them: 2229 MB peak over
+# 1387 MB after the warm-up in a similar soak (README), 1387 MB that held ~680 MB kept from the warm-up.
+SOAK_PEAK_MB = 500
+
+
+def _stub_memory(server: Server) -> dict[int, tuple[int, int]]:
+    """(resident MB, peak resident MB) of each Python-backend stub of the server."""
+    out = {}
+    for pid in descendants(server.process.pid):
+        try:
+            if b"triton_python_backend_stub" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        except OSError:
+            continue
+        out[pid] = (int(status["VmRSS"].split()[0]) // 1024, int(status["VmHWM"].split()[0]) // 1024)
+    return out
+
+
+@pytest.mark.slow
+def test_soak_stub_memory_stays_flat(server, inputs, data_dir, tmp_path):
+    """8 concurrent clients × 6 requests after a warm-up: photographs and a 6000×4500 JPEG (with and
+    without saliency_original, top-1 and 3 classes) and tensors; every answer equals its warm-up answer,
+    each stub's resident memory grows by at most SOAK_GROWTH_MB and peaks at most SOAK_PEAK_MB above it."""
+    large = tmp_path / "large.jpg"
+    load_image(data_dir / IMAGES[0]).resize((6000, 4500)).save(large, quality=90)
+    photos = [(data_dir / name).read_bytes() for name in IMAGES] + [large.read_bytes()]
+
+    def send(client: ExplainClient, index: int) -> np.ndarray:
+        kind = index % (len(photos) + 1)
+        if kind == len(photos):
+            return client.explain_tensor(inputs[index % len(inputs)])["saliency"]
+        classes = [1, 2, 3] if index % 3 == 0 else None
+        return client.explain_bytes(photos[kind], classes, original=index % 2 == 0)["saliency"]
+
+    def run_client(client_index: int) -> list[tuple[int, np.ndarray]]:
+        with ExplainClient(server.http) as own:
+            indices = range(client_index * SOAK_REQUESTS, (client_index + 1) * SOAK_REQUESTS)
+            return [(index, send(own, index)) for index in indices]
+
+    with concurrent.futures.ThreadPoolExecutor(SOAK_CLIENTS) as pool:
+        warm = dict(answer for answers in pool.map(run_client, range(SOAK_CLIENTS), timeout=600) for answer in answers)
+    before = _stub_memory(server)
+    with concurrent.futures.ThreadPoolExecutor(SOAK_CLIENTS) as pool:
+        soak = [answer for answers in pool.map(run_client, range(SOAK_CLIENTS), timeout=600) for answer in answers]
+    after = _stub_memory(server)
+    assert len(soak) == SOAK_CLIENTS * SOAK_REQUESTS
+    for index, saliency in soak:
+        assert np.abs(saliency - warm[index]).max() <= MAP_TOLERANCE
+    assert set(before) == set(after) and len(before) == 2
+    report = {pid: (before[pid][0], after[pid][0], after[pid][1]) for pid in before}
+    print(f"stub resident MB (after warm-up, after soak, peak): {report}")
+    for pid in before:
+        assert after[pid][0] - before[pid][0] <= SOAK_GROWTH_MB, report
+        assert after[pid][1] - before[pid][0] <= SOAK_PEAK_MB, report
 
 
 def test_ctrl_c_stops_the_server_and_leaves_no_tritonserver(server):

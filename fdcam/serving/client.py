@@ -19,7 +19,9 @@ from .. import models
 from ..explain_output import (
     check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
 )
-from ..images import ImageError, load_image
+from ..images import ImageError, load_image, output_size, resize_map
+
+_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as fdcam explain resizes the image it overlays
 
 __all__ = ["ExplainClient", "ServerError", "parse_url", "explain_remote"]
 
@@ -117,13 +119,17 @@ class ExplainClient:
             inputs.append(self._input("classes", classes, _datatype(classes)))
         return self._infer(model, inputs, ["logits", "targets", "saliency"])
 
-    def explain_bytes(self, data: bytes, classes=None) -> dict[str, np.ndarray]:
-        """One encoded image (JPEG, PNG, ...) → the outputs of explain_tensor plus saliency_original [1,T,h,w]."""
+    def explain_bytes(self, data: bytes, classes=None, original: bool = True) -> dict[str, np.ndarray]:
+        """One encoded image (JPEG, PNG, ...) → the outputs of explain_tensor plus saliency_original [1,T,h,w].
+
+        `original=False` leaves saliency_original out (the server then does not compute it).
+        """
         inputs = [self._input("image_bytes", np.array([[data]], dtype=np.object_), "BYTES")]
         if classes is not None:
             classes = self._classes(classes)
             inputs.append(self._input("classes", classes, "INT64"))
-        return self._infer("fdcam_image", inputs, ["logits", "targets", "saliency", "saliency_original"])
+        outputs = ["logits", "targets", "saliency"] + (["saliency_original"] if original else [])
+        return self._infer("fdcam_image", inputs, outputs)
 
     def statistics(self, model: str = "fdcam") -> dict:
         """Triton's counters for `model`: requests (inference_count), executions, and executions per batch size."""
@@ -156,6 +162,8 @@ def explain_remote(args: argparse.Namespace) -> int:
                              f"a server with --method {args.method}")
         method, spec = config["method"], models.spec(config["model"])
         check_classes(args.classes, args.topk, spec)
+        if args.max_size < 1:
+            raise ValueError(f"--max-size must be a positive number of pixels, not {args.max_size}")
         names = class_labels(spec)
         out = Path(args.out)
         check_output_dir(out)
@@ -164,17 +172,21 @@ def explain_remote(args: argparse.Namespace) -> int:
             try:
                 image = load_image(path)
                 data = Path(path).read_bytes()
-                result = client.explain_bytes(data, args.classes)
+                result = client.explain_bytes(data, args.classes, original=False)
                 if not args.classes and args.topk > 1:
                     top = torch.tensor(result["logits"][0]).topk(args.topk).indices.tolist()
-                    result = client.explain_bytes(data, top)
+                    result = client.explain_bytes(data, top, original=False)
             except (ImageError, ServerError, OSError) as error:
                 failures.append(str(error))
                 print(skip_line(path, error), file=sys.stderr)
                 continue
             probabilities = torch.softmax(torch.tensor(result["logits"][0]), dim=0)
-            for class_index, full in zip(result["targets"][0].tolist(), result["saliency_original"][0]):
-                files = save_explanation(image, full, out / f"{stem}_{method}_{class_index}")
+            # The maps are scaled to the output size here, as the local command does (same --max-size, same files).
+            width, height = output_size(image.size, args.max_size)
+            shown = image if (width, height) == image.size else image.resize((width, height), resample=_BILINEAR)
+            for class_index, saliency in zip(result["targets"][0].tolist(), result["saliency"][0]):
+                full = resize_map(torch.from_numpy(saliency), (height, width)).numpy()
+                files = save_explanation(shown, full, out / f"{stem}_{method}_{class_index}")
                 rows.append((stem, method, class_index, names[class_index], float(probabilities[class_index]), files))
         return finish(rows, failures, len(args.images))
     finally:

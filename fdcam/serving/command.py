@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
@@ -13,11 +15,16 @@ import threading
 from pathlib import Path
 
 from .. import models
+from ..bounds import MAX_CLASSES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_OUTPUT_SIDE, PILLOW_LIMIT
 from ..methods import METHODS
 from .engine import BACKENDS, ServingConfig, default_onnx_paths
 from .server import MODEL_NAMES, ServerOptions, TritonProcess, write_repository
 
-__all__ = ["add_arguments", "run", "export_graphs"]
+__all__ = ["add_arguments", "run", "export_graphs", "clean_stale_workspaces", "WORKSPACE_PREFIX"]
+
+# Workspaces and logs are named fdcam-serve-<pid>-...: a later start removes those of a process that is gone.
+WORKSPACE_PREFIX = "fdcam-serve-"
+_STALE = re.compile(re.escape(WORKSPACE_PREFIX) + r"(\d+)-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explainer-dir", default=None,
                         help="onnxruntime backend: keep the exported graphs here and reuse them on the next start")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
+    bounds = parser.add_argument_group("request bounds (fdcam.bounds; the same defaults as fdcam explain; 0: no limit)")
+    bounds.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="PIXELS",
+                        help=f"refuse images of more pixels, before decoding them (default {MAX_IMAGE_PIXELS}, "
+                        f"at most {PILLOW_LIMIT})")
+    bounds.add_argument("--max-request-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="BYTES",
+                        help=f"refuse encoded images (image_bytes) of more bytes (default {MAX_IMAGE_BYTES})")
+    bounds.add_argument("--max-output-side", type=int, default=MAX_OUTPUT_SIDE, metavar="PIXELS",
+                        help=f"longest side of saliency_original; larger images get it scaled down "
+                        f"(default {MAX_OUTPUT_SIDE})")
+    bounds.add_argument("--max-classes", type=int, default=MAX_CLASSES, metavar="T",
+                        help=f"refuse requests for more classes than this (default {MAX_CLASSES})")
     parser.set_defaults(run=run)
 
 
@@ -108,10 +126,67 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    for name in ("max_image_pixels", "max_request_bytes", "max_output_side", "max_classes"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 (no limit) or more, not {getattr(args, name)}")
+    if args.max_image_pixels > PILLOW_LIMIT:
+        raise ValueError(f"--max-image-pixels may be at most {PILLOW_LIMIT} (Pillow refuses larger images itself)")
+    _check_method_backend(args.method, args.backend)
+
+
+def _check_method_backend(method: str, backend: str) -> None:
+    """A method the explainer graph cannot hold is refused before anything is exported."""
+    if backend != "onnxruntime":
+        return
+    try:
+        from fdcam.export.explainer import EXPLAINER_METHODS
+    except ImportError:
+        raise ImportError("this fdcam has no fdcam.export (the explainer graph); serve with --backend torch") from None
+    if method not in EXPLAINER_METHODS:
+        raise ValueError(f"--method {method} does not fit the exported explainer graph of the onnxruntime backend "
+                         f"(it holds {', '.join(EXPLAINER_METHODS)}); serve it with --backend torch")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def clean_stale_workspaces(directory: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the workspaces and logs that `fdcam serve` processes which no longer run left in `directory`.
+
+    A `fdcam serve` killed outright (SIGKILL) cannot remove its own; its tritonserver gets SIGTERM from
+    the kernel. Returns what was removed.
+    """
+    directory = Path(directory or tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STALE.match(entry.name)
+        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.lstat().st_uid != os.getuid():
+                continue  # another user's server (its pid may live in another pid namespace)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue  # another user's, or already gone
+    return removed
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; then stop tritonserver and its stubs before returning."""
+    clean_stale_workspaces()  # first: also a start that fails on its arguments cleans up after a killed server
     _check_arguments(args)
     spec = models.spec(args.model)
     config = ServingConfig(
@@ -121,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         backend=args.backend,
         device=args.device,
+        max_image_pixels=args.max_image_pixels or None,
+        max_request_bytes=args.max_request_bytes or None,
+        max_output_side=args.max_output_side or None,
+        max_classes=args.max_classes or None,
     )
     if config.weights not in (None, "imagenet") and not Path(config.weights).is_file():
         raise FileNotFoundError(f"weights file not found: {config.weights}")
@@ -135,11 +214,12 @@ def run(args: argparse.Namespace) -> int:
         max_queue_delay_us=args.max_queue_delay_us,
     )
     # The server's log lives beside the workspace: an error names it, so it outlives a failed start.
-    handle, log_name = tempfile.mkstemp(prefix="fdcam-serve-", suffix=".log")
+    prefix = f"{WORKSPACE_PREFIX}{os.getpid()}-"
+    handle, log_name = tempfile.mkstemp(prefix=prefix, suffix=".log")
     os.close(handle)
     log_path = Path(log_name)
     try:
-        with tempfile.TemporaryDirectory(prefix="fdcam-serve-") as workspace:
+        with tempfile.TemporaryDirectory(prefix=prefix) as workspace:
             workspace = Path(workspace)
             if config.backend == "onnxruntime":
                 config = export_graphs(config, Path(args.explainer_dir) if args.explainer_dir else workspace / "explainer")

@@ -7,7 +7,6 @@ each result (outputs, or one line of error) back into a Triton response.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence, Union
@@ -16,8 +15,9 @@ import numpy as np
 import torch
 
 from .. import models
+from ..bounds import MAX_CLASSES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_OUTPUT_SIDE, BoundsError, ImageBounds
 from ..errors import first_line
-from ..images import ImageError, _to_rgb, preprocess, resize_map
+from ..images import ImageError, preprocess, resize_map
 from ..methods import METHODS
 
 __all__ = [
@@ -27,10 +27,12 @@ __all__ = [
     "TorchExplainer",
     "OnnxExplainer",
     "RequestError",
+    "EngineFailure",
     "make_explainer",
     "decode_image",
     "handle_tensor_requests",
     "handle_image_requests",
+    "add_original_maps",
 ]
 
 BACKENDS = ("onnxruntime", "torch")
@@ -41,6 +43,10 @@ Result = Union[dict, str]
 
 class RequestError(ValueError):
     """A request that cannot be explained; its message is the one line the client gets back."""
+
+
+class EngineFailure(str):
+    """The one-line result of a good request whose explanation failed: a server error, not a 400."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,20 @@ class ServingConfig:
     device: str = "cpu"
     explainer_onnx: str | None = None  # explainer graph without a classes input (top-1)
     explainer_classes_onnx: str | None = None  # the same graph with a classes input
+    # fdcam.bounds: the same limits and defaults as `fdcam explain` (None: no limit).
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    max_request_bytes: int | None = MAX_IMAGE_BYTES
+    max_output_side: int | None = MAX_OUTPUT_SIDE
+    max_classes: int | None = MAX_CLASSES
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    @property
+    def bounds(self) -> ImageBounds:
+        """The image bounds every request is checked against."""
+        return ImageBounds(max_pixels=self.max_image_pixels, max_bytes=self.max_request_bytes,
+                           max_output_side=self.max_output_side, max_classes=self.max_classes)
 
 
 class Explainer(Protocol):
@@ -122,24 +139,20 @@ def make_explainer(config: ServingConfig) -> Explainer:
     return TorchExplainer(config) if config.backend == "torch" else OnnxExplainer(config)
 
 
-def decode_image(data: bytes) -> "PIL.Image.Image":  # noqa: F821
-    """Decode an encoded image (JPEG, PNG, ...) as RGB with its EXIF orientation applied, like `fdcam.images.load_image`."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def decode_image(data: bytes, bounds: ImageBounds = ImageBounds()) -> "PIL.Image.Image":  # noqa: F821
+    """Decode an encoded image (JPEG, PNG, ...) as `fdcam.images.load_image` does, within `bounds` (RequestError)."""
+    from ..images import decode_image as decode
 
-    if not data:
-        raise RequestError("image_bytes is empty")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return _to_rgb(ImageOps.exif_transpose(opened)).copy()
-    except UnidentifiedImageError:
-        raise RequestError("image_bytes is not an image (or a format Pillow cannot read)") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise RequestError(f"cannot decode image_bytes: {first_line(error, None)}") from None
+        return decode(data, max_pixels=bounds.max_pixels, max_bytes=bounds.max_bytes, name="image_bytes")
+    except ImageError as error:
+        raise RequestError(first_line(error, None)) from None
 
 
-def _check_classes(request: Mapping[str, np.ndarray], num_classes: int, batched: bool) -> np.ndarray | None:
-    """The request's classes as int64 [T] (None when absent); out of range or empty is a RequestError."""
+def _check_classes(
+    request: Mapping[str, np.ndarray], num_classes: int, batched: bool, bounds: ImageBounds = ImageBounds()
+) -> np.ndarray | None:
+    """The request's classes as int64 [T] (None when absent); out of range, empty or too many is a RequestError."""
     classes = request.get("classes")
     if classes is None:
         return None
@@ -152,6 +165,10 @@ def _check_classes(request: Mapping[str, np.ndarray], num_classes: int, batched:
         raise RequestError(f"classes must hold at least one class index, got shape {list(classes.shape)}")
     if classes.dtype != np.int64:
         raise RequestError(f"classes must be int64, got {classes.dtype}")
+    try:
+        bounds.check_classes(classes.size)
+    except BoundsError as error:
+        raise RequestError(str(error)) from None
     bad = classes[(classes < 0) | (classes >= num_classes)]
     if bad.size:
         raise RequestError(f"class index {int(bad[0])} is out of range for a model with {num_classes} classes")
@@ -175,7 +192,7 @@ class _Item:
     index: int
     image: np.ndarray  # [3,H,W]
     classes: np.ndarray | None  # [T]
-    original: "PIL.Image.Image | None" = None  # noqa: F821
+    output_size: tuple[int, int] | None = None  # (height, width) of saliency_original; the image itself is not kept
 
 
 def _explain_items(explainer: Explainer, items: Sequence[_Item], results: list) -> None:
@@ -190,7 +207,7 @@ def _explain_items(explainer: Explainer, items: Sequence[_Item], results: list) 
             logits, targets, saliency = explainer.explain(images, classes)
         except Exception as error:  # an engine failure fails this group only, as one line
             for item in group:
-                results[item.index] = f"explanation failed: {first_line(error, None)}"
+                results[item.index] = EngineFailure(f"explanation failed: {first_line(error, None)}")
             continue
         for row, item in enumerate(group):
             results[item.index] = {
@@ -200,7 +217,9 @@ def _explain_items(explainer: Explainer, items: Sequence[_Item], results: list) 
             }
 
 
-def handle_tensor_requests(explainer: Explainer, requests: Sequence[Mapping[str, np.ndarray]]) -> list[Result]:
+def handle_tensor_requests(
+    explainer: Explainer, requests: Sequence[Mapping[str, np.ndarray]], bounds: ImageBounds = ImageBounds()
+) -> list[Result]:
     """Model `fdcam`: each request holds `image` [1,3,H,W] float32 and optionally `classes` [1,T] int64."""
     results: list[Result] = [""] * len(requests)
     items = []
@@ -209,20 +228,29 @@ def handle_tensor_requests(explainer: Explainer, requests: Sequence[Mapping[str,
             if "image" not in request:
                 raise RequestError("missing input 'image'")
             image = _check_image_tensor(request["image"], explainer.input_size)
-            items.append(_Item(index, image, _check_classes(request, explainer.num_classes, batched=True)))
+            items.append(_Item(index, image, _check_classes(request, explainer.num_classes, True, bounds)))
         except RequestError as error:
             results[index] = str(error)
+        except Exception as error:  # anything else fails this request only, in one line
+            results[index] = f"request failed: {first_line(error, None)}"
     _explain_items(explainer, items, results)
     return results
 
 
 def handle_image_requests(
-    explainer: Explainer, requests: Sequence[Mapping[str, np.ndarray]], spec: models.ModelSpec
+    explainer: Explainer,
+    requests: Sequence[Mapping[str, np.ndarray]],
+    spec: models.ModelSpec,
+    bounds: ImageBounds = ImageBounds(),
+    with_original: bool = True,
 ) -> list[Result]:
     """Model `fdcam_image`: `image_bytes` [1,1] BYTES of an encoded image, optional `classes` [1,T].
 
-    Images are decoded, resized and normalised as `fdcam explain` does; the outputs add
-    `saliency_original` [1,T,h,w], the maps at the image's own size.
+    Images are decoded within `bounds`, resized and normalised as `fdcam explain` does; the outputs add
+    `saliency_original` [1,T,h,w], the maps at the size `fdcam explain` writes (the image's, the longer
+    side at most bounds.max_output_side). Each image is decoded, preprocessed and dropped before the
+    next one, so a batch holds one decoded image at a time. With `with_original=False` the good results
+    hold ORIGINAL_SIZE instead, for add_original_maps to fill in one request at a time.
     """
     results: list[Result] = [""] * len(requests)
     items = []
@@ -236,22 +264,43 @@ def handle_image_requests(
                 raise RequestError(f"image_bytes must hold one encoded image, got {data.size}")
             raw = data[0]
             raw = raw.encode("latin-1") if isinstance(raw, str) else bytes(raw)
-            image = decode_image(raw)
+            classes = _check_classes(request, explainer.num_classes, True, bounds)  # before decoding: cheap first
+            image = decode_image(raw, bounds)
+            del raw, data
             try:
                 x = preprocess(image, spec)[0].numpy()
             except ImageError as error:
                 raise RequestError(first_line(error, None)) from None
-            items.append(_Item(index, x, _check_classes(request, explainer.num_classes, batched=True), image))
+            width, height = bounds.output_size(image.size)
+            del image
+            items.append(_Item(index, x, classes, (height, width)))
         except RequestError as error:
             results[index] = str(error)
+        except Exception as error:  # never let one request fail its batchmates: one line for this one
+            results[index] = f"cannot use image_bytes: {first_line(error, None)}"
     _explain_items(explainer, items, results)
     for item in items:
         result = results[item.index]
         if isinstance(result, dict):
-            size = (item.original.height, item.original.width)
-            maps = torch.from_numpy(result["saliency"][0])
-            result["saliency_original"] = torch.stack([resize_map(m, size) for m in maps]).numpy()[None]
+            result[ORIGINAL_SIZE] = item.output_size
+            if with_original:
+                add_original_maps(result)
     return results
+
+
+# Key of a good image result that holds the (height, width) of its saliency_original until it is made.
+ORIGINAL_SIZE = "_original_size"
+
+
+def add_original_maps(result: dict) -> dict:
+    """Add `saliency_original` [1,T,h,w] to an image result, at the size it holds under ORIGINAL_SIZE."""
+    size = result.pop(ORIGINAL_SIZE)
+    maps = torch.from_numpy(result["saliency"][0])
+    original = np.empty((1, maps.shape[0], *size), dtype=np.float32)
+    for index, saliency in enumerate(maps):  # one full-size float map at a time besides the output
+        original[0, index] = resize_map(saliency, size).numpy()
+    result["saliency_original"] = original
+    return result
 
 
 def default_onnx_paths(directory: str | Path) -> tuple[Path, Path]:

@@ -93,6 +93,10 @@ def triton_environment(base: dict | None = None) -> dict:
     # Spinning OpenMP threads stall badly when another process holds a core (measured here on 2 cores:
     # Grad-CAM of one image 4.8 s instead of 0.1 s); a server shares its CPUs, so threads sleep while waiting.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Each thread that touches the heap may get its own glibc arena (up to 8 per core), and freed memory
+    # in an arena is rarely handed back: a stub that served a few large images kept gigabytes when idle.
+    # Two arenas (and malloc_trim after each execution, fdcam.serving.triton_model) keep it flat.
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     return env
 
 
