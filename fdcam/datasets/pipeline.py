@@ -24,7 +24,7 @@ from .workers import NO_LABEL, EvaluateActor, ExplainActor, decode_batch, featur
 
 __all__ = ["DatasetRun", "PoolPlan", "evaluate_dataset", "explain_dataset", "plan_pool"]
 
-DECODE_CPUS = 0.25  # a decode task is short; it must fit beside the actors on a small machine
+DECODE_CPUS = 0.25  # a decode or write task is short; it must fit beside the actors on a small machine
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,9 @@ def _run(kind: str, records: list[ImageRecord], out: OutputFolder, config: dict[
                     num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                     fn_constructor_kwargs={**actor_kwargs, "device": device, "threads": threads},
                 )
-                dataset.write_parquet(str(out.staging))
+                # Ray's writer asks for a whole CPU per task by default: on small nodes next to the actors it
+                # would never be scheduled.
+                dataset.write_parquet(str(out.staging), ray_remote_args={"num_cpus": DECODE_CPUS})
     except KeyboardInterrupt:
         interrupted = True
     finally:
