@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ray = pytest.importorskip("ray")
+import ray  # noqa: E402
 
 import fdcam  # noqa: E402
 from fdcam.datasets import ModelRef, evaluate_dataset, explain_dataset, plan_pool  # noqa: E402
