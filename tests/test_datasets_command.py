@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from PIL import Image
 import pytest
 
 
@@ -99,3 +100,24 @@ def test_evaluate_ray_gives_fdcam_evaluate_per_image_values(tmp_path, capsys):
         assert row["class"] == entry["class"] and row["method"] == "gradcam"
         for key in ("insertion", "deletion", "overall"):
             assert row[key] == pytest.approx(entry["methods"]["gradcam"][key], abs=1e-6)
+
+
+def test_overlays_are_drawn_from_the_parquet_map(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from fdcam.datasets.command import write_overlays
+    from fdcam.datasets.workers import EXPLAIN_SCHEMA
+    from fdcam.images import load_image, overlay
+
+    photo = image_folder(tmp_path / "images", 1, start=80)[0]
+    saliency = np.linspace(0, 1, 49, dtype=np.float16)
+    rows = [{"path": str(tmp_path / "gone.jpg"), "method": "fdcam", "layer": "l", "error": "not an image"},
+            {"path": str(photo), "class": 7, "label": None, "logit": 1.0, "probability": 0.5, "method": "fdcam",
+             "layer": "l", "rank": 0, "map_height": 7, "map_width": 7, "saliency": saliency, "error": None}]
+    (tmp_path / "out" / "rows").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=EXPLAIN_SCHEMA), tmp_path / "out" / "rows" / "a.parquet")
+    [written] = write_overlays(tmp_path / "out", 5)  # the error row has no map: one overlay
+    assert written.name.endswith("_class7.png")
+    expected = overlay(load_image(photo), saliency.astype(np.float32).reshape(7, 7))
+    assert np.array_equal(np.asarray(Image.open(written)), np.asarray(expected))
