@@ -48,3 +48,13 @@ def read_rows(out: Path) -> list[dict]:
 def saliency_of(row: dict) -> torch.Tensor:
     """A row's map as float32 [map_height, map_width]."""
     return torch.from_numpy(np.asarray(row["saliency"], dtype=np.float32).reshape(row["map_height"], row["map_width"]))
+
+
+def plain_lite0() -> torch.nn.Module:
+    """A model factory for `model="datasets_helpers:plain_lite0"`: Lite0 without fdcam's spec attached, as a
+    user's own model would come (its input format is then given as model_spec)."""
+    import fdcam
+
+    model = fdcam.models.load("efficientnet_lite0")
+    delattr(model, "fdcam_spec")
+    return model

@@ -19,7 +19,7 @@ import torch
 import ray  # noqa: E402
 
 import fdcam  # noqa: E402
-from fdcam.datasets import ModelRef, evaluate_dataset, explain_dataset, plan_pool  # noqa: E402
+from fdcam.datasets import evaluate_dataset, explain_dataset, plan_pool  # noqa: E402
 from fdcam.evaluation import evaluate_insertion_deletion  # noqa: E402
 from fdcam.images import load_image, preprocess  # noqa: E402
 from fdcam.maps import to_input_size  # noqa: E402
@@ -94,9 +94,12 @@ def test_explain_dataset_equals_library_and_bad_images_are_error_rows(tmp_path, 
 def test_feature_size_maps_upsample_to_the_library_map(tmp_path, lite0):
     photos = image_folder(tmp_path / "images", 3, start=10)
     out = tmp_path / "out"
-    explain_dataset([str(p) for p in photos], out=out, model=ModelRef.of("efficientnet_lite0"), method="gradcam",
-                    targets=[281], batch_size=2, actors=1, progress=False)
+    # the model travels as an importable factory; its input format as a zoo name
+    explain_dataset([str(p) for p in photos], out=out, model="datasets_helpers:plain_lite0",
+                    model_spec="efficientnet_lite0", method="gradcam", targets=[281], batch_size=2, actors=1,
+                    progress=False)
     rows = read_rows(out)
+    assert json.loads((out / "run.json").read_text())["config"]["model"] == "datasets_helpers:plain_lite0"
     assert len(rows) == 3 and all(r["class"] == 281 and r["error"] is None for r in rows)
     cam = fdcam.GradCAM(lite0)
     for row in rows:
@@ -147,8 +150,10 @@ def test_an_actor_killed_mid_run_leaves_every_image_exactly_once(tmp_path, lite0
     photos = image_folder(tmp_path / "images", 10, start=30)
     out = tmp_path / "out"
     finished: dict = {}
+    weights = tmp_path / "lite0.pt"  # the model travels as a zoo name and a weights file the workers read
+    torch.save(lite0.state_dict(), weights)
     thread = threading.Thread(target=lambda: finished.setdefault("run", explain_dataset(
-        tmp_path / "images", out=out, batch_size=1, actors=1, progress=False)))
+        tmp_path / "images", out=out, weights=str(weights), batch_size=1, actors=1, progress=False)))
     thread.start()
     staging = out / "rows" / "_staging"
     deadline = time.monotonic() + 300

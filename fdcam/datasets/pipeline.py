@@ -83,9 +83,11 @@ def ray_session(address: str | None, quiet: bool = False) -> Iterator[Any]:
 
     started = False
     if not ray.is_initialized():
-        options: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                                   "log_to_driver": not quiet}
+        options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": not quiet}
+        if address is not None and address.startswith("ray://"):
+            options = {}  # Ray Client takes the cluster's settings
         if address is None:
+            options["include_dashboard"] = False
             # Workers import what the driver imports (a model factory in the caller's package).
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
         try:
