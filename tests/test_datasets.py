@@ -30,7 +30,10 @@ from datasets_helpers import MAP_TOLERANCE, image_folder, read_rows, saliency_of
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A Ray started by the user: a model factory's module must be importable on its workers (here, tests/).
+    tests = str(Path(__file__).resolve().parent)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}})
     yield
     ray.shutdown()
 
