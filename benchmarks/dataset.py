@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| row | seconds | images/s |\n|---|---:|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.1f} | {rates[name]:.2f} |")
-    print(f"scaling 1 → 2 actors: {two / one:.2f}×; 1 actor vs the in-process loop: {one / rates['in-process loop']:.2f}×")
+    plain = rates["in-process loop"]
+    print(f"scaling 1 → 2 actors: {two / one:.2f}×; 1 actor vs the in-process loop: {one / plain:.2f}×")
     print("prediction (not measured): N GPUs, one actor each, at the H100 table's Lite0 FD-CAM fp32 rate "
           f"({H100_LITE0_FDCAM_PER_SECOND}/s with batches of 32): ≈ {H100_LITE0_FDCAM_PER_SECOND} × N images/s "
           "while decoding keeps up")

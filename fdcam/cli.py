@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serving import command as serve_command
     from .datasets import command as dataset_command
 
-    dataset_command.add_arguments(commands.add_parser("explain-dataset", help="explain a whole dataset on Ray Data (Parquet)"))
+    dataset_command.add_arguments(
+        commands.add_parser("explain-dataset", help="explain a whole dataset on Ray Data (Parquet)")
+    )
 
     serve_command.add_arguments(commands.add_parser("serve", help="serve explanations from Triton Inference Server"))
     return parser

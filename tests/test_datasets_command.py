@@ -42,7 +42,8 @@ def _files(out: Path) -> dict[str, str]:
 
 
 def _paths(out: Path, names) -> list[str]:
-    return [p for name in names for p in pq.read_table(out / "rows" / name, columns=["path"]).column("path").to_pylist()]
+    tables = [pq.read_table(out / "rows" / name, columns=["path"]) for name in names]
+    return [path for table in tables for path in table.column("path").to_pylist()]
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def _non_negative_float(text: str) -> float:
 def add_ray_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The options of the Ray cluster and the actor pool, shared by both commands."""
     parser.add_argument("--ray-address", metavar="ADDR",
-                        help="an existing Ray cluster ('auto', 'ray://host:10001'); default: a local Ray on this machine")
+                        help="an existing Ray cluster ('auto', 'ray://host:10001'); default: a local Ray here")
     parser.add_argument("--actors", type=_positive_int, metavar="N",
                         help="model actors (default: sized from the cluster's CPUs/GPUs, leaving CPU for decoding)")
     parser.add_argument("--gpus-per-actor", type=_non_negative_float, default=0, metavar="G",
@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         " a rerun with the same options resumes, skipping images already there")
     parser.add_argument("--model", default="efficientnet_lite0",
                         help=f"one of {', '.join(models.NAMES)}, or a factory 'pkg.module:function'")
-    parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
+    parser.add_argument("--weights", default="imagenet",
+                        help="'imagenet' (offline default), a state_dict file, or 'random'")
     parser.add_argument("--model-spec", metavar="NAME", help="input format of a factory model: a zoo model's name")
     parser.add_argument("--layer", default=None, help="target layer (`fdcam layers` lists them); default: the model's")
     parser.add_argument("--method", default="fdcam", choices=list(METHODS))
@@ -63,12 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     classes.add_argument("--class", dest="class_index", type=int, metavar="N", help="explain class N in every image")
     classes.add_argument("--target", choices=["top1", "label"], default="top1",
                          help="top1 (default) or label (from the CSV, or --labels)")
-    parser.add_argument("--labels", metavar="CSV", help="labels CSV for a folder source (default: DIR/labels.csv if present)")
+    parser.add_argument("--labels", metavar="CSV",
+                        help="labels CSV for a folder source (default: DIR/labels.csv if present)")
     parser.add_argument("--map-size", choices=MAP_SIZES, default="feature",
-                        help="feature (default): the map at the layer's h×w; input: at the model's input size, as cam(x)")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, metavar="B", help="images per actor call (default 4)")
-    parser.add_argument("--backend", choices=["torch", "onnxruntime"], help="engine of FD-CAM's / Ablation-CAM's tail passes")
-    parser.add_argument("--overlays", type=int, default=0, metavar="N", help="also write overlay PNGs of the first N rows")
+                        help="feature (default): the map at the layer's h×w; input: at the input size, as cam(x)")
+    parser.add_argument("--batch-size", type=_positive_int, default=4, metavar="B",
+                        help="images per actor call (default 4)")
+    parser.add_argument("--backend", choices=["torch", "onnxruntime"],
+                        help="engine of FD-CAM's / Ablation-CAM's tail passes")
+    parser.add_argument("--overlays", type=int, default=0, metavar="N",
+                        help="also write overlay PNGs of the first N rows to DIR/overlays")
     parser.add_argument("--quiet", action="store_true", help="no progress report")
     add_ray_arguments(parser)
     parser.set_defaults(run=run)

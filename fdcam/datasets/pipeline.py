@@ -135,7 +135,7 @@ def _targets_option(targets: Any) -> Any:
         if targets < 1:
             raise ValueError(f"top-k needs k of at least 1, got {targets}")
         return targets
-    if isinstance(targets, (list, tuple)) and targets and all(isinstance(c, int) and not isinstance(c, bool) for c in targets):
+    if isinstance(targets, (list, tuple)) and targets and all(type(c) is int for c in targets):
         return list(targets)
     raise ValueError(f"targets must be 'top1', 'label', an int k (top-k) or a list of classes, not {targets!r}")
 

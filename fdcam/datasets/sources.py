@@ -50,7 +50,9 @@ def _labels_csv_records(csv_path: Path) -> list[ImageRecord]:
     return [ImageRecord(name if _is_uri(name) else str(base / name), label) for name, label in entries]
 
 
-def read_source(source: str | os.PathLike | Sequence[str | os.PathLike], labels: str | os.PathLike | None = None) -> list[ImageRecord]:
+def read_source(
+    source: str | os.PathLike | Sequence[str | os.PathLike], labels: str | os.PathLike | None = None
+) -> list[ImageRecord]:
     """The images of `source`, each once, in a stable order.
 
     A folder gives its images (sorted) with labels from `labels` or, when present, its labels.csv; a .csv file
@@ -61,7 +63,8 @@ def read_source(source: str | os.PathLike | Sequence[str | os.PathLike], labels:
         path = Path(_local(str(source)))
         if path.is_dir():
             records = [ImageRecord(str(p.resolve())) for p in list_images(path)]
-            labels = labels if labels is not None else (path / "labels.csv" if (path / "labels.csv").is_file() else None)
+            if labels is None and (path / "labels.csv").is_file():
+                labels = path / "labels.csv"
         elif path.is_file() and path.suffix.lower() == ".csv":
             records = _labels_csv_records(path)
         elif path.is_file():
@@ -102,7 +105,9 @@ class ModelRef:
     spec: models.ModelSpec | None = None
 
     @classmethod
-    def of(cls, model: str, weights: str | os.PathLike | None = "imagenet", spec: models.ModelSpec | str | None = None) -> "ModelRef":
+    def of(
+        cls, model: str, weights: str | os.PathLike | None = "imagenet", spec: models.ModelSpec | str | None = None
+    ) -> "ModelRef":
         """A reference from the user's `model` (zoo name or "pkg.module:fn") and `weights`; one-line ValueErrors."""
         if isinstance(spec, str):
             spec = models.spec(spec)
@@ -142,7 +147,8 @@ class ModelRef:
 
     def describe(self) -> dict[str, Any]:
         """The reference for run.json, with the weights file's SHA-256."""
-        described: dict[str, Any] = {"model": self.name, "weights": self.weights if self.weights is not None else "random"}
+        weights = self.weights if self.weights is not None else "random"
+        described: dict[str, Any] = {"model": self.name, "weights": weights}
         if self.factory is None and self.weights is not None:
             path = models._imagenet_weights_path(self.name) if self.weights == "imagenet" else Path(self.weights)
             described["weights_sha256"] = file_sha256(path)

@@ -238,8 +238,9 @@ class EvaluateActor:
         from ..evaluation.insertion_deletion import _chunk_records
         from ..evaluation.items import Item
 
-        items = [Item(str(batch["path"][i]), None, None if int(batch["label"][i]) == NO_LABEL else int(batch["label"][i]))
-                 for i in indices]
+        labels = [int(batch["label"][i]) for i in indices]
+        items = [Item(str(batch["path"][i]), None, None if label == NO_LABEL else label)
+                 for i, label in zip(indices, labels)]
         x = torch.from_numpy(np.stack([batch["x"][i] for i in indices])).to(self.device)
         todo = [[s.label for s in self.run.specs] for _ in indices]
         records = _chunk_records(self.run, items, x, todo, self.target, self.step, self.score_batch)
