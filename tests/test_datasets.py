@@ -156,7 +156,7 @@ def test_an_actor_killed_mid_run_leaves_every_image_exactly_once(tmp_path, lite0
     weights = tmp_path / "lite0.pt"  # the model travels as a zoo name and a weights file the workers read
     torch.save(lite0.state_dict(), weights)
     thread = threading.Thread(target=lambda: finished.setdefault("run", explain_dataset(
-        tmp_path / "images", out=out, weights=str(weights), batch_size=1, actors=1, progress=False)))
+        tmp_path / "images", out=out, weights=str(weights), batch_size=1, actors=1, rows_per_file=1, progress=False)))
     thread.start()
     staging = out / "rows" / "_staging"
     deadline = time.monotonic() + 300

@@ -52,7 +52,7 @@ def test_ctrl_c_leaves_only_complete_files_and_the_same_command_resumes(tmp_path
     (tmp_path / "images" / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "fdcam", "explain-dataset", str(tmp_path / "images"), "--out", str(out),
-               "--batch-size", "1", "--actors", "1", "--quiet"]
+               "--batch-size", "1", "--actors", "1", "--rows-per-file", "1", "--quiet"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(list((out / "rows").glob("_staging/*/*.parquet"))) < 2 and time.monotonic() < deadline:

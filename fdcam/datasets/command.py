@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine of FD-CAM's / Ablation-CAM's tail passes")
     parser.add_argument("--overlays", type=int, default=0, metavar="N",
                         help="also write overlay PNGs of the first N rows to DIR/overlays")
+    parser.add_argument("--rows-per-file", type=_positive_int, default=1000, metavar="R",
+                        help="rows (about) per Parquet file, the unit Ctrl-C keeps (default 1000)")
     parser.add_argument("--quiet", action="store_true", help="no progress report")
     add_ray_arguments(parser)
     parser.set_defaults(run=run)
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             args.source, out=args.out, model=args.model, weights=args.weights, model_spec=args.model_spec,
             layer=args.layer, method=args.method, targets=targets, labels=args.labels, map_size=args.map_size,
             actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
-            ray_address=args.ray_address, progress=not args.quiet, **options,
+            ray_address=args.ray_address, progress=not args.quiet, rows_per_file=args.rows_per_file, **options,
         )
     except DatasetInterrupted as interrupted:
         _print_summary(interrupted.run, "interrupted")

@@ -24,6 +24,9 @@ from .workers import NO_LABEL, EvaluateActor, ExplainActor, decode_batch, featur
 
 __all__ = ["DatasetRun", "PoolPlan", "evaluate_dataset", "explain_dataset", "plan_pool"]
 
+# Rows per Parquet file: millions of images must not become millions of files; a file is also the unit that
+# Ctrl-C keeps (rows of a file not yet written are computed again on resume).
+ROWS_PER_FILE = 1000
 DECODE_CPUS = 0.25  # a decode or write task is short; it must fit beside the actors on a small machine
 
 
@@ -160,7 +163,7 @@ def _versions() -> dict[str, str]:
 
 def _run(kind: str, records: list[ImageRecord], out: OutputFolder, config: dict[str, Any], actor: type,
          actor_kwargs: dict[str, Any], spec: models.ModelSpec, *, actors: int | None, gpus_per_actor: float,
-         batch_size: int, ray_address: str | None, progress: bool) -> DatasetRun:
+         batch_size: int, ray_address: str | None, progress: bool, rows_per_file: int) -> DatasetRun:
     started = time.perf_counter()
     done = out.open(config)
     todo = [r for r in records if r.path not in done]
@@ -190,7 +193,8 @@ def _run(kind: str, records: list[ImageRecord], out: OutputFolder, config: dict[
                 )
                 # Ray's writer asks for a whole CPU per task by default: on small nodes next to the actors it
                 # would never be scheduled.
-                dataset.write_parquet(str(out.staging), ray_remote_args={"num_cpus": DECODE_CPUS})
+                dataset.write_parquet(str(out.staging), min_rows_per_file=rows_per_file,
+                                      ray_remote_args={"num_cpus": DECODE_CPUS})
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -206,7 +210,7 @@ def _run(kind: str, records: list[ImageRecord], out: OutputFolder, config: dict[
         "batch_size": batch_size,
         "counts": {**total, "computed": this_run["images"], "resumed": resumed, "listed": len(records)},
         "seconds": round(seconds, 3),
-        "files": [file.name for file in out.finished_files()],
+        "files": len(out.finished_files()),
     }
     out.write_run_json(summary)
     result = DatasetRun(out.path, total["images"], total["rows"], total["errors"], this_run["images"], resumed, seconds,
@@ -254,6 +258,7 @@ def explain_dataset(
     batch_size: int = 4,
     ray_address: str | None = None,
     progress: bool = True,
+    rows_per_file: int = ROWS_PER_FILE,
     **method_options: Any,
 ) -> DatasetRun:
     """Explain every image of `source` with `method` on Ray Data, writing Parquet files and run.json under `out`.
@@ -262,8 +267,9 @@ def explain_dataset(
     (with `weights`: "imagenet", a file, or "random") or a factory "pkg.module:fn" (with `model_spec`).
     `targets`: "top1", "label" (from the CSV or `labels`), k (the top-k classes) or a list of classes for every
     image. `map_size`: "feature" (the map at the layer's h×w) or "input" (the library's map at the input size).
-    `method_options` go to the method (FD-CAM's theta, engine options such as backend="onnxruntime"). Without
-    `ray_address` a local Ray is started and shut down; images already in `out` are skipped (resume).
+    About `rows_per_file` rows make one Parquet file. `method_options` go to the method (FD-CAM's theta, engine
+    options such as backend="onnxruntime"). Without `ray_address` a local Ray is started and shut down; images
+    already in `out` are skipped (resume).
     Returns the run's counts; raises DatasetInterrupted (a KeyboardInterrupt) on Ctrl-C after saving.
     """
     if method not in METHODS:
@@ -272,8 +278,8 @@ def explain_dataset(
         raise ValueError(f"map_size must be 'feature' or 'input', not {map_size!r}")
     if map_size == "feature" and not feature_map_supported(method):
         raise ValueError(f"{method} makes its map at the input's size: use map_size='input'")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size < 1 or rows_per_file < 1:
+        raise ValueError(f"batch_size and rows_per_file must be at least 1, got {batch_size} and {rows_per_file}")
     targets = _targets_option(targets)
     ref = _model_ref(model, weights, model_spec)
     records = read_source(source, labels)
@@ -288,7 +294,8 @@ def explain_dataset(
     actor_kwargs = {"model": ref, "method": method, "layer": layer, "options": method_options, "targets": targets,
                     "map_size": map_size}
     return _run("explain", records, folder, config, ExplainActor, actor_kwargs, spec, actors=actors,
-                gpus_per_actor=gpus_per_actor, batch_size=batch_size, ray_address=ray_address, progress=progress)
+                gpus_per_actor=gpus_per_actor, batch_size=batch_size, ray_address=ray_address, progress=progress,
+                rows_per_file=rows_per_file)
 
 
 def evaluate_dataset(
@@ -310,6 +317,7 @@ def evaluate_dataset(
     batch_size: int = 4,
     ray_address: str | None = None,
     progress: bool = True,
+    rows_per_file: int = ROWS_PER_FILE,
 ) -> DatasetRun:
     """RISE insertion/deletion of `methods` on every image of `source` on Ray Data: one Parquet row per image ×
     method with `fdcam evaluate`'s per-image values (insertion, deletion, overall, curves), computed by the same
@@ -324,8 +332,8 @@ def evaluate_dataset(
     step = DEFAULT_STEP if step is None else step
     if step < 1:
         raise ValueError(f"step must be at least 1 pixel, got {step}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size < 1 or rows_per_file < 1:
+        raise ValueError(f"batch_size and rows_per_file must be at least 1, got {batch_size} and {rows_per_file}")
     specs = method_specs(methods) if isinstance(methods, str) else list(methods)
     if specs and isinstance(specs[0], str):
         specs = method_specs(list(specs))
@@ -341,4 +349,5 @@ def evaluate_dataset(
     actor_kwargs = {"model": ref, "methods": specs, "layer": layer, "target": target, "step": step, "scorer": scorer,
                     "batch_size": forward_batch_size}
     return _run("evaluate", records, folder, config, EvaluateActor, actor_kwargs, spec, actors=actors,
-                gpus_per_actor=gpus_per_actor, batch_size=batch_size, ray_address=ray_address, progress=progress)
+                gpus_per_actor=gpus_per_actor, batch_size=batch_size, ray_address=ray_address, progress=progress,
+                rows_per_file=rows_per_file)
