@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import models
+from .datasets.command import add_ray_arguments
 from .evaluation import (
     DEFAULT_STEP,
     FDCAM_VARIANTS,
@@ -19,7 +20,6 @@ from .evaluation import (
     write_json_atomic,
     write_plots,
 )
-from .datasets.command import add_ray_arguments
 from .explain_output import check_output_dir
 from .methods import METHODS
 from .options import COMBINES, FDCAM_DEFAULTS
