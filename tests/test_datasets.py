@@ -177,3 +177,24 @@ def test_an_actor_killed_mid_run_leaves_every_image_exactly_once(tmp_path, lite0
         x = _input(row["path"], lite0)
         upsampled = to_input_size(saliency_of(row)[None, None], (224, 224))[0, 0]
         assert (upsampled - cam(x, row["class"])[0, 0]).abs().max() <= 4 * MAP_TOLERANCE
+
+
+def test_label_targets_in_the_actor_itself(tmp_path, lite0):
+    """The decode task and the actor as plain Python (what Ray runs): labels explained, a missing label and an
+    undecodable file each one error row, the rest of the batch unaffected."""
+    import numpy as np
+
+    from fdcam.datasets.sources import ModelRef
+    from fdcam.datasets.workers import NO_LABEL, ExplainActor, decode_batch
+
+    photos = image_folder(tmp_path / "images", 2, start=90, bad=True)
+    paths = [str(photos[0]), str(photos[1]), str(tmp_path / "images" / "broken.jpg")]
+    batch = decode_batch({"path": np.array(paths, dtype=object), "label": np.array([281, NO_LABEL, 3])},
+                         spec_of(lite0))
+    actor = ExplainActor(ModelRef.of("efficientnet_lite0"), "gradcam", "_blocks.15", {}, "label", "input")
+    rows = {row["path"]: row for row in actor(batch).to_pylist()}
+    assert rows[paths[0]]["class"] == 281 and rows[paths[0]]["label"] == 281 and rows[paths[0]]["error"] is None
+    expected = fdcam.GradCAM(lite0)(_input(paths[0], lite0), 281)[0, 0]
+    assert (saliency_of(rows[paths[0]]) - expected).abs().max() <= MAP_TOLERANCE
+    assert rows[paths[1]]["error"] == "no label for this image (targets='label')" and rows[paths[1]]["class"] is None
+    assert "not an image" in rows[paths[2]]["error"]
