@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
     layers_command.add_arguments(commands.add_parser("layers", help="list a model's target layers and their output shapes"))
     from .serving import command as serve_command
+    from .datasets import command as dataset_command
+
+    dataset_command.add_arguments(
+        commands.add_parser("explain-dataset", help="explain a whole dataset on Ray Data (Parquet)")
+    )
 
     serve_command.add_arguments(commands.add_parser("serve", help="serve explanations from Triton Inference Server"))
     return parser

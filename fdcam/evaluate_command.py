@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import models
+from .datasets.command import add_ray_arguments
 from .evaluation import (
     DEFAULT_STEP,
     FDCAM_VARIANTS,
@@ -70,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "on CPU once it matched torch to 1e-4 on the first images, else torch), torch or onnxruntime")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    ray = parser.add_argument_group("Ray Data (insertion-deletion only; --out is then a folder of Parquet rows)")
+    ray.add_argument("--ray", action="store_true", help="run on Ray Data: a local Ray, or --ray-address")
+    add_ray_arguments(ray)
+
     pointing = parser.add_argument_group("pointing game")
     pointing.add_argument("--pairs", type=_positive_int, default=250, metavar="N", help="composite pairs (default 250)")
     pointing.add_argument("--seed", type=int, default=0, help="seed of the composite pairs (default 0)")
@@ -112,6 +117,15 @@ def _fdcam_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _run_on_ray(args: argparse.Namespace, specs) -> int:
+    from .datasets.command import run_evaluate
+
+    if args.metric != "insertion-deletion" or args.plots or args.limit or args.no_resume or args.device != "cpu":
+        raise ValueError("--ray runs --metric insertion-deletion on CPU or --gpus-per-actor, without --plots,"
+                         " --limit, --no-resume or --device")
+    return run_evaluate(args, specs)
+
+
 def run(args: argparse.Namespace) -> int:
     images = Path(args.images)
     if not images.is_dir():
@@ -120,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     specs = method_specs(args.methods, _fdcam_options(args), variants)
     if args.multi_object is not None and args.metric != "pointing-game":
         raise ValueError("--multi-object is only used with --metric pointing-game")
+    if args.ray:
+        return _run_on_ray(args, specs)
     out = Path(args.out) if args.out else Path("fdcam-out") / f"{args.metric}.json"
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'results.json'}")
