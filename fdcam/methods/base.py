@@ -284,6 +284,11 @@ class BaseCAM:
         """
         split = context.split
         if self.backend != "torch":
+            if context.targets.classes is None:  # checked before the tail is exported: the graphs return class logits
+                raise ValueError(
+                    f"backend={self.backend!r} explains class-logit targets of [N,C] logits only; use backend='torch'"
+                    f" for other targets ({context.targets!r})"
+                )
             backend = tail_backend(self.backend)
             fingerprint = backend.fingerprint(split.tail)
             if split in self._tails and self._tail_fingerprints.get(split) == fingerprint:
