@@ -354,7 +354,9 @@ class TorchTail:
         """Whether gathered passes on these features would run per channel set: CPU, full precision."""
         return features.device.type == "cpu" and self.precision == "fp32"
 
-    def _compute_sets(self, shortcut, state, sparse, features, masks, extras: list, classes, score=None) -> torch.Tensor:
+    def _compute_sets(
+        self, shortcut, state, sparse, features, masks, extras: list, classes, score=None
+    ) -> torch.Tensor:
         """The gathered passes with one gathered sum per distinct channel set of an image.
 
         The switch-on row of FD-CAM's group k is bias + Σ_G(k) C_l and its switch-off row is
@@ -451,8 +453,10 @@ def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: 
     return max(1, bound) if bound <= share * k else None
 
 
-def _split_rows(logits: torch.Tensor, segments, classes: torch.Tensor | None, score: BatchTargets | None = None) -> list[torch.Tensor]:
-    """The logits of each segment's rows, reduced to its image's classes, or scored by its image's targets, when given."""
+def _split_rows(
+    logits: torch.Tensor, segments, classes: torch.Tensor | None, score: BatchTargets | None = None
+) -> list[torch.Tensor]:
+    """The logits of each segment's rows, reduced to its image's classes, or scored by its image's targets."""
     if classes is None and score is None:
         return [logits]
     parts, offset = [], 0

@@ -98,10 +98,12 @@ class RegionLogit(Target):
 
     def check(self, output: torch.Tensor) -> None:
         if output.dim() != 4:
-            raise ValueError(f"RegionLogit needs a segmentation output [N,C,H,W]; the model gives {tuple(output.shape)}")
+            shape = tuple(output.shape)
+            raise ValueError(f"RegionLogit needs a segmentation output [N,C,H,W]; the model gives {shape}")
         _check_class(self.c, output)
         if tuple(self.mask.shape) != tuple(output.shape[-2:]):
-            raise ValueError(f"the region mask is {tuple(self.mask.shape)} but the model's output map is {tuple(output.shape[-2:])}")
+            mask, size = tuple(self.mask.shape), tuple(output.shape[-2:])
+            raise ValueError(f"the region mask is {mask} but the model's output map is {size}")
 
     def __repr__(self) -> str:
         return f"RegionLogit({self.c}, mask {tuple(self.mask.shape)} with {int((self.mask != 0).sum())} pixels)"
@@ -251,7 +253,9 @@ def resolve_targets(targets: Targets, output: torch.Tensor) -> BatchTargets:
         rows = _index_rows(targets, n)
     elif isinstance(targets, (str, bytes)):
         raise ValueError(f"targets must be class indices or target objects, got the string {targets!r}")
-    elif not isinstance(targets, (list, tuple)) and (isinstance(targets, Target) or _is_class_index(targets) or callable(targets)):
+    elif not isinstance(targets, (list, tuple)) and (
+        isinstance(targets, Target) or _is_class_index(targets) or callable(targets)
+    ):
         rows = [[targets]] * n
     else:
         try:
@@ -299,13 +303,16 @@ def _index_rows(targets: torch.Tensor | np.ndarray, n: int) -> list[list[int]]:
     if values.dim() == 1:
         values = values[:, None]
     if values.dim() != 2 or values.shape[0] != n:
-        raise ValueError(f"got targets of shape {tuple(values.shape)} for {n} images; give one entry (or one row) per image")
+        shape = tuple(values.shape)
+        raise ValueError(f"got targets of shape {shape} for {n} images; give one entry (or one row) per image")
     return values.tolist()
 
 
 def _is_class_index(value: Any) -> bool:
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-        return value.dtype.kind in "iu" if isinstance(value, np.ndarray) else not (value.is_floating_point() or value.dtype == torch.bool)
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.dtype.kind in "iu"
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -96,7 +96,10 @@ def _whole_model_score(model, layer_module, x, c, mask, channel_masks=None):
     handle = None
     if channel_masks is not None:
         x = x.expand(channel_masks.shape[0], *x.shape[1:])
-        handle = layer_module.register_forward_hook(lambda module, inputs, output: output * channel_masks[..., None, None])
+        def mask_channels(module, inputs, output):
+            return output * channel_masks[..., None, None]
+
+        handle = layer_module.register_forward_hook(mask_channels)
     try:
         out = model(x)["out"]
     finally:
@@ -106,7 +109,7 @@ def _whole_model_score(model, layer_module, x, c, mask, channel_masks=None):
 
 
 def fdcam_region_reference(model, layer_module, x, c, mask, theta=0.95, bias=0.5, rows=64):
-    """FD-CAM for a region score as the paper defines it: every switch pass through the whole model, masked by a hook."""
+    """FD-CAM for a region score as the paper defines it: each switch pass through the whole model, masked by a hook."""
     store = {}
     handle = layer_module.register_forward_hook(lambda module, inputs, output: store.__setitem__("a", output))
     try:
@@ -168,7 +171,9 @@ def test_switch_passes_stay_under_the_memory_budget(images):
     assert whole_outputs > 10 * budget  # the passes' outputs held at once would be far over the budget
     tail = TorchTail(split.tail, memory_budget=budget)
     result = {}
-    run = lambda: result.setdefault("scores", switch_logits(tail, forward.activations, masks, forward.extras, targets))  # noqa: E731
+    def run():
+        result["scores"] = switch_logits(tail, forward.activations, masks, forward.extras, targets)
+
     peak = _peak_tensor_bytes(run)
     assert peak <= budget, f"{peak / 2**20:.1f} MiB > {budget / 2**20:.0f} MiB"
     assert tail.calls > 10 and result["scores"].shape == (1, masks.shape[1], 1)
@@ -206,5 +211,6 @@ def test_a_segmentation_output_without_targets_is_a_one_line_error(images):
 
 def test_the_onnxruntime_tail_refuses_region_targets_in_one_line(images):
     explainer = fdcam.FDCAM(network("lraspp"), "backbone.16", backend="onnxruntime")
-    with pytest.raises(ValueError, match=r"^backend='onnxruntime' explains class-logit targets of \[N,C\] logits only; use backend='torch'"):
+    message = r"^backend='onnxruntime' explains class-logit targets of \[N,C\] logits only; use backend='torch'"
+    with pytest.raises(ValueError, match=message):
         explainer(images[:1], targets=RegionLogit(3, region()))

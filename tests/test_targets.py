@@ -9,7 +9,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, Semanti
 from torch import nn
 
 import fdcam
-from fdcam.targets import BatchTargets, ClassLogit, ClassProbability, Output, RegionLogit, resolve_targets, select_output
+from fdcam.targets import (
+    BatchTargets, ClassLogit, ClassProbability, Output, RegionLogit, resolve_targets, select_output,
+)
 from reference import assert_same_up_to_rounding
 
 
@@ -86,7 +88,8 @@ def test_class_probability_and_output_targets_score_the_output():
         (1.5, torch.zeros(1, 10), r"^targets must be None, a class index or target, or one per image, not float$"),
         ([1.5], torch.zeros(1, 10), r"^a target must be a class index"),
         ("cat", torch.zeros(1, 10), r"^targets must be class indices or target objects"),
-        (RegionLogit(1, torch.ones(4, 4)), torch.zeros(1, 3, 5, 5), r"^the region mask is \(4, 4\) but the model's output map is \(5, 5\)$"),
+        (RegionLogit(1, torch.ones(4, 4)), torch.zeros(1, 3, 5, 5),
+         r"^the region mask is \(4, 4\) but the model's output map is \(5, 5\)$"),
         (RegionLogit(1, torch.ones(4, 4)), torch.zeros(1, 3), r"^RegionLogit needs a segmentation output"),
         (None, torch.zeros(1, 3, 5, 5), r"^give targets: the model's output is \(1, 3, 5, 5\)"),
         (torch.tensor([0.5]), torch.zeros(1, 3), r"^targets must be integer class indices"),

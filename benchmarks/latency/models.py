@@ -1,5 +1,6 @@
-"""The benchmarked models: a tiny smoke-test net, VGG16 and ResNet50 (random seeded weights), EfficientNet-Lite0 (ImageNet),
-and the segmentation row's LR-ASPP MobileNetV3 (random seeded weights, a class over a region as the target)."""
+"""The benchmarked models: a tiny smoke-test net, VGG16 and ResNet50 (random seeded weights), EfficientNet-Lite0
+(ImageNet), and the segmentation row's LR-ASPP MobileNetV3 (random seeded weights, a class over a region as
+the target)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def _segmentation_model(device: torch.device) -> BenchModel:
 
     from fdcam.targets import RegionLogit
 
-    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None).eval().to(device)
+    build = torchvision.models.segmentation.lraspp_mobilenet_v3_large
+    model = build(weights=None, weights_backbone=None).eval().to(device)
     size = SEGMENTATION_SIZE
     mask = torch.zeros(size, size, device=device)
     mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0

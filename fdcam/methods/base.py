@@ -36,7 +36,11 @@ class BatchContext:
     """
 
     def __init__(
-        self, x: torch.Tensor, forward: ForwardPass, targets: BatchTargets | torch.Tensor, gradients: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        forward: ForwardPass,
+        targets: BatchTargets | torch.Tensor,
+        gradients: torch.Tensor | None = None,
     ):
         self.x = x
         self.forward = forward
@@ -269,7 +273,10 @@ class BaseCAM:
             with tracing():
                 split = self._splits.get(key)  # another thread may have built it meanwhile
                 if split is None:
-                    split = _one_line_errors(lambda: split_model(self.model, self.target_layer, x[:1].detach(), self.tracer_kwargs, self.output), x)
+                    example = x[:1].detach()
+                    split = _one_line_errors(
+                        lambda: split_model(self.model, self.target_layer, example, self.tracer_kwargs, self.output), x
+                    )
                     self._splits[key] = split
         return split
 

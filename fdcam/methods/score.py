@@ -18,7 +18,12 @@ __all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur"]
 
 
 def _batched_scores(
-    scorer: Scorer, count: int, make_inputs: Callable[[slice], torch.Tensor], batch_size: int, progress: bool, label: str,
+    scorer: Scorer,
+    count: int,
+    make_inputs: Callable[[slice], torch.Tensor],
+    batch_size: int,
+    progress: bool,
+    label: str,
     reduce: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """`reduce` of `scorer`'s outputs on `count` inputs, each batch built by `make_inputs(slice)` only when
@@ -72,7 +77,8 @@ class ScoreCAM(_ScoredCAM):
         weights = []
         for i in range(x.shape[0]):
             image, masks = x[i][None], upsampled[i][:, None]  # [1,3,H,W], [K,1,H,W]
-            scores = self.score(masks.shape[0], lambda rows: image * masks[rows], "Score-CAM", context.targets, i).T  # [T,K]
+            inputs = lambda rows: image * masks[rows]  # noqa: E731
+            scores = self.score(masks.shape[0], inputs, "Score-CAM", context.targets, i).T  # [T,K]
             weights.append(torch.softmax(scores, dim=-1))
         return torch.stack(weights)
 
