@@ -149,5 +149,6 @@ def _as_probabilities(targets: BatchTargets) -> BatchTargets:
     """Group-CAM's targets: a class logit of [N,C] logits becomes the class's softmax probability."""
     if len(targets.output_shape) != 1:
         return targets
-    items = [[ClassProbability(t.c) if type(t) is ClassLogit else t for t in row] for row in targets.items]
-    return BatchTargets(items, targets.output_shape, targets.classes.device if targets.classes is not None else "cpu")
+    rows = targets.items if targets.items is not None else [[ClassLogit(c) for c in r] for r in targets.classes.tolist()]
+    items = [[ClassProbability(t.c) if type(t) is ClassLogit else t for t in row] for row in rows]
+    return BatchTargets(items, targets.output_shape, "cpu")  # no class rows: every target is scored
