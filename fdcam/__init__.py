@@ -1,6 +1,6 @@
 """fdcam: FD-CAM and the CAM methods it is compared with, on any CNN layer, fast."""
 
-from . import models
+from . import models, targets
 from ._version import __version__
 from .methods import (
     FDCAM,
@@ -21,6 +21,7 @@ from .split import SplitError, SplitModel, split_model
 
 __all__ = [
     "models",
+    "targets",
     "FDCAM",
     "GradCAM",
     "GradCAMPlusPlus",

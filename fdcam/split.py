@@ -22,6 +22,7 @@ from .concurrency import model_in_eval, tracing
 from .errors import first_line
 from .fxgraph import is_batch_size as _is_batch_size
 from .nodes import NamingTracer, ancestors, descendants, trace_with_names
+from .targets import OutputSelector, select_output
 
 __all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
 
@@ -100,24 +101,28 @@ def split_model(
     target_layer: str | nn.Module,
     example_input: torch.Tensor,
     tracer_kwargs: dict[str, Any] | None = None,
+    output: OutputSelector = None,
 ) -> SplitModel:
     """Cut `model` at `target_layer` (module or fx node name) using its fx graph; `example_input` fixes non-batch sizes that cross the cut.
 
     `tracer_kwargs` go to the fx tracer: `leaf_modules` (module types kept as one call, for submodules
-    fx cannot trace), `autowrap_functions`, ... Runs under fdcam.concurrency's process-wide tracing
-    lock: fx patches process-wide functions while it traces.
+    fx cannot trace), `autowrap_functions`, ... `output` selects the entry of a dict or tuple output
+    that the tail returns (see fdcam.targets.select_output; "out" of a dict that has it). Runs under
+    fdcam.concurrency's process-wide tracing lock: fx patches process-wide functions while it traces.
     """
     with tracing():
-        return _split_model(model, target_layer, example_input, tracer_kwargs)
+        return _split_model(model, target_layer, example_input, tracer_kwargs, output)
 
 
 def _split_model(
-    model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor, tracer_kwargs: dict[str, Any] | None
+    model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor, tracer_kwargs: dict[str, Any] | None,
+    output: OutputSelector = None,
 ) -> SplitModel:
     layer = resolve_layer_name(model, target_layer, tracer_kwargs)
     is_module = layer in dict(model.named_modules())
     traced, tracer = _trace(model, (layer,) if is_module else (), tracer_kwargs)
     graph = traced.graph
+    _select_graph_output(graph, output)
     if is_module:
         calls = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     else:
@@ -167,6 +172,17 @@ def _split_model(
     head = _build_head(traced, target, tensor_extras)
     tail = _build_tail(traced, target, tail_region | copied, tensor_extras, batch_sizes, constants)
     return SplitModel(head=head, tail=tail, layer=layer, num_extras=len(tensor_extras))
+
+
+def _select_graph_output(graph: fx.Graph, selector: OutputSelector) -> None:
+    """Make the graph return only the explained entry of a dict or tuple output; the rest becomes dead code
+    (a segmentation model's auxiliary head is then neither in the head nor in the tail)."""
+    (node,) = [n for n in graph.nodes if n.op == "output"]
+    chosen = select_output(node.args[0], selector)
+    if not isinstance(chosen, fx.Node):
+        raise SplitError(f"the model's output entry {selector!r} is not a tensor the graph computes")
+    node.args = (chosen,)
+    graph.eliminate_dead_code()
 
 
 def _build_head(traced: fx.GraphModule, target: fx.Node, extras: list[fx.Node]) -> fx.GraphModule:

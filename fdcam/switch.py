@@ -8,6 +8,7 @@ import torch
 
 from .options import SWITCHES, invalid_choice
 from .tail import Tail
+from .targets import BatchTargets
 
 __all__ = ["switch_masks", "switch_logits", "switch_scores"]
 
@@ -30,26 +31,37 @@ def switch_logits(
     features: torch.Tensor,
     masks: torch.Tensor,
     extras: Sequence[torch.Tensor] = (),
-    classes: torch.Tensor | None = None,
+    classes: torch.Tensor | BatchTargets | None = None,
     sparsity: int | None = None,
 ) -> torch.Tensor:
     """Logits of the switch passes of N images in one `Tail.run` call: features [N,K,h,w], masks [N,M,K]
-    (or [M,K] shared) → [N,M,C], or [N,M,T] for the classes [N,T] only (the switch scores need no more).
+    (or [M,K] shared) → [N,M,C], or [N,M,T] for the classes [N,T] only (the switch scores need no more),
+    or [N,M,T] target scores for targets (fdcam.targets.BatchTargets).
 
+    Class-logit targets of [N,C] logits take the class-row shortcut (only those rows of a last Linear,
+    exact); any other target scores each chunk's whole outputs inside the tail, within its memory budget.
     `sparsity` bounds the ones or the zeros of every mask row (FD-CAM: the largest possible group).
     """
-    return tail.run(features, masks.to(features.dtype), extras, classes, sparsity=sparsity)
+    masks = masks.to(features.dtype)
+    if isinstance(classes, BatchTargets):
+        if classes.classes is None:
+            return tail.run(features, masks, extras, sparsity=sparsity, score=classes)
+        classes = classes.classes
+    return tail.run(features, masks, extras, classes, sparsity=sparsity)
 
 
-def switch_scores(logits: torch.Tensor, full_logits: torch.Tensor, classes: torch.Tensor, switch: str = "on_off") -> torch.Tensor:
+def switch_scores(
+    logits: torch.Tensor, full_logits: torch.Tensor, classes: torch.Tensor | None, switch: str = "on_off"
+) -> torch.Tensor:
     """Scores s [...,T,K] for classes [...,T] from the switch logits of those classes [...,M,T] and the full
-    logits [...,C]: (s⁺ + s⁻)/2, or s⁻ alone for switch='off'.
+    logits [...,C]: (s⁺ + s⁻)/2, or s⁻ alone for switch='off'. With `classes` None, `logits` are the passes'
+    target scores [...,M,T] and `full_logits` the unmasked ones [...,T].
 
     s⁺_k = f_c(tail(A ⊙ 1_G(k))), s⁻_k = f_c(X) − f_c(tail(A ⊙ (1 − 1_G(k)))).
     """
     m = logits.shape[-2]
     selected = logits.transpose(-1, -2)  # [...,T,M]
-    full = full_logits.gather(-1, classes).unsqueeze(-1)  # [...,T,1]
+    full = (full_logits if classes is None else full_logits.gather(-1, classes)).unsqueeze(-1)  # [...,T,1]
     if switch == "off":
         return full - selected
     k = m // 2

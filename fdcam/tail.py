@@ -4,8 +4,9 @@ A switch pass is one forward of the tail on the target activation with some chan
 `Tail.run(features, masks, extras, classes)` runs M of them on each of N images: features
 [N,K,h,w], masks [N,M,K] (or [M,K] shared by all images) of 0/1 or any weights, extras the other
 tensors that cross the split ([N,...]); it returns float32 logits [N,M,C], or [N,M,T] for
-`classes` [N,T]. The ONNX Runtime backend (`fdcam.runtime`) implements the same protocol over an
-exported `MaskedTail`.
+`classes` [N,T]. With `score` (fdcam.targets.BatchTargets) it returns each pass's target scores
+[N,M,T], scoring the outputs chunk by chunk: a segmentation tail's [N,M,C,H,W] is never held at once.
+The ONNX Runtime backend (`fdcam.runtime`) implements the same protocol over an exported `MaskedTail`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
 from .options import TORCH_PRECISIONS, check_precision
+from .targets import BatchTargets
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
@@ -48,10 +50,12 @@ class Tail(Protocol):
         classes: torch.Tensor | None = None,
         *,
         sparsity: int | None = None,
+        score: BatchTargets | None = None,
     ) -> torch.Tensor:
         """Float32 logits [N,M,C] of the tail on `features[n] * masks[n, m, :, None, None]` (masks [N,M,K]
-        or [M,K] shared), or [N,M,T] of the classes [N,T] only. `sparsity`, if given, promises that
-        every mask row is 0/1 with at most that many ones or at most that many zeros."""
+        or [M,K] shared), or [N,M,T] of the classes [N,T] only, or [N,M,T] target scores of the outputs
+        with `score` (each chunk's outputs scored by `score.score_rows`). `sparsity`, if given, promises
+        that every mask row is 0/1 with at most that many ones or at most that many zeros."""
         ...
 
 
@@ -84,16 +88,19 @@ class MaskedTail(nn.Module):
         return logits.reshape(n, m, *logits.shape[1:])
 
 
-def chunk_size(features: torch.Tensor, memory_budget: int | None, batch_size: int | None, total: int) -> int:
+def chunk_size(
+    features: torch.Tensor, memory_budget: int | None, batch_size: int | None, total: int, output_numel: int = 0
+) -> int:
     """How many masks to run per tail call: `batch_size` if given, else what fits `memory_budget` bytes.
 
     The budget is split over the masked copies of the features, with a factor of 4 for the tail's
-    own intermediate activations.
+    own intermediate activations; passes whose whole outputs are scored (`output_numel` elements a
+    row, a segmentation map) also hold the output and its scoring's temporaries, counted twice.
     """
     if batch_size is not None:
         return max(1, min(int(batch_size), total))
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    per_mask = 4 * features[0].numel() * features.element_size()
+    per_mask = (4 * features[0].numel() + 2 * output_numel) * features.element_size()
     return max(1, min(total, budget // max(per_mask, 1)))
 
 
@@ -251,16 +258,18 @@ class TorchTail:
         classes: torch.Tensor | None = None,
         *,
         sparsity: int | None = None,
+        score: BatchTargets | None = None,
     ) -> torch.Tensor:
-        """Float32 logits [N,M,C] (or [N,M,T] of `classes` [N,T]) of M masks on each of N images."""
+        """Float32 logits [N,M,C] (or [N,M,T] of `classes` [N,T], or target scores [N,M,T] with `score`)
+        of M masks on each of N images."""
         masks = expand_masks(features, masks)
         extras = list(extras)
         shortcut = self.shortcut_for(features, extras)
         bound = _sparse_bound(shortcut, masks, sparsity, per_set=self._runs_sets(features))
-        if self.cuda_graph and features.is_cuda:
+        if self.cuda_graph and features.is_cuda and score is None:  # a target's Python scoring is not captured
             return self._graphed(shortcut, bound, features, masks, extras, classes)
         with tail_precision(self.precision, features.device):
-            return self._compute(shortcut, bound, features, masks, extras, classes).float()
+            return self._compute(shortcut, bound, features, masks, extras, classes, score).float()
 
     def _graphed(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
         tensors = [features, masks.contiguous(), *extras] + ([] if classes is None else [classes])
@@ -282,28 +291,29 @@ class TorchTail:
         self.graph_replays += 1
         return graphed(*tensors)
 
-    def _rows_per_chunk(self, shortcut, features: torch.Tensor, total: int) -> int:
+    def _rows_per_chunk(self, shortcut, features: torch.Tensor, total: int, output_numel: int = 0) -> int:
         if shortcut is not None and shortcut.kind == "linear" and self.batch_size is None:
             budget = DEFAULT_MEMORY_BUDGET if self.memory_budget is None else int(self.memory_budget)
-            per_row = 4 * shortcut.out_features * features.element_size()
+            per_row = (4 * shortcut.out_features + 2 * output_numel) * features.element_size()
             return max(1, min(total, budget // per_row))
-        step = chunk_size(features, self.memory_budget, self.batch_size, total)
+        step = chunk_size(features, self.memory_budget, self.batch_size, total, output_numel)
         if shortcut is not None and shortcut.kind == "conv" and self.batch_size is None and not features.is_cuda:
             # On CPUs, chunks whose rows fit the allocator's reused blocks beat one huge fresh buffer.
             step = min(step, max(1, CPU_CHUNK_BYTES // (shortcut.row_numel * features.element_size())))
         return step
 
-    def _compute(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
-        """Logits [N,M,C|T]: the N·M masked passes in chunks of rows, each chunk one body forward."""
+    def _compute(self, shortcut, bound, features, masks, extras: list, classes, score=None) -> torch.Tensor:
+        """Logits [N,M,C|T] (scores [N,M,T] with `score`): the N·M masked passes in chunks of rows, each
+        chunk one body forward."""
         n, m, _ = masks.shape
         total = n * m
-        step = self._rows_per_chunk(shortcut, features, total)
+        step = self._rows_per_chunk(shortcut, features, total, 0 if score is None else score.output_numel)
         if shortcut is not None:
             state = shortcut.prepare(features, classes if shortcut.first_is_final else None)  # once per batch
             sparse = sparse_rows(masks, bound) if bound is not None else None
             self.sparse_calls += sparse is not None
             if self._takes_sets(sparse, features):
-                return self._compute_sets(shortcut, state, sparse, features, masks, extras, classes)
+                return self._compute_sets(shortcut, state, sparse, features, masks, extras, classes, score)
         outputs = []
         for start in range(0, total, step):
             end = min(total, start + step)
@@ -316,7 +326,8 @@ class TorchTail:
                     torch.mul(features[i : i + 1], masks[i, lo:hi, :, None, None], out=masked[offset : offset + hi - lo])
                     offset += hi - lo
                 logits = self.masked_tail.tail(masked, *_rows(extras, segments))
-                outputs.extend(_split_rows(logits, segments, classes))
+                del masked
+                outputs.extend(_split_rows(logits, segments, classes, score))
                 continue
             starts = [
                 shortcut.pre_activation(
@@ -330,9 +341,10 @@ class TorchTail:
             for i, lo, hi in segments:
                 part = hidden[offset : offset + hi - lo]
                 chosen = None if classes is None else classes[i : i + 1]
-                outputs.append(shortcut.logits(part.reshape(1, hi - lo, *part.shape[1:]), chosen)[0])
+                logits = shortcut.logits(part.reshape(1, hi - lo, *part.shape[1:]), chosen)[0]
+                outputs.append(logits if score is None else score.score_rows(logits, i))
                 offset += hi - lo
-        return _cat(outputs).reshape(n, m, -1)
+        return _cat(outputs).reshape(n, m, *outputs[0].shape[1:])
 
     def _takes_sets(self, sparse, features: torch.Tensor) -> bool:
         """Whether the gathered passes run per channel set (`_compute_sets`): CPU, full precision."""
@@ -342,7 +354,9 @@ class TorchTail:
         """Whether gathered passes on these features would run per channel set: CPU, full precision."""
         return features.device.type == "cpu" and self.precision == "fp32"
 
-    def _compute_sets(self, shortcut, state, sparse, features, masks, extras: list, classes) -> torch.Tensor:
+    def _compute_sets(
+        self, shortcut, state, sparse, features, masks, extras: list, classes, score=None
+    ) -> torch.Tensor:
         """The gathered passes with one gathered sum per distinct channel set of an image.
 
         The switch-on row of FD-CAM's group k is bias + Σ_G(k) C_l and its switch-off row is
@@ -353,10 +367,13 @@ class TorchTail:
         n, m, _ = masks.shape
         index, gate, complement = sparse
         rows = shortcut.input_rows(state)
+        output_numel = 0 if score is None else score.output_numel
         if shortcut.kind == "linear":
-            step = self._rows_per_chunk(shortcut, features, m)
+            step = self._rows_per_chunk(shortcut, features, m, output_numel)
         else:
             step = self.batch_size or max(1, CPU_SET_CHUNK_BYTES // (shortcut.row_numel * features.element_size()))
+            if output_numel:
+                step = min(step, self._rows_per_chunk(shortcut, features, m, output_numel))
         results = []
         for i in range(n):
             image = shortcut.select(state, i)
@@ -381,6 +398,7 @@ class TorchTail:
                 hidden = shortcut.body(start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras))
                 chosen = None if classes is None else classes[i : i + 1]
                 logits = shortcut.logits(hidden[None], chosen)[0]
+                logits = logits if score is None else score.score_rows(logits, i)
                 if result is None:
                     result = logits.new_empty((m, *logits.shape[1:]))
                 result[on + off] = logits
@@ -435,13 +453,16 @@ def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: 
     return max(1, bound) if bound <= share * k else None
 
 
-def _split_rows(logits: torch.Tensor, segments, classes: torch.Tensor | None) -> list[torch.Tensor]:
-    """The logits of each segment's rows, reduced to its image's classes when given."""
-    if classes is None:
+def _split_rows(
+    logits: torch.Tensor, segments, classes: torch.Tensor | None, score: BatchTargets | None = None
+) -> list[torch.Tensor]:
+    """The logits of each segment's rows, reduced to its image's classes, or scored by its image's targets."""
+    if classes is None and score is None:
         return [logits]
     parts, offset = [], 0
     for i, lo, hi in segments:
-        parts.append(logits[offset : offset + hi - lo].index_select(1, classes[i]))
+        rows = logits[offset : offset + hi - lo]
+        parts.append(rows.index_select(1, classes[i]) if score is None else score.score_rows(rows, i))
         offset += hi - lo
     return parts
 

@@ -95,12 +95,20 @@ class OrtTail:
         classes: torch.Tensor | None = None,
         *,
         sparsity: int | None = None,
+        score: object = None,
     ) -> torch.Tensor:
         """Float32 logits [N,M,C] of the tail on features [N,K,h,w] masked by masks [N,M,K] (or [M,K] shared),
         or [N,M,T] of `classes` [N,T]: all N images in one session run unless a budget splits them.
 
         `sparsity` promises at most that many ones or zeros per 0/1 row; it is checked, not trusted.
+        Targets other than class logits of [N,C] logits (`score`) are refused in one line: the exported
+        graphs return class logits only.
         """
+        if score is not None:
+            raise ValueError(
+                "backend='onnxruntime' explains class-logit targets of [N,C] logits only; use backend='torch' for"
+                f" other targets ({score!r})"
+            )
         if len(extras) != self.num_extras:
             raise ValueError(f"this tail graph takes {self.num_extras} extra tensors, got {len(extras)}")
         masks = expand_masks(features, masks)

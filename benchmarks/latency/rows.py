@@ -48,7 +48,7 @@ class Runner:
 def _fdcam_row(cls_name: str, **options):
     def build(bm: BenchModel) -> Runner:
         cam = getattr(fdcam, cls_name)(bm.model, bm.layer, **options)
-        return Runner(lambda x: cam(x))
+        return Runner(lambda x: cam(x, targets=bm.targets(x)))
 
     return build
 
@@ -62,19 +62,20 @@ def _pgc_row(cls_name: str):
         from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 
         layer = bm.model.get_submodule(bm.layer)
+        model = bm.pgc_model if bm.pgc_model is not None else bm.model
         options = {"ablation_layer": _keyword_tolerant_ablation_layer()} if cls_name == "AblationCAM" else {}
-        cam = getattr(pytorch_grad_cam, cls_name)(model=bm.model, target_layers=[layer], **options)
+        cam = getattr(pytorch_grad_cam, cls_name)(model=model, target_layers=[layer], **options)
         cam.activations_and_grads.release()
 
         def before():
-            cam.activations_and_grads = ActivationsAndGradients(bm.model, [layer], cam.reshape_transform, cam.detach)
+            cam.activations_and_grads = ActivationsAndGradients(model, [layer], cam.reshape_transform, cam.detach)
 
         def after():
             cam.activations_and_grads.release()
             bm.model.zero_grad(set_to_none=True)  # pgc's backward leaves parameter gradients behind
             _put_back(bm.model, bm.layer, layer)  # pgc's AblationCAM swaps the layer and, on error, leaves it swapped
 
-        return Runner(lambda x: cam(input_tensor=x, targets=None), before, after, after)
+        return Runner(lambda x: cam(input_tensor=x, targets=bm.pgc_targets(x)), before, after, after)
 
     return build
 

@@ -11,7 +11,8 @@ __all__ = ["AblationCAM"]
 
 
 class AblationCAM(BaseCAM):
-    """w_k = (y_c − y_c^k)/y_c, y_c^k the logit with channel k set to zero; K tail passes per image, no head re-runs."""
+    """w_k = (y_c − y_c^k)/y_c, y_c^k the target's score with channel k set to zero; K tail passes per image,
+    no head re-runs."""
 
     uses_tail_engine = True
 
@@ -20,9 +21,8 @@ class AblationCAM(BaseCAM):
         activations = context.activations
         num_channels = activations.shape[1]
         masks = 1.0 - torch.eye(num_channels, device=activations.device, dtype=activations.dtype)
-        classes = context.targets  # [N,T]
         # Row k switches channel k off: one zero per row, so the shortcut tails take Z(1) − C_k.
-        logits = switch_logits(tail, activations, masks, context.extras, classes, sparsity=1)  # [N,K,T]
-        ablated = logits.transpose(1, 2)  # [N,T,K]
-        original = context.logits.gather(1, classes)[..., None]  # [N,T,1]
+        scores = switch_logits(tail, activations, masks, context.extras, context.targets, sparsity=1)  # [N,K,T]
+        ablated = scores.transpose(1, 2)  # [N,T,K]
+        original = context.scores[..., None]  # [N,T,1]
         return (original - ablated) / original

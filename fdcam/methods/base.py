@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import inspect
-import numbers
 import warnings
 import weakref
-from typing import Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -21,84 +18,37 @@ from ..model_state import preserved_model_state
 from ..options import EngineOptions, check_positive_int, engine_changes
 from ..split import SplitModel, resolve_layer_name, split_model
 from ..tail import Tail, TorchTail
+from ..targets import BatchTargets, OutputSelector, Targets, resolve_targets
 from ..timing import stage
 
 __all__ = ["BaseCAM", "BatchContext", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
-
-Targets = Union[None, int, Sequence[int], Sequence[Sequence[int]], torch.Tensor]
-
 
 class NonFiniteError(ValueError):
     """The model's logits or a saliency map contain NaN or infinite values."""
 
 
-def _class_index(value: object) -> int:
-    """An int from an int-like (int, np.int64, 0-d integer tensor); floats, bools and strings are refused."""
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"targets must be integer class indices, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
-def resolve_targets(targets: Targets, logits: torch.Tensor) -> torch.Tensor:
-    """Class indices [N,T] from None (top-1), an int, one int per image or equal-length lists per image.
-
-    Integers may be Python or numpy ints; integer tensors and arrays work too; floats and strings are refused.
-    """
-    n, num_classes = logits.shape
-    if isinstance(targets, np.ndarray):
-        if targets.dtype.kind not in "iu":
-            raise ValueError(f"targets must be integer class indices, got an array of {targets.dtype}")
-        targets = torch.from_numpy(np.ascontiguousarray(targets))
-    if targets is None:
-        resolved = logits.argmax(1, keepdim=True)
-    elif isinstance(targets, torch.Tensor):
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise ValueError(f"targets must be integer class indices, got a tensor of {targets.dtype}")
-        resolved = targets.to(logits.device, torch.long)
-        resolved = resolved.expand(n).reshape(n, 1) if resolved.dim() <= 1 and resolved.numel() in (1, n) else resolved
-    elif isinstance(targets, (str, bytes)):
-        raise ValueError(f"targets must be integer class indices, got the string {targets!r}")
-    elif isinstance(targets, numbers.Integral) and not isinstance(targets, bool):
-        resolved = torch.full((n, 1), int(targets), dtype=torch.long, device=logits.device)
-    else:
-        try:
-            targets = list(targets)
-        except TypeError:
-            raise ValueError(f"targets must be None, an int, or one int or list of ints per image, not {type(targets).__name__}") from None
-        if len(targets) != n:
-            raise ValueError(f"got {len(targets)} targets for {n} images; give one entry per image")
-        rows = [
-            [_class_index(c) for c in t] if isinstance(t, (list, tuple, torch.Tensor, np.ndarray)) and np.ndim(t) == 1
-            else [_class_index(t)]
-            for t in targets
-        ]
-        if len({len(r) for r in rows}) != 1:
-            raise ValueError("every image needs the same number of target classes")
-        resolved = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    if resolved.dim() != 2 or resolved.shape[0] != n:
-        raise ValueError(f"targets must give classes for each of the {n} images")
-    if resolved.shape[1] == 0:
-        raise ValueError("targets name no class; give at least one class per image")
-    bad = resolved[(resolved < 0) | (resolved >= num_classes)]
-    if bad.numel():
-        raise ValueError(f"class index {int(bad[0])} is out of range for a model with {num_classes} classes")
-    return resolved
-
-
 class BatchContext:
-    """What a method weighs channels from for one batch: the inputs x, the forward pass, the target classes [N,T].
+    """What a method weighs channels from for one batch: the inputs x, the forward pass, the targets
+    (fdcam.targets.BatchTargets, N images × T; class indices [N,T] are taken as class logits).
 
-    `gradients` (∂f_c/∂A [N,T,K,h,w] of those classes) is computed on first use, or given when the
+    `gradients` (∂f/∂A [N,T,K,h,w] of those targets) is computed on first use, or given when the
     caller already has it (the exported explainer differentiates in its own graph).
     """
 
-    def __init__(self, x: torch.Tensor, forward: ForwardPass, targets: torch.Tensor, gradients: torch.Tensor | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        forward: ForwardPass,
+        targets: BatchTargets | torch.Tensor,
+        gradients: torch.Tensor | None = None,
+    ):
         self.x = x
         self.forward = forward
+        if isinstance(targets, torch.Tensor):
+            targets = BatchTargets.from_classes(targets, forward.logits.shape[1:])
         self.targets = targets
         self._gradients = gradients
+        self._scores: torch.Tensor | None = None
 
     @property
     def split(self) -> SplitModel:
@@ -117,8 +67,15 @@ class BatchContext:
         return self.forward.logits
 
     @property
+    def scores(self) -> torch.Tensor:
+        """Each image's target scores [N,T] on its own output: f(X), what a switch pass is compared with."""
+        if self._scores is None:
+            self._scores = self.targets.score(self.logits)
+        return self._scores
+
+    @property
     def gradients(self) -> torch.Tensor:
-        """∂f_c/∂A [N,T,K,h,w] of the target classes, computed once on first use."""
+        """∂f/∂A [N,T,K,h,w] of the targets' scores, computed once on first use."""
         if self._gradients is None:
             with stage("backward"):
                 self._gradients = self.forward.gradients(self.targets)
@@ -137,6 +94,9 @@ class BaseCAM:
     are kept in `self.engine`. With `uses_forward_scorer` (Score-CAM, Group-CAM)
     `forward_batch_size`, the perturbed inputs per forward. Any other method given one of these
     raises a ValueError. `batch_size` is the deprecated name of whichever of the two applies.
+    `output` picks the entry of a dict or tuple output to explain (a key or an index; default "out"
+    for dicts that have it, as torchvision's segmentation models return); `targets` may be any of
+    fdcam.targets' (see `explain`).
 
     An explainer may be shared between threads: splits and ONNX tails are built under a process-wide
     tracing lock, the model stays in eval mode while any thread explains, and global flags are set
@@ -166,6 +126,7 @@ class BaseCAM:
         engine: EngineOptions | None = None,
         tracer_kwargs: dict | None = None,
         batch_size: int | None = None,
+        output: OutputSelector = None,
     ):
         if batch_size is not None:
             tail_batch_size, forward_batch_size = self._deprecated_batch_size(batch_size, tail_batch_size, forward_batch_size)
@@ -179,6 +140,7 @@ class BaseCAM:
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
         self.tracer_kwargs = tracer_kwargs
+        self.output = output
         layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
         self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
         self.forward_batch_size = forward_batch_size
@@ -247,8 +209,11 @@ class BaseCAM:
         return self.explain(x, targets)
 
     def explain(self, x: torch.Tensor, targets: Targets = None) -> torch.Tensor:
-        """Saliency maps [N,T,H,W], float32 in [0,1], on x's device, for the requested target classes.
+        """Saliency maps [N,T,H,W], float32 in [0,1], on x's device, for the requested targets.
 
+        `targets`: None (top-1 class), a class index or target object for every image, or one (or a list
+        of T) per image: ints, fdcam.targets' ClassLogit, ClassProbability, RegionLogit, Output, and
+        pytorch-grad-cam's target objects (see fdcam.targets.resolve_targets).
         Raises ValueError (one line) for bad input or targets, and NonFiniteError (a ValueError)
         when the model's logits or the map are NaN or infinite.
         """
@@ -308,7 +273,10 @@ class BaseCAM:
             with tracing():
                 split = self._splits.get(key)  # another thread may have built it meanwhile
                 if split is None:
-                    split = _one_line_errors(lambda: split_model(self.model, self.target_layer, x[:1].detach(), self.tracer_kwargs), x)
+                    example = x[:1].detach()
+                    split = _one_line_errors(
+                        lambda: split_model(self.model, self.target_layer, example, self.tracer_kwargs, self.output), x
+                    )
                     self._splits[key] = split
         return split
 
@@ -323,6 +291,11 @@ class BaseCAM:
         """
         split = context.split
         if self.backend != "torch":
+            if context.targets.classes is None:  # checked before the tail is exported: the graphs return class logits
+                raise ValueError(
+                    f"backend={self.backend!r} explains class-logit targets of [N,C] logits only; use backend='torch'"
+                    f" for other targets ({context.targets!r})"
+                )
             backend = tail_backend(self.backend)
             fingerprint = backend.fingerprint(split.tail)
             if split in self._tails and self._tail_fingerprints.get(split) == fingerprint:

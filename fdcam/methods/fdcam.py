@@ -52,15 +52,15 @@ class FDCAM(BaseCAM):
 
     @timed_stage("switch")
     def switch_scores(self, context: BatchContext) -> torch.Tensor:
-        """Switch scores s [N,T,K] from one batched set of tail passes for all N images."""
+        """Switch scores s [N,T,K] from one batched set of tail passes for all N images, each pass's output
+        scored by the targets."""
         tail = self.tail_for(context)
         activations = context.activations
         masks = switch_masks(self.groups(activations), self.switch)  # [N,M,K]
         # Every group has at most this many channels: rows have few ones (on) or few zeros (off).
         sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
-        targets = context.targets
-        logits = switch_logits(tail, activations, masks, context.extras, targets, sparsity)  # [N,M,T]
-        return switch_scores(logits, context.logits, targets, self.switch)
+        scores = switch_logits(tail, activations, masks, context.extras, context.targets, sparsity)  # [N,M,T]
+        return switch_scores(scores, context.scores, None, self.switch)
 
     def channel_weights(self, context: BatchContext) -> torch.Tensor:
         alpha = context.gradients.mean(dim=(-2, -1))

@@ -11,19 +11,27 @@ from tqdm.auto import tqdm
 from ..maps import minmax, normalise_maps
 from ..metrics import default_batch_size
 from ..scoring import Scorer
+from ..targets import BatchTargets, ClassLogit, ClassProbability, select_output
 from .base import BaseCAM, BatchContext
 
 __all__ = ["ScoreCAM", "GroupCAM", "gaussian_blur"]
 
 
-def _batched_logits(
-    scorer: Scorer, count: int, make_inputs: Callable[[slice], torch.Tensor], batch_size: int, progress: bool, label: str
+def _batched_scores(
+    scorer: Scorer,
+    count: int,
+    make_inputs: Callable[[slice], torch.Tensor],
+    batch_size: int,
+    progress: bool,
+    label: str,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Logits of `scorer` on `count` inputs, each batch built by `make_inputs(slice)` only when it runs."""
+    """`reduce` of `scorer`'s outputs on `count` inputs, each batch built by `make_inputs(slice)` only when
+    it runs and reduced (scored by the targets) before the next, so whole outputs never pile up."""
     chunks = range(0, count, batch_size)
     with torch.no_grad():
         outputs = [
-            scorer(make_inputs(slice(start, start + batch_size)))
+            reduce(scorer(make_inputs(slice(start, start + batch_size))))
             for start in tqdm(chunks, desc=label, disable=not progress, leave=False)
         ]
     return torch.cat(outputs)
@@ -38,11 +46,19 @@ class _ScoredCAM(BaseCAM):
         super().__init__(model, target_layer, **options)
         self.scorer = scorer
 
-    def score(self, count: int, make_inputs: Callable[[slice], torch.Tensor], label: str) -> torch.Tensor:
-        """Logits of `count` perturbed inputs, forward_batch_size at a time (default: fdcam.metrics.default_batch_size)."""
+    def score(
+        self, count: int, make_inputs: Callable[[slice], torch.Tensor], label: str, targets: BatchTargets, image: int
+    ) -> torch.Tensor:
+        """Target scores [count,T] of image `image`'s targets on `count` perturbed inputs, forward_batch_size
+        at a time (default: fdcam.metrics.default_batch_size); a dict or tuple output is read at `output`."""
         scorer = self.scorer if self.scorer is not None else self.model
         batch_size = self.forward_batch_size or default_batch_size(next(self.model.parameters(), torch.empty(0)).device)
-        return _batched_logits(scorer, count, make_inputs, batch_size, self.progress, label)
+
+        def reduce(output) -> torch.Tensor:
+            output = output if isinstance(output, torch.Tensor) else select_output(output, self.output)
+            return targets.score_rows(output, image)
+
+        return _batched_scores(scorer, count, make_inputs, batch_size, self.progress, label, reduce)
 
 
 class ScoreCAM(_ScoredCAM):
@@ -61,8 +77,8 @@ class ScoreCAM(_ScoredCAM):
         weights = []
         for i in range(x.shape[0]):
             image, masks = x[i][None], upsampled[i][:, None]  # [1,3,H,W], [K,1,H,W]
-            logits = self.score(masks.shape[0], lambda rows: image * masks[rows], "Score-CAM")
-            scores = logits[:, context.targets[i]].T  # [T,K]
+            inputs = lambda rows: image * masks[rows]  # noqa: E731
+            scores = self.score(masks.shape[0], inputs, "Score-CAM", context.targets, i).T  # [T,K]
             weights.append(torch.softmax(scores, dim=-1))
         return torch.stack(weights)
 
@@ -85,7 +101,8 @@ class GroupCAM(_ScoredCAM):
     Each group map ReLU(Σ_{k∈g} α_k A_k) keeps values above its `percentile` (70, as the authors'
     code), is upsampled and min-max normalised to m_g; the input x·m_g + blur(x)·(1 − m_g) scores
     p_c − p_c(blur(x)) (softmax); the map is ReLU(Σ_g score_g · m_g), min-max normalised.
-    `scorer` may run the masked forwards instead of the model, as in ScoreCAM.
+    `scorer` may run the masked forwards instead of the model, as in ScoreCAM. Class logits of [N,C]
+    logits are scored as their probabilities (the authors' softmax); other targets by their own score.
     """
 
     _option_attributes = {"groups": "num_groups"}
@@ -99,7 +116,7 @@ class GroupCAM(_ScoredCAM):
         return context.gradients.mean(dim=(-2, -1))
 
     def saliency(self, context: BatchContext, weights: torch.Tensor) -> torch.Tensor:
-        x, activations, targets = context.x, context.activations, context.targets
+        x, activations, targets = context.x, context.activations, _as_probabilities(context.targets)
         size = x.shape[-2:]
         maps = []
         for i in range(x.shape[0]):
@@ -118,10 +135,20 @@ class GroupCAM(_ScoredCAM):
             flat_masks = torch.cat([masks.new_zeros(1, *size), masks.flatten(0, 1)])[:, None]  # [1+T*G,1,H,W]
             image = x[i][None]
             inputs = lambda rows: image * flat_masks[rows] + blurred * (1 - flat_masks[rows])  # noqa: E731
-            probabilities = torch.softmax(self.score(flat_masks.shape[0], inputs, "Group-CAM"), -1)
-            baseline = probabilities[0, targets[i]]  # [T]
-            scored = probabilities[1:].reshape(*masks.shape[:2], -1)  # [T,G,C]
-            scores = scored.gather(2, targets[i][:, None, None].expand(-1, masks.shape[1], 1))[..., 0] - baseline[:, None]
+            scored = self.score(flat_masks.shape[0], inputs, "Group-CAM", targets, i)  # [1+T*G,T]
+            baseline = scored[0]  # [T]
+            t = torch.arange(masks.shape[0], device=scored.device)
+            own = scored[1:].reshape(*masks.shape[:2], -1)[t, :, t]  # [T,G]: group maps of target t, scored by t
+            scores = own - baseline[:, None]
             scores = torch.where(valid[..., 0, 0], scores, torch.zeros_like(scores))
             maps.append(F.relu((scores[..., None, None] * masks).sum(1)))
         return normalise_maps(torch.stack(maps))
+
+
+def _as_probabilities(targets: BatchTargets) -> BatchTargets:
+    """Group-CAM's targets: a class logit of [N,C] logits becomes the class's softmax probability."""
+    if len(targets.output_shape) != 1:
+        return targets
+    rows = targets.items if targets.items is not None else [[ClassLogit(c) for c in r] for r in targets.classes.tolist()]
+    items = [[ClassProbability(t.c) if type(t) is ClassLogit else t for t in row] for row in rows]
+    return BatchTargets(items, targets.output_shape, "cpu")  # no class rows: every target is scored
