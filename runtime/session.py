@@ -98,7 +98,7 @@ class OrtTail:
         score: object = None,
     ) -> torch.Tensor:
         """Float32 logits [N,M,C] of the tail on features [N,K,h,w] masked by masks [N,M,K] (or [M,K] shared),
-        or [N,M,T] of `classes` [N,T]: all N images in one session run unless a budget splits them.
+        or [N,M,T] of `classes` [N,T]: all N images in as few session runs as the memory budget allows.
 
         `sparsity` promises at most that many ones or zeros per 0/1 row; it is checked, not trusted.
         Targets other than class logits of [N,C] logits (`score`) are refused in one line: the exported
