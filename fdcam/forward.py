@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 
 from .split import SplitModel
 
-__all__ = ["ForwardPass"]
+__all__ = ["ForwardPass", "autograd_enabled"]
+
+
+def autograd_enabled() -> contextlib.AbstractContextManager[None]:
+    """Gradients recorded even when the caller runs inside `torch.no_grad()` or `torch.inference_mode()`.
+
+    Serving code often wraps calls in one of them; the gradient methods need the tail's autograd graph, so
+    fdcam leaves inference mode and enables gradients for exactly the tail forward and backward.
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def _graph_input(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor autograd may record: a detached view, or a copy of an inference-mode tensor (which autograd refuses)."""
+    return tensor.clone() if tensor.is_inference() else tensor.detach()
 
 
 class ForwardPass:
@@ -47,9 +65,9 @@ class ForwardPass:
                 f"layer {split.layer!r} outputs a {activations.dim()}-D tensor of shape {tuple(activations.shape)};"
                 " CAM methods need a 4-D [N,K,h,w] convolutional layer"
             )
-        with torch.enable_grad():
-            leaf = activations.detach().requires_grad_(True)
-            logits = split.tail.forward(leaf, *extras)
+        with autograd_enabled():
+            leaf = _graph_input(activations).requires_grad_(True)
+            logits = split.tail.forward(leaf, *(_graph_input(e) for e in extras))
         return cls(split, activations, tuple(extras), logits.detach(), graph=(leaf, logits))
 
     def gradients(self, targets: torch.Tensor) -> torch.Tensor:
@@ -64,12 +82,13 @@ class ForwardPass:
             graph, self._graph = self._graph, None  # autograd frees the graph on use; never hand it out twice
         if t == 1 and graph is not None:
             leaf, logits = graph
-            (gradients,) = torch.autograd.grad(logits.gather(1, targets).sum(), leaf)
+            with autograd_enabled():
+                (gradients,) = torch.autograd.grad(logits.gather(1, _graph_input(targets)).sum(), leaf)
             return gradients[:, None]
-        repeat = lambda tensor: tensor.repeat_interleave(t, dim=0)  # noqa: E731 — image-major order
-        with torch.enable_grad():
-            activations = repeat(self.activations).detach().requires_grad_(True)
-            logits = self.split.tail(activations, *(repeat(e).detach() for e in self.extras))
-            selected = logits.gather(1, targets.reshape(n * t, 1)).sum()
+        repeat = lambda tensor: _graph_input(tensor.repeat_interleave(t, dim=0))  # noqa: E731 — image-major order
+        with autograd_enabled():
+            activations = repeat(self.activations).requires_grad_(True)
+            logits = self.split.tail(activations, *(repeat(e) for e in self.extras))
+            selected = logits.gather(1, _graph_input(targets).reshape(n * t, 1)).sum()
             (gradients,) = torch.autograd.grad(selected, activations)
         return gradients.reshape(n, t, *self.activations.shape[1:])
