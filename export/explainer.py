@@ -30,6 +30,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from fdcam.concurrency import running, tracing
 from fdcam.factorise import shortcut_passes, sparse_rows, tail_shortcut
 from fdcam.forward import ForwardPass
 from fdcam.methods import METHODS
@@ -397,24 +398,27 @@ def export_explainer_full(
 
     # The reference method on the user's model validates the options before any tracing.
     reference = METHODS[method](model, layer, **method_options)
-    private = copy.deepcopy(model).to("cpu", torch.float32).eval()
-    private.requires_grad_(False)
     example = _example_images(_EXAMPLE_BATCH, input_size, seed=1)
-    split = split_model(private, layer, example[:1])
-    with torch.no_grad():
-        features, *extras = split.head(example[:1])
-    if features.dim() != 4:
-        raise ExportError(f"layer {layer!r} outputs a {features.dim()}-D tensor; CAM methods need [N,K,h,w]")
-    engine = GraphTail(split.tail, features, extras)
-    module = ExplainerModule(split, _graph_method(method, private, layer, method_options, engine), classes_input).eval()
     example_classes = torch.tensor([[1, 2], [3, 4]], dtype=torch.long) if classes_input else None
-    try:
-        traced, names, tensors = _trace(module, example, example_classes)
-        proto = _export_onnx(_Traced(traced, names, tensors, classes_input), example, example_classes, opset)
-    except ExportError:
-        raise
-    except Exception as error:  # tracing and translation raise many types; the user needs the op
-        raise ExportError(f"the {method} explanation at {layer!r} cannot be exported ({_op_message(error)})") from None
+    # The whole build runs under the process-wide tracing lock: split, head and tail runs and the trace all call
+    # modules, which another thread's trace (fdcam.layers, a new explainer's split) would otherwise capture.
+    with tracing():
+        private = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        private.requires_grad_(False)
+        split = split_model(private, layer, example[:1])
+        with torch.no_grad():
+            features, *extras = split.head(example[:1])
+        if features.dim() != 4:
+            raise ExportError(f"layer {layer!r} outputs a {features.dim()}-D tensor; CAM methods need [N,K,h,w]")
+        engine = GraphTail(split.tail, features, extras)
+        module = ExplainerModule(split, _graph_method(method, private, layer, method_options, engine), classes_input).eval()
+        try:
+            traced, names, tensors = _trace(module, example, example_classes)
+            proto = _export_onnx(_Traced(traced, names, tensors, classes_input), example, example_classes, opset)
+        except ExportError:
+            raise
+        except Exception as error:  # tracing and translation raise many types; the user needs the op
+            raise ExportError(f"the {method} explanation at {layer!r} cannot be exported ({_op_message(error)})") from None
     foreign = sorted({f"{node.domain}::{node.op_type}" for node in _all_nodes(proto.graph) if node.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the exported graph uses non-standard operators ({', '.join(foreign)}); nothing was saved")
@@ -560,7 +564,7 @@ def _validation_images(input_size: tuple[int, int], mean: Sequence[float], std: 
 @torch.no_grad()
 def _reference_logits(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with preserved_model_state(model):
+    with preserved_model_state(model), running():  # no other thread's trace captures these module calls
         return model(image.to(device)).float().cpu()
 
 

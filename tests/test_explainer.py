@@ -326,3 +326,35 @@ def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_pa
     path = export_explainer(vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64))
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(41))
     assert_matches_library(path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), ill_conditioned=True)
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+
+def test_export_while_another_thread_traces_the_model(lite0, tmp_path):
+    # The export calls modules (split, head, trace) under the process-wide tracing lock for its whole build;
+    # before, a trace by another thread (fdcam.layers, a new explainer's split) captured them: NameError.
+    import threading
+
+    done, errors, traced = threading.Event(), [], []
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(51))
+
+    def trace_meanwhile():
+        try:
+            while not done.is_set():
+                traced.append(len(fdcam.layers(lite0)))
+                fdcam.GradCAM(lite0, "_blocks.10")(x)  # a new explainer: its split traces the model
+        except Exception as error:  # noqa: BLE001 — the test reports whatever the thread raised
+            errors.append(error)
+
+    thread = threading.Thread(target=trace_meanwhile)
+    thread.start()
+    try:
+        path = export_explainer(lite0, tmp_path / "e.onnx", method="gradcam", input_size=(64, 64))
+    finally:
+        done.set()
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert traced and len(set(traced)) == 1  # it traced while the export ran, and always saw the same layers
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(52))
+    assert_matches_library(path, lite0, "_blocks.15", "gradcam", images)
