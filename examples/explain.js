@@ -33,12 +33,12 @@ async function main(argv) {
 
   const classesAt = rest.indexOf("--classes");
   if (classesAt >= 0) {
-    if (description.classes_input !== "true") fail("this graph was exported without --classes-input");
+    if (description.classes_input !== true) fail("this graph was exported without --classes-input");
     const classes = rest[classesAt + 1].split(",").map((c) => BigInt(parseInt(c, 10)));
     const all = [];
     for (let i = 0; i < n; i++) all.push(...classes);
     feeds.classes = new ort.Tensor("int64", BigInt64Array.from(all), [n, classes.length]);
-  } else if (description.classes_input === "true") {
+  } else if (description.classes_input === true) {
     fail("this graph needs --classes");
   }
 

@@ -9,7 +9,9 @@ symbolic batch, and saves the file only after ONNX Runtime reproduced the librar
 maps at batch 1 and 3 (T = 2 with the classes input).
 
 Graph I/O: `image` float32 [N,3,H,W] (normalised as the Python API's x); optional `classes` int64
-[N,T]; outputs `logits` [N,C], `targets` int64 [N,T] and `saliency` [N,T,H,W] in [0,1].
+[N,T]; outputs `logits` [N,C], `targets` int64 [N,T] and `saliency` [N,T,H,W] in [0,1]. What the
+library refuses (a NaN or infinite image or logit, a class outside [0, C)) gets a NaN map instead
+(`_refused_rows`): a graph cannot raise a one-line error, and its other images are explained as usual.
 """
 
 from __future__ import annotations
@@ -159,6 +161,11 @@ class ExplainerModule(nn.Module):
         self.classes_input = classes_input
 
     def forward(self, image: torch.Tensor, classes: torch.Tensor | None = None):
+        # Refusals in-band (a graph cannot raise one line): see _refused_rows. Bad images and classes are
+        # replaced by harmless ones for the computation, so the other images and rows are computed as usual.
+        finite = torch.isfinite(image).flatten(1).all(1)  # [N]
+        image = torch.where(finite[:, None, None, None], image, torch.zeros_like(image))
+        asked = classes
         features, *extras = self.head(image)
         extras = tuple(extras)
         with torch.enable_grad():
@@ -175,6 +182,7 @@ class ExplainerModule(nn.Module):
                 leaf = repeated.detach().requires_grad_(True)
                 rows = [e[:, None].expand(n, t, *e.shape[1:]).reshape(n * t, *e.shape[1:]) for e in extras]
                 all_logits = self.tail(leaf, *rows)
+                classes = torch.where(_in_range(classes, all_logits.shape[1]), classes, torch.zeros_like(classes))
                 targets = classes
                 selected = all_logits.gather(1, classes.reshape(n * t, 1)).sum()
                 (gradients,) = torch.autograd.grad(selected, leaf)
@@ -186,7 +194,28 @@ class ExplainerModule(nn.Module):
         with torch.no_grad():
             weights = self.method.channel_weights(context)
             saliency = self.method.saliency(context, weights)
-        return logits, targets, saliency.float()
+        return _refused_rows(finite, logits, targets, saliency.float(), asked)
+
+
+def _in_range(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Which class indices exist: no wrapping of negative ones, as the library refuses them too."""
+    return (classes >= 0) & (classes < num_classes)
+
+
+def _refused_rows(finite: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, saliency: torch.Tensor,
+                  asked: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, saliency) with what the library would refuse marked instead of explained.
+
+    Where the library raises a ValueError (a NaN or infinite image or logit, a class outside [0, C)),
+    the graph makes that image's or row's saliency NaN: never a valid-looking map. An image that is not
+    finite also gets NaN logits and, without the classes input, target −1; given classes are echoed as asked.
+    """
+    valid = finite & torch.isfinite(logits).all(1)  # [N]
+    rows = valid[:, None] if asked is None else valid[:, None] & _in_range(asked, logits.shape[1])  # [N,T]
+    saliency = torch.where(rows[:, :, None, None], saliency, torch.full_like(saliency, float("nan")))
+    logits = torch.where(finite[:, None], logits, torch.full_like(logits, float("nan")))
+    targets = asked if asked is not None else torch.where(valid[:, None], targets, torch.full_like(targets, -1))
+    return logits, targets, saliency
 
 
 # --- tracing: autograd → plain ATen ops ----------------------------------------------------------
@@ -483,12 +512,20 @@ def export_explainer_full(
 
 
 def describe_explainer(metadata: dict[str, str]) -> dict:
-    """The JSON written beside the graph: the metadata with JSON-valued entries decoded, and the I/O."""
+    """The JSON written beside the graph: the metadata typed (JSON-valued entries decoded, booleans and
+    integers as JSON's own; ONNX's metadata_props can hold only strings), and the I/O."""
     described = {}
     for key, value in metadata.items():
         try:
-            described[key] = json.loads(value) if key in _JSON_KEYS else value
-        except ValueError:
+            if key in _JSON_KEYS:
+                described[key] = json.loads(value)
+            elif key in _BOOLEAN_KEYS:
+                described[key] = {"true": True, "false": False}[value]
+            elif key in _INTEGER_KEYS:
+                described[key] = int(value)
+            else:
+                described[key] = value
+        except (ValueError, KeyError):
             described[key] = value
     classes_input = metadata.get("classes_input") == "true"
     h, w = (int(v) for v in metadata["input_size"].split("x"))
@@ -505,6 +542,8 @@ def describe_explainer(metadata: dict[str, str]) -> dict:
 
 
 _JSON_KEYS = {"mean", "std", "method_options", "class_names", "validation"}
+_BOOLEAN_KEYS = {"classes_input"}
+_INTEGER_KEYS = {"num_classes", "opset"}
 
 
 def run_explainer(session: ort.InferenceSession, image: np.ndarray, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
