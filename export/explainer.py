@@ -43,7 +43,7 @@ from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
 from fdcam.tail import MaskedTail, expand_masks
 
-from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — both named here for callers
+from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — the rule, named here too
 from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, gathers, model_metadata
 
 __all__ = [
@@ -440,14 +440,17 @@ def export_explainer_full(
         if features.dim() != 4:
             raise ExportError(f"layer {layer!r} outputs a {features.dim()}-D tensor; CAM methods need [N,K,h,w]")
         engine = GraphTail(split.tail, features, extras)
-        module = ExplainerModule(split, _graph_method(method, private, layer, method_options, engine), classes_input).eval()
+        graph_method = _graph_method(method, private, layer, method_options, engine)
+        module = ExplainerModule(split, graph_method, classes_input).eval()
         try:
             traced, names, tensors = _trace(module, example, example_classes)
             proto = _export_onnx(_Traced(traced, names, tensors, classes_input), example, example_classes, opset)
         except ExportError:
             raise
         except Exception as error:  # tracing and translation raise many types; the user needs the op
-            raise ExportError(f"the {method} explanation at {layer!r} cannot be exported ({_op_message(error)})") from None
+            raise ExportError(
+                f"the {method} explanation at {layer!r} cannot be exported ({_op_message(error)})"
+            ) from None
     foreign = sorted({f"{node.domain}::{node.op_type}" for node in _all_nodes(proto.graph) if node.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the exported graph uses non-standard operators ({', '.join(foreign)}); nothing was saved")
@@ -487,18 +490,21 @@ def export_explainer_full(
         exact_error = max((a.exact_error for a in judged if a.exact_error is not None), default=None)
         allowed_saliency = max((a.allowed for a in judged), default=SALIENCY_TOLERANCE)
         if not (judged and all(a.passed for a in judged) and logits_error <= allowed_logits):
-            raise ExportError(
-                f"the explainer graph differs from the library: saliency max |Δ| {saliency_error:.3g} (allowed {SALIENCY_TOLERANCE:.3g}"
-                + (f"; {exact_error:.3g} from the float64 library, allowed {allowed_saliency:.3g} as float32 rounding alone"
-                   f" moves the library's maps {spread:.3g} from it" if exact_error is not None else "")
-                + f"), "
-                f"logits max |Δ| {logits_error:.3g} (allowed {allowed_logits:.3g}); nothing was saved"
+            conditioning = "" if exact_error is None else (
+                f"; {exact_error:.3g} from the float64 library, allowed {allowed_saliency:.3g} as float32 rounding"
+                f" alone moves the library's maps {spread:.3g} from it"
             )
-        metadata["validation"] = json.dumps(
-            {"saliency_max_abs_diff": saliency_error, "logits_max_abs_diff": logits_error, "saliency_tolerance": SALIENCY_TOLERANCE,
-             "library_float32_vs_float64": spread, "graph_vs_float64_library": exact_error,
-             "graph_vs_float64_allowed": allowed_saliency if exact_error is not None else None}
-        )
+            raise ExportError(
+                f"the explainer graph differs from the library: saliency max |Δ| {saliency_error:.3g}"
+                f" (allowed {SALIENCY_TOLERANCE:.3g}{conditioning}), logits max |Δ| {logits_error:.3g}"
+                f" (allowed {allowed_logits:.3g}); nothing was saved"
+            )
+        metadata["validation"] = json.dumps({
+            "saliency_max_abs_diff": saliency_error, "logits_max_abs_diff": logits_error,
+            "saliency_tolerance": SALIENCY_TOLERANCE, "library_float32_vs_float64": spread,
+            "graph_vs_float64_library": exact_error,
+            "graph_vs_float64_allowed": allowed_saliency if exact_error is not None else None,
+        })
         description = path.with_suffix(".json")
         staged_json = Path(staging) / description.name
         staged_json.write_text(json.dumps(describe_explainer(metadata), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

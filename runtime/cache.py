@@ -188,7 +188,9 @@ def _build(
         except OSError as error:
             _remove_graph(path)
             if where != directory:
-                raise ExportError(f"cannot write the tail graph in {where} either ({error}); set FDCAM_CACHE to a writable directory") from error
+                raise ExportError(
+                    f"cannot write the tail graph in {where} either ({error}); set FDCAM_CACHE to a writable directory"
+                ) from error
             # A cache that fills up (ENOSPC) or turns read-only after the check falls back as an unwritable one does.
             return graph(fp16, _fallback_dir(directory, error))
         stats.exports += 1

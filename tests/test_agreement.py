@@ -1,4 +1,4 @@
-"""fdcam.export.agreement: the explainer graph's tolerance and its conditioning rule, and the photo sweep behind the claim."""
+"""fdcam.export.agreement: the explainer's tolerance and conditioning rule, and the photo sweep behind the claim."""
 
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from fdcam.models import spec_of
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 SWEEP_PHOTOS = 100
-BATCH = 10
+BATCH = 4
 
 
 def test_the_rule_is_the_tolerance_where_the_map_is_well_conditioned():
@@ -25,7 +25,8 @@ def test_the_rule_is_the_tolerance_where_the_map_is_well_conditioned():
     assert not Agreement(2e-4, spread=1e-6, exact_error=2e-4).passed
     # Over 1e-4 where rounding alone moves the library's own maps by 1e-3: judged against float64.
     moved = Agreement(1.2e-3, spread=1e-3, exact_error=1.5e-3)
-    assert moved.ill_conditioned and moved.passed and moved.allowed == pytest.approx(1e-4 + ILL_CONDITIONED_FACTOR * 1e-3)
+    assert moved.ill_conditioned and moved.passed
+    assert moved.allowed == pytest.approx(1e-4 + ILL_CONDITIONED_FACTOR * 1e-3)
     assert not Agreement(1.2e-3, spread=1e-3, exact_error=5e-3).passed
 
 
@@ -82,7 +83,9 @@ def test_the_graph_equals_the_library_on_shared_photos_under_the_rule(lite0, tmp
         targets = torch.from_numpy(targets)
         expected = library(images, targets)
         for i, photo in enumerate(batch):
-            judged = agreement(lite0, "_blocks.15", "fdcam", {}, images[i : i + 1], targets[i : i + 1], saliency[i : i + 1], expected[i : i + 1])
+            one = slice(i, i + 1)
+            judged = agreement(lite0, "_blocks.15", "fdcam", {}, images[one], targets[one], saliency[one],
+                               expected[one])
             errors.append(judged.error)
             if judged.spread is not None:
                 ill_conditioned.append((photo.name, judged))
@@ -90,10 +93,12 @@ def test_the_graph_equals_the_library_on_shared_photos_under_the_rule(lite0, tmp
                 failed.append((photo.name, judged))
     errors = np.array(errors)
     report = (
-        f"explainer.onnx vs fdcam.FDCAM, Lite0 _blocks.15, {len(errors)} photos: max |Δ| median {np.median(errors):.2g}, "
-        f"p99 {np.percentile(errors, 99):.2g}, max {errors.max():.2g}; {len(ill_conditioned)} over 1e-4, judged against float64: "
-        + "; ".join(f"{name} |Δ| {a.error:.2g}, float32 spread {a.spread:.2g}, vs float64 {a.exact_error:.2g} (allowed {a.allowed:.2g})"
-                    for name, a in ill_conditioned)
+        f"explainer.onnx vs fdcam.FDCAM, Lite0 _blocks.15, {len(errors)} photos: max |Δ| "
+        f"median {np.median(errors):.2g}, "
+        f"p99 {np.percentile(errors, 99):.2g}, max {errors.max():.2g}; {len(ill_conditioned)} over 1e-4, "
+        "judged against float64: "
+        + "; ".join(f"{name} |Δ| {a.error:.2g}, float32 spread {a.spread:.2g}, vs float64 {a.exact_error:.2g}"
+                    f" (allowed {a.allowed:.2g})" for name, a in ill_conditioned)
     )
     with capsys.disabled():
         print("\n" + report)

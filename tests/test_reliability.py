@@ -265,7 +265,8 @@ def test_a_cache_whose_write_fails_with_enospc_falls_back_like_an_unwritable_one
     with torch.no_grad():
         features, *extras = split.head(x)
     runtime.clear_sessions()
-    with pytest.warns(RuntimeWarning, match=r"cache in .*full-disk.*No space left on device.*using the temporary directory"):
+    warning = r"cache in .*full-disk.*No space left on device.*using the temporary directory"
+    with pytest.warns(RuntimeWarning, match=warning):
         tail = ort_tail(model, split, features, extras, provider="cpu", cache_dir=cache)
         masks = torch.ones(2, features.shape[1])
         got = tail.run(features, masks, extras)
