@@ -15,7 +15,7 @@ from fdcam.images import load_image, preprocess
 from fdcam.models import spec_of
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-SWEEP_PHOTOS = 100
+SWEEP_PHOTOS = 200
 BATCH = 4
 
 
