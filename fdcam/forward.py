@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import threading
 
 import torch
@@ -9,7 +11,24 @@ import torch
 from .split import SplitModel
 from .targets import BatchTargets
 
-__all__ = ["ForwardPass"]
+__all__ = ["ForwardPass", "autograd_enabled"]
+
+
+def autograd_enabled() -> contextlib.AbstractContextManager[None]:
+    """Gradients recorded even when the caller runs inside `torch.no_grad()` or `torch.inference_mode()`.
+
+    Serving code often wraps calls in one of them; the gradient methods need the tail's autograd graph, so
+    fdcam leaves inference mode and enables gradients for exactly the tail forward and backward.
+    """
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def _graph_input(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor autograd may record: a detached view, or a copy of an inference-mode tensor (which autograd refuses)."""
+    return tensor.clone() if tensor.is_inference() else tensor.detach()
 
 
 class ForwardPass:
@@ -49,9 +68,9 @@ class ForwardPass:
                 f"layer {split.layer!r} outputs a {activations.dim()}-D tensor of shape {tuple(activations.shape)};"
                 " CAM methods need a 4-D [N,K,h,w] convolutional layer"
             )
-        with torch.enable_grad():
-            leaf = activations.detach().requires_grad_(True)
-            logits = split.tail.forward(leaf, *extras)
+        with autograd_enabled():
+            leaf = _graph_input(activations).requires_grad_(True)
+            logits = split.tail.forward(leaf, *(_graph_input(e) for e in extras))
         return cls(split, activations, tuple(extras), logits.detach(), graph=(leaf, logits))
 
     def gradients(self, targets: BatchTargets | torch.Tensor) -> torch.Tensor:
@@ -63,17 +82,22 @@ class ForwardPass:
         is never re-run.
         """
         if isinstance(targets, torch.Tensor):
-            targets = BatchTargets.from_classes(targets, self.logits.shape[1:])
+            targets = BatchTargets.from_classes(_graph_input(targets), self.logits.shape[1:])
+        elif targets.classes is not None and targets.classes.is_inference():
+            targets = copy.copy(targets)  # class indices made under inference mode: autograd may not save them
+            with torch.inference_mode(False):
+                targets.classes = targets.classes.clone()
         n, t = targets.shape
         with self._graph_lock:
             graph, self._graph = self._graph, None  # autograd frees the graph on use; never hand it out twice
         if t == 1 and graph is not None:
             leaf, logits = graph
-            (gradients,) = torch.autograd.grad(targets.objective(logits), leaf)
+            with autograd_enabled():
+                (gradients,) = torch.autograd.grad(targets.objective(logits), leaf)
             return gradients[:, None]
-        repeat = lambda tensor: tensor.repeat_interleave(t, dim=0)  # noqa: E731 — image-major order
-        with torch.enable_grad():
-            activations = repeat(self.activations).detach().requires_grad_(True)
-            logits = self.split.tail(activations, *(repeat(e).detach() for e in self.extras))
+        repeat = lambda tensor: _graph_input(tensor.repeat_interleave(t, dim=0))  # noqa: E731 — image-major order
+        with autograd_enabled():
+            activations = repeat(self.activations).requires_grad_(True)
+            logits = self.split.tail(activations, *(repeat(e) for e in self.extras))
             (gradients,) = torch.autograd.grad(targets.objective(logits), activations)
         return gradients.reshape(n, t, *self.activations.shape[1:])

@@ -7,8 +7,10 @@ precision, device, graph form) while the model lives; each form (`TailForm`: a c
 sparse bound) is exported and opened on its first use; an in-place change of the tail's weights is noticed
 (tensor version counters) and rebuilds. Each graph has its sha256 recorded next to it
 (`<name>.onnx.sha256`); a cached graph that does not match (altered on disk, truncated, zero-length,
-or written without a record) is exported again. An unwritable cache directory falls back to a
-temporary one for the process, with a warning.
+or written without a record) is exported again. A cache directory that cannot be written (read-only,
+or a write failing later, e.g. a full disk) falls back to a temporary one for the process, with a warning.
+The cache is trusted like the model file: it is created owner-only (0o700), and a graph replaced there
+together with its record is used as it is.
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ def _build(
     validated: dict[Path, ort.InferenceSession] = {}
     reused: list[Path] = []
 
-    def graph(fp16: bool) -> Path:
-        path = directory / "tails" / f"{digest}{'-fp16' if fp16 else ''}.onnx"
+    def graph(fp16: bool, where: Path = directory) -> Path:
+        path = where / "tails" / f"{digest}{'-fp16' if fp16 else ''}.onnx"
         if path.is_file():
             if _verified(path):
                 stats.graph_reuses += 1
@@ -188,7 +190,13 @@ def _build(
             )
             _record_hash(path)
         except OSError as error:
-            raise ExportError(f"cannot write the tail graph cache in {directory} ({error}); set FDCAM_CACHE to a writable directory") from error
+            _remove_graph(path)
+            if where != directory:
+                raise ExportError(
+                    f"cannot write the tail graph in {where} either ({error}); set FDCAM_CACHE to a writable directory"
+                ) from error
+            # A cache that fills up (ENOSPC) or turns read-only after the check falls back as an unwritable one does.
+            return graph(fp16, _fallback_dir(directory, error))
         stats.exports += 1
         validated[path] = exported.session
         return path
@@ -228,24 +236,37 @@ _fallback: dict[Path, Path] = {}
 
 
 def _writable(directory: Path) -> Path:
-    """`directory` if graphs can be written there, else (with a warning, once) a temporary directory for this process."""
+    """`directory` if graphs can be written there, else (with a warning, once) a temporary directory for this process.
+
+    The cache directory and its `tails` folder are created owner-only (0o700): a cached graph is run as
+    trusted code, like the model file itself (a graph replaced together with its .sha256 record is used).
+    """
+    with _fallback_lock:
+        if directory in _fallback:  # found unwritable (read-only, full) earlier in this process
+            return _fallback[directory]
     try:
-        (directory / "tails").mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (directory / "tails").mkdir(mode=0o700, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory / "tails", prefix=".fdcam-write-check-"):
             pass
         return directory
     except OSError as error:
-        with _fallback_lock:
-            if directory not in _fallback:
-                _fallback[directory] = Path(tempfile.mkdtemp(prefix="fdcam-cache-"))
-                atexit.register(shutil.rmtree, _fallback[directory], True)
-                warnings.warn(
-                    f"cannot write the tail graph cache in {directory} ({error.strerror or error}); using the temporary "
-                    f"directory {_fallback[directory]} for this process (set FDCAM_CACHE to a writable directory to keep graphs)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return _fallback[directory]
+        return _fallback_dir(directory, error)
+
+
+def _fallback_dir(directory: Path, error: OSError) -> Path:
+    """The temporary directory (owner-only, removed at exit) that stands in for an unwritable cache `directory`."""
+    with _fallback_lock:
+        if directory not in _fallback:
+            _fallback[directory] = Path(tempfile.mkdtemp(prefix="fdcam-cache-"))
+            atexit.register(shutil.rmtree, _fallback[directory], True)
+            warnings.warn(
+                f"cannot write the tail graph cache in {directory} ({error.strerror or error}); using the temporary "
+                f"directory {_fallback[directory]} for this process (set FDCAM_CACHE to a writable directory to keep graphs)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return _fallback[directory]
 
 
 def _hash_path(path: Path) -> Path:

@@ -110,7 +110,7 @@ def tensorrt_options(
 ) -> dict[str, str]:
     """TensorRT EP options: fp16 mode, an engine and timing cache, one profile for 1…TENSORRT_MAX_IMAGES images
     of 1…mask_batch masks. `input_shapes` are one image's graph inputs without the batch axis (masks: (K,))."""
-    engine_dir.mkdir(parents=True, exist_ok=True)
+    engine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def profile(images: int, masks: int) -> str:
         dims = {name: (images, masks, *shape) if name == "masks" else (images, *shape) for name, shape in input_shapes.items()}

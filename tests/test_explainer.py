@@ -111,6 +111,10 @@ def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
         assert meta[key]
     description = json.loads(lite0_fdcam.with_suffix(".json").read_text())
     assert description["method"] == "fdcam" and description["method_options"]["theta"] == 0.95
+    # Typed JSON values, not the strings ONNX's metadata_props must hold.
+    assert description["classes_input"] is False and meta["classes_input"] == "false"
+    assert description["num_classes"] == 1000 and type(description["num_classes"]) is int
+    assert description["opset"] == int(meta["opset"]) and description["input_size"] == "224x224"
     assert [i["name"] for i in description["inputs"]] == ["image"]
     assert [o["name"] for o in description["outputs"]] == ["logits", "targets", "saliency"]
     assert description["validation"]["saliency_max_abs_diff"] <= SALIENCY_ATOL
@@ -132,6 +136,37 @@ def test_classes_input_explains_the_classes_asked_for(lite0, lite0_fdcam_classes
     classes = torch.tensor([[340, 1, 999], [0, 340, 500]])
     saliency = assert_matches_library(lite0_fdcam_classes, lite0, "_blocks.15", "fdcam", images, classes)
     assert saliency.shape == (2, 3, 128, 128)
+
+
+def test_a_nan_or_infinite_image_gets_a_nan_map_and_no_target(lite0, lite0_fdcam, zebra_input):
+    # Plain ONNX Runtime, as a C++/JS/Triton user runs the graph: no fdcam in front of it to check.
+    nan, inf = zebra_input.clone(), zebra_input.clone()
+    nan[0, 1, 100, 100] = float("nan")
+    inf[0, 0, 3, 7] = float("inf")
+    logits, targets, saliency = run_explainer(session(lite0_fdcam), torch.cat([zebra_input, nan, inf]).numpy())
+    assert np.isnan(saliency[1:]).all() and np.isnan(logits[1:]).all()
+    np.testing.assert_array_equal(targets[1:], [[-1], [-1]])
+    with pytest.raises(ValueError, match="NaN or infinite"):  # what the library does with the same images
+        fdcam.FDCAM(lite0, "_blocks.15")(nan)
+    # The finite image in the same batch is explained as if alone.
+    expected = fdcam.FDCAM(lite0, "_blocks.15")(zebra_input)
+    assert targets[0, 0] == 340 and np.abs(saliency[:1] - expected.numpy()).max() <= SALIENCY_ATOL
+
+
+def test_classes_outside_the_model_get_nan_maps_instead_of_wrapping(lite0, lite0_fdcam_classes, zebra_input):
+    images = small(torch.cat([zebra_input, zebra_input.flip(-1)]))
+    classes = np.array([[340, -1, 1000], [-1000, 9, 999]], dtype=np.int64)
+    logits, targets, saliency = run_explainer(session(lite0_fdcam_classes), images.numpy(), classes)
+    np.testing.assert_array_equal(targets, classes)  # echoed as asked, so the caller sees which were refused
+    refused = (classes < 0) | (classes >= 1000)
+    assert np.isnan(saliency[refused]).all() and np.isfinite(saliency[~refused]).all()
+    with pytest.raises(ValueError, match="class index -1 is out of range"):
+        fdcam.FDCAM(lite0, "_blocks.15")(images, torch.tensor([[340, -1], [9, 999]]))
+    expected = fdcam.FDCAM(lite0, "_blocks.15")(images, torch.tensor([[340, 340], [9, 999]]))
+    assert np.abs(saliency[0, 0] - expected[0, 0].numpy()).max() <= SALIENCY_ATOL
+    assert np.abs(saliency[1, 1:] - expected[1].numpy()).max() <= SALIENCY_ATOL
+    with torch.no_grad():
+        assert np.abs(logits - lite0(images).numpy()).max() <= LOGITS_RTOL * float(np.abs(logits).max())
 
 
 def test_scorecam_and_groupcam_are_refused_in_one_line(lite0, tmp_path):
@@ -326,3 +361,35 @@ def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_pa
     path = export_explainer(vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64))
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(41))
     assert_matches_library(path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), ill_conditioned=True)
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+
+def test_export_while_another_thread_traces_the_model(lite0, tmp_path):
+    # The export calls modules (split, head, trace) under the process-wide tracing lock for its whole build;
+    # before, a trace by another thread (fdcam.layers, a new explainer's split) captured them: NameError.
+    import threading
+
+    done, errors, traced = threading.Event(), [], []
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(51))
+
+    def trace_meanwhile():
+        try:
+            while not done.is_set():
+                traced.append(len(fdcam.layers(lite0)))
+                fdcam.GradCAM(lite0, "_blocks.10")(x)  # a new explainer: its split traces the model
+        except Exception as error:  # noqa: BLE001 — the test reports whatever the thread raised
+            errors.append(error)
+
+    thread = threading.Thread(target=trace_meanwhile)
+    thread.start()
+    try:
+        path = export_explainer(lite0, tmp_path / "e.onnx", method="gradcam", input_size=(64, 64))
+    finally:
+        done.set()
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert traced and len(set(traced)) == 1  # it traced while the export ran, and always saw the same layers
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(52))
+    assert_matches_library(path, lite0, "_blocks.15", "gradcam", images)

@@ -276,3 +276,28 @@ def test_batch_size_is_the_deprecated_name_of_the_batch_the_method_runs(resnet18
         fdcam.GradCAM(resnet18, "layer4", batch_size=16)
     with pytest.raises(ValueError, match="give tail_batch_size only"):
         fdcam.AblationCAM(resnet18, "layer4", batch_size=16, tail_batch_size=16)
+
+
+@pytest.mark.parametrize("name", sorted(fdcam.METHODS))
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_every_method_works_inside_no_grad_and_inference_mode(resnet18, name, mode):
+    # Serving code wraps calls in these; fdcam records the tail's gradients itself. The same ops run in the
+    # same order, so the maps equal the plain call's (1e-6 allows a reduction split differently by threads).
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(13))
+    cam = fdcam.METHODS[name](resnet18, "layer4")
+    flags = [p.requires_grad for p in resnet18.parameters()]
+    for targets in (None, [[1, 2], [3, 1]]):  # one class per image (the forward's own graph), and several
+        expected = cam(x, targets)
+        with mode():
+            inside = cam(x.clone(), targets)
+        torch.testing.assert_close(inside.clone(), expected, rtol=0, atol=1e-6)
+    assert [p.requires_grad for p in resnet18.parameters()] == flags and not resnet18.training
+
+
+def test_fdcam_on_onnxruntime_works_inside_inference_mode(resnet18):
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(14))
+    cam = fdcam.FDCAM(resnet18, "layer4", backend="onnxruntime")
+    expected = cam(x)
+    with torch.inference_mode():
+        inside = cam(x.clone())
+    torch.testing.assert_close(inside.clone(), expected, rtol=0, atol=1e-6)

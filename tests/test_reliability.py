@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -241,6 +242,49 @@ def test_an_unwritable_cache_directory_falls_back_to_a_temporary_one(tmp_path):
     assert "pass cache_dir" not in str(caught[0].message)  # an option FDCAM does not have
     masks = torch.ones(2, features.shape[1])
     assert_same_up_to_rounding(tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras))
+    runtime.clear_sessions()
+
+
+def test_a_cache_whose_write_fails_with_enospc_falls_back_like_an_unwritable_one(tmp_path, monkeypatch):
+    import errno
+
+    from fdcam.export import graph as graph_module
+
+    cache = tmp_path / "full-disk" / "cache"
+    real_save = graph_module._save
+
+    def full_disk(proto, path, external):  # the disk fills up while the graph is written into the cache
+        if Path(path).is_relative_to(cache):
+            Path(path).write_bytes(b"half a graph")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(proto, path, external)
+
+    monkeypatch.setattr(graph_module, "_save", full_disk)
+    model, x = small_net(), images(1)
+    split = fdcam.split_model(model, "conv3", x)
+    with torch.no_grad():
+        features, *extras = split.head(x)
+    runtime.clear_sessions()
+    warning = r"cache in .*full-disk.*No space left on device.*using the temporary directory"
+    with pytest.warns(RuntimeWarning, match=warning):
+        tail = ort_tail(model, split, features, extras, provider="cpu", cache_dir=cache)
+        masks = torch.ones(2, features.shape[1])
+        got = tail.run(features, masks, extras)
+    assert_same_up_to_rounding(got, TorchTail(split.tail).run(features, masks, extras))
+    assert not list((cache / "tails").iterdir())  # no partial graph left in the full cache
+    runtime.clear_sessions()
+
+
+def test_the_cache_directory_is_created_owner_only(tmp_path):
+    model, x = small_net(), images(1)
+    split = fdcam.split_model(model, "conv3", x)
+    with torch.no_grad():
+        features, *extras = split.head(x)
+    cache = tmp_path / "new" / "cache"
+    runtime.clear_sessions()
+    ort_tail(model, split, features, extras, provider="cpu", cache_dir=cache).session
+    assert list((cache / "tails").glob("*.onnx"))
+    assert (cache.stat().st_mode & 0o777) == 0o700 and ((cache / "tails").stat().st_mode & 0o777) == 0o700
     runtime.clear_sessions()
 
 
