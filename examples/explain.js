@@ -264,6 +264,13 @@ async function main(argv) {
     summary.push({ file: photos[i] ? photos[i].file : null, top1: top, top1_logit: row[top], targets: explained });
     for (let j = 0; j < t; j++) {
       const map = saliency.data.subarray((i * t + j) * height * width, (i * t + j + 1) * height * width);
+      if (map.every(Number.isNaN)) {
+        // the graph refuses as the library does (non-finite image or logits, class out of range): NaN maps
+        const name = photos[i] ? photos[i].file : `image ${i}`;
+        console.error(`explain.js: refused: ${name}, class ${explained[j]}: non-finite input or class out of range`);
+        summary[i].refused = [...(summary[i].refused || []), j];
+        continue;
+      }
       const grey = Buffer.from(Array.from(map, (v) => Math.round(255 * v)));
       fs.writeFileSync(`${outPrefix}.${i}.${j}.pgm`, Buffer.concat([Buffer.from(`P5\n${width} ${height}\n255\n`), grey]));
       if (photos[i]) fs.writeFileSync(`${outPrefix}.${i}.${j}.png`, overlayPng(photos[i], map, height, width));
@@ -272,6 +279,7 @@ async function main(argv) {
   fs.writeFileSync(`${outPrefix}.json`, JSON.stringify({ shape: saliency.dims, images: summary }, null, 2) + "\n");
   const overlays = photos.length ? ", overlays .png" : "";
   console.log(`${path.resolve(outPrefix)}.saliency.f32 [${saliency.dims.join(",")}]${overlays}`);
+  if (summary.some((image) => image.refused)) process.exitCode = 1; // the others were written, as fdcam explain does
 }
 
 main(process.argv.slice(2)).catch((error) => fail(String(error.message || error).split("\n")[0]));

@@ -156,3 +156,20 @@ def test_typed_explainer_json_is_read_too(installed_example, graph, photos, node
     again = np.fromfile(tmp_path / "typed.saliency.f32", dtype="<f4")
     first = np.fromfile(f"{node_run}.saliency.f32", dtype="<f4").reshape(3, -1)[1]
     assert np.array_equal(again, first)
+
+
+def test_a_refused_image_is_reported_in_one_line_and_the_others_are_written(installed_example, graph, tmp_path):
+    """The graph answers a NaN image with NaN maps (as the library refuses it): Node names it, writes the rest, exits 1."""
+    node, folder = installed_example
+    images = torch.randn(2, 3, 224, 224)
+    images[1, 0, 10, 10] = float("nan")
+    inputs = tmp_path / "images.f32"
+    images.numpy().astype("<f4").tofile(inputs)
+    out = tmp_path / "out" / "maps"
+    command = [node, str(folder / "explain.js"), str(graph), str(inputs), str(out), "--classes", "340"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("explain.js: refused: ")]
+    assert refusals == ["explain.js: refused: image 1, class 340: non-finite input or class out of range"]
+    assert (tmp_path / "out" / "maps.0.0.pgm").is_file() and not (tmp_path / "out" / "maps.1.0.pgm").exists()
+    assert json.loads((tmp_path / "out" / "maps.json").read_text())["images"][1]["refused"] == [0]
