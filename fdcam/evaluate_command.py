@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import models
+from .arguments import positive_int
 from .datasets.command import add_ray_arguments
 from .evaluation import (
     DEFAULT_STEP,
@@ -30,16 +31,6 @@ __all__ = ["add_arguments", "run", "partial_path_for"]
 METRICS = ("insertion-deletion", "pointing-game")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of `fdcam evaluate` on `parser`."""
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images (every image in it, sorted)")
@@ -55,16 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="class to explain and score: the model's top-1 (default, as RISE) or the label from --labels",
     )
     parser.add_argument("--metric", default="insertion-deletion", choices=METRICS)
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N images (or composites)")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images (or composites)")
     parser.add_argument("--out", metavar="JSON", help="results file (default fdcam-out/<metric>.json); "
                         "per-image results go to OUT.partial.jsonl as they come, and a rerun resumes from it")
     parser.add_argument("--no-resume", action="store_true", help="recompute everything, ignoring OUT.partial.jsonl")
     parser.add_argument("--plots", metavar="DIR", help="write PNG curves and overlay grids to DIR (needs matplotlib)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="forward batch size of methods and metric")
-    parser.add_argument("--images-per-call", type=_positive_int, default=4, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", help="forward batch size of methods and metric")
+    parser.add_argument("--images-per-call", type=positive_int, default=4, metavar="N",
                         help="images explained per method call and scored together (default 4)")
-    parser.add_argument("--step", type=_positive_int, default=DEFAULT_STEP, metavar="PIXELS",
+    parser.add_argument("--step", type=positive_int, default=DEFAULT_STEP, metavar="PIXELS",
                         help=f"pixels per insertion/deletion step (default {DEFAULT_STEP}, RISE's)")
     parser.add_argument("--scorer", default="auto", choices=SCORERS,
                         help="what runs the curves' and Score-CAM/Group-CAM's forwards: auto (default: ONNX Runtime "
@@ -76,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_ray_arguments(ray)
 
     pointing = parser.add_argument_group("pointing game")
-    pointing.add_argument("--pairs", type=_positive_int, default=250, metavar="N", help="composite pairs (default 250)")
+    pointing.add_argument("--pairs", type=positive_int, default=250, metavar="N", help="composite pairs (default 250)")
     pointing.add_argument("--seed", type=int, default=0, help="seed of the composite pairs (default 0)")
     pointing.add_argument("--tolerance", type=float, default=15.0, metavar="PX", help="hit distance in pixels (default 15)")
     pointing.add_argument("--multi-object", metavar="DIR", help="also a folder with boxes.json (e.g. shared/data/multi-object)")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import models
+from ..arguments import non_negative_float, positive_int
 from ..errors import first_line
 from ..methods import METHODS
 from .sources import MAP_SIZES
@@ -16,33 +17,13 @@ __all__ = ["add_arguments", "add_ray_arguments", "run", "run_evaluate"]
 EXIT_OK, EXIT_SOME_ERRORS, EXIT_BAD_OPTIONS, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
-    return value
-
-
 def add_ray_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The options of the Ray cluster and the actor pool, shared by both commands."""
     parser.add_argument("--ray-address", metavar="ADDR",
                         help="an existing Ray cluster ('auto', 'ray://host:10001'); default: a local Ray here")
-    parser.add_argument("--actors", type=_positive_int, metavar="N",
+    parser.add_argument("--actors", type=positive_int, metavar="N",
                         help="model actors (default: sized from the cluster's CPUs/GPUs, leaving CPU for decoding)")
-    parser.add_argument("--gpus-per-actor", type=_non_negative_float, default=0, metavar="G",
+    parser.add_argument("--gpus-per-actor", type=non_negative_float, default=0, metavar="G",
                         help="GPUs per actor (default 0: CPU actors); 0.5 puts two actors on a GPU")
 
 
@@ -60,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", default=None, help="target layer (`fdcam layers` lists them); default: the model's")
     parser.add_argument("--method", default="fdcam", choices=list(METHODS))
     classes = parser.add_mutually_exclusive_group()
-    classes.add_argument("--topk", type=_positive_int, metavar="K", help="explain the K top classes of each image")
+    classes.add_argument("--topk", type=positive_int, metavar="K", help="explain the K top classes of each image")
     classes.add_argument("--class", dest="class_index", type=int, metavar="N", help="explain class N in every image")
     classes.add_argument("--target", choices=["top1", "label"], default="top1",
                          help="top1 (default) or label (from the CSV, or --labels)")
@@ -68,13 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labels CSV for a folder source (default: DIR/labels.csv if present)")
     parser.add_argument("--map-size", choices=MAP_SIZES, default="feature",
                         help="feature (default): the map at the layer's h×w; input: at the input size, as cam(x)")
-    parser.add_argument("--batch-size", type=_positive_int, default=4, metavar="B",
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="B",
                         help="images per actor call (default 4)")
     parser.add_argument("--backend", choices=["torch", "onnxruntime"],
                         help="engine of FD-CAM's / Ablation-CAM's tail passes")
     parser.add_argument("--overlays", type=int, default=0, metavar="N",
                         help="also write overlay PNGs of the first N rows to DIR/overlays")
-    parser.add_argument("--rows-per-file", type=_positive_int, default=1000, metavar="R",
+    parser.add_argument("--rows-per-file", type=positive_int, default=1000, metavar="R",
                         help="rows (about) per Parquet file, the unit Ctrl-C keeps (default 1000)")
     parser.add_argument("--quiet", action="store_true", help="no progress report")
     add_ray_arguments(parser)
