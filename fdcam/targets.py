@@ -174,7 +174,9 @@ def as_target(value: Any) -> Target:
         return ClassLogit(_class_index(value))
     if callable(value) and not isinstance(value, type):
         return _PerRow(value)
-    raise ValueError(f"a target must be a class index, a fdcam.targets target or a callable, not {value!r} ({kind})")
+    raise ValueError(
+        f"a target must be an integer class index, a fdcam.targets target or a callable, not {value!r} ({kind})"
+    )
 
 
 class BatchTargets:

@@ -86,7 +86,7 @@ def test_class_probability_and_output_targets_score_the_output():
         (10, torch.zeros(2, 10), r"^class index 10 is out of range for a model with 10 classes$"),
         ([ClassLogit(-1)], torch.zeros(1, 10), r"^class index -1 is out of range"),
         (1.5, torch.zeros(1, 10), r"^targets must be None, a class index or target, or one per image, not float$"),
-        ([1.5], torch.zeros(1, 10), r"^a target must be a class index"),
+        ([1.5], torch.zeros(1, 10), r"^a target must be an integer class index"),
         ("cat", torch.zeros(1, 10), r"^targets must be class indices or target objects"),
         (RegionLogit(1, torch.ones(4, 4)), torch.zeros(1, 3, 5, 5),
          r"^the region mask is \(4, 4\) but the model's output map is \(5, 5\)$"),
