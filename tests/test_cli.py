@@ -196,7 +196,7 @@ def test_the_progress_bar_counts_an_image_once_its_files_are_written(tmp_path, d
             seen.append((self.count, len(list(tmp_path.glob("*.npy")))))
 
         def close(self):
-            pass
+            self.closed = True
 
     monkeypatch.setattr(explain_command, "tqdm", Bar)
     images = [str(data_dir / name) for name in ("n02391049_zebra.JPEG", "tiny.png", "n02077923_sea_lion.JPEG")]
