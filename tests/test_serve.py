@@ -186,7 +186,7 @@ def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(on
         assert client.server_config()["backend"] == "onnxruntime"
         for x, classes in ((inputs[0], None), (inputs[1], [150, 340, 7])):
             _assert_same_explanation(client.explain_tensor(x, classes), *_library(lite0, cam, x, classes))
-        before = client.statistics("fdcam")
+        before = _settled_statistics(client)
     path = data_dir / IMAGES[0]
     with ExplainClient(onnx_server.grpc) as client:
         result = client.explain_bytes(path.read_bytes(), [340])
@@ -201,10 +201,25 @@ def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(on
     for index, answer in enumerate(answers):
         _assert_same_explanation(answer, *_library(lite0, cam, inputs[index]))
     with ExplainClient(onnx_server.http) as client:
-        after = client.statistics("fdcam")
+        after = _settled_statistics(client)
     assert after["inference_count"] - before["inference_count"] == 4
     assert after["execution_count"] - before["execution_count"] < 4, "four requests sent together ran one by one"
     assert max(after["batches"]) > 1
+
+
+def _settled_statistics(client: ExplainClient, model: str = "fdcam", quiet_for: float = 0.5, limit: float = 15.0
+                        ) -> dict:
+    """Triton's counters once they stop changing: a request's statistics are recorded after its answer is sent,
+    so a read right after the last answer can miss it."""
+    deadline = time.monotonic() + limit
+    last = client.statistics(model)
+    while time.monotonic() < deadline:
+        time.sleep(quiet_for)
+        now = client.statistics(model)
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def test_load_all_answered_unmixed_and_batched(server, inputs):
@@ -219,7 +234,7 @@ def test_load_all_answered_unmixed_and_batched(server, inputs):
         for input_index, x in enumerate(inputs):
             for variant in (0, 1):
                 sequential[input_index, variant] = client.explain_tensor(x, classes_of(variant, input_index))
-        before = client.statistics("fdcam")
+        before = _settled_statistics(client)
 
     def run_client(client_index: int) -> list[tuple[int, int, dict]]:
         answers = []
@@ -239,7 +254,7 @@ def test_load_all_answered_unmixed_and_batched(server, inputs):
         assert np.abs(answer["saliency"] - expected["saliency"]).max() <= MAP_TOLERANCE
 
     with ExplainClient(server.http) as client:
-        after = client.statistics("fdcam")
+        after = _settled_statistics(client)
     requests = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert requests == clients * per_client
@@ -420,7 +435,7 @@ def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answer
     photos = [(data_dir / name).read_bytes() for name in IMAGES]
     payloads = photos[:2] + [bomb] + photos[2:]
     with ExplainClient(onnx_server.http) as client:
-        before = client.statistics("fdcam_image")
+        before = _settled_statistics(client, "fdcam_image")
 
     def one(data: bytes):
         with ExplainClient(onnx_server.http) as own:
@@ -433,7 +448,7 @@ def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answer
     with concurrent.futures.ThreadPoolExecutor(len(payloads)) as pool:
         answers = list(pool.map(one, payloads, timeout=300))
     with ExplainClient(onnx_server.http) as client:
-        after = client.statistics("fdcam_image")
+        after = _settled_statistics(client, "fdcam_image")
     refused = answers.pop(2)
     assert isinstance(refused, InferenceServerException) and refused.status() == "400"
     assert refused.message() == ("refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed "
