@@ -124,13 +124,13 @@ def _served_row(server: ServeProcess, protocol: str, kind: str, concurrency: int
         return latencies
 
     with ExplainClient(server.url("http")) as client:
-        before = client.statistics(model)
+        before = client.statistics(model, settle=0.5)
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         latencies = [value for values in pool.map(client_thread, range(concurrency)) for value in values]
     wall = time.perf_counter() - started
     with ExplainClient(server.url("http")) as client:
-        after = client.statistics(model)
+        after = client.statistics(model, settle=0.5)
     executions = after["execution_count"] - before["execution_count"]
     served = after["inference_count"] - before["inference_count"]
     return {

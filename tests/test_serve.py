@@ -207,19 +207,8 @@ def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(on
     assert max(after["batches"]) > 1
 
 
-def _settled_statistics(client: ExplainClient, model: str = "fdcam", quiet_for: float = 0.5, limit: float = 15.0
-                        ) -> dict:
-    """Triton's counters once they stop changing: a request's statistics are recorded after its answer is sent,
-    so a read right after the last answer can miss it."""
-    deadline = time.monotonic() + limit
-    last = client.statistics(model)
-    while time.monotonic() < deadline:
-        time.sleep(quiet_for)
-        now = client.statistics(model)
-        if now == last:
-            return now
-        last = now
-    return last
+def _settled_statistics(client: ExplainClient, model: str = "fdcam") -> dict:
+    return client.statistics(model, settle=0.5)
 
 
 def test_load_all_answered_unmixed_and_batched(server, inputs):

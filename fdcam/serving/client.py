@@ -9,6 +9,7 @@ import argparse
 import base64
 import json
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -131,8 +132,23 @@ class ExplainClient:
         outputs = ["logits", "targets", "saliency"] + (["saliency_original"] if original else [])
         return self._infer("fdcam_image", inputs, outputs)
 
-    def statistics(self, model: str = "fdcam") -> dict:
-        """Triton's counters for `model`: requests (inference_count), executions, and executions per batch size."""
+    def statistics(self, model: str = "fdcam", settle: float = 0.0) -> dict:
+        """Triton's counters for `model`: requests (inference_count), executions, and executions per batch size.
+
+        Triton records a request's statistics after its answer is sent, so a read right after an answer can miss
+        it: with `settle` > 0 the counters are read until two reads `settle` seconds apart agree (at most 15 s).
+        """
+        deadline = time.monotonic() + 15.0
+        last = self._statistics(model)
+        while settle > 0 and time.monotonic() < deadline:
+            time.sleep(settle)
+            now = self._statistics(model)
+            if now == last:
+                break
+            last = now
+        return last
+
+    def _statistics(self, model: str) -> dict:
         if self.protocol == "grpc":
             stats = self._call(self.client.get_inference_statistics, model, as_json=True)
         else:
