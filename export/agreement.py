@@ -70,7 +70,7 @@ def agreement(
     method: str,
     options: dict,
     images: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | list,
     got: np.ndarray | torch.Tensor,
     expected: torch.Tensor,
     tolerance: float = SALIENCY_TOLERANCE,
@@ -90,14 +90,14 @@ def float32_spread(
     method: str,
     options: dict,
     images: torch.Tensor,
-    targets: torch.Tensor,
+    targets: torch.Tensor | list,
     expected: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor]:
     """(largest |float32 library − float64 library| over the rounding perturbations, the float64 maps on the CPU)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    images, targets = images.to(device), targets.to(device)
+    images, targets = images.to(device), _on(targets, device)
     double = copy.deepcopy(model).to("cpu", torch.float64).eval()
-    exact = METHODS[method](double, layer, **options)(images.cpu().double(), targets.cpu()).double()
+    exact = METHODS[method](double, layer, **options)(images.cpu().double(), _on(targets, "cpu")).double()
     del double
     library = METHODS[method](model, layer, **options)
     variants = [expected if expected is not None else library(images, targets)]
@@ -126,6 +126,11 @@ def _nudged_quantile(direction: float) -> type:
             return similarity > torch.nextafter(threshold, torch.full_like(threshold, direction))
 
     return NudgedQuantileFDCAM
+
+
+def _on(targets, device):
+    """Class indices moved to `device`; target objects (fdcam.targets, one list per image) move their own tensors."""
+    return targets.to(device) if isinstance(targets, torch.Tensor) else targets
 
 
 def _max_abs(got: torch.Tensor, expected: torch.Tensor) -> float:

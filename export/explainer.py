@@ -42,9 +42,12 @@ from fdcam.methods.base import BatchContext
 from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
 from fdcam.tail import MaskedTail, expand_masks
+from fdcam.targets import OutputSelector, select_output
 
 from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — the rule, named here too
 from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, gathers, model_metadata
+from .region import (REGION_INPUT, RegionExplainerModule, RegionGraphTail, check_target, example_regions,
+                     library_targets, region_cases, region_input, region_metadata)
 
 __all__ = [
     "EXPLAINER_METHODS",
@@ -267,7 +270,7 @@ def _pool_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
-def _trace(module: ExplainerModule, image: torch.Tensor, classes: torch.Tensor | None):
+def _trace(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, region: torch.Tensor | None = None):
     """make_fx (symbolic) of the whole explanation with parameters as inputs: a graph of ATen ops."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -275,20 +278,21 @@ def _trace(module: ExplainerModule, image: torch.Tensor, classes: torch.Tensor |
     buffers = dict(module.named_buffers())
     names = list(params) + list(buffers)
 
-    def explain(tensors, image, classes):
+    def explain(tensors, image, classes, region):
         state = dict(zip(names, tensors))
-        args = (image,) if classes is None else (image, classes)
+        args = tuple(t for t in (image, classes, region) if t is not None)
         return torch.func.functional_call(module, state, args)
 
     tensors = [*params.values(), *buffers.values()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fake = _batch_symbolic_inputs(tensors, image, classes)
+        fake = _batch_symbolic_inputs(tensors, image, classes, region)
         graph = make_fx(explain, decomposition_table=_decompositions(), tracing_mode="symbolic")(*fake)
     return graph, names, tensors
 
 
-def _batch_symbolic_inputs(tensors: list[torch.Tensor], image: torch.Tensor, classes: torch.Tensor | None):
+def _batch_symbolic_inputs(tensors: list[torch.Tensor], image: torch.Tensor, classes: torch.Tensor | None,
+                           region: torch.Tensor | None = None):
     """Fake inputs whose only symbolic sizes are the batch N (and the class count T): every other size
     stays a number, which keeps the shape reasoning (sympy) of the trace small."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -301,7 +305,8 @@ def _batch_symbolic_inputs(tensors: list[torch.Tensor], image: torch.Tensor, cla
         return mode.from_tensor(tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
 
     fake_tensors = [fake(tensor) for tensor in tensors]
-    return fake_tensors, fake(image, (0,)), None if classes is None else fake(classes, (0, 1))
+    fake_region = None if region is None else fake(region, (0, 1))
+    return fake_tensors, fake(image, (0,)), None if classes is None else fake(classes, (0, 1)), fake_region
 
 
 class _Traced(nn.Module):
@@ -315,30 +320,34 @@ class _Traced(nn.Module):
         for index, tensor in enumerate(tensors):
             self.register_buffer(f"w{index}", tensor.detach(), persistent=True)
 
-    def forward(self, image: torch.Tensor, classes: torch.Tensor | None = None):
+    def forward(self, image: torch.Tensor, classes: torch.Tensor | None = None, region: torch.Tensor | None = None):
         tensors = [getattr(self, f"w{index}") for index in range(self.count)]
-        return self.graph_module(tensors, image, classes)
+        return self.graph_module(tensors, image, classes, region)
 
 
-def explainer_inputs(classes_input: bool) -> list[str]:
-    return ["image", "classes"] if classes_input else ["image"]
+def explainer_inputs(classes_input: bool, region: bool = False) -> list[str]:
+    return ["image", "classes"] + ([REGION_INPUT] if region else []) if classes_input else ["image"]
 
 
 OUTPUT_NAMES = ["logits", "targets", "saliency"]
 
 
-def _export_onnx(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, opset: int) -> onnx.ModelProto:
+def _export_onnx(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, opset: int,
+                 region: torch.Tensor | None = None) -> onnx.ModelProto:
     batch = torch.export.Dim("N", min=1)
     if classes is None:
         args, dynamic = (image,), ({0: batch},)
     else:
-        args, dynamic = (image, classes), ({0: batch}, {0: batch, 1: torch.export.Dim("T", min=1)})
+        rows = {0: batch, 1: torch.export.Dim("T", min=1)}
+        args, dynamic = (image, classes), ({0: batch}, rows)
+        if region is not None:
+            args, dynamic = (*args, region), (*dynamic, rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
             args,
-            input_names=explainer_inputs(classes is not None),
+            input_names=explainer_inputs(classes is not None, region is not None),
             output_names=OUTPUT_NAMES,
             opset_version=opset,
             dynamo=True,
@@ -372,6 +381,8 @@ def export_explainer(
     class_names: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     validation_images: torch.Tensor | None = None,
+    target: str = "class",
+    output: OutputSelector = None,
     **method_options,
 ) -> Path:
     """Export `method`'s whole explanation of `model` at `target_layer` as one validated ONNX file at `path`.
@@ -382,10 +393,16 @@ def export_explainer(
     library's maps (≤ 1e-4, or the conditioning rule of export/agreement.py where float32 rounding alone
     moves the library's own maps by more) and logits (≤ 1e-4 of their scale) at batch 1 and 3; then
     nothing is written.
+
+    `target="region"` exports a segmentation model's explanation of a class over a region: the graph
+    takes `classes` [N,T] and `region` float32 [N,T,h,w] (h,w the output map's size) and explains
+    Σ region · logits of the class, as fdcam.targets.RegionLogit (see export/region.py); `output`
+    picks the entry of a dict or tuple output ("out" of a dict that has it).
     """
     return export_explainer_full(
         model, path, target_layer, method, classes_input, input_size=input_size, mean=mean, std=std,
-        class_names=class_names, opset=opset, validation_images=validation_images, **method_options,
+        class_names=class_names, opset=opset, validation_images=validation_images, target=target, output=output,
+        **method_options,
     ).path
 
 
@@ -402,6 +419,8 @@ def export_explainer_full(
     class_names: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     validation_images: torch.Tensor | None = None,
+    target: str = "class",
+    output: OutputSelector = None,
     **method_options,
 ) -> ExportedExplainer:
     """`export_explainer`, returning the metadata, the differences measured and the validation session."""
@@ -426,25 +445,39 @@ def export_explainer_full(
     path = Path(path)
 
     # The reference method on the user's model validates the options before any tracing.
-    reference = METHODS[method](model, layer, **method_options)
+    reference = METHODS[method](model, layer, output=output, **method_options)
     example = _example_images(_EXAMPLE_BATCH, input_size, seed=1)
+    try:
+        map_output = _reference_logits(model, example[:1], output)
+    except ValueError as error:
+        raise ExportError(first_line(error)) from None
+    check_target(target, map_output)
+    region = target == "region"
+    classes_input = classes_input or region  # a region is explained for a class: the classes input comes with it
     example_classes = torch.tensor([[1, 2], [3, 4]], dtype=torch.long) if classes_input else None
+    example_region = example_regions(example_classes, map_output.shape[-2:], seed=4) if region else None
     # The whole build runs under the process-wide tracing lock: split, head and tail runs and the trace all call
     # modules, which another thread's trace (fdcam.layers, a new explainer's split) would otherwise capture.
     with tracing():
         private = copy.deepcopy(model).to("cpu", torch.float32).eval()
         private.requires_grad_(False)
-        split = split_model(private, layer, example[:1])
+        split = split_model(private, layer, example[:1], None, output)
         with torch.no_grad():
             features, *extras = split.head(example[:1])
         if features.dim() != 4:
             raise ExportError(f"layer {layer!r} outputs a {features.dim()}-D tensor; CAM methods need [N,K,h,w]")
         engine = GraphTail(split.tail, features, extras)
+        if region:
+            engine = RegionGraphTail(engine, map_output[0].numel(), features, DEFAULT_TAIL_BYTES)
         graph_method = _graph_method(method, private, layer, method_options, engine)
-        module = ExplainerModule(split, graph_method, classes_input).eval()
+        if region:
+            module = RegionExplainerModule(split, graph_method, _refused_rows).eval()
+        else:
+            module = ExplainerModule(split, graph_method, classes_input).eval()
         try:
-            traced, names, tensors = _trace(module, example, example_classes)
-            proto = _export_onnx(_Traced(traced, names, tensors, classes_input), example, example_classes, opset)
+            traced, names, tensors = _trace(module, example, example_classes, example_region)
+            traced_module = _Traced(traced, names, tensors, classes_input)
+            proto = _export_onnx(traced_module, example, example_classes, opset, example_region)
         except ExportError:
             raise
         except Exception as error:  # tracing and translation raise many types; the user needs the op
@@ -455,12 +488,13 @@ def export_explainer_full(
     if foreign:
         raise ExportError(f"the exported graph uses non-standard operators ({', '.join(foreign)}); nothing was saved")
 
-    num_classes = int(_reference_logits(model, example[:1]).shape[1])
+    num_classes = int(map_output.shape[1])
     if class_names is None and spec is not None and spec.num_classes == num_classes == 1000:
         class_names = imagenet_names()
     metadata = {
         **model_metadata(model_name(model), input_size, mean or None, std or None),
         **_explainer_metadata(layer, method, reference, method_options, classes_input, num_classes, opset),
+        **(region_metadata(output, map_output.shape[-2:]) if region else {"target": "class"}),
     }
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names), ensure_ascii=False)
@@ -480,11 +514,13 @@ def export_explainer_full(
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
         images = validation_images if validation_images is not None else _validation_images(input_size, mean, std)
-        saliency_error, logits_error, scale, cases = _validate(session, reference, model, images, classes_input, num_classes)
+        saliency_error, logits_error, scale, cases = _validate(session, reference, model, images, classes_input, num_classes,
+                                                               output, region)
+        options = {**method_options, "output": output}
         allowed_logits = LOGITS_RTOL * max(scale, 1.0)
         # The conditioning rule (export/agreement.py): 1e-4, or, where float32 rounding alone moves the library's
         # own map by more, within 1e-4 + 4x that spread of the float64 library.
-        judged = [agreement(model, layer, method, method_options, batch, targets, got, expected, SALIENCY_TOLERANCE)
+        judged = [agreement(model, layer, method, options, batch, targets, got, expected, SALIENCY_TOLERANCE)
                   for batch, targets, expected, got in cases] if np.isfinite(saliency_error) else []
         spread = max((a.spread for a in judged if a.spread is not None), default=None)
         exact_error = max((a.exact_error for a in judged if a.exact_error is not None), default=None)
@@ -538,6 +574,7 @@ def describe_explainer(metadata: dict[str, str]) -> dict:
     described["inputs"] = [{"name": "image", "dtype": "float32", "shape": ["N", 3, h, w]}]
     if classes_input:
         described["inputs"].append({"name": "classes", "dtype": "int64", "shape": ["N", "T"]})
+    described["inputs"].extend(region_input(metadata))
     t = "T" if classes_input else 1
     described["outputs"] = [
         {"name": "logits", "dtype": "float32", "shape": ["N", int(metadata["num_classes"])]},
@@ -552,11 +589,15 @@ _BOOLEAN_KEYS = {"classes_input"}
 _INTEGER_KEYS = {"num_classes", "opset"}
 
 
-def run_explainer(session: ort.InferenceSession, image: np.ndarray, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, targets, saliency) of an explainer session on a float32 image batch (and int64 classes)."""
+def run_explainer(session: ort.InferenceSession, image: np.ndarray, classes: np.ndarray | None = None,
+                  region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, targets, saliency) of an explainer session on a float32 image batch (and int64 classes, and
+    for a region graph float32 region masks [N,T,h,w])."""
     feed = {"image": np.ascontiguousarray(image, dtype=np.float32)}
     if classes is not None:
         feed["classes"] = np.ascontiguousarray(classes, dtype=np.int64)
+    if region is not None:
+        feed[REGION_INPUT] = np.ascontiguousarray(region, dtype=np.float32)
     logits, targets, saliency = session.run(OUTPUT_NAMES, feed)
     return logits, targets, saliency
 
@@ -607,31 +648,43 @@ def _validation_images(input_size: tuple[int, int], mean: Sequence[float], std: 
 
 
 @torch.no_grad()
-def _reference_logits(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+def _reference_logits(model: nn.Module, image: torch.Tensor, output: OutputSelector = None) -> torch.Tensor:
+    """The model's output for `image` (the entry `output` selects of a dict or tuple), float32 on the CPU."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with preserved_model_state(model), running():  # no other thread's trace captures these module calls
-        return model(image.to(device)).float().cpu()
+        return select_output(model(image.to(device)), output).float().cpu()
 
 
-def _validate(session, reference, model, images: torch.Tensor, classes_input: bool, num_classes: int):
+def _validate(session, reference, model, images: torch.Tensor, classes_input: bool, num_classes: int,
+              output: OutputSelector = None, region: bool = False):
     """(saliency max |Δ|, logits max |Δ|, max |logit|, cases) of the graph against the library at batch 1 and 3.
 
     `cases` are the (images, targets, library maps, graph maps) compared, for the conditioning rule (`agreement`).
+    A region graph is compared with the library's RegionLogit targets (`region_cases`) and its logits with
+    the output map's mean over the pixels.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     saliency_error = logits_error = scale = 0.0
     cases = []
     generator = torch.Generator().manual_seed(0)
     for batch in (images[:1], images[:3]):
-        expected_logits = _reference_logits(model, batch)
-        targets = expected_logits.argmax(1, keepdim=True)
-        classes = None
-        if classes_input:
-            other = torch.randint(0, num_classes, (batch.shape[0], 1), generator=generator)
-            classes = targets = torch.cat([targets, other], 1)
-        expected = reference(batch.to(device), targets.to(device)).float().cpu()
+        expected_logits = _reference_logits(model, batch, output)
+        regions = None
+        if region:
+            classes, regions = region_cases(expected_logits, generator)
+            targets, expected_logits = library_targets(classes, regions), expected_logits.mean((-2, -1))
+        else:
+            targets = expected_logits.argmax(1, keepdim=True)
+            classes = None
+            if classes_input:
+                other = torch.randint(0, num_classes, (batch.shape[0], 1), generator=generator)
+                classes = targets = torch.cat([targets, other], 1)
+        expected = reference(batch.to(device), targets if region else targets.to(device)).float().cpu()
+        if region:
+            targets = classes  # what the graph echoes
         try:
-            logits, got_targets, saliency = run_explainer(session, batch.numpy(), None if classes is None else classes.numpy())
+            logits, got_targets, saliency = run_explainer(session, batch.numpy(), None if classes is None else classes.numpy(),
+                                                          regions if regions is None else regions.numpy())
         except Exception as error:  # ONNX Runtime raises its own types
             raise ExportError(f"ONNX Runtime cannot run the explainer graph ({first_line(error)}); nothing was saved") from None
         if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, targets.numpy()):
@@ -639,7 +692,7 @@ def _validate(session, reference, model, images: torch.Tensor, classes_input: bo
         saliency_error = max(saliency_error, _max_abs(saliency, expected))
         logits_error = max(logits_error, _max_abs(logits, expected_logits))
         scale = max(scale, float(expected_logits.abs().max()))
-        cases.append((batch, targets, expected, saliency))
+        cases.append((batch, library_targets(classes, regions) if region else targets, expected, saliency))
     return saliency_error, logits_error, scale, cases
 
 
