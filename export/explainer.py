@@ -448,7 +448,7 @@ def export_explainer_full(
     reference = METHODS[method](model, layer, output=output, **method_options)
     example = _example_images(_EXAMPLE_BATCH, input_size, seed=1)
     try:
-        map_output = _reference_logits(model, example[:1], output)
+        map_output, output_key = _reference_output(model, example[:1], output)
     except ValueError as error:
         raise ExportError(first_line(error)) from None
     check_target(target, map_output)
@@ -494,7 +494,7 @@ def export_explainer_full(
     metadata = {
         **model_metadata(model_name(model), input_size, mean or None, std or None),
         **_explainer_metadata(layer, method, reference, method_options, classes_input, num_classes, opset),
-        **(region_metadata(output, map_output.shape[-2:]) if region else {"target": "class"}),
+        **(region_metadata(output_key, map_output.shape[-2:]) if region else {"target": "class"}),
     }
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names), ensure_ascii=False)
@@ -647,12 +647,19 @@ def _validation_images(input_size: tuple[int, int], mean: Sequence[float], std: 
     return torch.stack([photo, photo.flip(-1), noise])
 
 
-@torch.no_grad()
 def _reference_logits(model: nn.Module, image: torch.Tensor, output: OutputSelector = None) -> torch.Tensor:
     """The model's output for `image` (the entry `output` selects of a dict or tuple), float32 on the CPU."""
+    return _reference_output(model, image, output)[0]
+
+
+@torch.no_grad()
+def _reference_output(model: nn.Module, image: torch.Tensor, output: OutputSelector = None) -> tuple[torch.Tensor, OutputSelector]:
+    """(`_reference_logits`, the key or index of the entry explained: "out" of a dict by default, None for a tensor)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with preserved_model_state(model), running():  # no other thread's trace captures these module calls
-        return select_output(model(image.to(device)), output).float().cpu()
+        raw = model(image.to(device))
+    key = "out" if output is None and isinstance(raw, dict) else output
+    return select_output(raw, output).float().cpu(), key
 
 
 def _validate(session, reference, model, images: torch.Tensor, classes_input: bool, num_classes: int,

@@ -12,9 +12,8 @@ size than the graph's is refused by ONNX Runtime itself (h,w are fixed in the gr
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +26,7 @@ from fdcam.targets import BatchTargets, OutputSelector, RegionLogit
 
 from .graph import ExportError, gathers
 
-__all__ = ["REGION_INPUT", "RegionTargets", "RegionGraphTail", "RegionExplainerModule", "region_cases", "region_metadata"]
+__all__ = ["REGION_INPUT", "RegionExplainerModule", "RegionGraphTail", "RegionTargets", "region_cases", "region_metadata"]
 
 REGION_INPUT = "region"
 TARGET_KINDS = ("class", "region")
@@ -195,8 +194,10 @@ def library_targets(classes: torch.Tensor, regions: torch.Tensor) -> list[list[R
 
 
 def region_metadata(output: OutputSelector, size: Sequence[int]) -> dict[str, str]:
-    """What a region graph records beside the explainer metadata: the target kind, the output entry, the mask size."""
-    return {"target": "region", "output": "" if output is None else str(output), "region_size": f"{size[0]}x{size[1]}"}
+    """What a region graph records beside the explainer metadata: the target kind, the output entry explained
+    (a dict's key or a tuple's index; absent for a model returning one tensor), the mask size."""
+    entry = {} if output is None else {"output": str(output)}
+    return {"target": "region", **entry, "region_size": f"{size[0]}x{size[1]}"}
 
 
 def region_input(metadata: dict[str, str]) -> list[dict]:
@@ -207,5 +208,3 @@ def region_input(metadata: dict[str, str]) -> list[dict]:
     return [{"name": REGION_INPUT, "dtype": "float32", "shape": ["N", "T", h, w]}]
 
 
-def as_float32(region: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(region, dtype=np.float32)
