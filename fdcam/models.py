@@ -1,4 +1,5 @@
-"""Model zoo: EfficientNet-Lite0, VGG16 and ResNet50 with ImageNet weights, loaded offline."""
+"""Model zoo: EfficientNet-Lite0, VGG16 and ResNet50 with ImageNet weights, loaded offline; LR-ASPP MobileNetV3
+(segmentation) with torchvision's COCO/VOC weights ("imagenet" names each model's default weights file)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torchvision
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NAMES = ("efficientnet_lite0", "vgg16", "resnet50")
+# Segmentation networks (output [N,C,H,W] under "out"): explained for a class over a region (fdcam.targets.RegionLogit).
+SEGMENTATION_NAMES = ("lraspp_mobilenet_v3_large",)
 
 # The attribute load() sets on the models it makes; spec_of() reads it back.
 _SPEC_ATTRIBUTE = "fdcam_spec"
@@ -22,6 +25,7 @@ _SPEC_ATTRIBUTE = "fdcam_spec"
 _HUB_CHECKPOINTS = {
     "vgg16": (torchvision.models.VGG16_Weights.IMAGENET1K_V1,),
     "resnet50": (torchvision.models.ResNet50_Weights.IMAGENET1K_V1, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
+    "lraspp_mobilenet_v3_large": (torchvision.models.segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,),
 }
 
 
@@ -49,13 +53,17 @@ _SPECS = {
     "efficientnet_lite0": _imagenet_spec("efficientnet_lite0", "_blocks.15"),
     "vgg16": _imagenet_spec("vgg16", "features.30"),
     "resnet50": _imagenet_spec("resnet50", "layer4"),
+    # torchvision's weights: 21 Pascal VOC classes, images resized to 520, ImageNet normalisation.
+    "lraspp_mobilenet_v3_large": ModelSpec(
+        "lraspp_mobilenet_v3_large", "backbone.16", (520, 520), IMAGENET_MEAN, IMAGENET_STD, 21
+    ),
 }
 
 
 def _canonical_name(name: str) -> str:
     canonical = str(name).strip().lower().replace("-", "_")
     if canonical not in _SPECS:
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(NAMES)}")
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(NAMES + SEGMENTATION_NAMES)}")
     return canonical
 
 
@@ -95,10 +103,15 @@ def _build_resnet50() -> torch.nn.Module:
     return torchvision.models.resnet50(weights=None)
 
 
+def _build_lraspp_mobilenet_v3_large() -> torch.nn.Module:
+    return torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+
+
 _BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
     "efficientnet_lite0": _build_efficientnet_lite0,
     "vgg16": _build_vgg16,
     "resnet50": _build_resnet50,
+    "lraspp_mobilenet_v3_large": _build_lraspp_mobilenet_v3_large,
 }
 
 
@@ -112,8 +125,9 @@ def _imagenet_weights_path(name: str) -> Path:
     for file_name in file_names:
         if (checkpoints / file_name).is_file():
             return checkpoints / file_name
+    kind = "ImageNet" if name in NAMES else "default"
     raise ModelError(
-        f"no ImageNet weights for {name} in {checkpoints}: download {_HUB_CHECKPOINTS[name][0].url} "
+        f"no {kind} weights for {name} in {checkpoints}: download {_HUB_CHECKPOINTS[name][0].url} "
         f"on a machine with network and put it there, or pass weights=PATH (on the command line: --weights PATH)"
     )
 
