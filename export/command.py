@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     from .explainer import EXPLAINER_METHODS
 
-    parser.add_argument("--model", required=True, help=f"one of {', '.join(models.NAMES)}")
+    parser.add_argument("--model", required=True, help=f"one of {', '.join(models.NAMES + models.SEGMENTATION_NAMES)}")
     parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
     parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
     parser.add_argument("--fp16", action="store_true", help="tail graph only: fp16 weights and compute, fp32 inputs and outputs")
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     whole.add_argument("--explainer", action="store_true", help="export image → logits, targets, saliency as DIR/explainer.onnx + .json")
     whole.add_argument("--method", default="fdcam", help=f"one of {', '.join(EXPLAINER_METHODS)} (default fdcam)")
     whole.add_argument("--classes-input", action="store_true", help="add an int64 input 'classes' [N,T]: the classes to explain")
+    whole.add_argument("--target", choices=("class", "region"), default="class",
+                       help="class: class logits (default); region: a segmentation model's class summed over a region,"
+                       " inputs 'classes' [N,T] and float32 'region' [N,T,H,W]")
     whole.add_argument("--input-size", default=None, help="HxW of the image input (default: the model's, 224x224)")
     whole.add_argument("--theta", type=float, default=None, help=f"FD-CAM: row quantile of the cosine matrix ({FDCAM_DEFAULTS['theta']})")
     whole.add_argument("--bias", type=float, default=None, help=f"FD-CAM: b in w = α̂·exp(ŝ) − b ({FDCAM_DEFAULTS['bias']})")
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     """Export the tail graph (or, with --explainer, the whole explanation) and print the paths written."""
     if getattr(args, "explainer", False):
         return run_explainer(args)
+    if args.target != "class":
+        raise ValueError("--target applies to --explainer exports (the tail graph returns the whole output)")
     if args.out is None:
         raise ValueError("--out DIR is required (--triton applies to --explainer exports)")
     from fdcam import models
@@ -110,6 +115,17 @@ def _check_input_size(model, size: tuple[int, int] | None, name: str) -> None:
         raise ValueError(f"--input-size {size[0]}x{size[1]} is too small for {name} ({reason})") from None
 
 
+def _check_target(target: str, name: str) -> None:
+    """One line, before loading, when --target does not fit the model: regions of segmentation models, classes of classifiers."""
+    from fdcam import models
+
+    segmentation = name in models.SEGMENTATION_NAMES
+    if segmentation and target != "region":
+        raise ValueError(f"{name} is a segmentation model: export it with --target region")
+    if target == "region" and not segmentation:
+        raise ValueError(f"--target region explains a segmentation model ({', '.join(models.SEGMENTATION_NAMES)}), not {name}")
+
+
 def run_explainer(args: argparse.Namespace) -> int:
     """`fdcam export --explainer`: DIR/explainer.onnx + .json and/or a Triton repository."""
     from fdcam import models
@@ -129,13 +145,15 @@ def run_explainer(args: argparse.Namespace) -> int:
         check_output_dir(Path(args.out))
     if args.triton is not None:
         check_output_dir(Path(args.triton), "--triton")
+    _check_target(args.target, models.spec(args.model).name)
     weights = None if args.weights == "random" else args.weights
     model = models.load(args.model, weights=weights)
     _check_input_size(model, input_size, models.spec_of(model).name)
     with tempfile.TemporaryDirectory(prefix="fdcam-explainer-") as scratch:
         out = Path(args.out) if args.out is not None else Path(scratch)
         exported = export_explainer_full(
-            model, out / "explainer.onnx", args.layer, args.method, args.classes_input, input_size=input_size, **options
+            model, out / "explainer.onnx", args.layer, args.method, args.classes_input, input_size=input_size,
+            target=args.target, **options,
         )
         summary = f"saliency max |Δ| {exported.saliency_error:.2g}, logits max |Δ| {exported.logits_error:.2g} vs the library"
         if args.out is not None:
