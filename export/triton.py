@@ -32,6 +32,10 @@ def default_model_name(model: str, method: str) -> str:
     return f"fdcam_{clean(model)}_{clean(method)}"
 
 
+# Metadata of the graph repeated as the model's parameters (a region graph's target kind and mask size included).
+_PARAMETER_KEYS = ("model", "target_layer", "method", "method_options", "input_size", "mean", "std", "target", "region_size")
+
+
 def _tensor_entries(values, data_types) -> str:
     entries = []
     for value in values:
@@ -81,7 +85,7 @@ def triton_config(
             "      }\n    ]\n  }\n}"
         )
     meta = {entry.key: entry.value for entry in proto.metadata_props}
-    parameters = [(f"fdcam_{key}", meta[key]) for key in ("model", "target_layer", "method", "method_options", "input_size", "mean", "std") if key in meta]
+    parameters = [(f"fdcam_{key}", meta[key]) for key in _PARAMETER_KEYS if key in meta]
     for key, value in parameters:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{escaped}" }}\n}}')
