@@ -3,12 +3,16 @@
 //
 //   node explain.js DIR/explainer.onnx PHOTO.jpg|PHOTO.png ... OUT_PREFIX [--classes 340,1]
 //   node explain.js DIR/explainer.onnx IMAGES.f32 OUT_PREFIX [--classes 340,1]
+//   node explain.js DIR/explainer.onnx IMAGES.f32|PHOTO ... OUT_PREFIX --classes 15,7 --region REGIONS.f32
 //
 // Photos (JPEG or PNG) are decoded here (jpeg-js, pngjs: pure JavaScript), resized to the graph's input size
 // the way fdcam's Python preprocessing does (Pillow's bilinear filter, 8-bit, with its antialiasing when
 // shrinking), scaled to [0,1] and normalised with explainer.json's mean and std. IMAGES.f32 instead is a raw
 // little-endian float32 tensor [N,3,H,W], already normalised. With a graph exported with --classes-input,
 // --classes gives T classes per image (the same T for every image); without it the graph explains the top-1 class.
+// A region graph (exported with --target region: a segmentation model) also needs --region REGIONS.f32, a raw
+// little-endian float32 tensor [N,T,h,w] (h,w: explainer.json's region_size), one mask per image and class:
+// row (n,t) explains the sum of class t's logits over mask (n,t); its `logits` are the output map's pixel means.
 //
 // Writes (the folder of OUT_PREFIX is created): OUT_PREFIX.saliency.f32 (float32 [N,T,H,W]), OUT_PREFIX.json
 // (per image: its file, targets, top-1 class and logit), a grey-level OUT_PREFIX.<n>.<t>.pgm per map and, for
@@ -209,7 +213,9 @@ function overlayPng(photo, map, mapHeight, mapWidth) {
 
 async function main(argv) {
   const classesAt = argv.indexOf("--classes");
-  const positional = classesAt >= 0 ? argv.filter((_, i) => i !== classesAt && i !== classesAt + 1) : argv;
+  const regionAt = argv.indexOf("--region");
+  const options = [classesAt, regionAt].filter((i) => i >= 0).flatMap((i) => [i, i + 1]);
+  const positional = argv.filter((_, i) => !options.includes(i));
   const [modelPath, ...inputs] = positional;
   const outPrefix = inputs.pop();
   if (!modelPath || !inputs.length || !outPrefix) {
@@ -247,6 +253,17 @@ async function main(argv) {
   } else if (flag(description.classes_input)) {
     fail("this graph needs --classes");
   }
+  if (description.target === "region") {
+    if (regionAt < 0 || !argv[regionAt + 1]) fail("this region graph needs --region REGIONS.f32 (float32 [N,T,h,w])");
+    const [h, w] = inputSize(description.region_size);
+    const bytes = fs.readFileSync(argv[regionAt + 1]);
+    const t = feeds.classes.dims[1];
+    if (bytes.length !== 4 * n * t * h * w) fail(`${argv[regionAt + 1]} does not hold float32 regions of ${n}x${t}x${h}x${w}`);
+    const masks = new Float32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.length));
+    feeds.region = new ort.Tensor("float32", masks, [n, t, h, w]);
+  } else if (regionAt >= 0) {
+    fail("--region applies to a graph exported with --target region");
+  }
 
   const session = await ort.InferenceSession.create(modelPath, { executionProviders: ["cpu"] });
   const { logits, targets, saliency } = await session.run(feeds);
@@ -265,7 +282,7 @@ async function main(argv) {
     for (let j = 0; j < t; j++) {
       const map = saliency.data.subarray((i * t + j) * height * width, (i * t + j + 1) * height * width);
       if (map.every(Number.isNaN)) {
-        // the graph refuses as the library does (non-finite image or logits, class out of range): NaN maps
+        // the graph refuses as the library does (non-finite image, logits or region, class out of range): NaN maps
         const name = photos[i] ? photos[i].file : `image ${i}`;
         console.error(`explain.js: refused: ${name}, class ${explained[j]}: non-finite input or class out of range`);
         summary[i].refused = [...(summary[i].refused || []), j];

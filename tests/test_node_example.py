@@ -11,11 +11,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
+import fdcam
 from fdcam import models
 from fdcam.cli import main
-from fdcam.export import export_explainer
+from fdcam.export import export_explainer, run_explainer
+from fdcam.export.agreement import agreement
 from fdcam.images import load_image, preprocess
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -173,3 +177,71 @@ def test_a_refused_image_is_reported_in_one_line_and_the_others_are_written(inst
     assert refusals == ["explain.js: refused: image 1, class 340: non-finite input or class out of range"]
     assert (tmp_path / "out" / "maps.0.0.pgm").is_file() and not (tmp_path / "out" / "maps.1.0.pgm").exists()
     assert json.loads((tmp_path / "out" / "maps.json").read_text())["images"][1]["refused"] == [0]
+
+
+# --- a region graph (a segmentation model explained for a class over a region) -----------------------------------
+
+
+class TinySegmentation(nn.Module):
+    """A small segmentation network returning {"out": [N,C,H,W]} at the input size, as torchvision's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+    def forward(self, x):
+        y = self.classifier(self.features(self.stem(x)))
+        return {"out": F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+REGION_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def region_graph(tmp_path_factory):
+    torch.manual_seed(3)
+    model = TinySegmentation().eval()
+    path = tmp_path_factory.mktemp("region") / "explainer.onnx"
+    export_explainer(model, path, "features.1", "fdcam", target="region", input_size=(REGION_SIZE, REGION_SIZE))
+    return model, path
+
+
+def test_a_region_graph_runs_in_node_like_python(installed_example, region_graph, tmp_path):
+    node, folder = installed_example
+    model, graph_path = region_graph
+    images = torch.randn(2, 3, REGION_SIZE, REGION_SIZE, generator=torch.Generator().manual_seed(4))
+    classes = torch.tensor([[1, 3], [1, 3]])  # --classes gives every image the same classes
+    regions = torch.zeros(2, 2, REGION_SIZE, REGION_SIZE)
+    regions[0, 0, 4:20, 8:24] = 1.0
+    regions[0, 1] = torch.linspace(0, 1, REGION_SIZE)[None, :]  # a float mask weighs each pixel
+    regions[1, 0, 16:, :] = 1.0
+    regions[1, 1, 10:12, 10:30] = 1.0
+    (tmp_path / "images.f32").write_bytes(images.numpy().astype("<f4").tobytes())
+
+    def run(regions: torch.Tensor, out: str) -> subprocess.CompletedProcess:
+        (tmp_path / f"{out}.f32").write_bytes(regions.numpy().astype("<f4").tobytes())
+        command = [node, str(folder / "explain.js"), str(graph_path), str(tmp_path / "images.f32"), str(tmp_path / out),
+                   "--classes", "1,3", "--region", str(tmp_path / f"{out}.f32")]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    result = run(regions, "maps")
+    assert result.returncode == 0, result.stderr
+    from_node = np.fromfile(tmp_path / "maps.saliency.f32", dtype="<f4").reshape(2, 2, REGION_SIZE, REGION_SIZE)
+    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    _, _, from_python = run_explainer(session, images.numpy(), classes.numpy(), regions.numpy())
+    assert np.abs(from_node - from_python).max() <= SALIENCY_ATOL
+    targets = [[fdcam.targets.RegionLogit(int(c), mask) for c, mask in zip(row, masks)] for row, masks in zip(classes.tolist(), regions)]
+    expected = fdcam.FDCAM(model, "features.1")(images, targets)
+    assert agreement(model, "features.1", "fdcam", {}, images, targets, from_node, expected).passed
+    summary = json.loads((tmp_path / "maps.json").read_text())
+    assert [image["targets"] for image in summary["images"]] == [[1, 3], [1, 3]]
+    with torch.no_grad():  # a region graph's logits: the output map's pixel means
+        assert [image["top1"] for image in summary["images"]] == model(images)["out"].mean((-2, -1)).argmax(1).tolist()
+
+    regions[1, 0, 0, 0] = float("nan")  # refused in one line; the other maps are written
+    result = run(regions, "refused")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "refused: image 1, class 1" in result.stderr
+    assert [image.get("refused") for image in json.loads((tmp_path / "refused.json").read_text())["images"]] == [None, [0]]
+    assert (tmp_path / "refused.1.1.pgm").is_file() and not (tmp_path / "refused.1.0.pgm").exists()
