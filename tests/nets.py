@@ -1,6 +1,7 @@
 """Small test networks and the split helper the test files share."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fdcam.split import split_model
@@ -43,3 +44,17 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class TinySegmentation(nn.Module):
+    """A small segmentation network returning {"out": [N,C,H,W]} at the input size, as torchvision's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+
+    def forward(self, x):
+        y = self.classifier(self.features(self.stem(x)))
+        return {"out": F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)}

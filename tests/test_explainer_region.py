@@ -166,15 +166,34 @@ def test_a_segmentation_model_needs_target_region(tmp_path):
         export_explainer(model, tmp_path / "e.onnx", method="gradcam", input_size=(64, 64))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "layercam", "ablationcam"])
+def test_every_other_exportable_method_honours_the_region(method, tmp_path):
+    from nets import TinySegmentation
+
+    torch.manual_seed(3)
+    model = TinySegmentation().eval()
+    path = export_explainer(model, tmp_path / "e.onnx", "features.1", method, target="region", input_size=(32, 32))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    classes = torch.tensor([[0, 2], [3, 1]])
+    regions = torch.zeros(2, 2, 32, 32)
+    regions[0, 0, 4:20, 8:24] = regions[1, 1, 16:, :] = 1.0
+    regions[0, 1] = regions[1, 0] = torch.linspace(0, 1, 32)[:, None]
+    _, _, saliency = run_explainer(session(path), images.numpy(), classes.numpy(), regions.numpy())
+    targets = [[RegionLogit(int(c), m) for c, m in zip(row, masks)] for row, masks in zip(classes.tolist(), regions)]
+    expected = fdcam.METHODS[method](model, "features.1")(images, targets)
+    assert agreement(model, "features.1", method, {}, images, targets, saliency, expected).passed
+
+
 # --- the command line and Triton --------------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_cli_exports_a_region_graph_and_a_triton_repository_listing_the_region_input(lraspp, images, tmp_path, capsys):
+    from test_explainer import parse_triton_config
     from tritonclient.grpc import model_config_pb2
 
     from fdcam.cli import main
-    from test_explainer import parse_triton_config
 
     weights = tmp_path / "lraspp.pt"
     torch.save(lraspp.state_dict(), weights)

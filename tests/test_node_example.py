@@ -11,9 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 import fdcam
 from fdcam import models
@@ -21,6 +19,7 @@ from fdcam.cli import main
 from fdcam.export import export_explainer, run_explainer
 from fdcam.export.agreement import agreement
 from fdcam.images import load_image, preprocess
+from nets import TinySegmentation
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CLASSES = [340, 243]  # zebra, bull mastiff: the same two for every photo
@@ -180,20 +179,6 @@ def test_a_refused_image_is_reported_in_one_line_and_the_others_are_written(inst
 
 
 # --- a region graph (a segmentation model explained for a class over a region) -----------------------------------
-
-
-class TinySegmentation(nn.Module):
-    """A small segmentation network returning {"out": [N,C,H,W]} at the input size, as torchvision's do."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
-        self.features = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
-        self.classifier = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))
-
-    def forward(self, x):
-        y = self.classifier(self.features(self.stem(x)))
-        return {"out": F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
 
 REGION_SIZE = 32
