@@ -197,7 +197,8 @@ def region_metadata(output: OutputSelector, size: Sequence[int]) -> dict[str, st
     """What a region graph records beside the explainer metadata: the target kind, the output entry explained
     (a dict's key or a tuple's index; absent for a model returning one tensor), the mask size."""
     entry = {} if output is None else {"output": str(output)}
-    return {"target": "region", **entry, "region_size": f"{size[0]}x{size[1]}"}
+    inputs = ",".join(("image", "classes", REGION_INPUT))
+    return {"target": "region", **entry, "region_size": f"{size[0]}x{size[1]}", "inputs": inputs}
 
 
 def region_input(metadata: dict[str, str]) -> list[dict]:
