@@ -687,19 +687,18 @@ def _validate(session, reference, model, images: torch.Tensor, classes_input: bo
                 other = torch.randint(0, num_classes, (batch.shape[0], 1), generator=generator)
                 classes = targets = torch.cat([targets, other], 1)
         expected = reference(batch.to(device), targets if region else targets.to(device)).float().cpu()
-        if region:
-            targets = classes  # what the graph echoes
+        echoed = classes if region else targets  # what the graph's `targets` output holds
         try:
             logits, got_targets, saliency = run_explainer(session, batch.numpy(), None if classes is None else classes.numpy(),
-                                                          regions if regions is None else regions.numpy())
+                                                          None if regions is None else regions.numpy())
         except Exception as error:  # ONNX Runtime raises its own types
             raise ExportError(f"ONNX Runtime cannot run the explainer graph ({first_line(error)}); nothing was saved") from None
-        if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, targets.numpy()):
+        if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, echoed.numpy()):
             return float("inf"), float("inf"), 0.0, cases
         saliency_error = max(saliency_error, _max_abs(saliency, expected))
         logits_error = max(logits_error, _max_abs(logits, expected_logits))
         scale = max(scale, float(expected_logits.abs().max()))
-        cases.append((batch, library_targets(classes, regions) if region else targets, expected, saliency))
+        cases.append((batch, targets, expected, saliency))
     return saliency_error, logits_error, scale, cases
 
 

@@ -30,10 +30,8 @@ __all__ = ["REGION_INPUT", "RegionExplainerModule", "RegionGraphTail", "RegionTa
 
 REGION_INPUT = "region"
 TARGET_KINDS = ("class", "region")
-LOGITS_MEANING = {
-    "class": "the model's class logits",
-    "region": "the model's output map averaged over its pixels, per class (the explained scores are region sums)",
-}
+# What a region graph's `logits` output holds: one number per class and image, as a classifier's logits.
+LOGITS_MEANING = "the output map averaged over its pixels, per class (the explained scores are the region sums)"
 
 
 class RegionTargets(BatchTargets):
@@ -197,8 +195,9 @@ def region_metadata(output: OutputSelector, size: Sequence[int]) -> dict[str, st
     """What a region graph records beside the explainer metadata: the target kind, the output entry explained
     (a dict's key or a tuple's index; absent for a model returning one tensor), the mask size."""
     entry = {} if output is None else {"output": str(output)}
-    inputs = ",".join(("image", "classes", REGION_INPUT))
-    return {"target": "region", **entry, "region_size": f"{size[0]}x{size[1]}", "inputs": inputs}
+    inputs = f"image,classes,{REGION_INPUT}"
+    return {"target": "region", **entry, "region_size": f"{size[0]}x{size[1]}", "inputs": inputs,
+            "logits_meaning": LOGITS_MEANING}
 
 
 def region_input(metadata: dict[str, str]) -> list[dict]:
