@@ -92,7 +92,7 @@ def test_region_graph_io_metadata_and_json(lraspp_fdcam):
     assert meta["inputs"] == "image,classes,region" and meta["classes_input"] == "true"
     assert meta["model"] == "lraspp_mobilenet_v3_large" and meta["num_classes"] == "21"
     described = json.loads(lraspp_fdcam.with_suffix(".json").read_text())
-    assert described == describe_explainer(meta)
+    assert described == describe_explainer(meta) | {"validation": described["validation"]}  # measured after the graph was written
     assert described["inputs"][2] == {"name": "region", "dtype": "float32", "shape": ["N", "T", SIZE, SIZE]}
     assert described["outputs"][0]["shape"] == ["N", 21] and described["target"] == "region"
     assert described["validation"]["saliency_max_abs_diff"] <= 1e-4 or described["validation"]["graph_vs_float64_library"] is not None
