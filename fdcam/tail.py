@@ -271,6 +271,37 @@ class TorchTail:
         with tail_precision(self.precision, features.device):
             return self._compute(shortcut, bound, features, masks, extras, classes, score).float()
 
+    @torch.no_grad()
+    def group_passes(
+        self, features: torch.Tensor, groups: torch.Tensor, extras: Sequence[torch.Tensor] = (), classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float32 logits [N,K,T] of the classes [N,T] with each channel group of boolean `groups` [N,K,K]
+        switched on alone, and switched off, or None where this tail has no such shortcut.
+
+        A tail whose first op is its last Linear (pooling then the classifier, ResNet-50 at `layer4`)
+        scores a group as a sum of per-channel class contributions: on = bias + Σ_G C, off = full − Σ_G C,
+        one product of the groups with the contributions, no mask rows at all. A `batch_size` given
+        asks for mask rows in chunks of that size: None, so they run.
+        """
+        if classes is None or self.batch_size is not None:
+            return None
+        shortcut = self.shortcut_for(features, extras)
+        if shortcut is None or shortcut.kind != "linear" or not shortcut.first_is_final:
+            return None
+        with tail_precision(self.precision, features.device):
+            contributions, bias = shortcut.prepare(features, classes)  # [N,K,T], [N,T]
+            n, k = groups.shape[0], groups.shape[-1]
+            summed = contributions.new_empty(contributions.shape)
+            step = max(1, CPU_SET_CHUNK_BYTES // (k * contributions.element_size()))  # groups as floats, a chunk at a time
+            self.calls += 1  # one call of the tail's shortcut for the batch
+            for i in range(n):
+                for start in range(0, k, step):
+                    rows = groups[i, start : start + step].to(contributions.dtype)
+                    torch.mm(rows, contributions[i], out=summed[i, start : start + step])
+            base = torch.zeros_like(contributions[:, :1]) if bias is None else bias[:, None]
+            full = contributions.sum(1, keepdim=True) + base
+            return (summed + base).float(), (full - summed).float()
+
     def _graphed(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
         tensors = [features, masks.contiguous(), *extras] + ([] if classes is None else [classes])
         key = (tuple((tuple(t.shape), t.dtype) for t in tensors), features.device, shortcut is not None, bound, classes is None)
