@@ -28,7 +28,7 @@ __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", 
 DEFAULT_MEMORY_BUDGET = 1024**3
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
-CPU_SET_CHUNK_BYTES = 4 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
+CPU_SET_CHUNK_BYTES = 2 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
 # A gathered sum over g of K channels replaces a dense product when g is at most this share of K
 # (for a first Linear the dense product is one efficient GEMM, so gathering pays only when very sparse).
 CONV_SPARSE_SHARE = 0.25
@@ -409,8 +409,7 @@ class TorchTail:
         for i in range(n):
             image = shortcut.select(state, i)
             bias, full = shortcut.row_bases(image)
-            bases = torch.stack([bias, full])[:, None]  # [2,1,*row]
-            signs = torch.tensor([1.0, -1.0], dtype=full.dtype).reshape(2, 1, *[1] * full.dim())
+            buffer = None  # the chunks' starts, written in place: no fresh block per chunk
             key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
             sets, inverse = torch.unique(key, dim=0, return_inverse=True)
             first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
@@ -420,8 +419,11 @@ class TorchTail:
                 self.calls += 1
                 sums = shortcut.gathered_sums(image, set_index[a:b], set_gate[a:b], rows)
                 if on_sets == off_sets == list(range(len(sums))):  # one switch-on and one switch-off row per set
-                    start = torch.addcmul(bases, signs, sums[None])  # bias + Σ, full − Σ
-                    start = start.flatten(0, 1)
+                    if buffer is None or buffer.shape[0] < 2 * len(sums):
+                        buffer = torch.empty((2 * len(sums), *full.shape), dtype=sums.dtype)
+                    start = buffer[: 2 * len(sums)]
+                    torch.add(sums, bias, out=start[: len(sums)])  # bias + Σ
+                    torch.sub(full, sums, out=start[len(sums) :])  # full − Σ
                 else:
                     start = torch.empty((len(on) + len(off), *full.shape), dtype=sums.dtype)
                     torch.add(_pick(sums, on_sets), bias, out=start[: len(on)])
