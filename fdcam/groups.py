@@ -32,7 +32,7 @@ def channel_groups(activations: torch.Tensor, theta: float = 0.95, *, quantile_l
     if activations.dim() == 4 and activations.shape[0] * activations.shape[1] ** 2 > quantile_limit:
         return torch.stack([channel_groups(image, theta) for image in activations])
     fast = activations.dtype == torch.float32 and activations.shape[-3] >= FLOAT32_MIN_CHANNELS and 0.0 <= theta <= 1.0
-    if fast and bool(torch.isfinite(activations).all()):
+    if fast and _float32_safe(activations):
         return _float32_groups(activations, theta)
     similarity = cosine_similarity_matrix(activations)
     return similarity > quantile_threshold(similarity, theta)
@@ -151,6 +151,13 @@ def _settle_rows(groups, similarity, activations, theta, near, values=None, inde
         settled &= torch.zeros_like(settled).scatter_(-1, columns, True) | ~reaches
         groups[image, rows] = settled
     return groups[0] if activations.dim() == 3 else groups
+
+
+def _float32_safe(activations: torch.Tensor) -> bool:
+    """Whether every map is all zero or has its largest magnitude within 2^±40: float32 norms of such
+    maps neither overflow nor lose precision to underflow, as `_float32_groups`' error bound assumes."""
+    largest = activations.flatten(-2).abs().amax(-1)
+    return bool(((largest == 0) | ((largest >= 2.0**-40) & (largest <= 2.0**40))).all())
 
 
 def _unit_maps(flat: torch.Tensor) -> torch.Tensor:

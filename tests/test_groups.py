@@ -186,3 +186,16 @@ def test_float32_groups_of_real_resnet_like_maps_have_rows_settled_both_ways(mon
     assert torch.equal(groups_module._float32_groups(activations, 0.95), expected)
     monkeypatch.setattr(groups_module, "_CHECK_EXTRA", 0)  # the selection never reaches below: whole rows
     assert torch.equal(groups_module._float32_groups(activations, 0.95), expected)
+
+
+def test_maps_too_large_or_too_small_for_float32_norms_take_the_float64_path():
+    from fdcam.groups import FLOAT32_MIN_CHANNELS, _float32_safe
+
+    activations = torch.relu(torch.randn(FLOAT32_MIN_CHANNELS, 3, 3, generator=torch.Generator().manual_seed(15)))
+    activations[0] = 0.0
+    assert _float32_safe(activations)
+    for scale in (1e-30, 1e30):  # squares would underflow or overflow in float32
+        scaled = activations.clone()
+        scaled[5] *= scale
+        assert not _float32_safe(scaled) and not _float32_safe(torch.nan_to_num(scaled * float("inf")))
+        assert torch.equal(channel_groups(scaled), float64_groups(scaled, 0.95))
