@@ -55,8 +55,9 @@ def _threshold_and_top(
     """`quantile_threshold`, and the row's values from the lower order statistic up plus `extra` more below,
     unordered ([...,K−floor(θ(K−1))+extra]), with their column indices (None, None where torch.quantile ran).
 
-    `non_negative` promises float32 values ≥ +0 with no NaN or infinity: the selection then ranks
-    their bits as int32, which orders them as they compare and is faster."""
+    `non_negative` promises float32 values ≥ 0 with no NaN or infinity: the selection then ranks
+    their bits as int32, which orders them as they compare (−0 ranks lowest, tied with +0 as a value)
+    and is faster."""
     k = similarity.shape[-1]
     exact = similarity.device.type == "cpu" and similarity.dtype in (torch.float32, torch.float64)
     if not exact or not 0.0 <= theta <= 1.0 or k == 0:
@@ -101,7 +102,7 @@ def _float32_groups(activations: torch.Tensor, theta: float) -> torch.Tensor:
     unit = _unit_maps(flat)
     similarity = unit @ unit.transpose(-1, -2)
     margin = (6 * flat.shape[-1] + 26) * _UNIT_ROUNDOFF32
-    # Non-negative maps (after a ReLU) have similarities ≥ +0: products and sums of values ≥ +0.
+    # Non-negative maps (after a ReLU) have similarities ≥ 0: products and sums of values ≥ 0.
     non_negative = bool((flat >= 0).all())
     threshold, values, index = _threshold_and_top(similarity, theta, non_negative, extra=_CHECK_EXTRA)
     groups = similarity > threshold
