@@ -76,11 +76,27 @@ def _threshold_and_top(
     else:
         low, high = top.topk(2, dim=-1, largest=False).values.split(1, dim=-1)
         high = high if position > below else low
-    # torch.lerp with a weight tensor on contiguous operands rounds as torch.quantile's own lerp does.
-    weight = torch.full_like(low, position - below, memory_format=torch.contiguous_format)
-    threshold = low.contiguous().lerp_(high.contiguous(), weight)
+    threshold = _lerp(low, high, position - below)
     # topk ranks NaN above every number: a row holding NaN has one among its top values.
     return threshold.masked_fill_(top.isnan().any(-1, keepdim=True), float("nan")), values, index
+
+
+def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
+    """low + weight·(high − low) rounded as torch.quantile's own lerp: torch.lerp with a weight tensor
+    on contiguous operands."""
+    weights = torch.full_like(low, weight, memory_format=torch.contiguous_format)
+    return low.contiguous().lerp_(high.contiguous(), weights)
+
+
+def _threshold_of_top(ordered: torch.Tensor, theta: float, k: int) -> torch.Tensor:
+    """`quantile_threshold` [R,1] of rows of length k from their c largest values, sorted ascending [R,c]
+    (c ≥ k − floor(θ(k−1)): the order statistics it takes are among them)."""
+    position = float(torch.tensor(theta, dtype=ordered.dtype)) * (k - 1)
+    below = int(position)
+    offset = k - ordered.shape[-1]  # ordered[:, j − offset] is the sorted row's value j
+    low = ordered[:, below - offset : below - offset + 1]
+    high = ordered[:, below - offset + 1 : below - offset + 2] if position > below and below + 1 < k else low
+    return _lerp(low, high, position - below)
 
 
 
@@ -138,18 +154,20 @@ def _settle_rows(groups, similarity, activations, theta, near, values=None, inde
         if values is None:
             groups[image, rows] = exact > quantile_threshold(exact, theta)
             continue
-        reaches = values[image, rows].amin(-1, keepdim=True) < threshold[image, rows] - margin
         columns = index[image, rows]
-        # The float64 order statistics are among the selected channels: the rest padded with −inf
-        # (below all of them) keeps the row's length, so quantile_threshold takes the same positions.
-        selected = torch.where(reaches, exact.gather(-1, columns), exact[:, : columns.shape[-1]])
-        fill = exact.new_full((len(rows), k - columns.shape[-1]), float("-inf"))
-        cutoff = torch.where(reaches, quantile_threshold(torch.cat([fill, selected], -1), theta), exact.new_zeros(()))
+        reaches = values[image, rows].amin(-1) < threshold[image, rows, 0] - margin  # [R]
+        cutoff = torch.empty_like(exact[:, :1])
+        if bool(reaches.any()):
+            # The float64 order statistics are among the selected channels: their values sorted hold
+            # them at the same ranks from the top.
+            ordered = exact[reaches].gather(-1, columns[reaches]).sort(-1).values
+            cutoff[reaches] = _threshold_of_top(ordered, theta, k)
         if not bool(reaches.all()):
-            cutoff = torch.where(reaches, cutoff, quantile_threshold(exact, theta))
+            cutoff[~reaches] = quantile_threshold(exact[~reaches], theta)
         settled = exact > cutoff
         # An unselected channel of a row that reaches far enough is out (it lies below the threshold).
-        settled &= torch.zeros_like(settled).scatter_(-1, columns, True) | ~reaches
+        selected = torch.zeros_like(settled).scatter_(-1, columns, True)
+        settled &= selected | ~reaches[:, None]
         groups[image, rows] = settled
     return groups[0] if activations.dim() == 3 else groups
 
