@@ -3,7 +3,8 @@
 #   bash .dev/small/install.sh && bash benchmarks/gpu_session.sh
 # Installs fdcam (and pytorch-grad-cam wheels from .dev/pgc, if carried) into /tmp/site, then runs
 # the GPU tests, benchmarks/gpu_check.py (ORT CUDA, TensorRT fallback) and the latency benchmark.
-# Each step has its own time limit (about 14 minutes in all, the ratio steps last); logs and JSON go to $OUT (default /tmp/fdcam-gpu).
+# Each step has its own time limit (about 14 minutes in all, the ratio steps last); logs and JSON go to $OUT
+# (default /tmp/fdcam-gpu).
 set -u
 OUT=${OUT:-/tmp/fdcam-gpu}
 mkdir -p "$OUT"

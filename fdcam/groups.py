@@ -70,7 +70,8 @@ def _threshold_and_top(
         values = similarity.gather(-1, index)
     else:
         values, index = similarity.topk(count, dim=-1, sorted=False)
-    top = values if count == k - below else values.topk(k - below, dim=-1, sorted=False).values  # sorted row from `below`
+    # the sorted row from `below` on
+    top = values if count == k - below else values.topk(k - below, dim=-1, sorted=False).values
     if k - below == 1:
         low = high = top
     else:

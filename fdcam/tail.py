@@ -273,7 +273,11 @@ class TorchTail:
 
     @torch.no_grad()
     def group_passes(
-        self, features: torch.Tensor, groups: torch.Tensor, extras: Sequence[torch.Tensor] = (), classes: torch.Tensor | None = None
+        self,
+        features: torch.Tensor,
+        groups: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Float32 logits [N,K,T] of the classes [N,T] with each channel group of boolean `groups` [N,K,K]
         switched on alone, and switched off, or None where this tail has no such shortcut.
@@ -292,7 +296,8 @@ class TorchTail:
             contributions, bias = shortcut.prepare(features, classes)  # [N,K,T], [N,T]
             n, k = groups.shape[0], groups.shape[-1]
             summed = contributions.new_empty(contributions.shape)
-            step = max(1, CPU_SET_CHUNK_BYTES // (k * contributions.element_size()))  # groups as floats, a chunk at a time
+            # the groups as floats, a cache-sized chunk of rows at a time
+            step = max(1, CPU_SET_CHUNK_BYTES // (k * contributions.element_size()))
             self.calls += 1  # one call of the tail's shortcut for the batch
             for i in range(n):
                 for start in range(0, k, step):

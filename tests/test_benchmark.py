@@ -51,7 +51,8 @@ def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, 
     assert by_key["scorecam"]["repeats"] == 1 and by_key["scorecam"]["warmup"] == 0  # --quick
     ratios = {r["engine"]: r for r in payload["ratios"]}  # FD-CAM / Grad-CAM in the same engine
     assert "FD-CAM / Grad-CAM in the same engine" in printed
-    for engine, fdcam_key, gradcam_key in (("torch", "fdcam", "gradcam"), ("graph", "explainer-fdcam", "explainer-gradcam")):
+    pairs = (("torch", "fdcam", "gradcam"), ("graph", "explainer-fdcam", "explainer-gradcam"))
+    for engine, fdcam_key, gradcam_key in pairs:
         if by_key[fdcam_key]["status"] != "ok" or by_key[gradcam_key]["status"] != "ok":
             assert engine not in ratios
             continue

@@ -159,7 +159,8 @@ def test_group_switch_logits_are_the_tail_on_each_masked_copy(model_class, layer
     classes = torch.tensor([[3, 0], [1, 1]])
     tail = tail_of(split, extras)
     expected = torch.stack([
-        torch.stack([tail(n, activations[n] * row[:, None, None])[classes[n]] for row in plain_masks(groups[n], switch)])
+        torch.stack([tail(n, activations[n] * row[:, None, None])[classes[n]]
+                     for row in plain_masks(groups[n], switch)])
         for n in range(2)
     ])  # [N,M,T], one pass per mask row
     torch_tail = TorchTail(split.tail)

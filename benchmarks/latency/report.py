@@ -99,7 +99,8 @@ def engine_ratios(results: list[Result]) -> list[dict[str, object]]:
                 continue
             ratios.append({
                 "model": model, "engine": engine, "device": fdcam.device, "batch": fdcam.batch,
-                "fdcam_ms": fdcam.median_ms, "gradcam_ms": gradcam.median_ms, "ratio": fdcam.median_ms / gradcam.median_ms,
+                "fdcam_ms": fdcam.median_ms, "gradcam_ms": gradcam.median_ms,
+                "ratio": fdcam.median_ms / gradcam.median_ms,
                 "fdcam_ips": fdcam.throughput_ips, "gradcam_ips": gradcam.throughput_ips,
             })
     return ratios

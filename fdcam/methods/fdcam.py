@@ -59,7 +59,9 @@ class FDCAM(BaseCAM):
         groups = self.groups(activations)
         # Every group has at most this many channels: rows have few ones (on) or few zeros (off).
         sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
-        scores = group_switch_logits(tail, activations, groups, self.switch, context.extras, context.targets, sparsity)  # [N,M,T]
+        scores = group_switch_logits(  # [N,M,T]
+            tail, activations, groups, self.switch, context.extras, context.targets, sparsity
+        )
         return switch_scores(scores, context.scores, None, self.switch)
 
     def channel_weights(self, context: BatchContext) -> torch.Tensor:
