@@ -3,7 +3,8 @@
 #   bash .dev/small/install.sh && bash benchmarks/gpu_session.sh
 # Installs fdcam (and pytorch-grad-cam wheels from .dev/pgc, if carried) into /tmp/site, then runs
 # the GPU tests, benchmarks/gpu_check.py (ORT CUDA, TensorRT fallback) and the latency benchmark.
-# Each step has its own time limit (about 8 minutes in all); logs and JSON go to $OUT (default /tmp/fdcam-gpu).
+# Each step has its own time limit (about 14 minutes in all, the ratio steps last); logs and JSON go to $OUT
+# (default /tmp/fdcam-gpu).
 set -u
 OUT=${OUT:-/tmp/fdcam-gpu}
 mkdir -p "$OUT"
@@ -39,6 +40,15 @@ step() { echo; echo "=== $* ($(date +%T))"; }
     step "latency $model, batch 32 (limit ${limit}s)"
     timeout $limit python3 -m benchmarks.latency --device cuda --models $model --batch 32 --repeat 7 --warmup 1 \
       --quick --profile --profile-precision tf32 --json "$OUT/latency-gpu-$model.json"
+  done
+  # FD-CAM / Grad-CAM in the same engine (torch and the one-file graph), batch 1 medians, with
+  # explanations/s at batch 32: the ratio table after the main table, and "ratios" in the JSON.
+  for spec in resnet50:120 efficientnet_lite0:100 vgg16:150; do
+    model=${spec%%:*}; limit=${spec##*:}
+    step "ratios $model: fdcam/gradcam, explainer-fdcam/explainer-gradcam, batch 32 (limit ${limit}s)"
+    timeout $limit python3 -m benchmarks.latency --device cuda --models $model \
+      --methods fdcam,gradcam,explainer-fdcam,explainer-gradcam --batch 32 --repeat 5 --warmup 1 \
+      --json "$OUT/ratios-gpu-$model.json"
   done
   step "done"
 } 2>&1 | tee "$LOG"

@@ -8,13 +8,15 @@ __all__ = ["QUANTILE_LIMIT", "cosine_similarity_matrix", "channel_groups", "quan
 
 #: The most elements torch.quantile takes in one call; channel_groups groups images together up to it.
 QUANTILE_LIMIT = 2**24
+#: From this many channels on, channel_groups takes float32 similarities checked against float64
+#: (`_float32_groups`); below, the float64 matrix and its selection cost about as little.
+FLOAT32_MIN_CHANNELS = 1024
+_UNIT_ROUNDOFF32 = 2.0**-24
 
 
 def cosine_similarity_matrix(activations: torch.Tensor) -> torch.Tensor:
     """Cosine similarity [...,K,K] of the flattened maps of activations [...,K,h,w]; a zero map has similarity 0."""
-    flat = activations.flatten(-2).double()
-    norms = flat.norm(dim=-1, keepdim=True)
-    unit = flat / torch.where(norms > 0, norms, torch.ones_like(norms))
+    unit = _unit_maps(activations.flatten(-2).double())
     return (unit @ unit.transpose(-1, -2)).to(activations.dtype)
 
 
@@ -23,9 +25,15 @@ def channel_groups(activations: torch.Tensor, theta: float = 0.95, *, quantile_l
 
     Activations [K,h,w] of one image, or [N,K,h,w] for N images at once: in one call while the N·K²
     similarities are at most `quantile_limit`, else one image at a time (the groups are the same).
+    The similarities are those of `cosine_similarity_matrix` (float64, rounded to the activations'
+    dtype); finite float32 activations of many channels take them in float32 and recompute in float64
+    only the rows where float32's rounding could move a channel across the threshold (`_float32_groups`).
     """
     if activations.dim() == 4 and activations.shape[0] * activations.shape[1] ** 2 > quantile_limit:
         return torch.stack([channel_groups(image, theta) for image in activations])
+    fast = activations.dtype == torch.float32 and activations.shape[-3] >= FLOAT32_MIN_CHANNELS and 0.0 <= theta <= 1.0
+    if fast and _float32_safe(activations):
+        return _float32_groups(activations, theta)
     similarity = cosine_similarity_matrix(activations)
     return similarity > quantile_threshold(similarity, theta)
 
@@ -38,23 +46,144 @@ def quantile_threshold(similarity: torch.Tensor, theta: float) -> torch.Tensor:
     two order statistics come from `topk`. A row holding NaN gives NaN, as torch.quantile does.
     Other devices and dtypes, and θ outside [0, 1], call torch.quantile.
     """
+    return _threshold_and_top(similarity, theta)[0]
+
+
+def _threshold_and_top(
+    similarity: torch.Tensor, theta: float, non_negative: bool = False, extra: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`quantile_threshold`, and the row's values from the lower order statistic up plus `extra` more below,
+    unordered ([...,K−floor(θ(K−1))+extra]), with their column indices (None, None where torch.quantile ran).
+
+    `non_negative` promises float32 values ≥ 0 with no NaN or infinity: the selection then ranks
+    their bits as int32, which orders them as they compare (−0 ranks lowest, tied with +0 as a value)
+    and is faster."""
     k = similarity.shape[-1]
     exact = similarity.device.type == "cpu" and similarity.dtype in (torch.float32, torch.float64)
     if not exact or not 0.0 <= theta <= 1.0 or k == 0:
-        return torch.quantile(similarity, theta, dim=-1, keepdim=True)
+        return torch.quantile(similarity, theta, dim=-1, keepdim=True), None, None
     position = float(torch.tensor(theta, dtype=similarity.dtype)) * (k - 1)
     below = int(position)
-    top = similarity.topk(k - below, dim=-1, sorted=False).values  # the sorted row from `below` on
+    count = min(k, k - below + extra)
+    if non_negative and similarity.dtype == torch.float32:
+        index = similarity.view(torch.int32).topk(count, dim=-1, sorted=False).indices
+        values = similarity.gather(-1, index)
+    else:
+        values, index = similarity.topk(count, dim=-1, sorted=False)
+    # the sorted row from `below` on
+    top = values if count == k - below else values.topk(k - below, dim=-1, sorted=False).values
     if k - below == 1:
         low = high = top
     else:
         low, high = top.topk(2, dim=-1, largest=False).values.split(1, dim=-1)
         high = high if position > below else low
-    # torch.lerp with a weight tensor on contiguous operands rounds as torch.quantile's own lerp does.
-    weight = torch.full_like(low, position - below, memory_format=torch.contiguous_format)
-    threshold = low.contiguous().lerp_(high.contiguous(), weight)
+    threshold = _lerp(low, high, position - below)
     # topk ranks NaN above every number: a row holding NaN has one among its top values.
-    return threshold.masked_fill_(top.isnan().any(-1, keepdim=True), float("nan"))
+    return threshold.masked_fill_(top.isnan().any(-1, keepdim=True), float("nan")), values, index
+
+
+def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
+    """low + weight·(high − low) rounded as torch.quantile's own lerp: torch.lerp with a weight tensor
+    on contiguous operands."""
+    weights = torch.full_like(low, weight, memory_format=torch.contiguous_format)
+    return low.contiguous().lerp_(high.contiguous(), weights)
+
+
+def _threshold_of_top(ordered: torch.Tensor, theta: float, k: int) -> torch.Tensor:
+    """`quantile_threshold` [R,1] of rows of length k from their c largest values, sorted ascending [R,c]
+    (c ≥ k − floor(θ(k−1)): the order statistics it takes are among them)."""
+    position = float(torch.tensor(theta, dtype=ordered.dtype)) * (k - 1)
+    below = int(position)
+    offset = k - ordered.shape[-1]  # ordered[:, j − offset] is the sorted row's value j
+    low = ordered[:, below - offset : below - offset + 1]
+    high = ordered[:, below - offset + 1 : below - offset + 2] if position > below and below + 1 < k else low
+    return _lerp(low, high, position - below)
+
+
+
+
+#: Values below each row's lower order statistic that `_float32_groups` also selects, to re-check in float64.
+_CHECK_EXTRA = 16
+
+
+def _float32_groups(activations: torch.Tensor, theta: float) -> torch.Tensor:
+    """`channel_groups` of finite float32 activations from float32 similarities, checked against float64.
+
+    float32 similarities s' of unit maps of n pixels lie within e = (3n + 10)·u (u = 2⁻²⁴: the dot
+    product's γ_n, the normalisation's error in both factors, the rounding of the float64 value) of
+    `cosine_similarity_matrix`'s s. A row's order statistics then move by at most e and its lerped
+    threshold by e + 6u, so a channel can change sides only where |s' − threshold'| ≤ m = 2e + 6u.
+    Rows with such a value are settled in float64 (`_settle_rows`); every other row is already exact.
+    """
+    flat = activations.flatten(-2)
+    unit = _unit_maps(flat)
+    similarity = unit @ unit.transpose(-1, -2)
+    margin = (6 * flat.shape[-1] + 26) * _UNIT_ROUNDOFF32
+    # Non-negative maps (after a ReLU) have similarities ≥ 0: products and sums of values ≥ 0.
+    non_negative = bool((flat >= 0).all())
+    threshold, values, index = _threshold_and_top(similarity, theta, non_negative, extra=_CHECK_EXTRA)
+    groups = similarity > threshold
+    if values is None:  # torch.quantile ran (another device): settle every row
+        return _settle_rows(groups, similarity, activations, theta, torch.ones_like(groups[..., 0]))
+    # Every value within m of the threshold is among the selected ones: the threshold is at least the
+    # lower order statistic, and the selection reaches below it (`_settle_rows` checks how far).
+    near = (values - threshold).abs_().le_(margin).any(-1)
+    near &= flat.abs().amax(-1) > 0  # an all-zero map's row is exact zeros in both
+    if not bool(near.any()):
+        return groups
+    return _settle_rows(groups, similarity, activations, theta, near, values, index, threshold, margin)
+
+
+def _settle_rows(groups, similarity, activations, theta, near, values=None, index=None, threshold=None, margin=0.0):
+    """Rows `near` [...,K] of `groups` set to those of the float64 similarities.
+
+    With the selection (`values`, `index` of each row's largest float32 similarities, reaching
+    `_CHECK_EXTRA` values below its lower order statistic) and when the smallest selected value lies
+    more than m below the threshold, every unselected channel is out in float64 too and below the
+    float64 order statistics: the threshold comes from the selected channels alone. Other rows take
+    the whole float64 row's.
+    """
+    unit64 = _unit_maps(activations.flatten(-2).double())
+    if groups.dim() == 2:
+        groups, near, unit64 = groups[None], near[None], unit64[None]
+        if values is not None:
+            values, index, threshold = values[None], index[None], threshold[None]
+    k = groups.shape[-1]
+    for image in near.any(-1).nonzero().flatten().tolist():
+        rows = near[image].nonzero().flatten()
+        exact = (unit64[image, rows] @ unit64[image].transpose(-1, -2)).float()  # [R,K]
+        if values is None:
+            groups[image, rows] = exact > quantile_threshold(exact, theta)
+            continue
+        columns = index[image, rows]
+        reaches = values[image, rows].amin(-1) < threshold[image, rows, 0] - margin  # [R]
+        cutoff = torch.empty_like(exact[:, :1])
+        if bool(reaches.any()):
+            # The float64 order statistics are among the selected channels: their values sorted hold
+            # them at the same ranks from the top.
+            ordered = exact[reaches].gather(-1, columns[reaches]).sort(-1).values
+            cutoff[reaches] = _threshold_of_top(ordered, theta, k)
+        if not bool(reaches.all()):
+            cutoff[~reaches] = quantile_threshold(exact[~reaches], theta)
+        settled = exact > cutoff
+        # An unselected channel of a row that reaches far enough is out (it lies below the threshold).
+        selected = torch.zeros_like(settled).scatter_(-1, columns, True)
+        settled &= selected | ~reaches[:, None]
+        groups[image, rows] = settled
+    return groups[0] if activations.dim() == 3 else groups
+
+
+def _float32_safe(activations: torch.Tensor) -> bool:
+    """Whether every map is all zero or has its largest magnitude within 2^±40: float32 norms of such
+    maps neither overflow nor lose precision to underflow, as `_float32_groups`' error bound assumes."""
+    largest = activations.flatten(-2).abs().amax(-1)
+    return bool(((largest == 0) | ((largest >= 2.0**-40) & (largest <= 2.0**40))).all())
+
+
+def _unit_maps(flat: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their norm (an all-zero row stays zero)."""
+    norms = flat.norm(dim=-1, keepdim=True)
+    return flat / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
 def single_channel_groups(num_channels: int, device: torch.device | str = "cpu") -> torch.Tensor:

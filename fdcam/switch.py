@@ -10,7 +10,7 @@ from .options import SWITCHES, invalid_choice
 from .tail import Tail
 from .targets import BatchTargets
 
-__all__ = ["switch_masks", "switch_logits", "switch_scores"]
+__all__ = ["switch_masks", "switch_logits", "group_switch_logits", "switch_scores"]
 
 
 def switch_masks(groups: torch.Tensor, switch: str = "on_off") -> torch.Tensor:
@@ -48,6 +48,31 @@ def switch_logits(
             return tail.run(features, masks, extras, sparsity=sparsity, score=classes)
         classes = classes.classes
     return tail.run(features, masks, extras, classes, sparsity=sparsity)
+
+
+def group_switch_logits(
+    tail: Tail,
+    features: torch.Tensor,
+    groups: torch.Tensor,
+    switch: str = "on_off",
+    extras: Sequence[torch.Tensor] = (),
+    classes: torch.Tensor | BatchTargets | None = None,
+    sparsity: int | None = None,
+) -> torch.Tensor:
+    """`switch_logits` of `switch_masks(groups, switch)` for groups [N,K,K]: [N,M,T] (or [N,M,C]).
+
+    A tail that scores groups directly (`TorchTail.group_passes`: its first op is its last Linear)
+    does so for class-logit targets, without building the N·2K·K mask rows; others run the masks.
+    """
+    if switch not in SWITCHES:
+        raise invalid_choice("switch", switch, SWITCHES)
+    chosen = classes.classes if isinstance(classes, BatchTargets) else classes
+    passes = getattr(tail, "group_passes", None)
+    direct = None if passes is None or chosen is None else passes(features, groups, extras, chosen)
+    if direct is None:
+        return switch_logits(tail, features, switch_masks(groups, switch), extras, classes, sparsity)
+    on, off = direct
+    return off if switch == "off" else torch.cat([on, off], dim=-2)
 
 
 def switch_scores(

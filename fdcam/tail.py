@@ -28,7 +28,7 @@ __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", 
 DEFAULT_MEMORY_BUDGET = 1024**3
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
-CPU_SET_CHUNK_BYTES = 4 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
+CPU_SET_CHUNK_BYTES = 2 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
 # A gathered sum over g of K channels replaces a dense product when g is at most this share of K
 # (for a first Linear the dense product is one efficient GEMM, so gathering pays only when very sparse).
 CONV_SPARSE_SHARE = 0.25
@@ -271,6 +271,42 @@ class TorchTail:
         with tail_precision(self.precision, features.device):
             return self._compute(shortcut, bound, features, masks, extras, classes, score).float()
 
+    @torch.no_grad()
+    def group_passes(
+        self,
+        features: torch.Tensor,
+        groups: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float32 logits [N,K,T] of the classes [N,T] with each channel group of boolean `groups` [N,K,K]
+        switched on alone, and switched off, or None where this tail has no such shortcut.
+
+        A tail whose first op is its last Linear (pooling then the classifier, ResNet-50 at `layer4`)
+        scores a group as a sum of per-channel class contributions: on = bias + Σ_G C, off = full − Σ_G C,
+        one product of the groups with the contributions, no mask rows at all. A `batch_size` given
+        asks for mask rows in chunks of that size: None, so they run.
+        """
+        if classes is None or self.batch_size is not None:
+            return None
+        shortcut = self.shortcut_for(features, extras)
+        if shortcut is None or shortcut.kind != "linear" or not shortcut.first_is_final:
+            return None
+        with tail_precision(self.precision, features.device):
+            contributions, bias = shortcut.prepare(features, classes)  # [N,K,T], [N,T]
+            n, k = groups.shape[0], groups.shape[-1]
+            summed = contributions.new_empty(contributions.shape)
+            # the groups as floats, a cache-sized chunk of rows at a time
+            step = max(1, CPU_SET_CHUNK_BYTES // (k * contributions.element_size()))
+            self.calls += 1  # one call of the tail's shortcut for the batch
+            for i in range(n):
+                for start in range(0, k, step):
+                    rows = groups[i, start : start + step].to(contributions.dtype)
+                    torch.mm(rows, contributions[i], out=summed[i, start : start + step])
+            base = torch.zeros_like(contributions[:, :1]) if bias is None else bias[:, None]
+            full = contributions.sum(1, keepdim=True) + base
+            return (summed + base).float(), (full - summed).float()
+
     def _graphed(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
         tensors = [features, masks.contiguous(), *extras] + ([] if classes is None else [classes])
         key = (tuple((tuple(t.shape), t.dtype) for t in tensors), features.device, shortcut is not None, bound, classes is None)
@@ -378,8 +414,7 @@ class TorchTail:
         for i in range(n):
             image = shortcut.select(state, i)
             bias, full = shortcut.row_bases(image)
-            bases = torch.stack([bias, full])[:, None]  # [2,1,*row]
-            signs = torch.tensor([1.0, -1.0], dtype=full.dtype).reshape(2, 1, *[1] * full.dim())
+            buffer = None  # the chunks' starts, written in place: no fresh block per chunk
             key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
             sets, inverse = torch.unique(key, dim=0, return_inverse=True)
             first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
@@ -389,8 +424,11 @@ class TorchTail:
                 self.calls += 1
                 sums = shortcut.gathered_sums(image, set_index[a:b], set_gate[a:b], rows)
                 if on_sets == off_sets == list(range(len(sums))):  # one switch-on and one switch-off row per set
-                    start = torch.addcmul(bases, signs, sums[None])  # bias + Σ, full − Σ
-                    start = start.flatten(0, 1)
+                    if buffer is None or buffer.shape[0] < 2 * len(sums):
+                        buffer = torch.empty((2 * len(sums), *full.shape), dtype=sums.dtype)
+                    start = buffer[: 2 * len(sums)]
+                    torch.add(sums, bias, out=start[: len(sums)])  # bias + Σ
+                    torch.sub(full, sums, out=start[len(sums) :])  # full − Σ
                 else:
                     start = torch.empty((len(on) + len(off), *full.shape), dtype=sums.dtype)
                     torch.add(_pick(sums, on_sets), bias, out=start[: len(on)])

@@ -49,6 +49,18 @@ def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, 
         assert by_key["pgc-gradcam"]["ratio_to_pgc_gradcam"] == pytest.approx(1.0)
     assert by_key["fdcam-ort-fp16"]["status"] == "skipped"  # CUDA only
     assert by_key["scorecam"]["repeats"] == 1 and by_key["scorecam"]["warmup"] == 0  # --quick
+    ratios = {r["engine"]: r for r in payload["ratios"]}  # FD-CAM / Grad-CAM in the same engine
+    assert "FD-CAM / Grad-CAM in the same engine" in printed
+    pairs = (("torch", "fdcam", "gradcam"), ("graph", "explainer-fdcam", "explainer-gradcam"))
+    for engine, fdcam_key, gradcam_key in pairs:
+        if by_key[fdcam_key]["status"] != "ok" or by_key[gradcam_key]["status"] != "ok":
+            assert engine not in ratios
+            continue
+        ratio = ratios[engine]
+        assert ratio["model"] == "tiny" and ratio["fdcam_ms"] == by_key[fdcam_key]["median_ms"]
+        assert ratio["ratio"] == pytest.approx(by_key[fdcam_key]["median_ms"] / by_key[gradcam_key]["median_ms"])
+        assert f"{ratio['ratio']:.2f}x" in printed
+    assert "torch" in ratios  # both torch rows always run
     profile = payload["profile"]["tiny"]
     assert PHASES <= set(profile)  # recorded by the library's own FD-CAM (fdcam.timing)
     assert 0 < profile["total (sum of stages)"] <= profile["wall (whole call)"]

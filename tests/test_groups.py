@@ -122,3 +122,80 @@ def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit():
 def test_single_channel_groups_are_the_identity():
     assert torch.equal(single_channel_groups(5), torch.eye(5, dtype=torch.bool))
     assert single_channel_groups(1).dtype == torch.bool and single_channel_groups(3, "cpu").device.type == "cpu"
+
+
+def float64_groups(activations: torch.Tensor, theta: float) -> torch.Tensor:
+    """The plain path: float64 similarities rounded to float32, then the row quantile."""
+    similarity = cosine_similarity_matrix(activations)
+    return similarity > torch.quantile(similarity, theta, dim=-1, keepdim=True)
+
+
+def _rows_to_settle(activations: torch.Tensor, theta: float) -> int:
+    """How many rows of float32 similarities hold a value within _float32_groups' margin of their threshold."""
+    unit = activations.flatten(-2) / activations.flatten(-2).norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    similarity = unit @ unit.transpose(-1, -2)
+    threshold = torch.quantile(similarity, theta, dim=-1, keepdim=True)
+    margin = (6 * unit.shape[-1] + 26) * 2.0**-24
+    return int(((similarity - threshold).abs() <= margin).any(-1).sum())
+
+
+def _near_ties(k: int, seed: int, signed: bool = False) -> torch.Tensor:
+    """Maps built so that many rows hold similarities at or within float32 rounding of their threshold:
+    exact and scaled copies, copies nudged by an ulp, blocks of identical channels, all-zero maps."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(k, 7, 7, generator=generator)
+    activations = base if signed else torch.relu(base)
+    activations[1:40:2] = activations[0:39:2] * 3.0  # scaled copies: cos 1 up to rounding
+    activations[40:60] = activations[40]  # a block of identical maps: its rows' thresholds tie at 1
+    activations[60:80] = activations[60:80] * (1 + torch.finfo(torch.float32).eps * torch.arange(20)[:, None, None])
+    activations[80:90] = 0.0
+    return activations
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("theta", [0.5, 0.95, 0.99])
+def test_float32_similarities_checked_in_float64_give_the_float64_groups(signed, theta):
+    from fdcam.groups import FLOAT32_MIN_CHANNELS, _float32_groups
+
+    activations = _near_ties(FLOAT32_MIN_CHANNELS, seed=11, signed=signed)
+    expected = float64_groups(activations, theta)
+    assert _rows_to_settle(activations, theta) > 0  # the float64 check has work to do
+    assert torch.equal(_float32_groups(activations, theta), expected)
+    assert torch.equal(channel_groups(activations, theta), expected)
+    assert torch.equal(_float32_groups(activations[:200], theta), float64_groups(activations[:200], theta))
+
+
+def test_float32_groups_of_a_batch_equal_each_images_float64_groups():
+    from fdcam.groups import _float32_groups
+
+    activations = torch.stack([_near_ties(300, seed=12), torch.relu(torch.randn(300, 7, 7)), _near_ties(300, seed=13)])
+    expected = torch.stack([float64_groups(image, 0.95) for image in activations])
+    assert torch.equal(_float32_groups(activations, 0.95), expected)
+
+
+def test_float32_groups_of_real_resnet_like_maps_have_rows_settled_both_ways(monkeypatch):
+    # Highly similar maps (a smooth common pattern plus small noise) put many values within float32
+    # rounding of the threshold; rows settled from their selection and rows taken whole both agree.
+    import fdcam.groups as groups_module
+
+    generator = torch.Generator().manual_seed(14)
+    pattern = torch.rand(1, 7, 7, generator=generator)
+    activations = torch.relu(pattern + 0.02 * torch.randn(1100, 7, 7, generator=generator))
+    expected = float64_groups(activations, 0.95)
+    assert _rows_to_settle(activations, 0.95) > 100
+    assert torch.equal(groups_module._float32_groups(activations, 0.95), expected)
+    monkeypatch.setattr(groups_module, "_CHECK_EXTRA", 0)  # the selection never reaches below: whole rows
+    assert torch.equal(groups_module._float32_groups(activations, 0.95), expected)
+
+
+def test_maps_too_large_or_too_small_for_float32_norms_take_the_float64_path():
+    from fdcam.groups import FLOAT32_MIN_CHANNELS, _float32_safe
+
+    activations = torch.relu(torch.randn(FLOAT32_MIN_CHANNELS, 3, 3, generator=torch.Generator().manual_seed(15)))
+    activations[0] = 0.0
+    assert _float32_safe(activations)
+    for scale in (1e-30, 1e30):  # squares would underflow or overflow in float32
+        scaled = activations.clone()
+        scaled[5] *= scale
+        assert not _float32_safe(scaled) and not _float32_safe(torch.nan_to_num(scaled * float("inf")))
+        assert torch.equal(channel_groups(scaled), float64_groups(scaled, 0.95))

@@ -130,3 +130,45 @@ def test_scores_from_one_batched_tail_call_equal_one_tail_pass_per_group_and_swi
                 switch_off = full[n, c] - tail(n, activations[n] * (1 - on))[c]
                 expected[n, t, k] = switch_off if switch == "off" else (tail(n, activations[n] * on)[c] + switch_off) / 2
     assert_same_up_to_rounding(got, expected)
+
+
+class PooledLinear(torch.nn.Module):
+    """Conv features, global average pool and one Linear: a tail whose first op is its last Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.ReLU())
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(12, 7)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@pytest.mark.parametrize("switch", ["on_off", "off"])
+@pytest.mark.parametrize("model_class, layer", [(PooledLinear, "features.1"), (Mlp, "features.1")])
+def test_group_switch_logits_are_the_tail_on_each_masked_copy(model_class, layer, switch):
+    from fdcam.switch import group_switch_logits
+    from fdcam.targets import BatchTargets
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    split, activations, extras = split_at(model_class().eval(), layer, x)
+    k = activations.shape[1]
+    groups = torch.stack([random_groups(k, seed) for seed in (4, 5)])
+    classes = torch.tensor([[3, 0], [1, 1]])
+    tail = tail_of(split, extras)
+    expected = torch.stack([
+        torch.stack([tail(n, activations[n] * row[:, None, None])[classes[n]]
+                     for row in plain_masks(groups[n], switch)])
+        for n in range(2)
+    ])  # [N,M,T], one pass per mask row
+    torch_tail = TorchTail(split.tail)
+    direct = torch_tail.group_passes(activations, groups, extras, classes)
+    assert (direct is not None) == (model_class is PooledLinear)  # only a first op that is the last Linear
+    for targets in (classes, BatchTargets.from_classes(classes, (7 if model_class is PooledLinear else 4,))):
+        got = group_switch_logits(torch_tail, activations, groups, switch, extras, targets)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert_same_up_to_rounding(got, expected)
+    all_classes = group_switch_logits(torch_tail, activations, groups, switch, extras)  # no classes: the masks' run
+    assert_same_up_to_rounding(all_classes.gather(2, classes[:, None, :].expand(-1, expected.shape[1], -1)), expected)

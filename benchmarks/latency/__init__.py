@@ -15,7 +15,9 @@ Rows (select with --methods, comma-separated; a prefix such as `pgc` or `fdcam-o
                        run by ONNX Runtime (CPU; CUDA provider on a GPU); the export is untimed
   authors-fdcam        the FD-CAM authors' loop: per class, 2K switch passes through the full,
                        unfactorised torch tail in chunks of 128 masks
-pgc-gradcam is always measured: every row's ratio is to it, from the same run. VGG16 and ResNet50
+pgc-gradcam is always measured: every row's ratio is to it, from the same run. A second table gives,
+per model, FD-CAM's time over fdcam's own Grad-CAM's in the same engine (torch: fdcam / gradcam;
+graph: explainer-fdcam / explainer-gradcam), for the pairs that ran (also "ratios" in --json). VGG16 and ResNet50
 use random weights (seeded), EfficientNet-Lite0 its real ImageNet weights; `tiny` is a small conv net
 for smoke tests. Rows that cannot run (no fdcam.runtime, no pytorch-grad-cam, no CUDA, an error)
 are printed as skipped with the reason. `--quick` runs the slow rows (Score-CAMs, pgc Ablation-CAM:
@@ -35,7 +37,7 @@ from .command import build_parser, main  # noqa: E402
 from .memory import PeakMemory  # noqa: E402
 from .models import DEFAULT_MODELS, MODEL_NAMES, BenchModel, TinyNet, load_model  # noqa: E402
 from .profile import format_profile, profile_fdcam  # noqa: E402
-from .report import format_machine, format_table, machine_info  # noqa: E402
+from .report import engine_ratios, format_machine, format_ratios, format_table, machine_info  # noqa: E402
 from .rows import REFERENCE, ROW_KEYS, ROWS, Row, Runner, select_rows  # noqa: E402
 from .timing import Result, run_model  # noqa: E402
 

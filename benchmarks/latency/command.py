@@ -14,7 +14,7 @@ from fdcam.options import TORCH_PRECISIONS
 
 from .models import DEFAULT_MODELS, MODEL_NAMES, load_model
 from .profile import format_profile, profile_fdcam
-from .report import format_machine, format_table, machine_info
+from .report import engine_ratios, format_machine, format_ratios, format_table, machine_info
 from .rows import REFERENCE, ROW_KEYS, ROWS, one_line, select_rows
 from .timing import Result, run_model
 
@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     print()
     print(format_table(results, args.batch))
+    ratios = engine_ratios(results)
+    if ratios:
+        print()
+        print(format_ratios(ratios, args.batch))
     for name, profile in profiles.items():
         print()
         print(format_profile(name, profile, args.batch, args.profile_precision))
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": "python -m benchmarks.latency " + " ".join(argv if argv is not None else sys.argv[1:]),
             },
             "results": [r.__dict__ for r in results],
+            "ratios": ratios,
             "profile": profiles,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))

@@ -7,7 +7,7 @@ import torch
 from ..factorise import max_group_size
 from ..groups import channel_groups, single_channel_groups
 from ..options import FDCAM_DEFAULTS, check_fdcam_options
-from ..switch import switch_logits, switch_masks, switch_scores
+from ..switch import group_switch_logits, switch_scores
 from ..timing import timed_stage
 from ..weights import combine_weights
 from .base import BaseCAM, BatchContext
@@ -56,10 +56,12 @@ class FDCAM(BaseCAM):
         scored by the targets."""
         tail = self.tail_for(context)
         activations = context.activations
-        masks = switch_masks(self.groups(activations), self.switch)  # [N,M,K]
+        groups = self.groups(activations)
         # Every group has at most this many channels: rows have few ones (on) or few zeros (off).
         sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
-        scores = switch_logits(tail, activations, masks, context.extras, context.targets, sparsity)  # [N,M,T]
+        scores = group_switch_logits(  # [N,M,T]
+            tail, activations, groups, self.switch, context.extras, context.targets, sparsity
+        )
         return switch_scores(scores, context.scores, None, self.switch)
 
     def channel_weights(self, context: BatchContext) -> torch.Tensor:
