@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torchvision
 
+from .errors import ModelError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NAMES = ("efficientnet_lite0", "vgg16", "resnet50")
@@ -24,9 +26,6 @@ _HUB_CHECKPOINTS = {
     "resnet50": (torchvision.models.ResNet50_Weights.IMAGENET1K_V1, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
 }
 
-
-class ModelError(ValueError):
-    """A model cannot be made: unknown name, missing or unfit weights."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..backends import tail_backend
 from ..concurrency import running, tracing
-from ..errors import first_line
+from ..errors import NonFiniteError, first_line
 from ..forward import ForwardPass
 from ..maps import to_input_size, weighted_sum
 from ..model_state import preserved_model_state
@@ -22,9 +22,6 @@ from ..targets import BatchTargets, OutputSelector, Targets, resolve_targets
 from ..timing import stage
 
 __all__ = ["BaseCAM", "BatchContext", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
-
-class NonFiniteError(ValueError):
-    """The model's logits or a saliency map contain NaN or infinite values."""
 
 
 class BatchContext:

@@ -16,7 +16,7 @@ import torch
 
 from .. import models
 from ..bounds import MAX_CLASSES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_OUTPUT_SIDE, BoundsError, ImageBounds
-from ..errors import first_line
+from ..errors import RequestError, first_line
 from ..images import ImageError, preprocess, resize_map
 from ..methods import METHODS
 
@@ -40,9 +40,6 @@ BACKENDS = ("onnxruntime", "torch")
 # One result per request: its outputs, or the one-line message of why it was refused.
 Result = Union[dict, str]
 
-
-class RequestError(ValueError):
-    """A request that cannot be explained; its message is the one line the client gets back."""
 
 
 class EngineFailure(str):
