@@ -66,7 +66,8 @@ def test_no_module_defines_a_public_error_outside_fdcam_errors():
         public = set()
         for node in tree.body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
-                public = {element.value for element in getattr(node.value, "elts", []) if isinstance(element, ast.Constant)}
+                elements = getattr(node.value, "elts", [])
+                public = {element.value for element in elements if isinstance(element, ast.Constant)}
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef) and node.name in public and module != "fdcam.errors":
                 bases = [ast.unparse(base) for base in node.bases]
