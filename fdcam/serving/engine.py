@@ -85,7 +85,8 @@ class Explainer(Protocol):
 
 
 class TorchExplainer:
-    """The library itself: logits from the model, maps from `fdcam.METHODS[method](model, layer)`."""
+    """The library itself: `fdcam.METHODS[method](model, layer)`; the logits (and the top-1 class when a request
+    names none) come from the explanation's own forward pass, so each batch runs the model once."""
 
     def __init__(self, config: ServingConfig):
         self.device = torch.device(config.device)
@@ -96,11 +97,13 @@ class TorchExplainer:
 
     def explain(self, images: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-        with torch.no_grad():
-            logits = self.model(x)
-        targets = logits.argmax(1, keepdim=True) if classes is None else torch.from_numpy(classes).to(self.device)
-        saliency = self.cam(x, targets)
-        return logits.float().cpu().numpy(), targets.cpu().numpy().astype(np.int64), saliency.cpu().numpy()
+        explanation = self.cam.explanation(x, None if classes is None else torch.from_numpy(classes).to(self.device))
+        logits, targets = explanation.logits.float().cpu().numpy(), explanation.classes.cpu().numpy().astype(np.int64)
+        return logits, targets, explanation.maps.cpu().numpy()
+
+    def close(self) -> None:
+        """Release the explainer's sessions and CUDA graphs (the server calls it when it stops)."""
+        self.cam.close()
 
 
 class OnnxExplainer:
