@@ -105,6 +105,7 @@ class BaseCAM:
         self._structure = _structure_of(model)
         self._warned: set[str] = set()
         self._owner = object()  # this explainer, to the backend caches that share sessions between explainers
+        self._backend_tails = False  # whether a backend other than torch built tails for it (close releases them)
         self._closed = False
 
     def _engine_options(self, engine: EngineOptions | None, keywords: dict) -> EngineOptions:
@@ -223,7 +224,7 @@ class BaseCAM:
                 close()
         self._splits = {}
         self._tails, self._tail_fingerprints = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
-        if self.backend != "torch":
+        if self._backend_tails:
             tail_backend(self.backend).release(self._owner)
 
     @property
@@ -313,6 +314,7 @@ class BaseCAM:
                     owner=self._owner,
                 )
             self._tails[split], self._tail_fingerprints[split] = tail, fingerprint
+            self._backend_tails = True
             return tail
         if split not in self._tails:
             self._tails[split] = TorchTail(
