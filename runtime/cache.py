@@ -119,9 +119,11 @@ def release_sessions(owner: Hashable) -> int:
     return dropped
 
 
-def open_sessions() -> int:
-    """How many ONNX Runtime sessions the cache holds open, over every model."""
+def open_sessions(model: nn.Module | None = None) -> int:
+    """How many ONNX Runtime sessions the cache holds open for `model` (None: over every model still alive)."""
     with _sessions_lock:
+        if model is not None:
+            return len(_sessions.get(model, {}))
         return sum(len(per_model) for per_model in list(_sessions.values()))
 
 

@@ -404,22 +404,23 @@ def _sessions_of(cam) -> list:
 
 def test_close_releases_sessions_and_a_shared_session_stays_until_its_last_user_closes():
     model, x = _small_model(), torch.randn(2, 3, 10, 10)
-    before = runtime.open_sessions()
+    before = runtime.open_sessions(model)
+    assert before == 0  # a new model: no session of it yet (the count is per model: other tests' models come and go)
     first = fdcam.FDCAM(model, "1", backend="onnxruntime", provider="cpu")
     second = fdcam.FDCAM(model, "1", backend="onnxruntime", provider="cpu")
     first(x)
-    opened = runtime.open_sessions() - before
+    opened = runtime.open_sessions(model) - before
     reuses = runtime.stats.session_reuses
     expected = second(x)
-    assert opened >= 1 and runtime.open_sessions() == before + opened  # the second explainer shares them
+    assert opened >= 1 and runtime.open_sessions(model) == before + opened  # the second explainer shares them
     assert runtime.stats.session_reuses > reuses
     sessions = _sessions_of(second)
 
     first.close()
-    assert runtime.open_sessions() == before + opened  # still used by the second
+    assert runtime.open_sessions(model) == before + opened  # still used by the second
     torch.testing.assert_close(second(x), expected, rtol=0, atol=0)
     second.close()
-    assert runtime.open_sessions() == before
+    assert runtime.open_sessions(model) == before
     gc.collect()
     assert sessions and all(session() is None for session in sessions)  # gone, not only out of the cache
 
@@ -431,12 +432,12 @@ def test_close_releases_sessions_and_a_shared_session_stays_until_its_last_user_
 
 def test_with_block_releases_the_sessions_of_every_tail_method():
     model, x = _small_model(), torch.randn(1, 3, 10, 10)
-    before = runtime.open_sessions()
+    before = runtime.open_sessions(model)
     for method in (fdcam.FDCAM, fdcam.AblationCAM):
         with method(model, "1", backend="onnxruntime", provider="cpu") as cam:
             cam(x)
-            assert runtime.open_sessions() > before
-        assert cam.closed and runtime.open_sessions() == before
+            assert runtime.open_sessions(model) > before
+        assert cam.closed and runtime.open_sessions(model) == before
         with pytest.raises(fdcam.ClosedError):
             cam.explanation(x)
 
@@ -447,7 +448,7 @@ def test_closing_an_explainer_leaves_the_sessions_of_ort_tail_callers_without_on
     split = fdcam.split_model(model, "1", x)
     with torch.no_grad():
         features, *extras = split.head(x)
-    before = runtime.open_sessions()
+    before = runtime.open_sessions(model)
     direct = ort_tail(model, split, features, extras, provider="cpu")
     plain = weakref.ref(direct.session)  # the plain form, opened for no explainer
     direct.close()
@@ -455,7 +456,7 @@ def test_closing_an_explainer_leaves_the_sessions_of_ort_tail_callers_without_on
     with fdcam.FDCAM(model, "1", backend="onnxruntime", provider="cpu") as cam:
         cam(x)
     gc.collect()
-    assert runtime.open_sessions() == before + 1 and plain() is not None
+    assert runtime.open_sessions(model) == before + 1 and plain() is not None
 
 
 @pytest.mark.slow
