@@ -265,7 +265,8 @@ class BatchTargets:
 def resolve_targets(targets: Targets, output: torch.Tensor) -> BatchTargets:
     """N×T targets for the model's output [N,...] from None (the top-1 class of [N,C] logits), TopK(k) (the k most
     likely), a target or an int for every image, one per image, or equal-length lists per image (ints, tensors,
-    arrays, target objects, pytorch-grad-cam targets). Raises a one-line ValueError when they do not fit the batch or the output."""
+    arrays, target objects, pytorch-grad-cam targets). Raises a one-line ValueError when they do not fit the batch
+    or the output."""
     n = output.shape[0]
     if targets is None:
         if output.dim() != 2:
