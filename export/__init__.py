@@ -1,5 +1,12 @@
 """ONNX export: the tail of a split CNN (features + masks → logits) for fast switch passes, and the whole
-explanation as one graph (image → logits, targets, saliency) for serving without Python."""
+explanation as one graph (image → logits, targets, saliency) for serving without Python.
+
+The whole-explanation exporter (`export_explainer`, ...) is loaded on first use of its names: it builds on
+fdcam.methods, and fdcam.runtime imports the tail exporter (fdcam.export.graph) from this package, so an eager
+import here would make the runtime depend on the methods that load it as a backend.
+"""
+
+from importlib import import_module
 
 from .graph import (
     DEFAULT_OPSET,
@@ -13,8 +20,10 @@ from .graph import (
     read_metadata,
     to_fp16,
 )
-from .explainer import EXPLAINER_METHODS, ExportedExplainer, export_explainer, export_explainer_full, run_explainer
 from .model import export_tail
+
+_LAZY = {name: ".explainer" for name in ("EXPLAINER_METHODS", "ExportedExplainer", "export_explainer",
+                                          "export_explainer_full", "run_explainer")}
 
 __all__ = [
     "EXPLAINER_METHODS",
@@ -34,3 +43,9 @@ __all__ = [
     "read_metadata",
     "to_fp16",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name], __name__), name)

@@ -32,7 +32,7 @@ from torch import nn
 
 from fdcam.factorise import ShortcutGraph, TailShortcut, tail_shortcut
 from fdcam._version import __version__
-from fdcam.errors import first_line
+from fdcam.errors import ExportError, first_line
 from fdcam.split import SplitModel
 from fdcam.tail import CONV_SPARSE_SHARE, MaskedTail
 
@@ -61,9 +61,6 @@ EXAMPLE_MASK_BATCH = 3
 # Above this many bytes of weights the tensors go to one external-data file (protobuf caps a file at 2 GB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
-
-class ExportError(RuntimeError):
-    """The tail cannot be exported, or the exported graph does not reproduce the torch tail (one-line message)."""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,20 @@
 
 from . import models, targets
 from ._version import __version__
+from .errors import (
+    FDCAMError,
+    BoundsError,
+    ClosedError,
+    ExportError,
+    ImageError,
+    LabelsError,
+    ModelError,
+    NonFiniteError,
+    ProviderError,
+    RequestError,
+    ServerError,
+    SplitError,
+)
 from .methods import (
     FDCAM,
     METHODS,
@@ -16,7 +30,7 @@ from .methods import (
 )
 from .nodes import LayerInfo, layers
 from .options import EngineOptions
-from .split import SplitError, SplitModel, split_model
+from .split import SplitModel, split_model
 
 
 __all__ = [
@@ -33,9 +47,20 @@ __all__ = [
     "BaseCAM",
     "EngineOptions",
     "METHODS",
-    "SplitError",
     "SplitModel",
     "split_model",
     "layers",
     "LayerInfo",
+    "FDCAMError",
+    "BoundsError",
+    "ClosedError",
+    "ExportError",
+    "ImageError",
+    "LabelsError",
+    "ModelError",
+    "NonFiniteError",
+    "ProviderError",
+    "RequestError",
+    "ServerError",
+    "SplitError",
 ]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from .errors import BoundsError
+
 __all__ = ["MAX_IMAGE_PIXELS", "PILLOW_LIMIT", "MAX_IMAGE_BYTES", "MAX_OUTPUT_SIDE", "MAX_CLASSES", "ImageBounds",
            "BoundsError", "DEFAULT_BOUNDS"]
 
@@ -32,9 +34,6 @@ MAX_OUTPUT_SIDE = 4096
 # output size (up to 64 MiB at 4096²), so T is capped like the pixels are.
 MAX_CLASSES = 16
 
-
-class BoundsError(ValueError):
-    """An input over one of the bounds; the message is one line that names the limit and its option."""
 
 
 def _mpx(pixels: int) -> str:

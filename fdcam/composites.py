@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .errors import LabelsError
+
 __all__ = [
     "LabelsError",
     "BACKGROUND",
@@ -38,9 +40,6 @@ TOP_LEFT_BOX: Box = (0, 0, TILE_SIZE - 1, TILE_SIZE - 1)
 BOTTOM_RIGHT_BOX: Box = (CANVAS_SIZE - TILE_SIZE, CANVAS_SIZE - TILE_SIZE, CANVAS_SIZE - 1, CANVAS_SIZE - 1)
 BACKGROUND = tuple(round(channel * 255) for channel in (0.485, 0.456, 0.406))  # (124, 116, 104)
 
-
-class LabelsError(ValueError):
-    """A labels CSV that cannot be used as it is (one line naming the file and the row)."""
 
 
 def read_labels(labels_csv: str | Path) -> list[LabelEntry]:

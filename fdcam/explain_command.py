@@ -17,8 +17,9 @@ from .explain_output import (
 )
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
-from .methods.base import NonFiniteError
+from .methods.base import NON_FINITE_LOGITS, NonFiniteError
 from .options import TORCH_PRECISIONS, EngineOptions, engine_changes
+from .targets import TopK
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR
 
@@ -116,26 +117,30 @@ def run(args: argparse.Namespace) -> int:
         except ImageError as error:
             skip(path, error)
             continue
-        with torch.no_grad():
-            logits = model(x)
-        if not torch.isfinite(logits).all():
-            skip(path, "the model's logits are NaN or infinite (are its weights finite?)")
-            continue
-        probabilities = torch.softmax(logits, dim=1)[0]
-        classes = args.classes or probabilities.topk(args.topk).indices.tolist()
         width, height = output_size(image.size, args.max_size)
         shown = image if (width, height) == image.size else image.resize((width, height), resample=_BILINEAR)
+        # One forward per explanation: the first method's own logits give the top-k classes (and the probabilities
+        # of the table); the other methods explain those classes.
+        classes, probabilities = args.classes, None
         for name, explainer in explainers.items():
             try:
-                maps = explainer(x, targets=[classes])[0]
+                explanation = explainer.explanation(x, targets=[classes] if classes else TopK(args.topk))
             except NonFiniteError as error:
+                if str(error) == NON_FINITE_LOGITS:  # the same model's logits: no method can explain this image
+                    skip(path, error)
+                    break
                 skip(path, f"{name}: {error}")
                 continue
-            for class_index, saliency in zip(classes, maps):
+            if probabilities is None:
+                probabilities = torch.softmax(explanation.logits.float(), dim=1)[0]
+                classes = explanation.classes[0].tolist()
+            for class_index, saliency in zip(classes, explanation.maps[0]):
                 full = resize_map(saliency.cpu(), (height, width)).numpy()
                 files = save_explanation(shown, full, out / f"{stem}_{name}_{class_index}")
                 rows.append((stem, name, class_index, names[class_index], float(probabilities[class_index]), files))
     bar.close()
+    for explainer in explainers.values():
+        explainer.close()
     return finish(rows, failures, len(args.images))
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fdcam.bounds import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_OUTPUT_SIDE, BoundsError, ImageBounds
-from fdcam.errors import first_line
+from fdcam.errors import ImageError, first_line
 from fdcam.models import ModelSpec
 
 _OVERLAY_ROWS = 256  # rows blended at a time: an overlay never holds more than this many float rows
@@ -29,9 +29,6 @@ _JET_RED = ((0.0, 0.35, 0.66, 0.89, 1.0), (0.0, 0.0, 1.0, 1.0, 0.5))
 _JET_GREEN = ((0.0, 0.125, 0.375, 0.64, 0.91, 1.0), (0.0, 0.0, 1.0, 1.0, 0.0, 0.0))
 _JET_BLUE = ((0.0, 0.11, 0.34, 0.65, 1.0), (0.5, 1.0, 1.0, 0.0, 0.0))
 
-
-class ImageError(ValueError):
-    """An image cannot be used: missing, unreadable, or too small."""
 
 
 def _has_alpha(image: Image.Image) -> bool:

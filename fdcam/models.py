@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 import torchvision
 
+from .errors import ModelError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NAMES = ("efficientnet_lite0", "vgg16", "resnet50")
@@ -28,9 +30,6 @@ _HUB_CHECKPOINTS = {
     "lraspp_mobilenet_v3_large": (torchvision.models.segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,),
 }
 
-
-class ModelError(ValueError):
-    """A model cannot be made: unknown name, missing or unfit weights."""
 
 
 @dataclass(frozen=True)

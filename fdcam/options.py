@@ -7,9 +7,8 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-from .backends import BACKENDS
-
 __all__ = [
+    "BACKENDS",
     "COMBINES",
     "EngineOptions",
     "FDCAM_DEFAULTS",
@@ -25,6 +24,8 @@ __all__ = [
     "invalid_choice",
 ]
 
+#: Engines of the masked tail passes: torch, built in, and the ones fdcam.backends loads by name.
+BACKENDS = ("torch", "onnxruntime")
 #: Switch-pass math of the torch backend; ONNX Runtime has no bf16 graph.
 TORCH_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 ORT_PRECISIONS = ("fp32", "tf32", "fp16")

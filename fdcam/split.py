@@ -19,16 +19,13 @@ import torch
 from torch import fx, nn
 
 from .concurrency import model_in_eval, tracing
-from .errors import first_line
+from .errors import SplitError, first_line
 from .fxgraph import is_batch_size as _is_batch_size
 from .nodes import NamingTracer, ancestors, descendants, trace_with_names
 from .targets import OutputSelector, select_output
 
 __all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
 
-
-class SplitError(ValueError):
-    """The model cannot be split at the requested layer (the message says why, in one line)."""
 
 
 @dataclass(eq=False)

@@ -235,6 +235,17 @@ class TorchTail:
         self._shortcuts: dict[tuple, TailShortcut | None] = {}
         self._graphs: OrderedDict[tuple, _GraphedCall] = OrderedDict()
 
+    @property
+    def captured_graphs(self) -> int:
+        """How many CUDA graphs this tail holds (each with its memory pool and static input and output tensors)."""
+        return len(self._graphs)
+
+    def close(self) -> None:
+        """Free the captured CUDA graphs; a later CUDA call captures again. The explainer's close() calls it."""
+        for graphed in self._graphs.values():
+            graphed.graph.reset()
+        self._graphs.clear()
+
     def shortcut_for(self, features: torch.Tensor, extras: Sequence[torch.Tensor] = ()) -> TailShortcut | None:
         """The tail's shortcut for features shaped like `features`, or None (plain path, or `factorise` off)."""
         if not self.factorise:

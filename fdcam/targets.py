@@ -3,7 +3,8 @@
 A target turns the model's output for a batch of rows ([B,C] logits, [B,C,H,W] segmentation logits,
 ...) into one score per row [B]. `ClassLogit(c)` is what an int means; `ClassProbability(c)` the
 softmax; `RegionLogit(c, mask)` the sum of class c's logits over a region of a segmentation output;
-`Output(fn)` any traceable function of the batched output. pytorch-grad-cam's targets are taken as
+`Output(fn)` any traceable function of the batched output; `TopK(k)` stands for each image's k most likely
+classes, chosen from the explainer's own forward pass (so the model runs once). pytorch-grad-cam's targets are taken as
 they are (its `ClassifierOutputTarget` and `SemanticSegmentationTarget` become the fdcam equivalents;
 any other callable is applied to each row's output, as pytorch-grad-cam does).
 
@@ -26,6 +27,7 @@ __all__ = [
     "ClassProbability",
     "RegionLogit",
     "Output",
+    "TopK",
     "BatchTargets",
     "Targets",
     "OutputSelector",
@@ -124,6 +126,27 @@ class Output(Target):
         return f"Output({getattr(self.fn, '__name__', type(self.fn).__name__)})"
 
 
+class TopK:
+    """Each image's `k` most likely classes (most likely first), chosen from the logits [N,C] of the explanation's
+    own forward pass: `cam(x, TopK(3))`; the classes chosen are `cam.explanation(x, TopK(3)).classes`."""
+
+    def __init__(self, k: int):
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"TopK needs a positive integer number of classes, not {k!r}")
+        self.k = int(k)
+
+    def classes(self, output: torch.Tensor) -> list[list[int]]:
+        """The k classes of each image's output [N,C], as lists of class indices."""
+        if output.dim() != 2:
+            raise ValueError(f"TopK takes [N,C] logits; the model's output is {tuple(output.shape)}")
+        if self.k > output.shape[1]:
+            raise ValueError(f"TopK({self.k}) asks for more classes than the model's {output.shape[1]}")
+        return output.topk(self.k, dim=1).indices.tolist()
+
+    def __repr__(self) -> str:
+        return f"TopK({self.k})"
+
+
 class _PerRow(Target):
     """A pytorch-grad-cam style callable (one row's output → a scalar) applied to each row."""
 
@@ -137,7 +160,7 @@ class _PerRow(Target):
         return f"{type(self.fn).__name__}(per image)"
 
 
-Targets = Union[None, int, Target, Callable, Sequence[Any], torch.Tensor, np.ndarray]
+Targets = Union[None, int, Target, TopK, Callable, Sequence[Any], torch.Tensor, np.ndarray]
 #: Which entry of a dict or tuple output to explain: a key or an index (None: "out" for dicts that have it).
 OutputSelector = Union[None, Hashable]
 
@@ -240,9 +263,10 @@ class BatchTargets:
 
 
 def resolve_targets(targets: Targets, output: torch.Tensor) -> BatchTargets:
-    """N×T targets for the model's output [N,...] from None (the top-1 class of [N,C] logits), a target or an int
-    for every image, one per image, or equal-length lists per image (ints, tensors, arrays, target objects,
-    pytorch-grad-cam targets). Raises a one-line ValueError when they do not fit the batch or the output."""
+    """N×T targets for the model's output [N,...] from None (the top-1 class of [N,C] logits), TopK(k) (the k most
+    likely), a target or an int for every image, one per image, or equal-length lists per image (ints, tensors,
+    arrays, target objects, pytorch-grad-cam targets). Raises a one-line ValueError when they do not fit the batch
+    or the output."""
     n = output.shape[0]
     if targets is None:
         if output.dim() != 2:
@@ -251,6 +275,8 @@ def resolve_targets(targets: Targets, output: torch.Tensor) -> BatchTargets:
                 " (for a segmentation output, e.g. RegionLogit(c, mask))"
             )
         rows: list[list[Any]] = [[c] for c in output.argmax(1).tolist()]
+    elif isinstance(targets, TopK):
+        rows = targets.classes(output.detach())
     elif isinstance(targets, (torch.Tensor, np.ndarray)):
         rows = _index_rows(targets, n)
     elif isinstance(targets, (str, bytes)):

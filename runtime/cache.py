@@ -3,7 +3,9 @@
 Graphs live in a cache directory (`cache_dir`, else $FDCAM_CACHE, else $XDG_CACHE_HOME/fdcam or
 ~/.cache/fdcam) under a name that hashes the tail's code, weights, layer and shapes, so a changed
 model never gets a stale graph. Sessions are kept in memory per (model, layer, shapes, provider,
-precision, device, graph form) while the model lives; each form (`TailForm`: a classes input, a
+precision, device, graph form) while the model lives, or until every explainer that used one has closed
+(`release_sessions(owner)`: each session records its owners; explainers that share one keep it open until
+the last of them closes); each form (`TailForm`: a classes input, a
 sparse bound) is exported and opened on its first use; an in-place change of the tail's weights is noticed
 (tensor version counters) and rebuilds. Each graph has its sha256 recorded next to it
 (`<name>.onnx.sha256`); a cached graph that does not match (altered on disk, truncated, zero-length,
@@ -25,16 +27,16 @@ import tempfile
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 import torch
 from torch import nn
 
-from fdcam.export import DEFAULT_OPSET, ExportError, export_split
+from fdcam.export.graph import DEFAULT_OPSET, ExportError, export_split
 from fdcam.concurrency import running, tracing
 from fdcam.export.graph import TailForm, gathers, input_names, model_metadata
 from fdcam.factorise import tail_shortcut
@@ -47,7 +49,9 @@ from fdcam.split import SplitModel
 from .providers import check_precision, create_session, resolve_provider, session_options
 from .session import OrtTail
 
-__all__ = ["RuntimeStats", "clear_sessions", "default_cache_dir", "ort_tail", "stats"]
+__all__ = [
+    "RuntimeStats", "clear_sessions", "default_cache_dir", "open_sessions", "ort_tail", "release_sessions", "stats",
+]
 
 log = logging.getLogger("fdcam.runtime")
 
@@ -79,10 +83,13 @@ class _Entry:
     provider: str
     stream: int | None
     fingerprint: tuple
+    # Who uses it: explainers' tokens, and None for callers of ort_tail without one (never released by an owner).
+    owners: set = field(default_factory=set)
 
 
-# model → {(layer, shapes, provider, precision, device): entry}; entries go with the model.
+# model → {(layer, shapes, provider, precision, device, form): entry}; entries go with the model, or when released.
 _sessions: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
+_sessions_lock = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -95,7 +102,29 @@ def default_cache_dir() -> Path:
 
 def clear_sessions() -> None:
     """Drop every cached session (graphs on disk stay)."""
-    _sessions.clear()
+    with _sessions_lock:
+        _sessions.clear()
+
+
+def release_sessions(owner: Hashable) -> int:
+    """`owner` no longer uses its sessions (its explainer closed): drop those no other owner uses; returns how many."""
+    dropped = 0
+    with _sessions_lock:
+        for per_model in list(_sessions.values()):
+            for key, entry in list(per_model.items()):
+                entry.owners.discard(owner)
+                if not entry.owners:
+                    del per_model[key]
+                    dropped += 1
+    return dropped
+
+
+def open_sessions(model: nn.Module | None = None) -> int:
+    """How many ONNX Runtime sessions the cache holds open for `model` (None: over every model still alive)."""
+    with _sessions_lock:
+        if model is not None:
+            return len(_sessions.get(model, {}))
+        return sum(len(per_model) for per_model in list(_sessions.values()))
 
 
 def ort_tail(
@@ -108,6 +137,7 @@ def ort_tail(
     memory_budget: int | None = None,
     batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
+    owner: Hashable | None = None,
 ) -> OrtTail:
     """An OrtTail for `split` of `model` on features shaped like `features` [N,K,h,w] (and `extras`).
 
@@ -115,7 +145,8 @@ def ort_tail(
     "fp16" (see fdcam.runtime.providers). The masks of a call go in as few session runs as
     `memory_budget` (bytes; default fdcam.tail.DEFAULT_MEMORY_BUDGET) allows, or `batch_size` rows a run. Each graph form the calls need (all classes or
     a classes input; dense or gathered sums under a bound) is exported once per model state and its
-    session built once per key, on first use; later calls reuse both.
+    session built once per key, on first use; later calls reuse both. `owner` (an explainer's token) is recorded
+    on each session it uses, for `release_sessions(owner)`; without one, sessions stay while the model lives.
     """
     precision = check_precision(precision)
     resolved = resolve_provider(provider, features.device)
@@ -138,13 +169,18 @@ def ort_tail(
         bytes_per_row = row_bytes(split.tail, example, example_extras)
 
     def sessions(form: TailForm) -> tuple[ort.InferenceSession, str, int | None]:
-        per_model = _sessions.setdefault(model, {})
-        entry = per_model.get((*key, form))
-        if entry is not None and entry.fingerprint == fingerprint:
-            stats.session_reuses += 1
-        else:
-            with tracing():  # an export traces the tail: no other thread runs modules meanwhile
-                entry = _build(model, split, example, example_extras, resolved, precision, directory, fingerprint, form)
+        with _sessions_lock:
+            entry = _sessions.setdefault(model, {}).get((*key, form))
+            if entry is not None and entry.fingerprint == fingerprint:
+                stats.session_reuses += 1
+                entry.owners.add(owner)
+                return entry.session, entry.provider, entry.stream
+        with tracing():  # an export traces the tail: no other thread runs modules meanwhile
+            entry = _build(model, split, example, example_extras, resolved, precision, directory, fingerprint, form)
+        with _sessions_lock:
+            per_model = _sessions.setdefault(model, {})
+            replaced = per_model.get((*key, form))  # a session of the tail's old weights: its owners use this one now
+            entry.owners = (replaced.owners if replaced is not None else set()) | {owner}
             per_model[(*key, form)] = entry
         return entry.session, entry.provider, entry.stream
 

@@ -15,7 +15,7 @@ from typing import Callable
 import onnxruntime as ort
 import torch
 
-from fdcam.errors import first_line
+from fdcam.errors import ProviderError, first_line
 from fdcam.options import ORT_PRECISIONS, ORT_PROVIDERS, check_precision as _check_precision
 
 __all__ = [
@@ -38,9 +38,6 @@ _ORT_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 
-
-class ProviderError(RuntimeError):
-    """The requested execution provider cannot run here (one-line message saying what to do)."""
 
 
 def check_precision(precision: str) -> str:

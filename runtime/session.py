@@ -64,6 +64,10 @@ class OrtTail:
             self._provider = self._opened[form][1]
         return self._opened[form]
 
+    def close(self) -> None:
+        """Let go of the sessions this tail opened; the cache closes those no explainer uses (release_sessions)."""
+        self._opened.clear()
+
     @property
     def session(self) -> ort.InferenceSession:
         """The session of the plain form (all classes, dense)."""

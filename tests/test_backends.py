@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from fdcam import FDCAM
+from fdcam import backends
 from fdcam.backends import BACKENDS, tail_backend
 from reference import assert_same_up_to_rounding
 
@@ -15,6 +16,8 @@ def test_onnxruntime_is_provided_by_fdcam_runtime():
     backend = tail_backend("onnxruntime")
     assert backend.build is runtime.ort_tail and backend.fingerprint is runtime.tail_fingerprint
     assert BACKENDS == ("torch", "onnxruntime")
+    assert backends._PROVIDED_BY == {"onnxruntime": "fdcam.runtime"}  # every name but the built-in torch has a module
+    assert backend.release is runtime.release_sessions
 
 
 def test_an_unknown_backend_is_a_value_error():

@@ -198,3 +198,31 @@ def test_label_targets_in_the_actor_itself(tmp_path, lite0):
     assert (saliency_of(rows[paths[0]]) - expected).abs().max() <= MAP_TOLERANCE
     assert rows[paths[1]]["error"] == "no label for this image (targets='label')" and rows[paths[1]]["class"] is None
     assert "not an image" in rows[paths[2]]["error"]
+
+
+def test_topk_targets_in_the_actor_run_the_model_once_with_the_classes_of_a_separate_forward(tmp_path, lite0):
+    """targets=K: each batch's classes come from its explanation's own forward, not from a forward of their own."""
+    import numpy as np
+
+    from fdcam.datasets.sources import ModelRef
+    from fdcam.datasets.workers import NO_LABEL, ExplainActor, decode_batch
+    from test_explain_command import ForwardCounter
+
+    paths = [str(photo) for photo in image_folder(tmp_path / "images", 2, start=90)]
+    batch = decode_batch({"path": np.array(paths, dtype=object), "label": np.array([NO_LABEL, NO_LABEL])},
+                         spec_of(lite0))
+    actor = ExplainActor(ModelRef.of("efficientnet_lite0"), "gradcam", "_blocks.15", {}, 2, "input")
+    actor(batch)  # builds the split (which runs the model once on its example)
+    with ForwardCounter(actor.model, torch.from_numpy(np.asarray(batch["x"][:1]))) as counter:
+        rows = actor(batch).to_pylist()
+    assert counter.count == 1
+    cam = fdcam.GradCAM(lite0)
+    for path in paths:
+        mine = sorted((r for r in rows if r["path"] == path), key=lambda r: r["rank"])
+        x = _input(path, lite0)
+        logits = _logits(lite0, x)
+        assert [r["class"] for r in mine] == logits.topk(2).indices.tolist()
+        expected = cam(x, [[r["class"] for r in mine]])[0]
+        for r in mine:
+            _assert_logit_matches(r, logits)
+            assert (saliency_of(r) - expected[r["rank"]]).abs().max() <= MAP_TOLERANCE

@@ -301,3 +301,74 @@ def test_fdcam_on_onnxruntime_works_inside_inference_mode(resnet18):
     with torch.inference_mode():
         inside = cam(x.clone())
     torch.testing.assert_close(inside.clone(), expected, rtol=0, atol=1e-6)
+
+
+# --- lifecycle (close, `with`) and Explanation (maps, logits and targets of one forward) ---------------------
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()
+
+
+SMALL_INPUT = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("name", sorted(fdcam.METHODS))
+def test_every_method_closes_at_the_end_of_a_with_block_and_refuses_use_afterwards(name):
+    model = _small_net()
+    with fdcam.METHODS[name](model, "3") as cam:
+        maps = cam(SMALL_INPUT)
+        assert len(cam.tails) == (1 if cam.uses_tail_engine else 0)
+    assert cam.closed and cam.tails == []
+    for use in (lambda: cam(SMALL_INPUT), lambda: cam.explanation(SMALL_INPUT), lambda: cam.__enter__()):
+        with pytest.raises(fdcam.ClosedError, match=f"this {type(cam).__name__} was closed; make a new one"):
+            use()
+    cam.close()  # a second close does nothing
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(fdcam.METHODS[name](model, "3")(SMALL_INPUT), maps, rtol=0, atol=0)
+
+
+def test_a_with_block_left_by_an_error_closes_the_explainer_and_the_error_goes_on():
+    with pytest.raises(ValueError, match="input must be a 4-D float tensor"):
+        with fdcam.FDCAM(_small_net(), "3") as cam:
+            cam(torch.zeros(3, 64, 64))
+    assert cam.closed
+
+
+@pytest.mark.parametrize("name", sorted(fdcam.METHODS))
+def test_an_explanation_holds_the_maps_logits_and_classes_of_its_own_forward(name):
+    model = _small_net()
+    cam = fdcam.METHODS[name](model, "3")
+    with torch.no_grad():
+        logits = model(SMALL_INPUT)
+    explanation = cam.explanation(SMALL_INPUT, fdcam.targets.TopK(2))
+    torch.testing.assert_close(explanation.classes, logits.topk(2, dim=1).indices, rtol=0, atol=0)
+    assert_same_up_to_rounding(explanation.logits, logits)
+    assert not explanation.logits.requires_grad and explanation.targets.shape == (2, 2)
+    torch.testing.assert_close(explanation.maps, cam(SMALL_INPUT, explanation.classes), rtol=0, atol=0)
+    top1 = cam.explanation(SMALL_INPUT)  # None: each image's top-1 class, as explain() always did
+    torch.testing.assert_close(top1.classes, logits.argmax(1, keepdim=True), rtol=0, atol=0)
+    torch.testing.assert_close(top1.maps, cam(SMALL_INPUT), rtol=0, atol=0)
+
+
+def test_an_explanation_of_targets_other_than_classes_has_no_classes():
+    cam = fdcam.GradCAM(_small_net(), "3")
+    explanation = cam.explanation(SMALL_INPUT, fdcam.targets.ClassProbability(1))
+    assert explanation.classes is None and explanation.maps.shape == (2, 1, 64, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_close_frees_the_cuda_graphs_of_the_torch_tail():
+    model, x = _small_net().cuda(), SMALL_INPUT.cuda()
+    cam = fdcam.FDCAM(model, "3", cuda_graph=True)
+    expected = cam(x)
+    (tail,) = cam.tails
+    assert tail.captured_graphs >= 1 and tail.graph_replays >= 1
+    cam.close()
+    assert tail.captured_graphs == 0 and cam.tails == []
+    assert_same_up_to_rounding(fdcam.FDCAM(model, "3")(x), expected)  # eager passes: the same maps

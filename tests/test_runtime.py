@@ -1,9 +1,11 @@
 """fdcam.runtime: ONNX Runtime tails equal torch tails, one run per explanation, cached sessions, provider errors."""
 
 import copy
+import gc
 import json
 import logging
 import runpy
+import weakref
 from pathlib import Path
 
 import pytest
@@ -384,6 +386,77 @@ def test_runs_split_a_batch_evenly_within_the_memory_budget(lite0, lite0_split):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert chunked.runs == 3  # images 2 + 2 + 1
     assert tail.rows_per_run(batch, 45) == 45  # the default budget holds these 45 rows in one run
+
+
+# --- lifecycle: close() and `with` release an explainer's sessions; a shared one stays until its last user closes ---
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 4)).eval()
+
+
+def _sessions_of(cam) -> list:
+    """Weak references to the ONNX Runtime sessions the explainer's tail ran (one per graph form)."""
+    tail = the_tail(cam)
+    return [weakref.ref(tail.opened(form)[0]) for form in tail.forms_run]
+
+
+def test_close_releases_sessions_and_a_shared_session_stays_until_its_last_user_closes():
+    model, x = _small_model(), torch.randn(2, 3, 10, 10)
+    before = runtime.open_sessions(model)
+    assert before == 0  # a new model: no session of it yet (the count is per model: other tests' models come and go)
+    first = fdcam.FDCAM(model, "1", backend="onnxruntime", provider="cpu")
+    second = fdcam.FDCAM(model, "1", backend="onnxruntime", provider="cpu")
+    first(x)
+    opened = runtime.open_sessions(model) - before
+    reuses = runtime.stats.session_reuses
+    expected = second(x)
+    assert opened >= 1 and runtime.open_sessions(model) == before + opened  # the second explainer shares them
+    assert runtime.stats.session_reuses > reuses
+    sessions = _sessions_of(second)
+
+    first.close()
+    assert runtime.open_sessions(model) == before + opened  # still used by the second
+    torch.testing.assert_close(second(x), expected, rtol=0, atol=0)
+    second.close()
+    assert runtime.open_sessions(model) == before
+    gc.collect()
+    assert sessions and all(session() is None for session in sessions)  # gone, not only out of the cache
+
+    for closed in (first, second):
+        with pytest.raises(fdcam.ClosedError, match="was closed; make a new one"):
+            closed(x)
+        closed.close()  # a second close does nothing
+
+
+def test_with_block_releases_the_sessions_of_every_tail_method():
+    model, x = _small_model(), torch.randn(1, 3, 10, 10)
+    before = runtime.open_sessions(model)
+    for method in (fdcam.FDCAM, fdcam.AblationCAM):
+        with method(model, "1", backend="onnxruntime", provider="cpu") as cam:
+            cam(x)
+            assert runtime.open_sessions(model) > before
+        assert cam.closed and runtime.open_sessions(model) == before
+        with pytest.raises(fdcam.ClosedError):
+            cam.explanation(x)
+
+
+def test_closing_an_explainer_leaves_the_sessions_of_ort_tail_callers_without_one():
+    """ort_tail called without an owner: its sessions stay while the model lives (or until clear_sessions)."""
+    model, x = _small_model(), torch.randn(1, 3, 10, 10)
+    split = fdcam.split_model(model, "1", x)
+    with torch.no_grad():
+        features, *extras = split.head(x)
+    before = runtime.open_sessions(model)
+    direct = ort_tail(model, split, features, extras, provider="cpu")
+    plain = weakref.ref(direct.session)  # the plain form, opened for no explainer
+    direct.close()
+    del direct
+    with fdcam.FDCAM(model, "1", backend="onnxruntime", provider="cpu") as cam:
+        cam(x)
+    gc.collect()
+    assert runtime.open_sessions(model) == before + 1 and plain() is not None
 
 
 @pytest.mark.slow

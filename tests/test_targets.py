@@ -10,7 +10,7 @@ from torch import nn
 
 import fdcam
 from fdcam.targets import (
-    BatchTargets, ClassLogit, ClassProbability, Output, RegionLogit, resolve_targets, select_output,
+    BatchTargets, ClassLogit, ClassProbability, Output, RegionLogit, TopK, resolve_targets, select_output,
 )
 from reference import assert_same_up_to_rounding
 
@@ -93,12 +93,24 @@ def test_class_probability_and_output_targets_score_the_output():
         (RegionLogit(1, torch.ones(4, 4)), torch.zeros(1, 3), r"^RegionLogit needs a segmentation output"),
         (None, torch.zeros(1, 3, 5, 5), r"^give targets: the model's output is \(1, 3, 5, 5\)"),
         (torch.tensor([0.5]), torch.zeros(1, 3), r"^targets must be integer class indices"),
+        (TopK(4), torch.zeros(1, 3), r"^TopK\(4\) asks for more classes than the model's 3$"),
+        (TopK(1), torch.zeros(1, 3, 5, 5), r"^TopK takes \[N,C\] logits; the model's output is \(1, 3, 5, 5\)$"),
     ],
 )
 def test_targets_that_do_not_fit_are_one_line_errors(targets, output, message):
     with pytest.raises(ValueError, match=message) as error:
         resolve_targets(targets, output)
     assert "\n" not in str(error.value)
+
+
+def test_topk_takes_each_images_k_largest_logits_most_likely_first():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, -2.0, 0.0, 4.0]])
+    resolved = resolve_targets(TopK(3), logits)
+    assert resolved.classes.tolist() == [[1, 3, 0], [3, 0, 2]]
+    assert resolve_targets(TopK(1), logits).classes.tolist() == resolve_targets(None, logits).classes.tolist()
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="TopK needs a positive integer number of classes"):
+            TopK(k)
 
 
 def test_too_few_targets_for_the_batch_is_an_error_not_a_blank_map(resnet18, images):

@@ -16,6 +16,7 @@ from ..errors import first_line
 from ..images import ImageError, load_image, preprocess
 from ..maps import normalise_maps, weighted_sum
 from ..methods import METHODS, BaseCAM
+from ..targets import TopK
 from .sources import ModelRef
 
 __all__ = ["decode_batch", "ExplainActor", "EvaluateActor", "EXPLAIN_SCHEMA", "EVALUATE_SCHEMA", "NO_LABEL"]
@@ -93,12 +94,11 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _capturing(method: type[BaseCAM], map_size: str) -> type[BaseCAM]:
-    """`method` that also keeps each call's logits, and with map_size 'feature' returns the map at the layer's
-    h×w (ReLU of the weighted sum, min-max normalised) instead of upsampling it to the input."""
+    """`method` that with map_size 'feature' returns the map at the layer's h×w (ReLU of the weighted sum, min-max
+    normalised) instead of upsampling it to the input."""
 
     class Capturing(method):
         def saliency(self, context, weights):
-            self.last_logits = context.logits.detach()
             if map_size == "feature":
                 return normalise_maps(weighted_sum(context.activations, weights.to(context.activations.dtype)))
             return super().saliency(context, weights)
@@ -149,18 +149,15 @@ class ExplainActor:
                 raise ValueError("no label for this image (targets='label')")
             return labels
         if isinstance(self.targets, int):
-            with torch.no_grad():
-                return self.model(x).topk(self.targets, dim=1).indices.tolist()
+            return TopK(self.targets)  # chosen from the explanation's own forward: the model runs once
         return [list(self.targets)] * len(indices)
 
     def _explain(self, batch: dict[str, np.ndarray], indices: list[int]) -> list[dict[str, Any]]:
         x = torch.from_numpy(np.stack([batch["x"][i] for i in indices])).to(self.device)
         classes = self._classes(batch, indices, x)
-        maps = self.cam(x, classes)  # [n,T,h,w]
-        logits = self.cam.last_logits.float()
+        explanation = self.cam.explanation(x, classes)  # maps [n,T,h,w], the logits and classes of one forward
+        maps, logits, chosen = explanation.maps, explanation.logits.float(), explanation.classes
         probabilities = torch.softmax(logits, dim=1)
-        chosen = classes if classes is not None else logits.argmax(1, keepdim=True).tolist()
-        chosen = torch.as_tensor(chosen, device=logits.device).reshape(len(indices), -1)
         height, width = maps.shape[-2:]
         saliency = maps.to(torch.float16).cpu().numpy()
         picked_logits = logits.gather(1, chosen).cpu().numpy()

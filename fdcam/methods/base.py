@@ -1,4 +1,4 @@
-"""The shared machinery of every CAM method: split, forward pass, targets, gradients, maps."""
+"""The shared machinery of every CAM method: split, forward pass, targets, gradients, maps, and close()."""
 
 from __future__ import annotations
 
@@ -11,75 +11,25 @@ from torch import nn
 
 from ..backends import tail_backend
 from ..concurrency import running, tracing
-from ..errors import first_line
+from ..errors import ClosedError, NonFiniteError, first_line
 from ..forward import ForwardPass
 from ..maps import to_input_size, weighted_sum
 from ..model_state import preserved_model_state
 from ..options import EngineOptions, check_positive_int, engine_changes
 from ..split import SplitModel, resolve_layer_name, split_model
 from ..tail import Tail, TorchTail
-from ..targets import BatchTargets, OutputSelector, Targets, resolve_targets
+from ..targets import OutputSelector, Targets, resolve_targets
 from ..timing import stage
+from .context import BatchContext, Explanation
+from .inputs import check_input
 
-__all__ = ["BaseCAM", "BatchContext", "NonFiniteError", "Targets", "resolve_targets", "preserved_model_state"]
+__all__ = [
+    "BaseCAM", "BatchContext", "Explanation", "NON_FINITE_LOGITS", "NonFiniteError", "Targets", "resolve_targets",
+    "preserved_model_state",
+]
 
-class NonFiniteError(ValueError):
-    """The model's logits or a saliency map contain NaN or infinite values."""
-
-
-class BatchContext:
-    """What a method weighs channels from for one batch: the inputs x, the forward pass, the targets
-    (fdcam.targets.BatchTargets, N images × T; class indices [N,T] are taken as class logits).
-
-    `gradients` (∂f/∂A [N,T,K,h,w] of those targets) is computed on first use, or given when the
-    caller already has it (the exported explainer differentiates in its own graph).
-    """
-
-    def __init__(
-        self,
-        x: torch.Tensor,
-        forward: ForwardPass,
-        targets: BatchTargets | torch.Tensor,
-        gradients: torch.Tensor | None = None,
-    ):
-        self.x = x
-        self.forward = forward
-        if isinstance(targets, torch.Tensor):
-            targets = BatchTargets.from_classes(targets, forward.logits.shape[1:])
-        self.targets = targets
-        self._gradients = gradients
-        self._scores: torch.Tensor | None = None
-
-    @property
-    def split(self) -> SplitModel:
-        return self.forward.split
-
-    @property
-    def activations(self) -> torch.Tensor:
-        return self.forward.activations
-
-    @property
-    def extras(self) -> tuple[torch.Tensor, ...]:
-        return self.forward.extras
-
-    @property
-    def logits(self) -> torch.Tensor:
-        return self.forward.logits
-
-    @property
-    def scores(self) -> torch.Tensor:
-        """Each image's target scores [N,T] on its own output: f(X), what a switch pass is compared with."""
-        if self._scores is None:
-            self._scores = self.targets.score(self.logits)
-        return self._scores
-
-    @property
-    def gradients(self) -> torch.Tensor:
-        """∂f/∂A [N,T,K,h,w] of the targets' scores, computed once on first use."""
-        if self._gradients is None:
-            with stage("backward"):
-                self._gradients = self.forward.gradients(self.targets)
-        return self._gradients
+#: The message of the NonFiniteError for a model whose logits are NaN or infinite (the command skips the image).
+NON_FINITE_LOGITS = "the model's logits are NaN or infinite (are its weights finite?)"
 
 
 class BaseCAM:
@@ -101,6 +51,10 @@ class BaseCAM:
     An explainer may be shared between threads: splits and ONNX tails are built under a process-wide
     tracing lock, the model stays in eval mode while any thread explains, and global flags are set
     under a lock and restored (see fdcam.concurrency).
+
+    `close()`, or the end of a `with` block, releases what the explainer holds besides the model: its
+    ONNX Runtime sessions (a session another explainer of the same model still uses stays open until
+    that one closes too) and its CUDA graphs. Using it afterwards raises fdcam.ClosedError.
     """
 
     #: Whether the method runs masked tail passes: the engine options (fdcam.EngineOptions) apply.
@@ -150,6 +104,9 @@ class BaseCAM:
         self._tail_fingerprints: weakref.WeakKeyDictionary[SplitModel, tuple] = weakref.WeakKeyDictionary()
         self._structure = _structure_of(model)
         self._warned: set[str] = set()
+        self._owner = object()  # this explainer, to the backend caches that share sessions between explainers
+        self._backend_tails = False  # whether a backend other than torch built tails for it (close releases them)
+        self._closed = False
 
     def _engine_options(self, engine: EngineOptions | None, keywords: dict) -> EngineOptions:
         """The engine options from `engine=` or the keywords (not both); refused unless the method runs tail passes."""
@@ -213,11 +170,19 @@ class BaseCAM:
 
         `targets`: None (top-1 class), a class index or target object for every image, or one (or a list
         of T) per image: ints, fdcam.targets' ClassLogit, ClassProbability, RegionLogit, Output, and
-        pytorch-grad-cam's target objects (see fdcam.targets.resolve_targets).
+        pytorch-grad-cam's target objects, or `TopK(k)`, each image's k most likely classes (see
+        fdcam.targets.resolve_targets).
         Raises ValueError (one line) for bad input or targets, and NonFiniteError (a ValueError)
         when the model's logits or the map are NaN or infinite.
         """
-        _check_input(x, self.model)
+        return self.explanation(x, targets).maps
+
+    def explanation(self, x: torch.Tensor, targets: Targets = None) -> Explanation:
+        """The maps of `explain` with the model's output of the same forward pass and the targets it resolved to:
+        with `targets=TopK(k)` (or None, top-1), the classes come from the explainer's own logits, so a caller
+        that needs the logits and the classes runs the model once."""
+        self._check_open()
+        check_input(x, self.model)
         if self.cuda_graph and not x.is_cuda:
             self._warn_once("cuda_graph", "cuda_graph applies to CUDA inputs only; these switch passes run eagerly")
         with preserved_model_state(self.model):
@@ -226,7 +191,7 @@ class BaseCAM:
                 with stage("head"):
                     forward = _one_line_errors(lambda: ForwardPass.run(split, x), x)
                 if not torch.isfinite(forward.logits).all():
-                    raise NonFiniteError("the model's logits are NaN or infinite (are its weights finite?)")
+                    raise NonFiniteError(NON_FINITE_LOGITS)
                 if min(forward.activations.shape[-2:]) == 1 and max(forward.activations.shape[-2:]) == 1:
                     self._warn_once(
                         "blank",
@@ -242,7 +207,41 @@ class BaseCAM:
                     maps = self.saliency(context, weights)
                 if not torch.isfinite(maps).all():
                     raise NonFiniteError(f"{type(self).__name__}'s saliency map is NaN or infinite")
-        return maps.float()
+        return Explanation(maps.float(), forward.logits.detach(), context.targets)
+
+    def close(self) -> None:
+        """Release the explainer's ONNX Runtime sessions (kept while another explainer uses them) and CUDA graphs.
+
+        The model is not touched. Calling it again does nothing; any other use afterwards raises ClosedError.
+        Close it when no call of it is running.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for tail in self.tails:
+            close = getattr(tail, "close", None)  # a plugin backend's tail may hold nothing to close
+            if close is not None:
+                close()
+        self._splits = {}
+        self._tails, self._tail_fingerprints = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+        if self._backend_tails:
+            tail_backend(self.backend).release(self._owner)
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
+    def __enter__(self) -> "BaseCAM":
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"this {type(self).__name__} was closed; make a new one to explain again")
 
     def saliency(self, context: BatchContext, weights: torch.Tensor) -> torch.Tensor:
         """ReLU of the weighted sum of activations, upsampled to the input and min-max normalised."""
@@ -262,6 +261,7 @@ class BaseCAM:
         Built under the process-wide tracing lock; if the model's modules were replaced since, the
         splits and tails are built again.
         """
+        self._check_open()
         key = (tuple(x.shape[1:]), x.device, x.dtype)
         structure = _structure_of(self.model)
         if structure != self._structure:
@@ -289,6 +289,7 @@ class BaseCAM:
         in-place version counters): weights changed in place, by load_state_dict or by batch-norm
         statistics give a new graph.
         """
+        self._check_open()
         split = context.split
         if self.backend != "torch":
             if context.targets.classes is None:  # checked before the tail is exported: the graphs return class logits
@@ -310,8 +311,10 @@ class BaseCAM:
                     precision=self.precision,
                     memory_budget=self.memory_budget,
                     batch_size=self.tail_batch_size,
+                    owner=self._owner,
                 )
             self._tails[split], self._tail_fingerprints[split] = tail, fingerprint
+            self._backend_tails = True
             return tail
         if split not in self._tails:
             self._tails[split] = TorchTail(
@@ -374,13 +377,6 @@ def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
     return chosen.name
 
 
-def _model_dtype_and_channels(model: nn.Module) -> tuple[torch.dtype | None, int | None]:
-    """The dtype of the model's floating-point weights and the input channels of its first convolution."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return dtype, channels
-
-
 def _is_traced(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is symbolic (export tracing), so that checks of its values cannot run."""
     from torch._subclasses.fake_tensor import is_fake
@@ -388,24 +384,3 @@ def _is_traced(tensor: torch.Tensor) -> bool:
     # Not torch.fx's is_fx_tracing(): that one logs a deprecation warning on its first call in a process,
     # which every CLI run printed; these two are what it combines.
     return is_fake(tensor) or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
-
-
-def _check_input(x: torch.Tensor, model: nn.Module | None = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"input must be a float tensor [N,C,H,W], got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"input must be a 4-D float tensor [N,C,H,W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"input must be a float tensor [N,C,H,W], got {x.dtype}")
-    if x.shape[0] == 0:
-        raise ValueError(f"the input batch is empty (shape {tuple(x.shape)}); give at least one image")
-    if min(x.shape[-2:]) == 0:
-        raise ValueError(f"the input images are empty (shape {tuple(x.shape)})")
-    if model is not None:
-        dtype, channels = _model_dtype_and_channels(model)
-        if dtype is not None and x.dtype != dtype:
-            raise ValueError(f"input is {x.dtype} but the model's weights are {dtype}; convert it with x.to({dtype})")
-        if channels is not None and x.shape[1] != channels:
-            raise ValueError(f"input has {x.shape[1]} channels but the model's first convolution takes {channels}")
-    if not torch.isfinite(x).all():
-        raise ValueError("input contains NaN or infinite values")

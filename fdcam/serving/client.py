@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import models
+from ..errors import ServerError
 from ..explain_output import (
     check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
 )
@@ -26,9 +27,6 @@ _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as fdcam explain resizes the ima
 
 __all__ = ["ExplainClient", "ServerError", "parse_url", "explain_remote"]
 
-
-class ServerError(RuntimeError):
-    """The server refused or failed a request; the message is its one line."""
 
 
 def parse_url(url: str) -> tuple[str, str]:

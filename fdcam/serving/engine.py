@@ -16,7 +16,7 @@ import torch
 
 from .. import models
 from ..bounds import MAX_CLASSES, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_OUTPUT_SIDE, BoundsError, ImageBounds
-from ..errors import first_line
+from ..errors import RequestError, first_line
 from ..images import ImageError, preprocess, resize_map
 from ..methods import METHODS
 
@@ -40,9 +40,6 @@ BACKENDS = ("onnxruntime", "torch")
 # One result per request: its outputs, or the one-line message of why it was refused.
 Result = Union[dict, str]
 
-
-class RequestError(ValueError):
-    """A request that cannot be explained; its message is the one line the client gets back."""
 
 
 class EngineFailure(str):
@@ -88,7 +85,8 @@ class Explainer(Protocol):
 
 
 class TorchExplainer:
-    """The library itself: logits from the model, maps from `fdcam.METHODS[method](model, layer)`."""
+    """The library itself: `fdcam.METHODS[method](model, layer)`; the logits (and the top-1 class when a request
+    names none) come from the explanation's own forward pass, so each batch runs the model once."""
 
     def __init__(self, config: ServingConfig):
         self.device = torch.device(config.device)
@@ -99,11 +97,13 @@ class TorchExplainer:
 
     def explain(self, images: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-        with torch.no_grad():
-            logits = self.model(x)
-        targets = logits.argmax(1, keepdim=True) if classes is None else torch.from_numpy(classes).to(self.device)
-        saliency = self.cam(x, targets)
-        return logits.float().cpu().numpy(), targets.cpu().numpy().astype(np.int64), saliency.cpu().numpy()
+        explanation = self.cam.explanation(x, None if classes is None else torch.from_numpy(classes).to(self.device))
+        logits, targets = explanation.logits.float().cpu().numpy(), explanation.classes.cpu().numpy().astype(np.int64)
+        return logits, targets, explanation.maps.cpu().numpy()
+
+    def close(self) -> None:
+        """Release the explainer's sessions and CUDA graphs (the server calls it when it stops)."""
+        self.cam.close()
 
 
 class OnnxExplainer:

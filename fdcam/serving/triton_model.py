@@ -133,6 +133,9 @@ class TritonPythonModel:
         return None
 
     def finalize(self) -> None:
+        close = getattr(self.explainer, "close", None)  # the torch backend's sessions and CUDA graphs
+        if close is not None:
+            close()
         self.explainer = None
         self.refused = self.refused_family = None  # the metric before its family
 
