@@ -45,7 +45,7 @@ from fdcam.switch import switch_scores
 
 from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — the rule, named here too
 from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, model_metadata
-from .graph_tail import GraphTail
+from .graph_tail import GraphTail, drop_unused_initializers
 
 __all__ = [
     "EXPLAINER_METHODS",
@@ -319,7 +319,9 @@ def _export_onnx(module: nn.Module, image: torch.Tensor, classes: torch.Tensor |
         onnxscript.optimizer.fold_constants(program.model, input_size_limit=max(largest, 8192))
     except Exception as error:  # folding is an optimisation only
         log.info("constant folding skipped: %s", error)
-    return program.model_proto
+    proto = program.model_proto
+    drop_unused_initializers(proto.graph)
+    return proto
 
 
 # --- export, validation, files -------------------------------------------------------------------

@@ -224,3 +224,32 @@ def per_image(function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, 1) if len(tensors) > 1 else tensors[0]
+
+
+def drop_unused_initializers(graph) -> None:
+    """Remove the initializers no node of `graph` (an onnx.GraphProto) or of its subgraphs reads, in every
+    subgraph too: the exporter leaves some in the Scan body, and ONNX Runtime warns of each one."""
+    import onnx
+
+    def subgraphs(node):
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield attribute.g
+            yield from attribute.graphs
+
+    def reads(g) -> set[str]:
+        names = {output.name for output in g.output}
+        for node in g.node:
+            names.update(node.input)
+            for sub in subgraphs(node):
+                names |= reads(sub)
+        return names
+
+    used = reads(graph)
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    for node in graph.node:
+        for sub in subgraphs(node):
+            drop_unused_initializers(sub)
