@@ -168,14 +168,17 @@ class GraphTail:
         gate, index = on[0].topk(sparsity, dim=-1, sorted=False)  # each group's channels, padded with gate 0
         flat, per_input = features.flatten(2)[0], weight[:, :, 0, 0].t()  # [K,hw], [K,out]
         full_rows = full.reshape(full.shape[1], -1)  # [out,hw]
-        step = max(1, self.gather_rows // 2)
+        # The bias as a whole [out,hw] plane: ONNX Runtime adds operands that differ in leading axes only fast,
+        # a [out,1] column broadcast over each row of hw values several times slower.
+        bias_rows = bias[:, None].expand_as(full_rows).contiguous()
+        step = self.gather_rows
         on_logits, off_logits = [], []
         for lo in range(0, k, step):
             chunk_index = index[lo : lo + step]
             gathered = flat[chunk_index] * gate[lo : lo + step, :, None]  # [c,g,hw]
             summed = torch.bmm(per_input[chunk_index].transpose(1, 2), gathered)  # [c,out,hw]
             if switch == "on_off":
-                on_logits.append(_finish(shortcut, (summed + bias[:, None]).reshape(-1, *full.shape[1:]), extras, classes))
+                on_logits.append(_finish(shortcut, (summed + bias_rows).reshape(-1, *full.shape[1:]), extras, classes))
             off_logits.append(_finish(shortcut, (full_rows - summed).reshape(-1, *full.shape[1:]), extras, classes))
         return _cat(on_logits + off_logits)
 
