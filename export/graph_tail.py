@@ -175,8 +175,12 @@ class GraphTail:
         on_logits, off_logits = [], []
         for lo in range(0, k, step):
             chunk_index = index[lo : lo + step]
-            gathered = flat[chunk_index] * gate[lo : lo + step, :, None]  # [c,g,hw]
-            summed = torch.bmm(per_input[chunk_index].transpose(1, 2), gathered)  # [c,out,hw]
+            c, g = chunk_index.shape
+            # index_select of flat indices: a plain ONNX Gather (advanced indexing becomes a slower GatherND).
+            flat_index = chunk_index.reshape(-1)
+            gathered = flat.index_select(0, flat_index).reshape(c, g, -1) * gate[lo : lo + step, :, None]  # [c,g,hw]
+            rows = per_input.index_select(0, flat_index).reshape(c, g, -1)  # [c,g,out]
+            summed = torch.bmm(rows.transpose(1, 2), gathered)  # [c,out,hw]
             if switch == "on_off":
                 on_logits.append(_finish(shortcut, (summed + bias_rows).reshape(-1, *full.shape[1:]), extras, classes))
             off_logits.append(_finish(shortcut, (full_rows - summed).reshape(-1, *full.shape[1:]), extras, classes))
