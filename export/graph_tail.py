@@ -30,6 +30,7 @@ __all__ = ["DEFAULT_TAIL_BYTES", "GATHER_CHUNK_BYTES", "GraphTail", "per_image"]
 DEFAULT_TAIL_BYTES = 256 * 1024**2
 # Rows of gathered convolution sums per chunk: about what a CPU's caches hold (see the module docstring).
 GATHER_CHUNK_BYTES = 4 * 1024**2
+_COMPILES = 1 << 20  # torch.compile cache entries of the scan body allowed in one process (one per export)
 
 
 class GraphTail:
@@ -219,13 +220,19 @@ def per_image(function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
     A `torch.ops.higher_order.scan` over the batch axis, which the ONNX exporter lowers to a `Scan`: the
     graph holds one image's work at a time, whatever the batch.
     """
+    import torch._dynamo
     from torch._higher_order_ops.scan import scan
 
     def step(carry, sliced):
         return carry.clone(), function(*(t[None] for t in sliced))[0]
 
     carry = torch.zeros((), dtype=inputs[0].dtype, device=inputs[0].device)
-    _, outputs = scan(step, carry, list(inputs))
+    # scan runs its body through torch.compile, whose cache outlives one export: with automatic dynamic
+    # shapes a second export (another input size, so another chunk size) would see the changed Python
+    # ints as symbols, which reach the ONNX Scan as bare ints it cannot translate. Each export compiles
+    # its own static body instead (one cache entry per export, hence the raised limits).
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=_COMPILES, accumulated_recompile_limit=_COMPILES):
+        _, outputs = scan(step, carry, list(inputs))
     return outputs
 
 
