@@ -98,7 +98,8 @@ class GraphTail:
         m, k = masks.shape[1], masks.shape[2]
         shortcut = self.shortcut
         if shortcut is None:
-            logits = _cat([MaskedTail(self.tail)(features, masks[:, lo : lo + self.rows], *extras) for lo in range(0, m, self.rows)])
+            masked = MaskedTail(self.tail)
+            logits = _cat([masked(features, masks[:, lo : lo + self.rows], *extras) for lo in range(0, m, self.rows)])
             return logits if classes is None else logits.gather(2, classes[:, None, :].expand(-1, m, -1))
         state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
         if not gathers(shortcut, k, sparsity):
@@ -164,7 +165,8 @@ class GraphTail:
             base, full = _linear_bases(contributions, bias)
             starts = ([base + summed] if switch == "on_off" else []) + [full - summed]
             start = torch.cat(starts, 1)[0]
-            return _cat([_finish(shortcut, start[lo : lo + self.rows], extras, classes) for lo in range(0, len(start), self.rows)])
+            chunks = range(0, len(start), self.rows)
+            return _cat([_finish(shortcut, start[lo : lo + self.rows], extras, classes) for lo in chunks])
         features, full, weight, bias = state
         gate, index = on[0].topk(sparsity, dim=-1, sorted=False)  # each group's channels, padded with gate 0
         flat, per_input = features.flatten(2)[0], weight[:, :, 0, 0].t()  # [K,hw], [K,out]
@@ -207,7 +209,9 @@ def pointwise_sums(state: tuple, index: torch.Tensor, gate: torch.Tensor, comple
     return z.reshape(index.shape[1], *full.shape[1:])
 
 
-def _finish(shortcut: TailShortcut, start: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None) -> torch.Tensor:
+def _finish(
+    shortcut: TailShortcut, start: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None
+) -> torch.Tensor:
     """Logits [1,m,C|T] of one image's m pre-activation rows: the body, then the last Linear."""
     m = start.shape[0]
     hidden = shortcut.body(start, *(e.expand(m, *e.shape[1:]) for e in extras))
@@ -231,7 +235,8 @@ def per_image(function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
     # shapes a second export (another input size, so another chunk size) would see the changed Python
     # ints as symbols, which reach the ONNX Scan as bare ints it cannot translate. Each export compiles
     # its own static body instead (one cache entry per export, hence the raised limits).
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=_COMPILES, accumulated_recompile_limit=_COMPILES):
+    limits = {"recompile_limit": _COMPILES, "accumulated_recompile_limit": _COMPILES}
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, **limits):
         _, outputs = scan(step, carry, list(inputs))
     return outputs
 

@@ -54,7 +54,8 @@ def check_passes(model, layer, size, theta=0.95, grouping=True):
             for i in range(2):
                 rows = [e[i : i + 1] for e in extras]
                 dense = engine.image_passes(features[i : i + 1], masks[i : i + 1], rows, classes[i : i + 1], sparsity)
-                shared = engine.image_group_passes(features[i : i + 1], groups[i : i + 1], rows, classes[i : i + 1], sparsity, switch)
+                one = (features[i : i + 1], groups[i : i + 1], rows, classes[i : i + 1], sparsity, switch)
+                shared = engine.image_group_passes(*one)
                 assert dense.shape == shared.shape == (1, masks.shape[1], 2)
                 assert (dense[0] - expected[i]).abs().max() <= RTOL * scale
                 assert (shared[0] - expected[i]).abs().max() <= RTOL * scale
@@ -152,5 +153,6 @@ _GROWTH = textwrap.dedent(
 def test_lite0_graph_at_batch_8_grows_the_process_by_less_than_2_gb(lite0, tmp_path):
     # Before the Scan the graph held every image's masked rows at once: +4.1 GB at batch 8.
     path = export_explainer(lite0, tmp_path / "explainer.onnx")
-    grown = int(subprocess.run([sys.executable, "-c", _GROWTH, str(path), "8"], check=True, capture_output=True, text=True).stdout)
+    run = subprocess.run([sys.executable, "-c", _GROWTH, str(path), "8"], check=True, capture_output=True, text=True)
+    grown = int(run.stdout)
     assert grown < 2 * 1024**3
