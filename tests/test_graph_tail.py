@@ -156,3 +156,34 @@ def test_lite0_graph_at_batch_8_grows_the_process_by_less_than_2_gb(lite0, tmp_p
     run = subprocess.run([sys.executable, "-c", _GROWTH, str(path), "8"], check=True, capture_output=True, text=True)
     grown = int(run.stdout)
     assert grown < 2 * 1024**3
+
+
+def test_unused_initializers_are_dropped_from_subgraphs_and_used_ones_kept():
+    from fdcam.export.graph_tail import drop_unused_initializers
+    from onnx import TensorProto, helper
+
+    def constant(name):
+        return helper.make_tensor(name, TensorProto.FLOAT, [1], [1.0])
+
+    def branch(name, used):
+        return helper.make_graph(
+            [helper.make_node("Add", ["x", used], [f"{name}_out"])], name, [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1])],
+            initializer=[constant(used), constant(f"{name}_unused")],
+        )
+
+    node = helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", "a"), else_branch=branch("else", "b"))
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(n, t, [1]) for n, t in (("flag", TensorProto.BOOL),
+                                                                               ("x", TensorProto.FLOAT))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=[constant("outer_unused")],
+    )
+    drop_unused_initializers(graph)
+    assert [t.name for t in graph.initializer] == []
+    branches = {a.name: [t.name for t in a.g.initializer] for a in graph.node[0].attribute}
+    assert branches == {"then_branch": ["a"], "else_branch": ["b"]}
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([2.0], dtype=np.float32)
+    assert session.run(None, {"flag": np.array([True]), "x": x})[0][0] == 3.0
