@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fdcam.concurrency import running, tracing
-from fdcam.factorise import shortcut_passes, sparse_rows, tail_shortcut
+from fdcam.factorise import max_group_size
 from fdcam.forward import ForwardPass
 from fdcam.methods import METHODS
 from fdcam._version import __version__
@@ -41,11 +41,12 @@ from fdcam.errors import first_line
 from fdcam.methods.base import BatchContext
 from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
-from fdcam.tail import MaskedTail, expand_masks
+from fdcam.switch import switch_scores
 from fdcam.targets import OutputSelector, select_output
 
 from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — the rule, named here too
-from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, gathers, model_metadata
+from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, model_metadata
+from .graph_tail import DEFAULT_TAIL_BYTES, GraphTail, drop_unused_initializers
 from .region import (REGION_INPUT, RegionExplainerModule, RegionGraphTail, check_target, example_regions,
                      library_targets, region_cases, region_input, region_metadata)
 
@@ -70,8 +71,6 @@ _REFUSED = {
     "and group; serve it from the library or export the model alone",
 }
 LOGITS_RTOL = 1e-4  # max |Δlogit| relative to max |logit|
-# Mask rows per tail call inside the graph: bounds the masked copies alive at once (per image).
-DEFAULT_TAIL_BYTES = 256 * 1024**2
 _EXAMPLE_BATCH = 2  # a traced batch of 1 would be specialised into the graph
 
 
@@ -86,54 +85,6 @@ class ExportedExplainer:
     session: ort.InferenceSession | None = field(default=None, repr=False)
 
 
-class GraphTail:
-    """The `Tail` protocol over a split's tail, written so that it traces into one static graph.
-
-    The M mask rows run in fixed chunks (a Python loop over a static count, unrolled by the trace),
-    so at most `rows` masked copies per image are alive at once. The tail runs through its exact
-    shortcuts (`fdcam.factorise`) as the library's TorchTail does: factorised first Linear, the
-    rows of the requested classes of the last Linear, and, for a tail starting with a convolution,
-    gathered sums of the channels of each mask when the caller bounds them (`sparsity`, static).
-    """
-
-    def __init__(self, tail: nn.Module, features: torch.Tensor, extras: Sequence[torch.Tensor], budget: int = DEFAULT_TAIL_BYTES):
-        self.tail = tail
-        self.shortcut = tail_shortcut(tail, features[:1], tuple(e[:1] for e in extras))
-        row = features[0].numel()
-        if self.shortcut is not None and self.shortcut.kind == "conv":
-            with torch.no_grad():
-                self.shortcut.prepare(features[:1])  # sets row_numel
-            row = max(row, self.shortcut.row_numel)
-        self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
-
-    def run(
-        self,
-        features: torch.Tensor,
-        masks: torch.Tensor,
-        extras: Sequence[torch.Tensor] = (),
-        classes: torch.Tensor | None = None,
-        *,
-        sparsity: int | None = None,
-    ) -> torch.Tensor:
-        """Logits [N,M,C] (or [N,M,T] of classes [N,T]) of M masks (shared [M,K] or per image [N,M,K]) on N images."""
-        masks = expand_masks(features, masks)
-        n, m, k = masks.shape
-        shortcut = self.shortcut
-        if shortcut is None:
-            logits = torch.cat([MaskedTail(self.tail)(features, masks[:, lo : lo + self.rows], *extras)
-                                for lo in range(0, m, self.rows)], 1)
-            return logits if classes is None else logits.gather(2, classes[:, None, :].expand(-1, m, -1))
-        state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
-        sparse = sparse_rows(masks, sparsity) if gathers(shortcut, k, sparsity) else None
-        outputs = []
-        for lo in range(0, m, self.rows):
-            chunk = masks[:, lo : lo + self.rows]
-            c = chunk.shape[1]
-            chunk_sparse = None if sparse is None else tuple(t[:, lo : lo + c] for t in sparse)
-            outputs.append(shortcut_passes(shortcut, state, chunk, extras, classes, chunk_sparse))
-        return torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
-
-
 def _graph_method(method: str, model: nn.Module, layer: str, options: dict, tail: GraphTail):
     """The library's method object, its masked tail passes run by `tail` (the traceable engine)."""
     base = METHODS[method]
@@ -142,8 +93,23 @@ def _graph_method(method: str, model: nn.Module, layer: str, options: dict, tail
         def tail_for(self, context):  # noqa: D102 - the engine swap is the whole point
             return tail
 
+    if method == "fdcam":
+        GraphMethod.switch_scores = _group_switch_scores
     GraphMethod.__name__ = f"Graph{base.__name__}"
     return GraphMethod(model, layer, **options)
+
+
+def _group_switch_scores(self, context):
+    """FD-CAM's switch scores with the passes made from the groups themselves (`GraphTail.group_passes`:
+    one gathered sum per group serves its switch-on and switch-off rows)."""
+    classes = context.targets.classes
+    if classes is None:
+        return type(self).__mro__[1].switch_scores(self, context)
+    activations = context.activations
+    sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
+    logits = self.tail_for(context).group_passes(activations, self.groups(activations), context.extras, classes,
+                                                 sparsity=sparsity, switch=self.switch)
+    return switch_scores(logits, context.scores, None, self.switch)
 
 
 class ExplainerModule(nn.Module):
@@ -362,7 +328,9 @@ def _export_onnx(module: nn.Module, image: torch.Tensor, classes: torch.Tensor |
         onnxscript.optimizer.fold_constants(program.model, input_size_limit=max(largest, 8192))
     except Exception as error:  # folding is an optimisation only
         log.info("constant folding skipped: %s", error)
-    return program.model_proto
+    proto = program.model_proto
+    drop_unused_initializers(proto.graph)
+    return proto
 
 
 # --- export, validation, files -------------------------------------------------------------------

@@ -1,0 +1,274 @@
+"""The explainer graph's tail engine (`GraphTail`): switch passes that trace into a bounded ONNX graph.
+
+Two choices keep the exported graph's memory and time independent of the batch N:
+
+- the passes of a batch run one image at a time in a `torch.ops.higher_order.scan`, which the ONNX
+  exporter lowers to an ONNX `Scan` over the batch axis: what is alive at once is one image's work,
+  whatever N ONNX Runtime (or Triton's dynamic batcher) hands the graph;
+- an image's M mask rows run in chunks of static size (a Python loop, unrolled by the trace). Gathered
+  sums of a first convolution run in cache-sized chunks (`GATHER_CHUNK_BYTES`): ONNX Runtime's batched
+  products and element-wise passes are several times faster on a few MB than on one large tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fdcam.factorise import shortcut_passes, sparse_rows, tail_shortcut
+from fdcam.factorise.shortcut import TailShortcut, _is_pointwise, _linear_bases
+from fdcam.switch import switch_masks
+from fdcam.tail import MaskedTail, expand_masks
+
+from .graph import gathers
+
+__all__ = ["DEFAULT_TAIL_BYTES", "GATHER_CHUNK_BYTES", "GraphTail", "per_image"]
+
+# Mask rows per tail call inside the graph: bounds the masked copies alive at once (one image's rows).
+DEFAULT_TAIL_BYTES = 256 * 1024**2
+# Rows of gathered convolution sums per chunk: about what a CPU's caches hold (see the module docstring).
+GATHER_CHUNK_BYTES = 4 * 1024**2
+_COMPILES = 1 << 20  # torch.compile cache entries of the scan body allowed in one process (one per export)
+
+
+class GraphTail:
+    """The `Tail` protocol over a split's tail, written so that it traces into one static graph.
+
+    The N images run one at a time (`per_image`, an ONNX Scan), and an image's M mask rows in chunks
+    of static size, so at most one chunk of masked copies is alive at once. The tail runs through
+    its exact shortcuts (`fdcam.factorise`) as the library's TorchTail does: factorised first Linear,
+    the rows of the requested classes of the last Linear, and, for a tail starting with a
+    convolution, gathered sums of the channels of each mask when the caller bounds them (`sparsity`).
+    """
+
+    def __init__(
+        self,
+        tail: nn.Module,
+        features: torch.Tensor,
+        extras: Sequence[torch.Tensor],
+        budget: int = DEFAULT_TAIL_BYTES,
+        gather_bytes: int = GATHER_CHUNK_BYTES,
+    ):
+        self.tail = tail
+        self.shortcut = tail_shortcut(tail, features[:1], tuple(e[:1] for e in extras))
+        row = features[0].numel()
+        self.gather_rows = self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
+        if self.shortcut is not None and self.shortcut.kind == "linear":
+            # A row costs the first Linear's output (and the masks' row), not a masked copy of the features.
+            row = self.shortcut.out_features + features.shape[1]
+            self.gather_rows = self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
+        if self.shortcut is not None and self.shortcut.kind == "conv":
+            with torch.no_grad():
+                self.shortcut.prepare(features[:1])  # sets row_numel
+            row = max(row, self.shortcut.row_numel)
+            self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
+            self.gather_rows = max(1, gather_bytes // max(self.shortcut.row_numel * features.element_size(), 1))
+
+    def run(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+        *,
+        sparsity: int | None = None,
+    ) -> torch.Tensor:
+        """Logits [N,M,C] (or [N,M,T] of classes [N,T]) of M masks (shared [M,K] or per image [N,M,K]) on N images."""
+        masks = expand_masks(features, masks)
+        inputs = [features, masks, *extras] + ([] if classes is None else [classes])
+        count = len(extras)
+
+        def image(features, masks, *rest):
+            chosen = None if classes is None else rest[count]
+            return self.image_passes(features, masks, rest[:count], chosen, sparsity)
+
+        return per_image(image, inputs)
+
+    def image_passes(
+        self,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+        sparsity: int | None = None,
+    ) -> torch.Tensor:
+        """`run` on one image (features [1,...], masks [1,M,K]) as a static unrolled loop of row chunks."""
+        m, k = masks.shape[1], masks.shape[2]
+        shortcut = self.shortcut
+        if shortcut is None:
+            masked = MaskedTail(self.tail)
+            logits = _cat([masked(features, masks[:, lo : lo + self.rows], *extras) for lo in range(0, m, self.rows)])
+            return logits if classes is None else logits.gather(2, classes[:, None, :].expand(-1, m, -1))
+        state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
+        if not gathers(shortcut, k, sparsity):
+            return _cat([shortcut_passes(shortcut, state, masks[:, lo : lo + self.rows], extras, classes)
+                         for lo in range(0, m, self.rows)])
+        index, gate, complement = sparse_rows(masks, sparsity)
+        pointwise = _is_pointwise(shortcut.conv)
+        outputs = []
+        for lo in range(0, m, self.gather_rows):
+            hi = min(m, lo + self.gather_rows)
+            sparse = (index[:, lo:hi], gate[:, lo:hi], complement[:, lo:hi])
+            if pointwise:
+                start = pointwise_sums(state, *sparse)
+            else:
+                start = shortcut.pre_activation(state, masks[:, lo:hi], sparse)
+            outputs.append(_finish(shortcut, start, extras, classes))
+        return _cat(outputs)
+
+    def group_passes(
+        self,
+        features: torch.Tensor,
+        groups: torch.Tensor,
+        extras: Sequence[torch.Tensor] = (),
+        classes: torch.Tensor | None = None,
+        *,
+        sparsity: int | None = None,
+        switch: str = "on_off",
+    ) -> torch.Tensor:
+        """FD-CAM's switch passes of boolean channel groups [N,K,K]: logits [N,M,C] (or [N,M,T] of classes
+        [N,T]) of the switch-on rows 1_G(k) then the switch-off rows 1 − 1_G(k) (M = 2K; switch="off": those
+        alone). Equals `run(features, switch_masks(groups, switch), ...)`; a group's sum serves both its rows
+        (bias + Σ_G C_l and full − Σ_G C_l, as the library's TorchTail computes them per channel set)."""
+        inputs = [features, groups, *extras] + ([] if classes is None else [classes])
+        count = len(extras)
+
+        def image(features, groups, *rest):
+            chosen = None if classes is None else rest[count]
+            return self.image_group_passes(features, groups, rest[:count], chosen, sparsity, switch)
+
+        return per_image(image, inputs)
+
+    def image_group_passes(
+        self,
+        features: torch.Tensor,
+        groups: torch.Tensor,
+        extras: Sequence[torch.Tensor],
+        classes: torch.Tensor | None,
+        sparsity: int | None,
+        switch: str,
+    ) -> torch.Tensor:
+        """`group_passes` on one image (features [1,...], groups [1,K,K])."""
+        shortcut = self.shortcut
+        k = groups.shape[-1]
+        pointwise = shortcut is not None and shortcut.kind == "conv" and _is_pointwise(shortcut.conv)
+        linear = shortcut is not None and shortcut.kind == "linear"
+        if not (linear or (pointwise and gathers(shortcut, k, sparsity))):
+            return self.image_passes(features, switch_masks(groups, switch), extras, classes, sparsity)
+        state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
+        on = groups.to(features.dtype)
+        if linear:
+            contributions, bias = state
+            summed = torch.bmm(on, contributions)  # [1,K,out]: Σ_G(k) C_l
+            base, full = _linear_bases(contributions, bias)
+            starts = ([base + summed] if switch == "on_off" else []) + [full - summed]
+            start = torch.cat(starts, 1)[0]
+            chunks = range(0, len(start), self.rows)
+            return _cat([_finish(shortcut, start[lo : lo + self.rows], extras, classes) for lo in chunks])
+        features, full, weight, bias = state
+        gate, index = on[0].topk(sparsity, dim=-1, sorted=False)  # each group's channels, padded with gate 0
+        flat, per_input = features.flatten(2)[0], weight[:, :, 0, 0].t()  # [K,hw], [K,out]
+        full_rows = full.reshape(full.shape[1], -1)  # [out,hw]
+        # The bias as a whole [out,hw] plane: ONNX Runtime adds operands that differ in leading axes only fast,
+        # a [out,1] column broadcast over each row of hw values several times slower.
+        bias_rows = bias[:, None].expand_as(full_rows).contiguous()
+        step = self.gather_rows
+        on_logits, off_logits = [], []
+        for lo in range(0, k, step):
+            chunk_index = index[lo : lo + step]
+            c, g = chunk_index.shape
+            # index_select of flat indices: a plain ONNX Gather (advanced indexing becomes a slower GatherND).
+            flat_index = chunk_index.reshape(-1)
+            gathered = flat.index_select(0, flat_index).reshape(c, g, -1) * gate[lo : lo + step, :, None]  # [c,g,hw]
+            rows = per_input.index_select(0, flat_index).reshape(c, g, -1)  # [c,g,out]
+            summed = torch.bmm(rows.transpose(1, 2), gathered)  # [c,out,hw]
+            if switch == "on_off":
+                on_logits.append(_finish(shortcut, (summed + bias_rows).reshape(-1, *full.shape[1:]), extras, classes))
+            off_logits.append(_finish(shortcut, (full_rows - summed).reshape(-1, *full.shape[1:]), extras, classes))
+        return _cat(on_logits + off_logits)
+
+
+def pointwise_sums(state: tuple, index: torch.Tensor, gate: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    """A 1×1 convolution's pre-activations [m,out,h,w] of one image's m sparse rows (`sparse_rows`) as
+    gathered sums: bias + Σ_on C_l, or full − Σ_off C_l for complement rows.
+
+    Written for ONNX Runtime: the gathered weights are rows of a [K,out] matrix (a plain Gather), the
+    sums one batched product, and the base a product with the 0/1 complement flag rather than a Where
+    broadcast over the output.
+    """
+    features, full, weight, bias = state
+    out, plane = weight.shape[0], full[0, 0].numel()
+    signed = torch.where(complement, -gate, gate).to(features.dtype)[0]  # [m,g]
+    gathered = features.flatten(2)[0][index[0]] * signed[..., None]  # [m,g,hw]
+    rows = weight[:, :, 0, 0].t()[index[0]].transpose(1, 2)  # [m,out,g]
+    summed = torch.bmm(rows, gathered)  # [m,out,hw]
+    delta = (full.reshape(out, plane) - bias[:, None])  # [out,hw]
+    z = summed + bias[:, None] + complement[0].to(features.dtype)[..., None] * delta
+    return z.reshape(index.shape[1], *full.shape[1:])
+
+
+def _finish(
+    shortcut: TailShortcut, start: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits [1,m,C|T] of one image's m pre-activation rows: the body, then the last Linear."""
+    m = start.shape[0]
+    hidden = shortcut.body(start, *(e.expand(m, *e.shape[1:]) for e in extras))
+    return shortcut.logits(hidden.reshape(1, m, *hidden.shape[1:]), classes)
+
+
+def per_image(function: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`function` on each image of the batch, stacked: function(*[t[i:i+1] for t in inputs])[0] for every i.
+
+    A `torch.ops.higher_order.scan` over the batch axis, which the ONNX exporter lowers to a `Scan`: the
+    graph holds one image's work at a time, whatever the batch.
+    """
+    import torch._dynamo
+    from torch._higher_order_ops.scan import scan
+
+    def step(carry, sliced):
+        return carry.clone(), function(*(t[None] for t in sliced))[0]
+
+    carry = torch.zeros((), dtype=inputs[0].dtype, device=inputs[0].device)
+    # scan runs its body through torch.compile, whose cache outlives one export: with automatic dynamic
+    # shapes a second export (another input size, so another chunk size) would see the changed Python
+    # ints as symbols, which reach the ONNX Scan as bare ints it cannot translate. Each export compiles
+    # its own static body instead (one cache entry per export, hence the raised limits).
+    limits = {"recompile_limit": _COMPILES, "accumulated_recompile_limit": _COMPILES}
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, **limits):
+        _, outputs = scan(step, carry, list(inputs))
+    return outputs
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors, 1) if len(tensors) > 1 else tensors[0]
+
+
+def drop_unused_initializers(graph) -> None:
+    """Remove the initializers no node of `graph` (an onnx.GraphProto) or of its subgraphs reads, in every
+    subgraph too: the exporter leaves some in the Scan body, and ONNX Runtime warns of each one."""
+    import onnx
+
+    def subgraphs(node):
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield attribute.g
+            yield from attribute.graphs
+
+    def reads(g) -> set[str]:
+        names = {output.name for output in g.output}
+        for node in g.node:
+            names.update(node.input)
+            for sub in subgraphs(node):
+                names |= reads(sub)
+        return names
+
+    used = reads(graph)
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    for node in graph.node:
+        for sub in subgraphs(node):
+            drop_unused_initializers(sub)
