@@ -1,6 +1,7 @@
 """Small test networks and the split helper the test files share."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fdcam.split import split_model
@@ -43,3 +44,36 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class ConvStart(nn.Module):
+    """A stem, then a tail that fdcam.factorise shortens: a k×k convolution (stride, padding, dilation as given),
+    a batch norm with random statistics or none, an activation, a global average pool and an MLP (`hidden=None`: one
+    Linear). `plain=True` puts a ReLU before the convolution and ends in a global max: nothing left to shorten."""
+
+    def __init__(self, kernel=1, stride=1, padding=0, dilation=1, norm=True, bias=True, functional=False, *,
+                 channels=(16, 12), stem_stride=1, hidden=8, classes=5, activation=F.relu, plain=False):
+        super().__init__()
+        width, out = channels
+        self.stem = nn.Conv2d(3, width, 3, stem_stride, padding=1)
+        self.conv = nn.Conv2d(width, out, kernel, stride, padding, dilation, bias=bias)
+        self.norm = nn.BatchNorm2d(out) if norm else nn.Identity()
+        self.functional, self.activation, self.plain = functional, activation, plain
+        if hidden:
+            self.fc = nn.Sequential(nn.Linear(out, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        else:
+            self.fc = nn.Linear(out, classes)
+        with torch.no_grad():  # non-trivial running statistics
+            if norm:
+                self.norm.running_mean.uniform_(-1, 1)
+                self.norm.running_var.uniform_(0.5, 2)
+                self.norm.weight.uniform_(0.5, 1.5)
+                self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        a = self.stem(x)
+        a = torch.relu(a) if self.plain else a
+        c = self.conv
+        z = F.conv2d(a, c.weight, c.bias, c.stride, c.padding, c.dilation) if self.functional else c(a)
+        y = self.activation(self.norm(z))
+        return y.amax((2, 3)) if self.plain else self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))

@@ -88,13 +88,13 @@ def test_graph_io_is_image_to_logits_targets_saliency_with_a_symbolic_batch(lite
     assert dims(with_classes.graph.output[2])[:2] == [n, t]
 
 
-def test_graph_uses_only_standard_operators_and_carries_its_weights(lite0_fdcam):
+def test_graph_uses_only_standard_operators_and_carries_its_weights(lite0_fdcam, lite0):
     proto = onnx.load(str(lite0_fdcam))
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
     assert [entry.domain for entry in proto.opset_import] in ([""], ["ai.onnx"])
     assert not (lite0_fdcam.parent / (lite0_fdcam.name + ".data")).exists()
     weights = sum(int(np.prod(tensor.dims)) for tensor in proto.graph.initializer)
-    model_parameters = sum(p.numel() for p in fdcam.models.load("efficientnet_lite0").parameters())
+    model_parameters = sum(p.numel() for p in lite0.parameters())
     assert weights >= 0.9 * model_parameters  # the weights are inside the file
 
 
@@ -241,7 +241,7 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
     assert with_classes.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
-def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys):
+def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys, lite0):
     from fdcam.cli import main
 
     out, repo = tmp_path / "out", tmp_path / "repo"
@@ -259,7 +259,6 @@ def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys)
     assert config.name == "fdcam_efficientnet_lite0_fdcam" and config.max_batch_size == 8
     assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "FP32"
     assert list(config.input[0].dims) == [3, 96, 96]
-    lite0 = fdcam.models.load("efficientnet_lite0")
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
     assert_matches_library(out / "explainer.onnx", lite0, "_blocks.15", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), theta=0.9, switch="off")
     assert "explainer.onnx" in capsys.readouterr().out
@@ -338,12 +337,6 @@ def test_every_method_exports_and_equals_the_library(lite0, tmp_path, method, op
     # XGrad-CAM divides by each channel's activation sum, which is near 0 for some channels of this
     # (BN-output, signed) layer: float32 alone then moves its maps by more than 1e-4.
     assert_matches_library(path, lite0, "_blocks.15", method, images, ill_conditioned=method == "xgradcam", **options)
-
-
-@pytest.fixture(scope="module")
-def resnet50_random():
-    torch.manual_seed(0)
-    return fdcam.models.load("resnet50", weights=None)
 
 
 @pytest.mark.parametrize(

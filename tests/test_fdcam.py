@@ -1,5 +1,7 @@
 """FD-CAM against the slow reference in tests/reference.py, on three architectures and the ablation options."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,9 +53,8 @@ def test_fdcam_lite0_head_activation_call_site_matches_reference(lite0, zebra_in
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
 
-def test_fdcam_resnet_split_inside_residual_block_matches_reference():
-    torch.manual_seed(2)
-    model = torchvision.models.resnet50().eval()
+def test_fdcam_resnet_split_inside_residual_block_matches_reference(resnet50_random):
+    model = resnet50_random
     block = model.layer4[2]
     x = torch.randn(1, 3, 160, 160)
     store = {}
@@ -165,15 +166,12 @@ def test_torch_precision_and_cuda_graph_options_are_checked(small_resnet):
     assert agreement(bf16[0, 0], exact[0, 0])[0] > 0.99
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_graph_maps_equal_eager_maps_on_vgg16(vgg16_random):
-    model = vgg16_random.cuda()
-    try:
-        x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(12)).cuda()
-        eager = fdcam.FDCAM(model, "features.30")
-        graphed = fdcam.FDCAM(model, "features.30", cuda_graph=True)
-        for scale in (1.0, 0.5):
-            torch.testing.assert_close(graphed(x * scale), eager(x * scale), atol=1e-5, rtol=1e-5)
-        assert graphed.tails[0].graph_replays == 2
-    finally:
-        model.cpu()
+    model = copy.deepcopy(vgg16_random).cuda()  # a copy: the session's model stays on the CPU
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(12)).cuda()
+    eager = fdcam.FDCAM(model, "features.30")
+    graphed = fdcam.FDCAM(model, "features.30", cuda_graph=True)
+    for scale in (1.0, 0.5):
+        torch.testing.assert_close(graphed(x * scale), eager(x * scale), atol=1e-5, rtol=1e-5)
+    assert graphed.tails[0].graph_replays == 2

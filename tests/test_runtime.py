@@ -9,39 +9,29 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import fdcam
 from fdcam import runtime
-from fdcam.images import load_image, preprocess
 from fdcam.runtime import OrtTail, ProviderError, ort_tail
 from fdcam.tail import Tail, TorchTail
+from nets import ConvStart
 
-DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def graph_cache(tmp_path_factory):
-    """Exported graphs go to a temporary cache, never to ~/.cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FDCAM_CACHE", str(tmp_path_factory.mktemp("fdcam-cache")))
-        runtime.clear_sessions()
-        yield
-        runtime.clear_sessions()
+def fresh_sessions():
+    """The module starts and ends with no open sessions (graphs go to the session's temporary FDCAM_CACHE)."""
+    runtime.clear_sessions()
+    yield
+    runtime.clear_sessions()
 
 
 @pytest.fixture(scope="module")
-def zebra():
-    spec = fdcam.models.spec("efficientnet_lite0")
-    return preprocess(load_image(DATA / "n02391049_zebra.JPEG"), spec)
-
-
-@pytest.fixture(scope="module")
-def lite0_split(lite0, zebra):
-    split = fdcam.split_model(lite0, "_blocks.15", zebra)
+def lite0_split(lite0, zebra_input):
+    split = fdcam.split_model(lite0, "_blocks.15", zebra_input)
     with torch.no_grad():
-        features, *extras = split.head(zebra)
+        features, *extras = split.head(zebra_input)
     return split, features, extras
 
 
@@ -61,9 +51,8 @@ def assert_same_maps(torch_maps, ort_maps):
     assert correlation >= 0.9999 and max_abs <= 1e-3, (correlation, max_abs)
 
 
-def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run():
-    torch.manual_seed(0)
-    model = torchvision.models.vgg16().eval()
+def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run(vgg16_random):
+    model = vgg16_random
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     expected = fdcam.FDCAM(model, "features.30")(x, targets=7)
     cam = fdcam.FDCAM(model, "features.30", backend="onnxruntime", provider="cpu")
@@ -76,10 +65,10 @@ def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run():
     assert form.classes and tail.opened(form)[0].get_modelmeta().custom_metadata_map["tail_form"] == "factorised"
 
 
-def test_fdcam_efficientnet_lite0_onnxruntime_equals_torch(lite0, zebra):
-    expected = fdcam.FDCAM(lite0, "_blocks.15")(zebra, targets=[[340, 0]])
+def test_fdcam_efficientnet_lite0_onnxruntime_equals_torch(lite0, zebra_input):
+    expected = fdcam.FDCAM(lite0, "_blocks.15")(zebra_input, targets=[[340, 0]])
     cam = fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
-    maps = cam(zebra, targets=[[340, 0]])
+    maps = cam(zebra_input, targets=[[340, 0]])
     for t in range(2):
         assert_same_maps(expected[0, t], maps[0, t])
     assert the_tail(cam).runs == 1  # both classes share the 2K switch passes
@@ -97,29 +86,29 @@ def test_fdcam_resnet_split_inside_a_block_onnxruntime_equals_torch():
     assert the_tail(cam).runs == 1  # both images' switch passes in one session run
 
 
-def test_ablationcam_onnxruntime_equals_torch(lite0, zebra):
-    expected = fdcam.AblationCAM(lite0, "_blocks.15")(zebra)
+def test_ablationcam_onnxruntime_equals_torch(lite0, zebra_input):
+    expected = fdcam.AblationCAM(lite0, "_blocks.15")(zebra_input)
     cam = fdcam.AblationCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
-    assert_same_maps(expected, cam(zebra))
+    assert_same_maps(expected, cam(zebra_input))
     assert the_tail(cam).runs == 1
 
 
-def test_a_second_explainer_reuses_the_session_and_builds_nothing(lite0, zebra):
-    fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")(zebra)  # built here unless an earlier test did
+def test_a_second_explainer_reuses_the_session_and_builds_nothing(lite0, zebra_input):
+    fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")(zebra_input)  # built here unless an earlier test did
     before = copy.copy(runtime.stats)
     cam = fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
-    cam(zebra)
+    cam(zebra_input)
     after = runtime.stats
     assert (after.exports, after.sessions, after.graph_reuses) == (before.exports, before.sessions, before.graph_reuses)
     assert after.session_reuses == before.session_reuses + 1
     assert the_tail(cam).runs == 1
 
 
-def test_graphs_are_reused_from_disk_and_changed_weights_export_again(zebra):
-    model = fdcam.models.load("efficientnet_lite0")  # a fresh copy: this test changes its weights
-    split = fdcam.split_model(model, "_blocks.15", zebra)
+def test_graphs_are_reused_from_disk_and_changed_weights_export_again(lite0, zebra_input):
+    model = copy.deepcopy(lite0)  # a copy: this test changes its weights
+    split = fdcam.split_model(model, "_blocks.15", zebra_input)
     with torch.no_grad():
-        features, *extras = split.head(zebra)
+        features, *extras = split.head(zebra_input)
     ort_tail(model, split, features, extras, provider="cpu").session  # forms are exported on first use
     runtime.clear_sessions()
     before = copy.copy(runtime.stats)
@@ -239,29 +228,11 @@ def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path
 # --- graph forms: a classes input, gathered sums under a static bound ---------------------------------
 
 
-class _ConvStart(nn.Module):
-    """Random-weight net whose tail after `stem` starts with a k×k convolution + batch norm and ends in a Linear."""
-
-    def __init__(self, kernel: int = 1, plain: bool = False):
-        super().__init__()
-        self.plain = plain  # a ReLU first and a max last: nothing for fdcam.factorise to shorten
-        self.stem = nn.Conv2d(3, 32, 3, stride=4)
-        self.conv = nn.Conv2d(32, 48, kernel, padding=kernel // 2)
-        self.bn = nn.BatchNorm2d(48)
-        self.fc = nn.Linear(48, 10)
-        with torch.no_grad():
-            self.bn.running_mean.uniform_(-0.2, 0.2)
-            self.bn.running_var.uniform_(0.5, 1.5)
-
-    def forward(self, x):
-        stem = self.stem(x)
-        y = torch.nn.functional.relu6(self.bn(self.conv(torch.relu(stem) if self.plain else stem)))
-        return y.amax((2, 3)) if self.plain else self.fc(y.mean((2, 3)))
-
-
-def _conv_start_tail(tmp_path, seed=0, **options):
+def _conv_start_tail(tmp_path, seed=0, kernel=1, plain=False):
     torch.manual_seed(seed)
-    model = _ConvStart(**options).eval()
+    # The tail after `stem` starts with a k×k convolution + batch norm; 32 channels to mask, 8×8 maps.
+    model = ConvStart(kernel, padding=kernel // 2, channels=(32, 48), stem_stride=4, hidden=None, classes=10,
+                      activation=torch.nn.functional.relu6, plain=plain).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
     split = fdcam.split_model(model, "stem", x[:1])
     with torch.no_grad():
