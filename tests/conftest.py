@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -85,6 +86,14 @@ def resnet50_random():
 
     torch.manual_seed(0)
     yield from _unchanged(fdcam.models.load("resnet50", weights=None), "resnet50_random")
+
+
+@pytest.fixture(scope="session")
+def bomb(tmp_path_factory) -> Path:
+    """A decompression bomb: a 14000×14000 PNG of a few kB."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("1", (14000, 14000)).save(path)  # 196 Mpx in a few kB
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -77,3 +77,56 @@ class ConvStart(nn.Module):
         z = F.conv2d(a, c.weight, c.bias, c.stride, c.padding, c.dilation) if self.functional else c(a)
         y = self.activation(self.norm(z))
         return y.amax((2, 3)) if self.plain else self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class SmallNet(nn.Module):
+    """A small CNN with batch norm (its running statistics must never move) and a non-linear tail."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.conv3(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def small_net(seed=0):
+    """SmallNet with seeded weights and non-trivial batch-norm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = SmallNet()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def small_images(n=2, seed=1):
+    """n random 32×32 images for SmallNet."""
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def state_of(model):
+    """What fdcam must leave as it was: weights and statistics, train/eval modes, requires_grad flags."""
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def assert_state_equal(model, state):
+    """The model is as `state_of` saw it, and no fx tensor constant was left on it."""
+    tensors, modes, grads = state
+    now = model.state_dict()
+    assert set(now) == set(tensors)
+    assert all(torch.equal(now[k], v) for k, v in tensors.items()), "weights or batch-norm statistics changed"
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert not [name for name in dir(model) if name.startswith("_tensor_constant")]

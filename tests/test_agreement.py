@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fdcam
-from fdcam.export import export_explainer, run_explainer
 from fdcam.export import agreement as agreement_module
+from fdcam.export import export_explainer, run_explainer
 from fdcam.export.agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, Agreement, agreement, float32_spread
 from fdcam.images import load_image, preprocess
 from fdcam.models import spec_of

@@ -104,10 +104,10 @@ class _KeywordCallingNet(torch.nn.Module):
 
 
 def test_pgc_ablation_row_runs_on_blocks_called_with_keywords():
+    import pytorch_grad_cam  # in the test extras: a missing install fails here
+
     from benchmarks.latency.models import BenchModel
     from benchmarks.latency.rows import ROWS
-
-    import pytorch_grad_cam  # in the test extras: a missing install fails here
 
     row = next(r for r in ROWS if r.key == "pgc-ablationcam")
     assert latency.rows.unavailable(row, torch.device("cpu")) is None

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from fdcam import cli
+from fdcam.cli import main
+from fdcam.composites import LabelsError, read_labels
 from fdcam.evaluation import ResultStore, insertion_deletion, method_specs, write_json_atomic
 
 DATA = Path(__file__).parent / "data"
@@ -288,7 +290,6 @@ def _untagged_net():
 
 
 def test_any_model_is_evaluated_given_its_spec(image_dir):
-    import torch
 
     from fdcam import GradCAM, models
     from fdcam.evaluation import evaluate_insertion_deletion
@@ -311,3 +312,48 @@ def test_any_model_is_evaluated_given_its_spec(image_dir):
     assert entry["class"] == cls
     for key in ("insertion", "deletion"):
         assert entry["methods"]["gradcam"][key] == pytest.approx(float(expected[key][0, 0]), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# a hostile file and a bad labels file are skipped
+
+
+def test_evaluate_skips_a_bomb_and_goes_on(bomb, tmp_path, data_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(data_dir / "n02391049_zebra.JPEG", folder)
+    shutil.copy(bomb, folder / "bomb.png")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--images", str(folder), "--methods", "gradcam", "--step", "12544", "--quiet",
+                 "--scorer", "torch", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 1 and "decompression bomb" in result["skipped"][0]["reason"]
+
+
+def test_labels_csv_bom_duplicates_and_out_of_range(tmp_path, data_dir):
+    import json
+    import shutil
+
+    rows = "file,class_index,wnid,name\r\nn02391049_zebra.JPEG,340,n02391049,zebra\r\n"
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    assert read_labels(bom) == [("n02391049_zebra.JPEG", 340)]
+    duplicated = tmp_path / "dup.csv"
+    duplicated.write_text(rows + "n02391049_zebra.JPEG,340,n02391049,zebra\r\n")
+    with pytest.raises(LabelsError, match="twice .*rows 2 and 3"):
+        read_labels(duplicated)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG"):
+        shutil.copy(data_dir / name, folder)
+    (folder / "labels.csv").write_text(rows + "n02077923_sea_lion.JPEG,5000,n02077923,sea lion\n")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--images", str(folder), "--methods", "gradcam", "--target", "label", "--quiet",
+                 "--step", "12544", "--scorer", "torch", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 1
+    assert "n02077923_sea_lion.JPEG" in result["skipped"][0]["reason"] and "out of range" in result["skipped"][0]["reason"]

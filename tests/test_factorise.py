@@ -489,9 +489,8 @@ def test_linear_passes_per_channel_set_equal_the_plain_tail(theta):
     # A first Linear's switch-on and switch-off rows share one sum per channel set, gathered for small
     # sets (at most GATHER_SHARE of the channels) and one product of 0/1 set rows for larger ones;
     # rows in any order, repeated or without partner, and chunks of a few rows give the same logits.
-    from reference import assert_same_up_to_rounding
-
     from fdcam.factorise import GATHER_SHARE
+    from reference import assert_same_up_to_rounding
 
     torch.manual_seed(0)
     split, activations, extras = split_at(_LinearStart().eval(), "stem", torch.randn(2, 3, 8, 8))

@@ -7,10 +7,10 @@ the check needs no import and names the modules of a cycle when one appears.
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,14 +8,15 @@ import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
 import torchvision
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import fdcam
 from fdcam.forward import ForwardPass
-from fdcam.methods.base import BatchContext
+from fdcam.methods.base import BatchContext, NonFiniteError
 from fdcam.split import split_model
+from nets import assert_state_equal, small_images, small_net, state_of
 from reference import agreement, assert_same_up_to_rounding
 
 
@@ -301,3 +302,66 @@ def test_fdcam_on_onnxruntime_works_inside_inference_mode(resnet18):
     with torch.inference_mode():
         inside = cam(x.clone())
     torch.testing.assert_close(inside.clone(), expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN and infinite values, bad inputs: one-line errors, the model unchanged
+
+
+def test_nan_weights_are_an_error_in_the_api():
+    model, x = small_net(), small_images(1)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    for name in ("fdcam", "gradcam", "ablationcam", "scorecam"):
+        with pytest.raises(NonFiniteError, match="NaN or infinite") as raised:
+            fdcam.METHODS[name](model, "conv3")(x, targets=1)
+        assert isinstance(raised.value, ValueError) and "\n" not in str(raised.value)
+
+
+def test_nan_maps_are_an_error_even_with_finite_logits():
+    model, x = small_net(), small_images(1)
+    cam = fdcam.GradCAM(model, "conv3")
+    cam.channel_weights = lambda explanation: torch.full(explanation.activations.shape[:1] + (1, 16), float("inf"))
+    with pytest.raises(NonFiniteError):
+        cam(x, targets=1)
+
+
+@pytest.mark.parametrize(
+    "x, targets, message",
+    [
+        (small_images(1).double(), None, "float64"),
+        (small_images(1).half(), None, "float16"),
+        (torch.randn(1, 1, 32, 32), None, "1 channels"),
+        (small_images(1), [[]], "no class"),
+        (torch.randn(0, 3, 32, 32), None, "empty"),
+        (small_images(1), torch.tensor([1.0]), "integer"),
+        (small_images(1), "3", "string"),
+        (small_images(1), [1.5], "integer"),
+    ],
+)
+def test_bad_input_and_targets_are_one_line_value_errors(x, targets, message, capfd):
+    model = small_net()
+    state = state_of(model)
+    with pytest.raises(ValueError, match=message) as raised:
+        fdcam.FDCAM(model, "conv3")(x, targets=targets)
+    assert "\n" not in str(raised.value)
+    assert capfd.readouterr().err == ""  # no fx traceback on stderr
+    assert_state_equal(model, state)
+
+
+def test_an_input_too_small_for_the_model_is_a_one_line_value_error(capfd):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    cam = fdcam.GradCAM(model, "2")
+    assert cam(torch.randn(1, 3, 16, 16), targets=1).shape == (1, 1, 16, 16)
+    with pytest.raises(ValueError, match="cannot run on an input of shape") as raised:
+        cam(torch.randn(1, 3, 4, 4), targets=1)
+    assert "\n" not in str(raised.value) and capfd.readouterr().err == ""
+
+
+def test_a_1x1_target_layer_warns_that_its_map_is_blank():
+    model = small_net()
+    with pytest.warns(UserWarning, match="1x1 .* blank"):
+        maps = fdcam.GradCAM(model, "conv3")(torch.randn(1, 3, 2, 2), targets=1)
+    assert torch.equal(maps, torch.zeros_like(maps))

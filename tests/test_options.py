@@ -2,17 +2,20 @@
 
 import dataclasses
 import inspect
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import fdcam
 from fdcam import FDCAM, BaseCAM, EngineOptions, GradCAM
 from fdcam.evaluation import method_specs
 from fdcam.export.describe import BIAS, THETA
 from fdcam.options import FDCAM_DEFAULTS, FDCAM_OPTIONS, check_fdcam_options, engine_changes, invalid_choice
 from fdcam.switch import switch_masks
 from fdcam.weights import combine_weights
+from nets import small_images, small_net
 
 
 def _net() -> nn.Module:
@@ -123,3 +126,24 @@ def test_grad_cam_refuses_engine_options_as_an_object_as_it_does_as_keywords(opt
         GradCAM(_net(), "1", **options)
     assert str(as_object.value) == str(as_keywords.value)
     assert GradCAM(_net(), "1", engine=EngineOptions()).engine == EngineOptions()  # nothing set: nothing to refuse
+
+
+# ---------------------------------------------------------------------------------------------
+# engine options given to a method
+
+
+def test_bad_engine_options_are_refused():
+    model = small_net()
+    for bad in ({"tail_batch_size": 0}, {"tail_batch_size": -1}, {"memory_budget": 0}, {"memory_budget": -5}, {"tail_batch_size": 2.5}):
+        with pytest.raises(ValueError, match="positive integer"):
+            fdcam.FDCAM(model, "conv3", **bad)
+    with pytest.raises(ValueError, match="GradCAM runs no masked tail passes: backend='onnxruntime', precision='fp16'"):
+        fdcam.GradCAM(model, "conv3", backend="onnxruntime", precision="fp16")
+    cam = fdcam.FDCAM(model, "conv3", cuda_graph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cam(small_images(1))
+        cam(small_images(1))
+    assert [str(w.message) for w in caught if "cuda_graph" in str(w.message)] == [
+        "cuda_graph applies to CUDA inputs only; these switch passes run eagerly"
+    ]

@@ -257,9 +257,8 @@ def _plain(split, features, masks, extras, classes=None):
 
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel):
-    from reference import assert_same_up_to_rounding
-
     from fdcam.export.graph import TailForm
+    from reference import assert_same_up_to_rounding
 
     model, split, features, extras, tail = _conv_start_tail(tmp_path, kernel=kernel)
     masks = _switch_masks(2, 32, 4, seed=kernel)
@@ -280,9 +279,8 @@ def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel)
 
 
 def test_rows_over_the_bound_run_densely_and_stay_exact(tmp_path):
-    from reference import assert_same_up_to_rounding
-
     from fdcam.export.graph import TailForm
+    from reference import assert_same_up_to_rounding
 
     _, split, features, extras, tail = _conv_start_tail(tmp_path, seed=3)
     masks = _switch_masks(2, 32, 4, seed=5)
@@ -324,9 +322,8 @@ def tail_split(model, features):
 
 
 def test_a_tail_without_shortcuts_exports_the_plain_graph_for_every_call(tmp_path):
-    from reference import assert_same_up_to_rounding
-
     from fdcam.export.graph import TailForm
+    from reference import assert_same_up_to_rounding
 
     _, split, features, extras, tail = _conv_start_tail(tmp_path, plain=True)
     assert not tail.selects_rows and not tail.gathers(4)

@@ -30,7 +30,6 @@ pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton
 pytest.importorskip("tritonclient.http", reason="needs the [serve] extra (tritonclient[http,grpc])")
 pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient[http,grpc])")
 
-import fdcam.models  # noqa: E402
 from fdcam.bounds import MAX_CLASSES  # noqa: E402
 from fdcam.cli import main  # noqa: E402
 from fdcam.images import load_image, preprocess, resize_map  # noqa: E402
