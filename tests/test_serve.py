@@ -38,6 +38,7 @@ from fdcam.models import spec_of  # noqa: E402
 from fdcam.serving.client import ExplainClient, ServerError  # noqa: E402
 from fdcam.serving.command import export_graphs  # noqa: E402
 from fdcam.serving.engine import ServingConfig, TorchExplainer, handle_tensor_requests  # noqa: E402
+from fdcam.serving.ports import free_ports  # noqa: E402
 from fdcam.serving.server import descendants, triton_environment  # noqa: E402
 
 METHOD = "gradcam"
@@ -48,23 +49,12 @@ STARTUP_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 40
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class Server:
     """`fdcam serve` as a child process on free loopback ports."""
 
     def __init__(self, *extra: str, backend: str = "torch", startup_timeout_s: float = STARTUP_TIMEOUT_S,
                  env: dict | None = None):
-        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         command = [
             sys.executable, "-m", "fdcam.cli", "serve", "--backend", backend, "--method", METHOD,
             "--address", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
@@ -157,6 +147,7 @@ def _library(lite0, cam, x, classes=None):
     return logits.numpy(), targets.numpy(), cam(x, targets).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_tensor_answers_equal_the_library(server, lite0, cam, inputs, protocol):
     with ExplainClient(getattr(server, protocol)) as client:
@@ -164,6 +155,7 @@ def test_tensor_answers_equal_the_library(server, lite0, cam, inputs, protocol):
             _assert_same_explanation(client.explain_tensor(x, classes), *_library(lite0, cam, x, classes))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server, lite0, cam, data_dir, protocol):
     path = data_dir / "n02391049_zebra.JPEG"
@@ -179,6 +171,7 @@ def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server,
     assert np.abs(result["saliency_original"][0, 0] - full).max() <= MAP_TOLERANCE
 
 
+@pytest.mark.slow
 def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(onnx_server, lite0, cam, inputs, data_dir):
     """`fdcam serve` without --backend: answers equal the library, and requests sent together run as one batch."""
     with ExplainClient(onnx_server.http) as client:
@@ -210,6 +203,7 @@ def _settled_statistics(client: ExplainClient, model: str = "fdcam") -> dict:
     return client.statistics(model, settle=0.5)
 
 
+@pytest.mark.slow
 def test_load_all_answered_unmixed_and_batched(server, inputs):
     """8 clients × 25 requests at once: each answer equals its own sequential answer; Triton batched them."""
     clients, per_client = 8, 25
@@ -277,6 +271,7 @@ def _bad_requests(inputs, data_dir):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_each_bad_request_gets_one_line_and_the_next_good_one_succeeds(server, inputs, data_dir, protocol):
     good = inputs[2]
@@ -361,12 +356,13 @@ def test_a_port_in_use_is_refused_in_one_line(capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        grpc_port, metrics_port = _free_ports(2)
+        grpc_port, metrics_port = free_ports(2)
         status = main(["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)])
     assert status == 2
     assert capsys.readouterr().err.startswith(f"fdcam: error: --http-port {port} cannot be used on 127.0.0.1: ")
 
 
+@pytest.mark.slow
 def test_explain_with_server_writes_the_files_of_the_local_command(server, data_dir, tmp_path, capsys):
     images = [str(data_dir / IMAGES[0]), str(data_dir / IMAGES[1])]
     assert main(["explain", *images, "--method", METHOD, "--topk", "2", "--out", str(tmp_path / "local")]) == 0
@@ -381,6 +377,7 @@ def test_explain_with_server_writes_the_files_of_the_local_command(server, data_
     assert [line.split()[:4] for line in local_table.splitlines()] == [line.split()[:4] for line in served_table.splitlines()]
 
 
+@pytest.mark.slow
 def test_explain_with_server_refuses_another_method_in_one_line(server, data_dir, tmp_path, capsys):
     status = main(["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out", str(tmp_path)])
     assert status == 2
@@ -388,6 +385,7 @@ def test_explain_with_server_refuses_another_method_in_one_line(server, data_dir
     assert err == f"fdcam: error: the server explains with {METHOD}, not fdcam; omit --method or start a server with --method fdcam"
 
 
+@pytest.mark.slow
 def test_explain_with_server_names_each_skipped_file_once(server, data_dir, tmp_path, capsys):
     missing, tiny = data_dir / "missing.jpg", data_dir / "tiny.png"  # refused by the loader, by the server
     status = main(["explain", str(missing), str(tiny), "--server", server.http, "--out", str(tmp_path)])
@@ -509,7 +507,7 @@ def test_refusals_are_failures_in_triton_statistics_and_metrics(server, inputs):
 
 
 def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):
-    ports = _free_ports(3)
+    ports = free_ports(3)
     status = main(["serve", "--method", "scorecam", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                    "--metrics-port", str(ports[2])])
     captured = capsys.readouterr()
@@ -519,7 +517,7 @@ def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):
 
 
 def test_serve_refuses_a_negative_bound_in_one_line(capsys):
-    ports = _free_ports(3)
+    ports = free_ports(3)
     assert main(["serve", "--max-classes", "-1", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                  "--metrics-port", str(ports[2])]) == 2
     assert capsys.readouterr().err.strip() == "fdcam: error: --max-classes must be 0 (no limit) or more, not -1"
@@ -540,7 +538,7 @@ def test_sigkill_leaves_no_server_and_the_next_start_removes_the_workspace(tmp_p
     assert not [pid for pid in killed.family if _alive(pid)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("fdcam-serve-")) == left
     # The next start: here one that stops at its first argument check, after cleaning up.
-    ports = [str(port) for port in _free_ports(3)]
+    ports = [str(port) for port in free_ports(3)]
     status = subprocess.run([sys.executable, "-m", "fdcam.cli", "serve", "--max-classes", "-1", "--http-port", ports[0],
                              "--grpc-port", ports[1], "--metrics-port", ports[2]], capture_output=True, text=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)}).returncode
@@ -609,6 +607,7 @@ def test_soak_stub_memory_stays_flat(server, inputs, data_dir, tmp_path):
         assert after[pid][1] - before[pid][0] <= SOAK_PEAK_MB, report
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_and_leaves_no_tritonserver(server):
     assert server.family, "tritonserver and its stubs should run under fdcam serve"
     started = time.monotonic()
@@ -628,9 +627,10 @@ def _is_tritonserver(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     """SIGTERM while the models are still loading: fdcam serve exits 0 and takes tritonserver with it."""
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
         [sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD, "--http-port", str(http_port),
          "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
@@ -651,6 +651,7 @@ def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     assert not [pid for pid in family if _alive(pid)]
 
 
+@pytest.mark.slow
 def test_serving_benchmark_prints_a_row_per_concurrency_with_triton_batch_sizes(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repository root
     from benchmarks import serving
