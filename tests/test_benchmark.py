@@ -20,6 +20,7 @@ RESULT_FIELDS = {
 PHASES = {"head", "backward", "grouping", "switch", "weights", "map"}  # fdcam.timing.STAGES
 
 
+@pytest.mark.slow
 def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert latency.main(["--models", "tiny", "--repeat", "1", "--batch", "2", "--quick", "--profile", "--json", str(out)]) == 0
@@ -54,6 +55,7 @@ def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, 
     assert 0 < profile["total (sum of stages)"] <= profile["wall (whole call)"]
 
 
+@pytest.mark.slow
 def test_methods_selects_rows_and_keeps_the_reference(tmp_path):
     out = tmp_path / "bench.json"
     latency.main(["--models", "tiny", "--methods", "fdcam,authors", "--repeat", "1", "--warmup", "0", "--json", str(out)])

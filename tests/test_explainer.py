@@ -295,6 +295,7 @@ def node_with_onnxruntime() -> str:
     return node
 
 
+@pytest.mark.slow
 def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zebra_input, tmp_path):
     node = node_with_onnxruntime()
     images = torch.cat([small(zebra_input), torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(11))])
@@ -320,6 +321,7 @@ def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zeb
 # --- methods and models -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, options",
     [
@@ -339,6 +341,7 @@ def test_every_method_exports_and_equals_the_library(lite0, tmp_path, method, op
     assert_matches_library(path, lite0, "_blocks.15", method, images, ill_conditioned=method == "xgradcam", **options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layer, method, classes",
     # layer4.2.conv3: the skip tensor crosses the split, into the gradient and into every masked pass.
@@ -350,6 +353,7 @@ def test_resnet50_at_layer4_and_across_a_skip_connection(resnet50_random, tmp_pa
     assert_matches_library(path, resnet50_random, layer, method, images, classes, ill_conditioned=True)
 
 
+@pytest.mark.slow
 def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_path):
     path = export_explainer(vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64))
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(41))

@@ -132,7 +132,7 @@ def test_no_import_cycle_even_through_imports_inside_functions():
     assert cycles(import_graph(lazy=True)) == []
 
 
-@pytest.mark.parametrize("order", ["sorted", "reversed"])
+@pytest.mark.parametrize("order", ["sorted", pytest.param("reversed", marks=pytest.mark.slow)])  # the second order: slow
 def test_every_module_imports_in_a_fresh_interpreter(order):
     names = sorted(name for name in package_modules() if not name.endswith("__main__"))  # those run the CLI
     if order == "reversed":

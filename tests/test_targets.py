@@ -39,7 +39,7 @@ def resnet18():
 
 
 @pytest.fixture(scope="module")
-def small_images():
+def images():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
 
 
