@@ -15,6 +15,7 @@ def vgg_tail(model):
     return lambda a: model.classifier(torch.flatten(model.avgpool(a[None]), 1))[0]
 
 
+@pytest.mark.slow  # the plain reference runs 1024 VGG16 tails one by one (~25 s)
 def test_fdcam_vgg16_matches_reference(vgg16_random):
     torch.manual_seed(1)
     x = torch.randn(1, 3, 224, 224)

@@ -51,6 +51,7 @@ def assert_same_maps(torch_maps, ort_maps):
     assert correlation >= 0.9999 and max_abs <= 1e-3, (correlation, max_abs)
 
 
+@pytest.mark.slow  # exports VGG16's 120M-parameter tail
 def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run(vgg16_random):
     model = vgg16_random
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
