@@ -36,7 +36,7 @@ def test_threads_making_the_first_call_on_a_new_explainer_all_succeed():
     state = state_of(model)
     for _ in range(3):  # a new explainer each round: every round races on the first trace
         cam = fdcam.FDCAM(model, "conv3")
-        results = run_threads(lambda i: cam(x, targets=[1, 2]), 4)
+        results = run_threads(lambda i, cam=cam: cam(x, targets=[1, 2]), 4)
         for maps in results:
             assert_same_up_to_rounding(maps, expected)
     assert_state_equal(model, state)

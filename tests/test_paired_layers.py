@@ -70,11 +70,11 @@ def test_paired_differences_are_over_the_common_images_only(runs):
     for method in ("gradcam", "fdcam"):
         expected = _mean_and_error([_overall(SECOND, n, method) - _overall(FIRST, n, method) for n in COMMON])
         assert result.delta[method] == pytest.approx(expected, rel=1e-12)
-        for run, means in zip((FIRST, SECOND), result.means[method]):
+        for run, means in zip((FIRST, SECOND), result.means[method], strict=True):
             insertion = statistics.mean(run[n][method][0] for n in COMMON)
             deletion = statistics.mean(run[n][method][1] for n in COMMON)
             assert means == pytest.approx((insertion, deletion, insertion - deletion), rel=1e-12)
-    for run, differences in zip((FIRST, SECOND), result.fdcam_minus):
+    for run, differences in zip((FIRST, SECOND), result.fdcam_minus, strict=True):
         expected = _mean_and_error([_overall(run, n, "fdcam") - _overall(run, n, "gradcam") for n in COMMON])
         assert list(differences) == ["gradcam"] and differences["gradcam"] == pytest.approx(expected, rel=1e-12)
 

@@ -110,17 +110,17 @@ def test_graphs_are_reused_from_disk_and_changed_weights_export_again(lite0, zeb
     split = fdcam.split_model(model, "_blocks.15", zebra_input)
     with torch.no_grad():
         features, *extras = split.head(zebra_input)
-    ort_tail(model, split, features, extras, provider="cpu").session  # forms are exported on first use
+    _ = ort_tail(model, split, features, extras, provider="cpu").session  # forms are exported on first use
     runtime.clear_sessions()
     before = copy.copy(runtime.stats)
-    ort_tail(model, split, features, extras, provider="cpu").session
+    _ = ort_tail(model, split, features, extras, provider="cpu").session
     assert runtime.stats.exports == before.exports and runtime.stats.graph_reuses == before.graph_reuses + 1
     assert runtime.stats.sessions == before.sessions + 1
 
     with torch.no_grad():
         model._fc.bias.add_(1.0)  # an in-place change of a tail weight
     tail = ort_tail(model, split, features, extras, provider="cpu")
-    tail.session
+    _ = tail.session
     assert runtime.stats.exports == before.exports + 1
     masks = torch.ones(2, 320)
     torch.testing.assert_close(tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras), atol=1e-4, rtol=1e-4)
@@ -133,13 +133,13 @@ def test_a_damaged_cached_graph_is_exported_again(tmp_path, caplog):
     split = fdcam.split_model(model, "layer4.1.conv2", x)
     with torch.no_grad():
         features, *extras = split.head(x)
-    ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path).session
+    _ = ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path).session
     (cached,) = (tmp_path / "tails").glob("*.onnx")
     cached.write_bytes(b"not an onnx graph")
     runtime.clear_sessions()
     with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
         tail = ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path)
-        tail.session
+        _ = tail.session
     assert "does not match its recorded sha256" in caplog.text  # verified before ONNX Runtime reads it
     masks = torch.ones(3, 512)
     expected = TorchTail(split.tail).run(features, masks, extras)
@@ -171,8 +171,8 @@ def test_tensorrt_without_tensorrt_falls_back_with_one_warning(lite0, lite0_spli
     split, features, extras = lite0_split
     with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
         tail = ort_tail(lite0, split, features, extras, provider="tensorrt")
-        tail.session
-        ort_tail(lite0, split, features, extras, provider="tensorrt").session  # cached: no second warning
+        _ = tail.session
+        _ = ort_tail(lite0, split, features, extras, provider="tensorrt").session  # cached: no second warning
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "TensorRT cannot be used" in warnings[0].getMessage()
     assert tail.provider in ("cuda", "cpu")

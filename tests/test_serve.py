@@ -439,7 +439,7 @@ def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answer
     assert isinstance(refused, InferenceServerException) and refused.status() == "400"
     assert refused.message() == ("refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed "
                                  "(a possible decompression bomb)")
-    for name, answer in zip(IMAGES, answers):
+    for name, answer in zip(IMAGES, answers, strict=True):
         x = preprocess(load_image(data_dir / name), spec_of(lite0))
         result = {key: answer.as_numpy(key) for key in ("logits", "targets", "saliency")}
         _assert_same_explanation(result, *_library(lite0, cam, x))
@@ -503,7 +503,7 @@ def test_refusals_are_failures_in_triton_statistics_and_metrics(server, inputs):
                 assert str(error) == "image contains NaN or infinite values"
     time.sleep(2)  # Triton's metrics are refreshed every second
     after = counters()
-    assert [b - a for a, b in zip(before, after)] == [3, 2, 3, 2, 2]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [3, 2, 3, 2, 2]
 
 
 def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):

@@ -21,15 +21,15 @@ def plain_weights(alpha: list[float], scores: list[float], bias: float, combine:
 
     alpha_hat, score_hat = normalised(alpha), normalised(scores)
     if combine == "exp":
-        return [a * math.exp(s) - bias for a, s in zip(alpha_hat, score_hat)]
-    return [a * s - bias for a, s in zip(alpha_hat, score_hat)]
+        return [a * math.exp(s) - bias for a, s in zip(alpha_hat, score_hat, strict=True)]
+    return [a * s - bias for a, s in zip(alpha_hat, score_hat, strict=True)]
 
 
 def rows_of(alpha: torch.Tensor, scores: torch.Tensor, bias: float, combine: str) -> torch.Tensor:
     """plain_weights on every [..., K] row."""
     flat = [
         plain_weights(a.tolist(), s.tolist(), bias, combine)
-        for a, s in zip(alpha.reshape(-1, alpha.shape[-1]), scores.reshape(-1, scores.shape[-1]))
+        for a, s in zip(alpha.reshape(-1, alpha.shape[-1]), scores.reshape(-1, scores.shape[-1]), strict=True)
     ]
     return torch.tensor(flat, dtype=torch.float64).reshape(alpha.shape)
 
