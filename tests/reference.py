@@ -82,7 +82,8 @@ EPS32 = float(torch.finfo(torch.float32).eps)
 
 def scale_of(*tensors) -> float:
     """The largest magnitude in the tensors (at least float32's tiny): what rounding errors scale with."""
-    return max([float(torch.as_tensor(t).detach().abs().max()) for t in tensors] + [float(torch.finfo(torch.float32).tiny)])
+    largest = [float(torch.as_tensor(t).detach().abs().max()) for t in tensors]
+    return max(largest + [float(torch.finfo(torch.float32).tiny)])
 
 
 def assert_same_up_to_rounding(got, expected, *, rel: float = 4096 * EPS32, min_correlation: float = 0.9999):

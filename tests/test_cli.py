@@ -35,7 +35,8 @@ def test_converted_image_modes_are_explained(tmp_path, data_dir):
 
 
 def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
-    images = [str(data_dir / "not_an_image.jpg"), str(data_dir / "missing.jpg"), str(data_dir / "tiny.png"), str(data_dir / "n02077923_sea_lion.JPEG")]
+    images = [str(data_dir / "not_an_image.jpg"), str(data_dir / "missing.jpg"), str(data_dir / "tiny.png"),
+              str(data_dir / "n02077923_sea_lion.JPEG")]
     status = main(["explain", *images, "--method", "gradcam", "--out", str(tmp_path)])
     assert status == 1
     err = capsys.readouterr().err
@@ -53,10 +54,12 @@ def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
         (["--method", "magiccam"], "unknown method"),
         (["--model", "vgg16", "--weights", "WEIGHTS"], "does not fit"),
         (["--device", "cuda"], "cuda"),
-        (["--method", "gradcam,scorecam", "--backend", "onnxruntime"], "--backend applies to methods that run masked tail passes"),
+        (["--method", "gradcam,scorecam", "--backend", "onnxruntime"],
+         "--backend applies to methods that run masked tail passes"),
         (["--method", "gradcam", "--precision", "fp16", "--cuda-graph"], "--precision, --cuda-graph applies"),
         (["--provider", "cpu"], "provider='cpu' applies to the onnxruntime backend"),
-        (["--backend", "onnxruntime", "--precision", "bf16"], "precision must be one of fp32, tf32, fp16 for the onnxruntime backend"),
+        (["--backend", "onnxruntime", "--precision", "bf16"],
+         "precision must be one of fp32, tf32, fp16 for the onnxruntime backend"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tmp_path, data_dir, capsys, arguments, message):
@@ -236,7 +239,8 @@ def test_export_refuses_a_file_as_out_and_a_too_small_input_size_in_one_line(tmp
 
 def test_explain_skips_a_bomb_and_a_directory_and_writes_the_good_image(bomb, tmp_path, data_dir, capsys):
     good = data_dir / "gray.png"
-    status = main(["explain", str(bomb), str(tmp_path), str(good), "--method", "gradcam", "--out", str(tmp_path / "out")])
+    status = main(["explain", str(bomb), str(tmp_path), str(good), "--method", "gradcam", "--out",
+                   str(tmp_path / "out")])
     assert status == 1
     err = capsys.readouterr().err
     skipped = [line for line in err.splitlines() if "skipped:" in line]
@@ -251,7 +255,8 @@ def test_nan_weights_are_an_error_in_the_cli(tmp_path, data_dir, capsys):
     state = model.state_dict()
     state["_fc.weight"] = torch.full_like(state["_fc.weight"], float("nan"))
     torch.save(state, tmp_path / "nan.pth")
-    status = main(["explain", str(data_dir / "gray.png"), "--weights", str(tmp_path / "nan.pth"), "--out", str(tmp_path / "o")])
+    status = main(["explain", str(data_dir / "gray.png"), "--weights", str(tmp_path / "nan.pth"), "--out",
+                   str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert status == 1 and "NaN or infinite" in err and "Traceback" not in err
     assert not list((tmp_path / "o").glob("*.npy"))

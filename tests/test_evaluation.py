@@ -89,7 +89,8 @@ def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
 def test_cli_insertion_deletion_json_table_and_plots(image_dir, tmp_path, capsys):
     out, plots = tmp_path / "results.json", tmp_path / "plots"
     code = _evaluate(
-        "--images", image_dir, "--methods", "gradcam,fdcam", "--limit", 2, "--step", FAST_STEP, "--out", out, "--plots", plots
+        "--images", image_dir, "--methods", "gradcam,fdcam", "--limit", 2, "--step", FAST_STEP, "--out", out,
+        "--plots", plots,
     )
     assert code == 0
     result = json.loads(out.read_text())
@@ -244,13 +245,15 @@ def test_reproduce_tables_script_writes_tables_iii_and_iv(image_dir, tmp_path):
     from benchmarks import reproduce_tables
 
     out = tmp_path / "tables"
-    argv = ["--images", str(image_dir), "--tables", "3,4", "--limit", "1", "--step", FAST_STEP, "--out", str(out), "--quiet"]
+    argv = ["--images", str(image_dir), "--tables", "3,4", "--limit", "1", "--step", FAST_STEP, "--out", str(out),
+            "--quiet"]
     assert reproduce_tables.main(argv) == 0
     markdown = (out / "tables.md").read_text()
     assert "Table III" in markdown and "Table IV" in markdown and "Table I:" not in markdown
     assert "fdcam[switch=off,grouping=False]" in markdown and "fdcam[combine=linear]" in markdown
     result = json.loads((out / "insertion-deletion.json").read_text())
-    assert set(result["methods"]) == {"fdcam", "fdcam[switch=off,grouping=False]", "fdcam[switch=off]", "fdcam[combine=linear]", "fdcam[bias=0.0]"}
+    assert set(result["methods"]) == {"fdcam", "fdcam[switch=off,grouping=False]", "fdcam[switch=off]",
+                                      "fdcam[combine=linear]", "fdcam[bias=0.0]"}
     assert json.loads((out / "timings.json").read_text())["insertion-deletion"]["computed_images"] == 1
 
 
@@ -356,4 +359,5 @@ def test_labels_csv_bom_duplicates_and_out_of_range(tmp_path, data_dir):
                  "--step", "12544", "--scorer", "torch", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 1
-    assert "n02077923_sea_lion.JPEG" in result["skipped"][0]["reason"] and "out of range" in result["skipped"][0]["reason"]
+    reason = result["skipped"][0]["reason"]
+    assert "n02077923_sea_lion.JPEG" in reason and "out of range" in reason

@@ -33,7 +33,8 @@ def session(path) -> ort.InferenceSession:
 def assert_matches_library(path, model, layer, method, images, classes=None, ill_conditioned=False, **options):
     """The graph's outputs equal the library's. With `ill_conditioned` (random-weight models whose maps
     float32 cannot pin down to 1e-4), the bound grows by how far the library itself strays from float64."""
-    logits, targets, saliency = run_explainer(session(path), images.numpy(), None if classes is None else classes.numpy())
+    logits, targets, saliency = run_explainer(session(path), images.numpy(),
+                                              None if classes is None else classes.numpy())
     with torch.no_grad():
         expected_logits = model(images)
     expected_targets = classes if classes is not None else expected_logits.argmax(1, keepdim=True)
@@ -45,8 +46,10 @@ def assert_matches_library(path, model, layer, method, images, classes=None, ill
     if ill_conditioned and error > SALIENCY_ATOL:
         # Then float32 must be what moves the maps: the library's own batched and per-image paths stray from
         # exact (float64) arithmetic by more than 1e-4, and the graph must stay within the export's bound.
-        exact = fdcam.METHODS[method](copy.deepcopy(model).double(), layer, **options)(images.double(), expected_targets).double()
-        singles = torch.cat([fdcam.METHODS[method](model, layer, **options)(images[i : i + 1], expected_targets[i : i + 1]) for i in range(len(images))])
+        in_float64 = fdcam.METHODS[method](copy.deepcopy(model).double(), layer, **options)
+        exact = in_float64(images.double(), expected_targets).double()
+        cams = [fdcam.METHODS[method](model, layer, **options) for _ in images]  # a new explainer per image
+        singles = torch.cat([cam(images[i : i + 1], expected_targets[i : i + 1]) for i, cam in enumerate(cams)])
         floor = max(float((expected.double() - exact).abs().max()), float((singles.double() - exact).abs().max()))
         assert floor > SALIENCY_ATOL / 2
         assert np.abs(saliency - exact.numpy()).max() <= SALIENCY_ATOL + explainer_module.ILL_CONDITIONED_FACTOR * floor
@@ -64,7 +67,8 @@ def lite0_fdcam(lite0, tmp_path_factory):
 @pytest.fixture(scope="module")
 def lite0_fdcam_classes(lite0, tmp_path_factory):
     # A smaller input keeps the test quick; the graph's H,W are fixed at export.
-    return export_explainer(lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True, input_size=(128, 128))
+    return export_explainer(lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True,
+                            input_size=(128, 128))
 
 
 def test_graph_io_is_image_to_logits_targets_saliency_with_a_symbolic_batch(lite0_fdcam, lite0_fdcam_classes):
@@ -102,7 +106,8 @@ def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
     meta = read_metadata(lite0_fdcam)
     assert meta["model"] == "efficientnet_lite0" and meta["target_layer"] == "_blocks.15"
     assert meta["method"] == "fdcam" and meta["input_size"] == "224x224"
-    assert json.loads(meta["method_options"]) == {"theta": 0.95, "bias": 0.5, "combine": "exp", "switch": "on_off", "grouping": True}
+    assert json.loads(meta["method_options"]) == {"theta": 0.95, "bias": 0.5, "combine": "exp", "switch": "on_off",
+                                                  "grouping": True}
     assert meta["opset"] == str(onnx.load(str(lite0_fdcam), load_external_data=False).opset_import[0].version)
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
     names = json.loads(meta["class_names"])
@@ -220,7 +225,8 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
 
     config = parse_triton_config(triton_config(lite0_fdcam, "fdcam_efficientnet_lite0_fdcam", max_batch=16))
     assert config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime" and config.max_batch_size == 16
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", model_config_pb2.TYPE_FP32, [3, 224, 224])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", model_config_pb2.TYPE_FP32,
+                                                                            [3, 224, 224])]
     outputs = [(o.name, o.data_type, list(o.dims)) for o in config.output]
     assert outputs == [
         ("logits", model_config_pb2.TYPE_FP32, [1000]),
@@ -237,7 +243,8 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
     assert list(with_classes.output[2].dims) == [-1, 128, 128]
     (accelerator,) = with_classes.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt"
-    assert accelerator.parameters["precision_mode"] == "FP16" and accelerator.parameters["trt_engine_cache_enable"] == "1"
+    assert accelerator.parameters["precision_mode"] == "FP16"
+    assert accelerator.parameters["trt_engine_cache_enable"] == "1"
     assert with_classes.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
@@ -246,8 +253,9 @@ def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys,
 
     out, repo = tmp_path / "out", tmp_path / "repo"
     code = main(
-        ["export", "--explainer", "--model", "efficientnet_lite0", "--method", "fdcam", "--theta", "0.9", "--switch", "off",
-         "--input-size", "96x96", "--classes-input", "--out", str(out), "--triton", str(repo), "--max-batch", "8", "--tensorrt", "fp32"]
+        ["export", "--explainer", "--model", "efficientnet_lite0", "--method", "fdcam", "--theta", "0.9",
+         "--switch", "off", "--input-size", "96x96", "--classes-input", "--out", str(out), "--triton", str(repo),
+         "--max-batch", "8", "--tensorrt", "fp32"]
     )
     assert code == 0
     assert (out / "explainer.onnx").is_file() and (out / "explainer.json").is_file()
@@ -257,10 +265,12 @@ def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys,
     assert (model_dir / "1" / "model.onnx").read_bytes() == (out / "explainer.onnx").read_bytes()
     config = parse_triton_config((model_dir / "config.pbtxt").read_text())
     assert config.name == "fdcam_efficientnet_lite0_fdcam" and config.max_batch_size == 8
-    assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "FP32"
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.parameters["precision_mode"] == "FP32"
     assert list(config.input[0].dims) == [3, 96, 96]
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
-    assert_matches_library(out / "explainer.onnx", lite0, "_blocks.15", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), theta=0.9, switch="off")
+    assert_matches_library(out / "explainer.onnx", lite0, "_blocks.15", "fdcam", images,
+                           torch.tensor([[1, 2], [3, 4]]), theta=0.9, switch="off")
     assert "explainer.onnx" in capsys.readouterr().out
 
 
@@ -291,7 +301,8 @@ def node_with_onnxruntime() -> str:
     node, npm = shutil.which("node"), shutil.which("npm")
     assert node and npm, "Node.js and npm are needed for the JavaScript example test"
     if not (EXAMPLES / "node_modules" / "onnxruntime-node").is_dir():
-        subprocess.run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLES, check=True, timeout=600)
+        subprocess.run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLES, check=True,
+                       timeout=600)
     return node
 
 
@@ -301,7 +312,8 @@ def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zeb
     images = torch.cat([small(zebra_input), torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(11))])
     (tmp_path / "images.f32").write_bytes(images.numpy().astype("<f4").tobytes())
     result = subprocess.run(
-        [node, str(EXAMPLES / "explain.js"), str(lite0_fdcam_classes), str(tmp_path / "images.f32"), str(tmp_path / "out"), "--classes", "340,9"],
+        [node, str(EXAMPLES / "explain.js"), str(lite0_fdcam_classes), str(tmp_path / "images.f32"),
+         str(tmp_path / "out"), "--classes", "340,9"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -345,10 +357,12 @@ def test_every_method_exports_and_equals_the_library(lite0, tmp_path, method, op
 @pytest.mark.parametrize(
     "layer, method, classes",
     # layer4.2.conv3: the skip tensor crosses the split, into the gradient and into every masked pass.
-    [("layer4", "fdcam", torch.tensor([[3, 7], [5, 3]])), ("layer4.2.conv3", "ablationcam", torch.tensor([[3, 7], [5, 3]]))],
+    [("layer4", "fdcam", torch.tensor([[3, 7], [5, 3]])),
+     ("layer4.2.conv3", "ablationcam", torch.tensor([[3, 7], [5, 3]]))],
 )
 def test_resnet50_at_layer4_and_across_a_skip_connection(resnet50_random, tmp_path, layer, method, classes):
-    path = export_explainer(resnet50_random, tmp_path / "e.onnx", layer, method, classes is not None, input_size=(96, 96))
+    path = export_explainer(resnet50_random, tmp_path / "e.onnx", layer, method, classes is not None,
+                            input_size=(96, 96))
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(31))
     assert_matches_library(path, resnet50_random, layer, method, images, classes, ill_conditioned=True)
 
@@ -357,7 +371,8 @@ def test_resnet50_at_layer4_and_across_a_skip_connection(resnet50_random, tmp_pa
 def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_path):
     path = export_explainer(vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64))
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(41))
-    assert_matches_library(path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), ill_conditioned=True)
+    assert_matches_library(path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]),
+                           ill_conditioned=True)
 
 
 # --- threads ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests for fdcam.factorise: every shortcut of a tail (factorised first Linear, convolution start, target rows) equals the masked tail."""
+"""Tests for fdcam.factorise: every shortcut of a tail (factorised first Linear, convolution start, target rows)
+equals the masked tail."""
 
 import functools
 
@@ -61,7 +62,8 @@ def test_resnet50_layer4_is_factorised_too(resnet50_random):
     assert factorised.kind == "linear" and factorised.block == 1 and factorised.first_is_final
     masks = _masks(2048, n=16)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+        assert _relative_error(factorised(activations, masks[None]),
+                               MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 class _Functional(nn.Module):
@@ -114,7 +116,8 @@ def test_functional_linear_view_and_batch_size_in_the_rest():
     assert factorised.kind == "linear" and factorised.block == 16
     masks = _masks(6, n=10)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+        assert _relative_error(factorised(activations, masks[None]),
+                               MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -147,7 +150,8 @@ def test_global_pooling_prefixes(prefix, matches):
     if matches:
         masks = _masks(6, n=10)
         with torch.no_grad():
-            assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+            assert _relative_error(factorised(activations, masks[None]),
+                                   MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 def test_nonlinear_or_channel_mixing_prefixes_are_not_factorised():
@@ -279,7 +283,8 @@ def _plain(split, activations, masks, extras):
 
 
 def _check_all_paths(split, activations, extras, masks, sparsity, kind):
-    """Dense, gathered (where it applies), all classes and a subset, one call for all images: all equal the plain tail."""
+    """Dense, gathered (where it applies), all classes and a subset, one call for all images: all equal the plain
+    tail."""
     from reference import assert_same_up_to_rounding
 
     expected = _plain(split, activations, masks, extras)
@@ -290,7 +295,8 @@ def _check_all_paths(split, activations, extras, masks, sparsity, kind):
     assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
     assert_same_up_to_rounding(tail.run(activations, masks, extras, classes, sparsity=sparsity), subset, rel=1e-5)
     with torch.no_grad():
-        assert_same_up_to_rounding(tail.shortcut_for(activations, extras)(activations, masks, *extras), expected, rel=1e-5)
+        assert_same_up_to_rounding(tail.shortcut_for(activations, extras)(activations, masks, *extras), expected,
+                                   rel=1e-5)
     return tail
 
 
@@ -343,7 +349,8 @@ def test_masks_that_are_not_sparse_take_the_dense_product():
     ones[0, 1, :8] = 0
     from reference import assert_same_up_to_rounding
 
-    assert_same_up_to_rounding(tail.run(activations, ones, extras, sparsity=1), _plain(split, activations, ones, extras), rel=1e-5)
+    assert_same_up_to_rounding(tail.run(activations, ones, extras, sparsity=1),
+                               _plain(split, activations, ones, extras), rel=1e-5)
 
 
 def test_sparse_rows_describe_each_row_by_its_smaller_side():
@@ -441,14 +448,16 @@ def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(opt
             assert tail.sparse_calls == 1 and tail.calls >= (1 if batch_size is None else 2 * 32 // 3)
             assert_same_up_to_rounding(got, expected, rel=1e-5)
             subset = tail.run(activations, masks, extras, classes, sparsity=bound)
-            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)),
+                                       rel=1e-5)
         rows = TorchTail(split.tail)
         monkeypatch.setattr(rows, "_takes_sets", lambda *args: False)
         assert_same_up_to_rounding(rows.run(activations, masks, extras, sparsity=bound), got, rel=1e-5)
 
 
 @pytest.mark.parametrize(
-    "options", [dict(kernel=1), dict(kernel=1, functional=True), dict(kernel=3, padding=1)], ids=["1x1", "functional-1x1", "3x3"]
+    "options", [dict(kernel=1), dict(kernel=1, functional=True),
+                dict(kernel=3, padding=1)], ids=["1x1", "functional-1x1", "3x3"]
 )
 def test_shortcut_graph_with_classes_and_a_bound_equals_the_plain_tail(options):
     from reference import assert_same_up_to_rounding
@@ -509,4 +518,5 @@ def test_linear_passes_per_channel_set_equal_the_plain_tail(theta):
             assert tail.sparse_calls == 1 and tail.calls >= (2 if batch_size is None else masks.shape[1] // 7)
             assert_same_up_to_rounding(got, expected, rel=1e-5)
             subset = tail.run(activations, masks, extras, classes)
-            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)),
+                                       rel=1e-5)

@@ -116,7 +116,8 @@ def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit():
     assert torch.equal(channel_groups(activations), per_image)
     for image, expected in zip(activations, per_image, strict=True):
         assert torch.equal(expected, cosine_groups(image, 0.95))
-    assert torch.equal(channel_groups(activations, quantile_limit=16 * 16), per_image)  # each image alone, as for very large K
+    # each image alone, as for very large K
+    assert torch.equal(channel_groups(activations, quantile_limit=16 * 16), per_image)
 
 
 def test_single_channel_groups_are_the_identity():

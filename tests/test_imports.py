@@ -59,13 +59,13 @@ def import_graph(lazy: bool) -> dict[str, set[str]]:
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
                     if not (top or lazy):
                         continue
-                    for name in _imported(module, child, is_package, modules):
+                    for name in _imported(module, child, is_package, modules):  # noqa: B023 (visit runs within the loop's iteration)
                         while name and name not in modules:
                             name = name.rpartition(".")[0]
                         explicit = name
                         while name:
-                            if name != module and (name == explicit or name not in own_packages):
-                                targets.add(name)
+                            if name != module and (name == explicit or name not in own_packages):  # noqa: B023 (visit runs within the loop's iteration)
+                                targets.add(name)  # noqa: B023 (visit runs within the loop's iteration)
                             name = name.rpartition(".")[0]
                 elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                     visit(child, False)
@@ -113,7 +113,8 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_graph_reader_finds_every_module_and_its_imports():
     graph = import_graph(lazy=True)
-    assert {"fdcam", "fdcam.evaluation", "fdcam.evaluation.run", "fdcam.export.model", "fdcam.runtime.cache"} <= set(graph)
+    assert {"fdcam", "fdcam.evaluation", "fdcam.evaluation.run", "fdcam.export.model",
+            "fdcam.runtime.cache"} <= set(graph)
     assert "fdcam.model_state" in graph["fdcam.export.model"]
     assert {"fdcam.export", "fdcam.export.graph"} <= graph["fdcam.runtime.cache"]  # the package's __init__ runs too
     assert "fdcam.runtime" not in graph["fdcam.methods.base"]  # backends register; the core does not import them
@@ -132,7 +133,7 @@ def test_no_import_cycle_even_through_imports_inside_functions():
     assert cycles(import_graph(lazy=True)) == []
 
 
-@pytest.mark.parametrize("order", ["sorted", pytest.param("reversed", marks=pytest.mark.slow)])  # the second order: slow
+@pytest.mark.parametrize("order", ["sorted", pytest.param("reversed", marks=pytest.mark.slow)])
 def test_every_module_imports_in_a_fresh_interpreter(order):
     names = sorted(name for name in package_modules() if not name.endswith("__main__"))  # those run the CLI
     if order == "reversed":

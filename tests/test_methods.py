@@ -54,7 +54,8 @@ def test_baseline_matches_pytorch_grad_cam(resnet18, image, ours, theirs):
 
 
 def test_methods_registry_names_every_class():
-    assert set(fdcam.METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam", "groupcam", "fdcam"}
+    assert set(fdcam.METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam",
+                                  "groupcam", "fdcam"}
     for cls in fdcam.METHODS.values():
         assert issubclass(cls, fdcam.BaseCAM)
 
@@ -106,7 +107,9 @@ def test_groupcam_matches_plain_reference(resnet18, image):
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
 
-@pytest.mark.parametrize("name", ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam", "groupcam", "fdcam"])
+@pytest.mark.parametrize("name",
+                         ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam", "groupcam",
+                          "fdcam"])
 def test_every_method_handles_batches_and_several_classes(resnet18, name):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
     cam = fdcam.METHODS[name](resnet18, "layer4")
@@ -212,7 +215,8 @@ def test_gradcam_at_lite0_head_call_site_matches_a_hand_computation(lite0, zebra
 
 
 def test_without_a_target_layer_the_last_spatial_layer_is_named_in_a_warning(resnet18, image):
-    with pytest.warns(UserWarning, match=r"no target_layer given: explaining 'layer4' \(Sequential, output \[1, 512, 7, 7\]\)"):
+    with pytest.warns(UserWarning,
+                      match=r"no target_layer given: explaining 'layer4' \(Sequential, output \[1, 512, 7, 7\]\)"):
         cam = fdcam.GradCAM(resnet18)
     assert cam.target_layer == "layer4"
     assert torch.equal(cam(image, targets=5), fdcam.GradCAM(resnet18, "layer4")(image, targets=5))
@@ -248,7 +252,8 @@ def test_a_new_split_never_gets_the_tail_of_an_earlier_one(resnet18, image):
                                     {"cuda_graph": True}, {"memory_budget": 2**20}, {"tail_batch_size": 8}])
 def test_engine_options_given_to_a_method_without_tail_passes_are_refused(resnet18, name, option):
     ((key, value),) = option.items()
-    with pytest.raises(ValueError, match=rf"^{fdcam.METHODS[name].__name__} runs no masked tail passes: {key}=") as raised:
+    with pytest.raises(ValueError,
+                       match=rf"^{fdcam.METHODS[name].__name__} runs no masked tail passes: {key}=") as raised:
         fdcam.METHODS[name](resnet18, "layer4", **option)
     assert "\n" not in str(raised.value)
 

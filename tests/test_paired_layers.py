@@ -39,7 +39,8 @@ def _write(path: Path, layer: str, images: dict, classes: dict) -> Path:
     ]
     summary = {
         "metric": "insertion-deletion", "model": "efficientnet_lite0", "layer": layer, "n_images": len(images),
-        "methods": {m: {"method": m, "options": {}, "insertion": 0.0, "deletion": 0.0, "overall": 0.0} for m in methods},
+        "methods": {m: {"method": m, "options": {}, "insertion": 0.0, "deletion": 0.0,
+                        "overall": 0.0} for m in methods},
         "per_image": per_image, "skipped": [],
     }
     path.write_text(json.dumps(summary))

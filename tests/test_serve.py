@@ -42,7 +42,8 @@ from fdcam.serving.ports import free_ports  # noqa: E402
 from fdcam.serving.server import descendants, triton_environment  # noqa: E402
 
 METHOD = "gradcam"
-IMAGES = ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG", "n03297495_espresso_maker.JPEG", "n07684084_French_loaf.JPEG")
+IMAGES = ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG", "n03297495_espresso_maker.JPEG",
+          "n07684084_French_loaf.JPEG")
 # Maps are min-max normalised float32: a batched and a single computation differ by rounding only.
 MAP_TOLERANCE = 1e-4
 STARTUP_TIMEOUT_S = 240
@@ -172,7 +173,8 @@ def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server,
 
 
 @pytest.mark.slow
-def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(onnx_server, lite0, cam, inputs, data_dir):
+def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(onnx_server, lite0, cam, inputs,
+                                                                              data_dir):
     """`fdcam serve` without --backend: answers equal the library, and requests sent together run as one batch."""
     with ExplainClient(onnx_server.http) as client:
         assert client.server_config()["backend"] == "onnxruntime"
@@ -223,7 +225,8 @@ def test_load_all_answered_unmixed_and_batched(server, inputs):
         with ExplainClient(server.http) as own:  # tritonclient's HTTP client is not thread-safe: one per thread
             for i in range(per_client):
                 input_index = (client_index + i) % len(inputs)
-                answers.append((input_index, client_index % 2, own.explain_tensor(inputs[input_index], classes_of(client_index, input_index))))
+                answers.append((input_index, client_index % 2,
+                                own.explain_tensor(inputs[input_index], classes_of(client_index, input_index))))
         return answers
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -232,7 +235,8 @@ def test_load_all_answered_unmixed_and_batched(server, inputs):
     for input_index, variant, answer in results:
         expected = sequential[input_index, variant]
         np.testing.assert_array_equal(answer["targets"], expected["targets"])
-        assert np.abs(answer["logits"] - expected["logits"]).max() <= 1e-4 * max(float(np.abs(expected["logits"]).max()), 1.0)
+        scale = max(float(np.abs(expected["logits"]).max()), 1.0)
+        assert np.abs(answer["logits"] - expected["logits"]).max() <= 1e-4 * scale
         assert np.abs(answer["saliency"] - expected["saliency"]).max() <= MAP_TOLERANCE
 
     with ExplainClient(server.http) as client:
@@ -357,7 +361,8 @@ def test_a_port_in_use_is_refused_in_one_line(capsys):
         taken.listen()
         port = taken.getsockname()[1]
         grpc_port, metrics_port = free_ports(2)
-        status = main(["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)])
+        status = main(["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port",
+                       str(metrics_port)])
     assert status == 2
     assert capsys.readouterr().err.startswith(f"fdcam: error: --http-port {port} cannot be used on 127.0.0.1: ")
 
@@ -373,16 +378,20 @@ def test_explain_with_server_writes_the_files_of_the_local_command(server, data_
     assert local == sorted(p.name for p in (tmp_path / "served").iterdir()) and len(local) == 8
     for name in local:
         if name.endswith(".npy"):
-            assert np.abs(np.load(tmp_path / "local" / name) - np.load(tmp_path / "served" / name)).max() <= MAP_TOLERANCE
-    assert [line.split()[:4] for line in local_table.splitlines()] == [line.split()[:4] for line in served_table.splitlines()]
+            local, served = np.load(tmp_path / "local" / name), np.load(tmp_path / "served" / name)
+            assert np.abs(local - served).max() <= MAP_TOLERANCE
+    columns = [line.split()[:4] for line in local_table.splitlines()]
+    assert columns == [line.split()[:4] for line in served_table.splitlines()]
 
 
 @pytest.mark.slow
 def test_explain_with_server_refuses_another_method_in_one_line(server, data_dir, tmp_path, capsys):
-    status = main(["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out", str(tmp_path)])
+    status = main(["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out",
+                   str(tmp_path)])
     assert status == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"fdcam: error: the server explains with {METHOD}, not fdcam; omit --method or start a server with --method fdcam"
+    assert err == (f"fdcam: error: the server explains with {METHOD}, not fdcam; "
+                   "omit --method or start a server with --method fdcam")
 
 
 @pytest.mark.slow
@@ -632,8 +641,8 @@ def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     """SIGTERM while the models are still loading: fdcam serve exits 0 and takes tritonserver with it."""
     http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
-        [sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD, "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+        [sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD,
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 120
@@ -657,13 +666,15 @@ def test_serving_benchmark_prints_a_row_per_concurrency_with_triton_batch_sizes(
     from benchmarks import serving
 
     out = tmp_path / "serving.json"
-    arguments = ["--backend", "torch", "--method", METHOD, "--concurrency", "1,3", "--requests", "6", "--max-batch", "4", "--json", str(out)]
+    arguments = ["--backend", "torch", "--method", METHOD, "--concurrency", "1,3", "--requests", "6", "--max-batch",
+                 "4", "--json", str(out)]
     assert serving.main(arguments) == 0
     printed = capsys.readouterr().out
     assert "mean batch" in printed and "in-process, 1 image/call" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["concurrency"], r["requests"]) for r in rows] == [
-        ("triton http (tensor)", 1, 6), ("triton http (tensor)", 3, 6), ("in-process, 1 image/call", 1, 6), ("in-process, 4 images/call", 1, 6),
+        ("triton http (tensor)", 1, 6), ("triton http (tensor)", 3, 6),
+        ("in-process, 1 image/call", 1, 6), ("in-process, 4 images/call", 1, 6),
     ]
     assert rows[0]["mean_batch"] == 1.0  # one client: Triton never has two requests to batch
     for row in rows:

@@ -128,5 +128,6 @@ def test_scores_from_one_batched_tail_call_equal_one_tail_pass_per_group_and_swi
             for k, group in enumerate(groups[n]):
                 on = group.float()[:, None, None]
                 switch_off = full[n, c] - tail(n, activations[n] * (1 - on))[c]
-                expected[n, t, k] = switch_off if switch == "off" else (tail(n, activations[n] * on)[c] + switch_off) / 2
+                both = (tail(n, activations[n] * on)[c] + switch_off) / 2
+                expected[n, t, k] = switch_off if switch == "off" else both
     assert_same_up_to_rounding(got, expected)
