@@ -89,6 +89,15 @@ def resnet50_random():
 
 
 @pytest.fixture(scope="session")
+def lite0_fdcam(lite0, tmp_path_factory) -> Path:
+    """Lite0's FD-CAM explainer graph with the default options (224×224, top-1), exported once: the explainer
+    tests and the photo sweep read it, and none may write it."""
+    from fdcam.export import export_explainer
+
+    return export_explainer(lite0, tmp_path_factory.mktemp("lite0-fdcam") / "explainer.onnx")
+
+
+@pytest.fixture(scope="session")
 def bomb(tmp_path_factory) -> Path:
     """A decompression bomb: a 14000×14000 PNG of a few kB."""
     path = tmp_path_factory.mktemp("bomb") / "bomb.png"

@@ -60,11 +60,6 @@ def assert_matches_library(path, model, layer, method, images, classes=None, ill
 
 
 @pytest.fixture(scope="module")
-def lite0_fdcam(lite0, tmp_path_factory):
-    return export_explainer(lite0, tmp_path_factory.mktemp("lite0") / "explainer.onnx")
-
-
-@pytest.fixture(scope="module")
 def lite0_fdcam_classes(lite0, tmp_path_factory):
     # A smaller input keeps the test quick; the graph's H,W are fixed at export.
     return export_explainer(lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True,
