@@ -12,10 +12,9 @@ from reference import agreement, assert_same_up_to_rounding, fdcam_reference
 
 
 def vgg_tail(model):
-    return lambda a: model.classifier(torch.flatten(model.avgpool(a[None]), 1))[0]
+    return lambda a: model.classifier(torch.flatten(model.avgpool(a), 1))
 
 
-@pytest.mark.slow  # the plain reference runs 1024 VGG16 tails one by one (~25 s)
 def test_fdcam_vgg16_matches_reference(vgg16_random):
     torch.manual_seed(1)
     x = torch.randn(1, 3, 224, 224)
@@ -30,8 +29,8 @@ def test_fdcam_efficientnet_lite0_real_image_matches_reference(lite0, zebra_inpu
     m = lite0
 
     def tail(a):
-        h = m._swish(m._bn1(m._conv_head(a[None])))
-        return m._fc(torch.flatten(m._avg_pooling(h), 1))[0]
+        h = m._swish(m._bn1(m._conv_head(a)))
+        return m._fc(torch.flatten(m._avg_pooling(h), 1))
 
     ours = fdcam.FDCAM(m, "_blocks.15")(zebra_input)[0, 0]
     cls = int(m(zebra_input).argmax())
@@ -45,7 +44,7 @@ def test_fdcam_lite0_head_activation_call_site_matches_reference(lite0, zebra_in
     m = lite0
 
     def tail(a):
-        return m._fc(torch.flatten(m._avg_pooling(a[None]), 1))[0]
+        return m._fc(torch.flatten(m._avg_pooling(a), 1))
 
     ours = fdcam.FDCAM(m, "_swish_1")(zebra_input, targets=340)[0, 0]  # the head's call of _swish
     # The reference's hook on _swish sees both calls; the last one, the head's, is the one it keeps.
@@ -57,6 +56,7 @@ def test_fdcam_lite0_head_activation_call_site_matches_reference(lite0, zebra_in
 def test_fdcam_resnet_split_inside_residual_block_matches_reference(resnet50_random):
     model = resnet50_random
     block = model.layer4[2]
+    torch.manual_seed(2)
     x = torch.randn(1, 3, 160, 160)
     store = {}
     handle = block.register_forward_pre_hook(lambda module, inputs: store.__setitem__("identity", inputs[0].detach()))
@@ -64,13 +64,13 @@ def test_fdcam_resnet_split_inside_residual_block_matches_reference(resnet50_ran
     handle.remove()
 
     def tail(a):
-        out = F.relu(block.bn3(a[None]) + store["identity"])
-        return model.fc(torch.flatten(model.avgpool(out), 1))[0]
+        out = F.relu(block.bn3(a) + store["identity"])
+        return model.fc(torch.flatten(model.avgpool(out), 1))
 
     cam = fdcam.FDCAM(model, "layer4.2.conv3")
     assert cam.split_for(x).num_extras == 1  # the skip tensor crosses the split
-    ours = cam(x, targets=3)[0, 0]
-    ref = fdcam_reference(model, block.conv3, tail, x, 3)
+    ours = cam(x, targets=1)[0, 0]  # a class whose map is not blank for these random weights
+    ref = fdcam_reference(model, block.conv3, tail, x, 1)
     corr, diff = agreement(ours, ref)
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
@@ -98,7 +98,7 @@ def test_ablation_options_match_reference_and_change_the_map(small_resnet, optio
 
     # A non-linear tail (a whole residual block follows): with a linear tail s⁺ and s⁻ coincide.
     def tail(a):
-        return model.fc(torch.flatten(model.avgpool(model.layer4[1](a[None])), 1))[0]
+        return model.fc(torch.flatten(model.avgpool(model.layer4[1](a)), 1))
 
     full = fdcam.FDCAM(model, "layer4.0")(x, targets=5)[0, 0]
     ours = fdcam.FDCAM(model, "layer4.0", **options)(x, targets=5)[0, 0]
