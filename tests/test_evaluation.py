@@ -114,6 +114,7 @@ def test_cli_insertion_deletion_json_table_and_plots(image_dir, tmp_path, capsys
             assert png.format == "PNG" and png.size[0] > 200
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_resume_computes_only_new_images_and_survives_an_interrupt(image_dir, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     args = ["--images", image_dir, "--methods", "gradcam", "--step", FAST_STEP, "--images-per-call", 1, "--out", out]
@@ -141,6 +142,7 @@ def test_resume_computes_only_new_images_and_survives_an_interrupt(image_dir, tm
     assert sum(seen) == 1 and json.loads(out.read_text())["n_images"] == 4
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_onnxruntime_scorer_gives_the_torch_results(image_dir, tmp_path, monkeypatch):
     results, seen = {}, _counting(monkeypatch)
     for scorer in ("torch", "auto"):
@@ -184,6 +186,7 @@ def test_unreadable_images_are_skipped(image_dir, tmp_path):
     assert result["n_images"] == 1 and [s["item"] for s in result["skipped"]] == ["not_an_image.jpg"]
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_cli_pointing_game_on_composites_and_multi_object(image_dir, tmp_path, capsys):
     out, plots = tmp_path / "p.json", tmp_path / "plots"
     code = _evaluate(
@@ -240,6 +243,7 @@ def test_label_target_without_labels_file_is_an_error(image_dir, tmp_path, capsy
     assert "labels file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_reproduce_tables_script_writes_tables_iii_and_iv(image_dir, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repository root
     from benchmarks import reproduce_tables

@@ -179,6 +179,7 @@ def test_scorecam_and_groupcam_are_refused_in_one_line(lite0, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole-graph export
 def test_a_graph_that_fails_validation_is_not_written(lite0, tmp_path, monkeypatch):
     monkeypatch.setattr(explainer_module, "SALIENCY_TOLERANCE", -1.0)  # any difference, even 0, fails
     with pytest.raises(ExportError) as raised:
@@ -188,6 +189,7 @@ def test_a_graph_that_fails_validation_is_not_written(lite0, tmp_path, monkeypat
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole-graph export
 def test_the_users_model_is_left_as_it_was_and_a_smaller_input_size_works(tmp_path):
     torch.manual_seed(0)
     model = fdcam.models.load("efficientnet_lite0", weights=None).train()
@@ -243,6 +245,7 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
     assert with_classes.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
+@pytest.mark.slow  # a whole-graph export
 def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys, lite0):
     from fdcam.cli import main
 
@@ -373,6 +376,7 @@ def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_pa
 # --- threads ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole-graph export
 def test_export_while_another_thread_traces_the_model(lite0, tmp_path):
     # The export calls modules (split, head, trace) under the process-wide tracing lock for its whole build;
     # before, a trace by another thread (fdcam.layers, a new explainer's split) captured them: NameError.

@@ -238,6 +238,7 @@ def test_factorised_tail_leaves_the_shared_dropout_in_eval_after_export(tmp_path
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # an ONNX export
 def test_factorised_tail_exports_with_the_dynamo_exporter(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -387,6 +388,7 @@ def test_resnet50_layer4_first_linear_is_the_last_and_gives_class_rows_only(resn
     _check_all_paths(split, activations, extras, masks, max_group_size(2048, 0.95), "linear")
 
 
+@pytest.mark.slow  # every path on VGG16 at 224
 def test_vgg16_target_rows_and_sparse_first_linear_equal_the_plain_tail(vgg16):
     _, _, split, activations, extras = vgg16
     masks = _group_masks(activations)[:, ::16]

@@ -41,7 +41,14 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("ours, theirs", PAIRS, ids=[p[0].__name__ for p in PAIRS])
+# Score-CAM runs 512 forwards of the whole model per image (on each side here): in the slow tier.
+SCORE_CAM_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    pytest.param(*pair, id=pair[0].__name__, marks=SCORE_CAM_SLOW if pair[0] is fdcam.ScoreCAM else ())
+    for pair in PAIRS
+])
 def test_baseline_matches_pytorch_grad_cam(resnet18, image, ours, theirs):
     cls = 17
     mine = ours(resnet18, "layer4")(image, targets=cls)[0, 0].numpy()
@@ -107,9 +114,10 @@ def test_groupcam_matches_plain_reference(resnet18, image):
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
 
-@pytest.mark.parametrize("name",
-                         ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam", "groupcam",
-                          "fdcam"])
+@pytest.mark.parametrize("name", [
+    "gradcam", "gradcam++", "xgradcam", "layercam", pytest.param("scorecam", marks=SCORE_CAM_SLOW), "ablationcam",
+    "groupcam", "fdcam",
+])
 def test_every_method_handles_batches_and_several_classes(resnet18, name):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
     cam = fdcam.METHODS[name](resnet18, "layer4")
@@ -119,7 +127,7 @@ def test_every_method_handles_batches_and_several_classes(resnet18, name):
     assert_same_up_to_rounding(both[1, 0], cam(x[1:], targets=3)[0, 0])
 
 
-@pytest.mark.parametrize("name, forwards", [("scorecam", 512), ("groupcam", 1 + 32)])
+@pytest.mark.parametrize("name, forwards", [pytest.param("scorecam", 512, marks=SCORE_CAM_SLOW), ("groupcam", 1 + 32)])
 def test_perturbation_cams_run_their_forwards_on_a_scorer_with_the_same_maps(resnet18, image, name, forwards):
     from fdcam.scoring import OrtScorer
 
