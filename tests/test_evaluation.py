@@ -163,6 +163,7 @@ def test_onnxruntime_scorer_gives_the_torch_results(image_dir, tmp_path, monkeyp
             assert entry["methods"][method][key] == pytest.approx(values[key], abs=allowed), (method, key)
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_fdcam_variant_rows_and_label_target(image_dir, tmp_path):
     out = tmp_path / "v.json"
     code = _evaluate(

@@ -201,6 +201,7 @@ def test_torch_tail_factorise_off_runs_the_masked_tail(vgg16):
     assert _relative_error(tail.run(activations, masks, extras), on) < 1e-5
 
 
+@pytest.mark.slow  # FD-CAM on VGG16 at 224, twice
 def test_fdcam_maps_equal_with_factorise_on_and_off(vgg16, monkeypatch):
     model, x, *_ = vgg16
     on = FDCAM(model, "features.30")
@@ -301,6 +302,7 @@ def _check_all_paths(split, activations, extras, masks, sparsity, kind):
     return tail
 
 
+@pytest.mark.slow  # every path on Lite0 at 224
 def test_lite0_blocks15_conv_shortcut_equals_the_plain_tail(lite0):
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))  # small images: 3×3 maps
     split, activations, extras = split_at(lite0, "_blocks.15", x)

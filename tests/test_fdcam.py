@@ -53,6 +53,7 @@ def test_fdcam_lite0_head_activation_call_site_matches_reference(lite0, zebra_in
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
 
+@pytest.mark.slow  # ResNet-50 at 160 px against the plain reference
 def test_fdcam_resnet_split_inside_residual_block_matches_reference(resnet50_random):
     model = resnet50_random
     block = model.layer4[2]

@@ -41,12 +41,14 @@ PAIRS = [
 ]
 
 
-# Score-CAM runs 512 forwards of the whole model per image (on each side here): in the slow tier.
+# Score-CAM runs 512 forwards of the whole model per image (on each side here), and pytorch-grad-cam's
+# Ablation-CAM 512 passes: in the slow tier.
 SCORE_CAM_SLOW = pytest.mark.slow
+SLOW_PAIRS = (fdcam.ScoreCAM, fdcam.AblationCAM)
 
 
 @pytest.mark.parametrize("ours, theirs", [
-    pytest.param(*pair, id=pair[0].__name__, marks=SCORE_CAM_SLOW if pair[0] is fdcam.ScoreCAM else ())
+    pytest.param(*pair, id=pair[0].__name__, marks=SCORE_CAM_SLOW if pair[0] in SLOW_PAIRS else ())
     for pair in PAIRS
 ])
 def test_baseline_matches_pytorch_grad_cam(resnet18, image, ours, theirs):
