@@ -169,7 +169,10 @@ class HeadActivationApart(nn.Module):
 
 
 # Score-CAM's 1280 full forwards per map are too slow for the suite here: it has the small net below.
-@pytest.mark.parametrize("name", [name for name in fdcam.METHODS if name != "scorecam"])
+@pytest.mark.parametrize("name", [  # the perturbation methods' many Lite0 forwards: in the slow tier
+    pytest.param(name, marks=pytest.mark.slow) if name in ("ablationcam", "groupcam") else name
+    for name in fdcam.METHODS if name != "scorecam"
+])
 def test_every_method_explains_lite0_at_its_head_activation_call_site(lite0, name):
     x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(12))
     apart = HeadActivationApart(lite0).eval()
@@ -294,7 +297,10 @@ def test_batch_size_is_the_deprecated_name_of_the_batch_the_method_runs(resnet18
         fdcam.AblationCAM(resnet18, "layer4", batch_size=16, tail_batch_size=16)
 
 
-@pytest.mark.parametrize("name", sorted(fdcam.METHODS))
+@pytest.mark.parametrize("name", [  # Score-CAM's and Group-CAM's many forwards: in the slow tier
+    pytest.param(name, marks=pytest.mark.slow) if name in ("scorecam", "groupcam") else name
+    for name in sorted(fdcam.METHODS)
+])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 def test_every_method_works_inside_no_grad_and_inference_mode(resnet18, name, mode):
     # Serving code wraps calls in these; fdcam records the tail's gradients itself. The same ops run in the
