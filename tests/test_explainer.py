@@ -66,6 +66,7 @@ def lite0_fdcam_classes(lite0, tmp_path_factory):
                             input_size=(128, 128))
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_graph_io_is_image_to_logits_targets_saliency_with_a_symbolic_batch(lite0_fdcam, lite0_fdcam_classes):
     proto = onnx.load(str(lite0_fdcam))
     assert [value.name for value in proto.graph.input] == ["image"]
@@ -87,6 +88,7 @@ def test_graph_io_is_image_to_logits_targets_saliency_with_a_symbolic_batch(lite
     assert dims(with_classes.graph.output[2])[:2] == [n, t]
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_graph_uses_only_standard_operators_and_carries_its_weights(lite0_fdcam, lite0):
     proto = onnx.load(str(lite0_fdcam))
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
@@ -97,6 +99,7 @@ def test_graph_uses_only_standard_operators_and_carries_its_weights(lite0_fdcam,
     assert weights >= 0.9 * model_parameters  # the weights are inside the file
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
     meta = read_metadata(lite0_fdcam)
     assert meta["model"] == "efficientnet_lite0" and meta["target_layer"] == "_blocks.15"
@@ -120,6 +123,7 @@ def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
     assert description["validation"]["saliency_max_abs_diff"] <= SALIENCY_ATOL
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_lite0_fdcam_graph_equals_the_library_on_unseen_images(lite0, lite0_fdcam, zebra_input):
     noise = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
     images = torch.cat([zebra_input, noise])
@@ -131,6 +135,7 @@ def small(image: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(image, size=(128, 128), mode="bilinear", align_corners=False)
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_classes_input_explains_the_classes_asked_for(lite0, lite0_fdcam_classes, zebra_input):
     images = small(torch.cat([zebra_input, zebra_input.flip(-1)]))
     classes = torch.tensor([[340, 1, 999], [0, 340, 500]])
@@ -138,6 +143,7 @@ def test_classes_input_explains_the_classes_asked_for(lite0, lite0_fdcam_classes
     assert saliency.shape == (2, 3, 128, 128)
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_a_nan_or_infinite_image_gets_a_nan_map_and_no_target(lite0, lite0_fdcam, zebra_input):
     # Plain ONNX Runtime, as a C++/JS/Triton user runs the graph: no fdcam in front of it to check.
     nan, inf = zebra_input.clone(), zebra_input.clone()
@@ -153,6 +159,7 @@ def test_a_nan_or_infinite_image_gets_a_nan_map_and_no_target(lite0, lite0_fdcam
     assert targets[0, 0] == 340 and np.abs(saliency[:1] - expected.numpy()).max() <= SALIENCY_ATOL
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_classes_outside_the_model_get_nan_maps_instead_of_wrapping(lite0, lite0_fdcam_classes, zebra_input):
     images = small(torch.cat([zebra_input, zebra_input.flip(-1)]))
     classes = np.array([[340, -1, 1000], [-1000, 9, 999]], dtype=np.int64)
@@ -215,6 +222,7 @@ def parse_triton_config(text: str):
     return text_format.Parse(text, model_config_pb2.ModelConfig())  # a misspelt field raises ParseError
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_classes):
     from tritonclient.grpc import model_config_pb2
 

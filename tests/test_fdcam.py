@@ -15,6 +15,7 @@ def vgg_tail(model):
     return lambda a: model.classifier(torch.flatten(model.avgpool(a), 1))
 
 
+@pytest.mark.slow  # FD-CAM and the reference on VGG16 at 224
 def test_fdcam_vgg16_matches_reference(vgg16_random):
     torch.manual_seed(1)
     x = torch.randn(1, 3, 224, 224)
