@@ -23,7 +23,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,26 +41,16 @@ from fdcam.images import load_image, preprocess  # noqa: E402
 from fdcam.serving.client import ExplainClient  # noqa: E402
 from fdcam.serving.command import export_graphs  # noqa: E402
 from fdcam.serving.engine import ServingConfig, make_explainer  # noqa: E402
+from fdcam.serving.ports import free_ports  # noqa: E402
 
 IMAGES = sorted((Path(fdcam.__file__).parent / "data").glob("*.jpg")) + sorted((Path(fdcam.__file__).parent / "data").glob("*.png"))
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class ServeProcess:
     """`fdcam serve` as a child process on free loopback ports; stopped with SIGINT."""
 
     def __init__(self, arguments: list[str], timeout_s: float = 900.0):
-        self.http_port, self.grpc_port, metrics_port = _free_ports(3)
+        self.http_port, self.grpc_port, metrics_port = free_ports(3)
         command = [sys.executable, "-m", "fdcam.cli", "serve", "--address", "127.0.0.1", "--http-port", str(self.http_port),
                    "--grpc-port", str(self.grpc_port), "--metrics-port", str(metrics_port), *arguments]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,12 +1,60 @@
+"""Session-wide test setup: a temporary graph cache, the model zoo (each big model loaded once) and shared inputs.
+
+The zoo's models are shared by every test that asks for them, so no test may change them (fdcam never mutates a
+user's model, and the tests hold it to that): each zoo fixture checks at the end of the session that the weights,
+train/eval modes, requires_grad flags and hooks are as they were loaded. A test that changes a model on purpose
+(weights, device, mode) works on `copy.deepcopy` of it or loads its own.
+"""
+
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests skip, in one place, on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fdcam_cache(tmp_path_factory) -> Path:
+    """Every test, and every process it starts, writes exported tail graphs into a temporary folder, never into
+    the user's cache. One folder for the session: graphs are content-hashed, so tests may share them (as a user's
+    runs do); the tests of the cache itself make their own."""
+    path = tmp_path_factory.mktemp("fdcam-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FDCAM_CACHE", str(path))
+        yield path
+
+
+def fingerprint(model: torch.nn.Module) -> tuple:
+    """What a test must not change in a shared model: a float64 sum of every tensor, the modes, the
+    requires_grad flags, the devices and the hooks."""
+    with torch.no_grad():
+        tensors = tuple((name, float(t.double().sum()), t.device.type) for name, t in model.state_dict().items())
+    modules = tuple(
+        (m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
+    )
+    return tensors, modules, tuple(p.requires_grad for p in model.parameters())
+
+
+def _unchanged(model: torch.nn.Module, name: str):
+    before = fingerprint(model)
+    yield model
+    assert fingerprint(model) == before, f"a test changed the shared {name} model (use copy.deepcopy to change it)"
 
 
 @pytest.fixture(scope="session")
@@ -16,22 +64,51 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def lite0():
+    """EfficientNet-Lite0 with its ImageNet weights (the package's own), in eval mode."""
     import fdcam
 
-    return fdcam.models.load("efficientnet_lite0")
+    yield from _unchanged(fdcam.models.load("efficientnet_lite0"), "lite0")
 
 
 @pytest.fixture(scope="session")
 def vgg16_random():
+    """VGG16 with random weights (seed 0), in eval mode."""
     import fdcam
 
     torch.manual_seed(0)
-    return fdcam.models.load("vgg16", weights=None)
+    yield from _unchanged(fdcam.models.load("vgg16", weights=None), "vgg16_random")
 
 
 @pytest.fixture(scope="session")
-def zebra_input(lite0):
-    from fdcam.images import load_image, preprocess
-    from fdcam.models import spec_of
+def resnet50_random():
+    """ResNet-50 with random weights (seed 0), in eval mode."""
+    import fdcam
 
-    return preprocess(load_image(DATA / "n02391049_zebra.JPEG"), spec_of(lite0))
+    torch.manual_seed(0)
+    yield from _unchanged(fdcam.models.load("resnet50", weights=None), "resnet50_random")
+
+
+@pytest.fixture(scope="session")
+def lite0_fdcam(lite0, tmp_path_factory) -> Path:
+    """Lite0's FD-CAM explainer graph with the default options (224×224, top-1), exported once: the explainer
+    tests and the photo sweep read it, and none may write it."""
+    from fdcam.export import export_explainer
+
+    return export_explainer(lite0, tmp_path_factory.mktemp("lite0-fdcam") / "explainer.onnx")
+
+
+@pytest.fixture(scope="session")
+def bomb(tmp_path_factory) -> Path:
+    """A decompression bomb: a 14000×14000 PNG of a few kB."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("1", (14000, 14000)).save(path)  # 196 Mpx in a few kB
+    return path
+
+
+@pytest.fixture(scope="session")
+def zebra_input():
+    """The zebra photograph preprocessed for Lite0: [1,3,224,224]."""
+    from fdcam.images import load_image, preprocess
+    from fdcam.models import spec
+
+    return preprocess(load_image(DATA / "n02391049_zebra.JPEG"), spec("efficientnet_lite0"))

@@ -45,21 +45,22 @@ def minmax(v):
     return (v - v.min()) / (v.max() - v.min())
 
 
-def fdcam_reference(model, layer, tail_fn, x, cls, theta=0.95, bias=0.5, combine="exp", switch="on_off", grouping=True):
-    """FD-CAM as the paper and the issue define it, one tail pass per mask."""
+def fdcam_reference(model, layer, tail_fn, x, cls, theta=0.95, bias=0.5, combine="exp", switch="on_off",
+                    grouping=True, rows=64):
+    """FD-CAM as the paper and the issue define it, one tail pass per mask. `tail_fn` maps masked activations
+    [B,K,h,w] to logits [B,classes] row by row (the model's own layers in eval mode), so the passes run `rows` at
+    a time: the same passes, without reading a large tail's weights once per mask."""
     A, grad, logits = activations_and_gradient(model, layer, x, cls)
     alpha = grad.mean(dim=(1, 2))
     k = A.shape[0]
     groups = cosine_groups(A, theta) if grouping else torch.eye(k, dtype=torch.bool)
-    scores = torch.zeros(k)
+    on = groups.float()[:, :, None, None]  # [K masks, K channels, 1, 1]
     with torch.no_grad():
-        for c in range(k):
-            on = groups[c].float()[:, None, None]
-            off_score = logits[cls] - tail_fn(A * (1 - on))[cls]
-            if switch == "off":
-                scores[c] = off_score
-            else:
-                scores[c] = (tail_fn(A * on)[cls] + off_score) / 2
+        def tail_scores(masks):
+            return torch.cat([tail_fn(A * masks[i : i + rows])[:, cls] for i in range(0, k, rows)])
+
+        off_scores = logits[cls] - tail_scores(1 - on)
+        scores = off_scores if switch == "off" else (tail_scores(on) + off_scores) / 2
     a_hat, s_hat = minmax(alpha), minmax(scores)
     w = a_hat * torch.exp(s_hat) - bias if combine == "exp" else a_hat * s_hat - bias
     cam = F.relu((w[:, None, None] * A).sum(0))
@@ -82,7 +83,8 @@ EPS32 = float(torch.finfo(torch.float32).eps)
 
 def scale_of(*tensors) -> float:
     """The largest magnitude in the tensors (at least float32's tiny): what rounding errors scale with."""
-    return max([float(torch.as_tensor(t).detach().abs().max()) for t in tensors] + [float(torch.finfo(torch.float32).tiny)])
+    largest = [float(torch.as_tensor(t).detach().abs().max()) for t in tensors]
+    return max(largest + [float(torch.finfo(torch.float32).tiny)])
 
 
 def assert_same_up_to_rounding(got, expected, *, rel: float = 4096 * EPS32, min_correlation: float = 0.9999):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fdcam
-from fdcam.export import export_explainer, run_explainer
 from fdcam.export import agreement as agreement_module
+from fdcam.export import run_explainer
 from fdcam.export.agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, Agreement, agreement, float32_spread
 from fdcam.images import load_image, preprocess
 from fdcam.models import spec_of
@@ -67,12 +67,11 @@ def test_a_similarity_at_its_quantile_is_ill_conditioned_and_either_side_passes(
 
 
 @pytest.mark.slow
-def test_the_graph_equals_the_library_on_shared_photos_under_the_rule(lite0, tmp_path, capsys):
+def test_the_graph_equals_the_library_on_shared_photos_under_the_rule(lite0, lite0_fdcam, capsys):
     """Lite0 FD-CAM's explainer.onnx against fdcam.FDCAM on SWEEP_PHOTOS photos of the shared ImageNet sample."""
     photos = sorted(SAMPLE.glob("*.JPEG"))[:SWEEP_PHOTOS]
     assert len(photos) >= 50, f"the photo sweep needs the shared ImageNet sample in {SAMPLE}"
-    path = export_explainer(lite0, tmp_path / "explainer.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(lite0_fdcam), providers=["CPUExecutionProvider"])
     spec = spec_of(lite0)
     library = fdcam.FDCAM(lite0, "_blocks.15")
     errors, ill_conditioned, failed = [], [], []

@@ -15,14 +15,17 @@ from reference import assert_same_up_to_rounding  # noqa: E402
 
 RESULT_FIELDS = {
     "model", "method", "library", "label", "backend", "precision", "device", "status", "reason", "median_ms",
-    "min_ms", "repeats", "warmup", "ratio_to_pgc_gradcam", "batch", "throughput_ips", "peak_mem_mb", "peak_delta_mb", "memory_kind",
+    "min_ms", "repeats", "warmup", "ratio_to_pgc_gradcam", "batch", "throughput_ips", "peak_mem_mb", "peak_delta_mb",
+    "memory_kind",
 }
 PHASES = {"head", "backward", "grouping", "switch", "weights", "map"}  # fdcam.timing.STAGES
 
 
+@pytest.mark.slow
 def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert latency.main(["--models", "tiny", "--repeat", "1", "--batch", "2", "--quick", "--profile", "--json", str(out)]) == 0
+    assert latency.main(["--models", "tiny", "--repeat", "1", "--batch", "2", "--quick", "--profile", "--json",
+                         str(out)]) == 0
     printed = capsys.readouterr().out
     assert "CPU:" in printed and "torch " in printed
     assert "median ms" in printed and "x pgc GradCAM" in printed
@@ -66,9 +69,11 @@ def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, 
     assert 0 < profile["total (sum of stages)"] <= profile["wall (whole call)"]
 
 
+@pytest.mark.slow
 def test_methods_selects_rows_and_keeps_the_reference(tmp_path):
     out = tmp_path / "bench.json"
-    latency.main(["--models", "tiny", "--methods", "fdcam,authors", "--repeat", "1", "--warmup", "0", "--json", str(out)])
+    latency.main(["--models", "tiny", "--methods", "fdcam,authors", "--repeat", "1", "--warmup", "0", "--json",
+                  str(out)])
     methods = [r["method"] for r in json.loads(out.read_text())["results"]]
     assert methods == ["pgc-gradcam", "fdcam", "authors-fdcam"]
 
@@ -116,10 +121,10 @@ class _KeywordCallingNet(torch.nn.Module):
 
 
 def test_pgc_ablation_row_runs_on_blocks_called_with_keywords():
+    import pytorch_grad_cam  # in the test extras: a missing install fails here
+
     from benchmarks.latency.models import BenchModel
     from benchmarks.latency.rows import ROWS
-
-    import pytorch_grad_cam  # in the test extras: a missing install fails here
 
     row = next(r for r in ROWS if r.key == "pgc-ablationcam")
     assert latency.rows.unavailable(row, torch.device("cpu")) is None

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fdcam
 from fdcam.cli import main
 
 
@@ -34,7 +35,8 @@ def test_converted_image_modes_are_explained(tmp_path, data_dir):
 
 
 def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
-    images = [str(data_dir / "not_an_image.jpg"), str(data_dir / "missing.jpg"), str(data_dir / "tiny.png"), str(data_dir / "n02077923_sea_lion.JPEG")]
+    images = [str(data_dir / "not_an_image.jpg"), str(data_dir / "missing.jpg"), str(data_dir / "tiny.png"),
+              str(data_dir / "n02077923_sea_lion.JPEG")]
     status = main(["explain", *images, "--method", "gradcam", "--out", str(tmp_path)])
     assert status == 1
     err = capsys.readouterr().err
@@ -52,10 +54,12 @@ def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
         (["--method", "magiccam"], "unknown method"),
         (["--model", "vgg16", "--weights", "WEIGHTS"], "does not fit"),
         (["--device", "cuda"], "cuda"),
-        (["--method", "gradcam,scorecam", "--backend", "onnxruntime"], "--backend applies to methods that run masked tail passes"),
+        (["--method", "gradcam,scorecam", "--backend", "onnxruntime"],
+         "--backend applies to methods that run masked tail passes"),
         (["--method", "gradcam", "--precision", "fp16", "--cuda-graph"], "--precision, --cuda-graph applies"),
         (["--provider", "cpu"], "provider='cpu' applies to the onnxruntime backend"),
-        (["--backend", "onnxruntime", "--precision", "bf16"], "precision must be one of fp32, tf32, fp16 for the onnxruntime backend"),
+        (["--backend", "onnxruntime", "--precision", "bf16"],
+         "precision must be one of fp32, tf32, fp16 for the onnxruntime backend"),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tmp_path, data_dir, capsys, arguments, message):
@@ -227,3 +231,78 @@ def test_export_refuses_a_file_as_out_and_a_too_small_input_size_in_one_line(tmp
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not list(tmp_path.rglob("explainer.onnx"))
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile files, NaN weights, clashing names, output locations, version and imports
+
+
+def test_explain_skips_a_bomb_and_a_directory_and_writes_the_good_image(bomb, tmp_path, data_dir, capsys):
+    good = data_dir / "gray.png"
+    status = main(["explain", str(bomb), str(tmp_path), str(good), "--method", "gradcam", "--out",
+                   str(tmp_path / "out")])
+    assert status == 1
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if "skipped:" in line]
+    assert len(skipped) == 2 and all(line.startswith("fdcam: skipped:") for line in skipped)
+    assert "decompression bomb" in skipped[0] and "is a directory" in skipped[1]
+    assert "Traceback" not in err
+    assert len(list((tmp_path / "out").glob("gray_gradcam_*.npy"))) == 1
+
+
+def test_nan_weights_are_an_error_in_the_cli(tmp_path, data_dir, capsys):
+    model = fdcam.models.load("efficientnet_lite0")
+    state = model.state_dict()
+    state["_fc.weight"] = torch.full_like(state["_fc.weight"], float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    status = main(["explain", str(data_dir / "gray.png"), "--weights", str(tmp_path / "nan.pth"), "--out",
+                   str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 1 and "NaN or infinite" in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("*.npy"))
+
+
+def test_explain_writes_one_file_per_input_for_clashing_names(tmp_path, data_dir, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.png").write_bytes((data_dir / "gray.png").read_bytes())
+    Image.open(data_dir / "gray.png").save(tmp_path / "a" / "x.webp")
+    inputs = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "a" / "x.webp"]
+    out = tmp_path / "out"
+    assert main(["explain", *map(str, inputs), "--method", "gradcam", "--class", "1", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.npy"))) == 3 and len(list(out.glob("*.png"))) == 3
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert len({line.split()[-1] for line in table}) == 3
+
+
+def test_unusable_output_locations_are_found_before_computing(tmp_path, data_dir, capsys, monkeypatch):
+    from fdcam import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    image = str(data_dir / "gray.png")
+    cases = [
+        (["explain", image, "--out", str(a_file)], "is a file, not a directory"),
+        (["explain", image, "--out", str(a_file / "sub")], "not writable"),
+        (["evaluate", "--images", str(data_dir), "--out", str(a_file / "r.json")], "is a file, not a directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_version_and_python_dash_m():
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+    assert raised.value.code == 0
+    result = subprocess.run([sys.executable, "-m", "fdcam", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"fdcam {fdcam.__version__}"
+
+
+def test_an_import_error_in_a_subcommand_is_not_swallowed(monkeypatch):
+    monkeypatch.delattr(fdcam, "evaluate_command", raising=False)
+    monkeypatch.setitem(sys.modules, "fdcam.evaluate_command", None)  # importing it raises ImportError
+    with pytest.raises(ImportError):
+        main(["explain", "--help"])

@@ -99,7 +99,7 @@ def test_composite_set_is_deterministic_for_a_seed(tmp_path):
 
     first, again, other = run(0), run(0), run(1)
     assert [objects for _, objects in first] == [objects for _, objects in again]
-    assert all((a == b).all() for (a, _), (b, _) in zip(first, again))
+    assert all((a == b).all() for (a, _), (b, _) in zip(first, again, strict=True))
     assert [objects for _, objects in first] != [objects for _, objects in other]
 
 

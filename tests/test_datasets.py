@@ -14,21 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # noqa: E402
 import torch
 
-import ray  # noqa: E402
-
 import fdcam  # noqa: E402
+from datasets_helpers import MAP_TOLERANCE, image_folder, read_rows, saliency_of  # noqa: E402
 from fdcam.datasets import evaluate_dataset, explain_dataset, plan_pool  # noqa: E402
 from fdcam.evaluation import evaluate_insertion_deletion  # noqa: E402
 from fdcam.images import load_image, preprocess  # noqa: E402
 from fdcam.maps import to_input_size  # noqa: E402
 from fdcam.models import spec_of  # noqa: E402
 
-from datasets_helpers import MAP_TOLERANCE, image_folder, read_rows, saliency_of  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
     # A Ray started by the user: a model factory's module must be importable on its workers (here, tests/).
     tests = str(Path(__file__).resolve().parent)
@@ -66,6 +64,7 @@ def test_plan_pool_leaves_cpu_for_decoding():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_explain_dataset_equals_library_and_bad_images_are_error_rows(tmp_path, lite0):
     photos = image_folder(tmp_path / "images", 5, bad=True)
     out = tmp_path / "out"
@@ -94,6 +93,7 @@ def test_explain_dataset_equals_library_and_bad_images_are_error_rows(tmp_path, 
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_feature_size_maps_upsample_to_the_library_map(tmp_path, lite0):
     photos = image_folder(tmp_path / "images", 3, start=10)
     out = tmp_path / "out"
@@ -117,6 +117,7 @@ def test_feature_size_maps_upsample_to_the_library_map(tmp_path, lite0):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_evaluate_dataset_equals_the_in_process_evaluation(tmp_path, lite0):
     image_folder(tmp_path / "images", 2, start=20)
     out = tmp_path / "out"
@@ -149,6 +150,7 @@ def _actor_pids(name: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_an_actor_killed_mid_run_leaves_every_image_exactly_once(tmp_path, lite0):
     photos = image_folder(tmp_path / "images", 10, start=30)
     out = tmp_path / "out"

@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import ray  # noqa: E402
 import torch
 
-import ray  # noqa: E402
-
 import fdcam  # noqa: E402
+from datasets_helpers import MAP_TOLERANCE, image_folder, read_rows, saliency_of  # noqa: E402
 from fdcam.datasets import explain_dataset  # noqa: E402
 from fdcam.images import load_image, preprocess  # noqa: E402
 from fdcam.maps import to_input_size  # noqa: E402
 from fdcam.models import spec_of  # noqa: E402
-
-from datasets_helpers import MAP_TOLERANCE, image_folder, read_rows, saliency_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")

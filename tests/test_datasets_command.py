@@ -12,13 +12,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from PIL import Image
 import pytest
-
-
-from fdcam.cli import main  # noqa: E402
+from PIL import Image
 
 from datasets_helpers import image_folder  # noqa: E402
+from fdcam.cli import main  # noqa: E402
 
 
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys):

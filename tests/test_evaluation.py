@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from fdcam import cli
+from fdcam.cli import main
+from fdcam.composites import LabelsError, read_labels
 from fdcam.evaluation import ResultStore, insertion_deletion, method_specs, write_json_atomic
 
 DATA = Path(__file__).parent / "data"
@@ -87,7 +89,8 @@ def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
 def test_cli_insertion_deletion_json_table_and_plots(image_dir, tmp_path, capsys):
     out, plots = tmp_path / "results.json", tmp_path / "plots"
     code = _evaluate(
-        "--images", image_dir, "--methods", "gradcam,fdcam", "--limit", 2, "--step", FAST_STEP, "--out", out, "--plots", plots
+        "--images", image_dir, "--methods", "gradcam,fdcam", "--limit", 2, "--step", FAST_STEP, "--out", out,
+        "--plots", plots,
     )
     assert code == 0
     result = json.loads(out.read_text())
@@ -111,6 +114,7 @@ def test_cli_insertion_deletion_json_table_and_plots(image_dir, tmp_path, capsys
             assert png.format == "PNG" and png.size[0] > 200
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_resume_computes_only_new_images_and_survives_an_interrupt(image_dir, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     args = ["--images", image_dir, "--methods", "gradcam", "--step", FAST_STEP, "--images-per-call", 1, "--out", out]
@@ -138,6 +142,7 @@ def test_resume_computes_only_new_images_and_survives_an_interrupt(image_dir, tm
     assert sum(seen) == 1 and json.loads(out.read_text())["n_images"] == 4
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_onnxruntime_scorer_gives_the_torch_results(image_dir, tmp_path, monkeypatch):
     results, seen = {}, _counting(monkeypatch)
     for scorer in ("torch", "auto"):
@@ -158,6 +163,7 @@ def test_onnxruntime_scorer_gives_the_torch_results(image_dir, tmp_path, monkeyp
             assert entry["methods"][method][key] == pytest.approx(values[key], abs=allowed), (method, key)
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_fdcam_variant_rows_and_label_target(image_dir, tmp_path):
     out = tmp_path / "v.json"
     code = _evaluate(
@@ -181,6 +187,7 @@ def test_unreadable_images_are_skipped(image_dir, tmp_path):
     assert result["n_images"] == 1 and [s["item"] for s in result["skipped"]] == ["not_an_image.jpg"]
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_cli_pointing_game_on_composites_and_multi_object(image_dir, tmp_path, capsys):
     out, plots = tmp_path / "p.json", tmp_path / "plots"
     code = _evaluate(
@@ -237,18 +244,21 @@ def test_label_target_without_labels_file_is_an_error(image_dir, tmp_path, capsy
     assert "labels file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an evaluation sweep
 def test_reproduce_tables_script_writes_tables_iii_and_iv(image_dir, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repository root
     from benchmarks import reproduce_tables
 
     out = tmp_path / "tables"
-    argv = ["--images", str(image_dir), "--tables", "3,4", "--limit", "1", "--step", FAST_STEP, "--out", str(out), "--quiet"]
+    argv = ["--images", str(image_dir), "--tables", "3,4", "--limit", "1", "--step", FAST_STEP, "--out", str(out),
+            "--quiet"]
     assert reproduce_tables.main(argv) == 0
     markdown = (out / "tables.md").read_text()
     assert "Table III" in markdown and "Table IV" in markdown and "Table I:" not in markdown
     assert "fdcam[switch=off,grouping=False]" in markdown and "fdcam[combine=linear]" in markdown
     result = json.loads((out / "insertion-deletion.json").read_text())
-    assert set(result["methods"]) == {"fdcam", "fdcam[switch=off,grouping=False]", "fdcam[switch=off]", "fdcam[combine=linear]", "fdcam[bias=0.0]"}
+    assert set(result["methods"]) == {"fdcam", "fdcam[switch=off,grouping=False]", "fdcam[switch=off]",
+                                      "fdcam[combine=linear]", "fdcam[bias=0.0]"}
     assert json.loads((out / "timings.json").read_text())["insertion-deletion"]["computed_images"] == 1
 
 
@@ -288,7 +298,6 @@ def _untagged_net():
 
 
 def test_any_model_is_evaluated_given_its_spec(image_dir):
-    import torch
 
     from fdcam import GradCAM, models
     from fdcam.evaluation import evaluate_insertion_deletion
@@ -311,3 +320,49 @@ def test_any_model_is_evaluated_given_its_spec(image_dir):
     assert entry["class"] == cls
     for key in ("insertion", "deletion"):
         assert entry["methods"]["gradcam"][key] == pytest.approx(float(expected[key][0, 0]), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# a hostile file and a bad labels file are skipped
+
+
+def test_evaluate_skips_a_bomb_and_goes_on(bomb, tmp_path, data_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(data_dir / "n02391049_zebra.JPEG", folder)
+    shutil.copy(bomb, folder / "bomb.png")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--images", str(folder), "--methods", "gradcam", "--step", "12544", "--quiet",
+                 "--scorer", "torch", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 1 and "decompression bomb" in result["skipped"][0]["reason"]
+
+
+def test_labels_csv_bom_duplicates_and_out_of_range(tmp_path, data_dir):
+    import json
+    import shutil
+
+    rows = "file,class_index,wnid,name\r\nn02391049_zebra.JPEG,340,n02391049,zebra\r\n"
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    assert read_labels(bom) == [("n02391049_zebra.JPEG", 340)]
+    duplicated = tmp_path / "dup.csv"
+    duplicated.write_text(rows + "n02391049_zebra.JPEG,340,n02391049,zebra\r\n")
+    with pytest.raises(LabelsError, match="twice .*rows 2 and 3"):
+        read_labels(duplicated)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG"):
+        shutil.copy(data_dir / name, folder)
+    (folder / "labels.csv").write_text(rows + "n02077923_sea_lion.JPEG,5000,n02077923,sea lion\n")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--images", str(folder), "--methods", "gradcam", "--target", "label", "--quiet",
+                 "--step", "12544", "--scorer", "torch", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_images"] == 1
+    reason = result["skipped"][0]["reason"]
+    assert "n02077923_sea_lion.JPEG" in reason and "out of range" in reason

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from fdcam import models
-from fdcam.explain_output import check_classes, class_labels, print_table, save_explanation
+from fdcam.explain_output import check_classes, class_labels, output_stems, print_table, save_explanation
 from fdcam.images import overlay
 
 TEN = models.ModelSpec("ten", "layer", (8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 10)
@@ -59,3 +59,14 @@ def test_a_skip_names_its_file_once(tmp_path):
     assert skip_line(missing, error.value).count(str(missing)) == 1  # load_image's message names it
     refused = skip_line(str(missing), "the server refused the image: 16x16 px")  # a server's message does not
     assert refused == f"fdcam: skipped: {missing}: the server refused the image: 16x16 px"
+
+
+# ---------------------------------------------------------------------------------------------
+# unique output names
+
+
+def test_output_stems_are_unique():
+    assert output_stems(["a/x.jpg", "b/y.jpg"]) == ["x", "y"]
+    stems = output_stems(["a/x.jpg", "b/x.jpg", "x.jpg", "x.webp", "x.webp"])
+    assert len(set(stems)) == 5
+    assert output_stems(["x.jpg", "x.webp"]) == ["x_jpg", "x_webp"]

@@ -33,7 +33,8 @@ def session(path) -> ort.InferenceSession:
 def assert_matches_library(path, model, layer, method, images, classes=None, ill_conditioned=False, **options):
     """The graph's outputs equal the library's. With `ill_conditioned` (random-weight models whose maps
     float32 cannot pin down to 1e-4), the bound grows by how far the library itself strays from float64."""
-    logits, targets, saliency = run_explainer(session(path), images.numpy(), None if classes is None else classes.numpy())
+    logits, targets, saliency = run_explainer(session(path), images.numpy(),
+                                              None if classes is None else classes.numpy())
     with torch.no_grad():
         expected_logits = model(images)
     expected_targets = classes if classes is not None else expected_logits.argmax(1, keepdim=True)
@@ -45,8 +46,10 @@ def assert_matches_library(path, model, layer, method, images, classes=None, ill
     if ill_conditioned and error > SALIENCY_ATOL:
         # Then float32 must be what moves the maps: the library's own batched and per-image paths stray from
         # exact (float64) arithmetic by more than 1e-4, and the graph must stay within the export's bound.
-        exact = fdcam.METHODS[method](copy.deepcopy(model).double(), layer, **options)(images.double(), expected_targets).double()
-        singles = torch.cat([fdcam.METHODS[method](model, layer, **options)(images[i : i + 1], expected_targets[i : i + 1]) for i in range(len(images))])
+        in_float64 = fdcam.METHODS[method](copy.deepcopy(model).double(), layer, **options)
+        exact = in_float64(images.double(), expected_targets).double()
+        cams = [fdcam.METHODS[method](model, layer, **options) for _ in images]  # a new explainer per image
+        singles = torch.cat([cam(images[i : i + 1], expected_targets[i : i + 1]) for i, cam in enumerate(cams)])
         floor = max(float((expected.double() - exact).abs().max()), float((singles.double() - exact).abs().max()))
         assert floor > SALIENCY_ATOL / 2
         assert np.abs(saliency - exact.numpy()).max() <= SALIENCY_ATOL + explainer_module.ILL_CONDITIONED_FACTOR * floor
@@ -57,16 +60,13 @@ def assert_matches_library(path, model, layer, method, images, classes=None, ill
 
 
 @pytest.fixture(scope="module")
-def lite0_fdcam(lite0, tmp_path_factory):
-    return export_explainer(lite0, tmp_path_factory.mktemp("lite0") / "explainer.onnx")
-
-
-@pytest.fixture(scope="module")
 def lite0_fdcam_classes(lite0, tmp_path_factory):
     # A smaller input keeps the test quick; the graph's H,W are fixed at export.
-    return export_explainer(lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True, input_size=(128, 128))
+    return export_explainer(lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True,
+                            input_size=(128, 128))
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_graph_io_is_image_to_logits_targets_saliency_with_a_symbolic_batch(lite0_fdcam, lite0_fdcam_classes):
     proto = onnx.load(str(lite0_fdcam))
     assert [value.name for value in proto.graph.input] == ["image"]
@@ -88,21 +88,24 @@ def test_graph_io_is_image_to_logits_targets_saliency_with_a_symbolic_batch(lite
     assert dims(with_classes.graph.output[2])[:2] == [n, t]
 
 
-def test_graph_uses_only_standard_operators_and_carries_its_weights(lite0_fdcam):
+@pytest.mark.slow  # reads a whole-graph export of Lite0
+def test_graph_uses_only_standard_operators_and_carries_its_weights(lite0_fdcam, lite0):
     proto = onnx.load(str(lite0_fdcam))
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}
     assert [entry.domain for entry in proto.opset_import] in ([""], ["ai.onnx"])
     assert not (lite0_fdcam.parent / (lite0_fdcam.name + ".data")).exists()
     weights = sum(int(np.prod(tensor.dims)) for tensor in proto.graph.initializer)
-    model_parameters = sum(p.numel() for p in fdcam.models.load("efficientnet_lite0").parameters())
+    model_parameters = sum(p.numel() for p in lite0.parameters())
     assert weights >= 0.9 * model_parameters  # the weights are inside the file
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
     meta = read_metadata(lite0_fdcam)
     assert meta["model"] == "efficientnet_lite0" and meta["target_layer"] == "_blocks.15"
     assert meta["method"] == "fdcam" and meta["input_size"] == "224x224"
-    assert json.loads(meta["method_options"]) == {"theta": 0.95, "bias": 0.5, "combine": "exp", "switch": "on_off", "grouping": True}
+    assert json.loads(meta["method_options"]) == {"theta": 0.95, "bias": 0.5, "combine": "exp", "switch": "on_off",
+                                                  "grouping": True}
     assert meta["opset"] == str(onnx.load(str(lite0_fdcam), load_external_data=False).opset_import[0].version)
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
     names = json.loads(meta["class_names"])
@@ -120,6 +123,7 @@ def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
     assert description["validation"]["saliency_max_abs_diff"] <= SALIENCY_ATOL
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_lite0_fdcam_graph_equals_the_library_on_unseen_images(lite0, lite0_fdcam, zebra_input):
     noise = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
     images = torch.cat([zebra_input, noise])
@@ -131,6 +135,7 @@ def small(image: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.interpolate(image, size=(128, 128), mode="bilinear", align_corners=False)
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_classes_input_explains_the_classes_asked_for(lite0, lite0_fdcam_classes, zebra_input):
     images = small(torch.cat([zebra_input, zebra_input.flip(-1)]))
     classes = torch.tensor([[340, 1, 999], [0, 340, 500]])
@@ -138,6 +143,7 @@ def test_classes_input_explains_the_classes_asked_for(lite0, lite0_fdcam_classes
     assert saliency.shape == (2, 3, 128, 128)
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_a_nan_or_infinite_image_gets_a_nan_map_and_no_target(lite0, lite0_fdcam, zebra_input):
     # Plain ONNX Runtime, as a C++/JS/Triton user runs the graph: no fdcam in front of it to check.
     nan, inf = zebra_input.clone(), zebra_input.clone()
@@ -153,6 +159,7 @@ def test_a_nan_or_infinite_image_gets_a_nan_map_and_no_target(lite0, lite0_fdcam
     assert targets[0, 0] == 340 and np.abs(saliency[:1] - expected.numpy()).max() <= SALIENCY_ATOL
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_classes_outside_the_model_get_nan_maps_instead_of_wrapping(lite0, lite0_fdcam_classes, zebra_input):
     images = small(torch.cat([zebra_input, zebra_input.flip(-1)]))
     classes = np.array([[340, -1, 1000], [-1000, 9, 999]], dtype=np.int64)
@@ -179,6 +186,7 @@ def test_scorecam_and_groupcam_are_refused_in_one_line(lite0, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole-graph export
 def test_a_graph_that_fails_validation_is_not_written(lite0, tmp_path, monkeypatch):
     monkeypatch.setattr(explainer_module, "SALIENCY_TOLERANCE", -1.0)  # any difference, even 0, fails
     with pytest.raises(ExportError) as raised:
@@ -188,6 +196,7 @@ def test_a_graph_that_fails_validation_is_not_written(lite0, tmp_path, monkeypat
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a whole-graph export
 def test_the_users_model_is_left_as_it_was_and_a_smaller_input_size_works(tmp_path):
     torch.manual_seed(0)
     model = fdcam.models.load("efficientnet_lite0", weights=None).train()
@@ -213,6 +222,7 @@ def parse_triton_config(text: str):
     return text_format.Parse(text, model_config_pb2.ModelConfig())  # a misspelt field raises ParseError
 
 
+@pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_classes):
     from tritonclient.grpc import model_config_pb2
 
@@ -220,7 +230,8 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
 
     config = parse_triton_config(triton_config(lite0_fdcam, "fdcam_efficientnet_lite0_fdcam", max_batch=16))
     assert config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime" and config.max_batch_size == 16
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", model_config_pb2.TYPE_FP32, [3, 224, 224])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", model_config_pb2.TYPE_FP32,
+                                                                            [3, 224, 224])]
     outputs = [(o.name, o.data_type, list(o.dims)) for o in config.output]
     assert outputs == [
         ("logits", model_config_pb2.TYPE_FP32, [1000]),
@@ -237,17 +248,20 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
     assert list(with_classes.output[2].dims) == [-1, 128, 128]
     (accelerator,) = with_classes.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt"
-    assert accelerator.parameters["precision_mode"] == "FP16" and accelerator.parameters["trt_engine_cache_enable"] == "1"
+    assert accelerator.parameters["precision_mode"] == "FP16"
+    assert accelerator.parameters["trt_engine_cache_enable"] == "1"
     assert with_classes.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
 
 
-def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys):
+@pytest.mark.slow  # a whole-graph export
+def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys, lite0):
     from fdcam.cli import main
 
     out, repo = tmp_path / "out", tmp_path / "repo"
     code = main(
-        ["export", "--explainer", "--model", "efficientnet_lite0", "--method", "fdcam", "--theta", "0.9", "--switch", "off",
-         "--input-size", "96x96", "--classes-input", "--out", str(out), "--triton", str(repo), "--max-batch", "8", "--tensorrt", "fp32"]
+        ["export", "--explainer", "--model", "efficientnet_lite0", "--method", "fdcam", "--theta", "0.9",
+         "--switch", "off", "--input-size", "96x96", "--classes-input", "--out", str(out), "--triton", str(repo),
+         "--max-batch", "8", "--tensorrt", "fp32"]
     )
     assert code == 0
     assert (out / "explainer.onnx").is_file() and (out / "explainer.json").is_file()
@@ -257,11 +271,12 @@ def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys)
     assert (model_dir / "1" / "model.onnx").read_bytes() == (out / "explainer.onnx").read_bytes()
     config = parse_triton_config((model_dir / "config.pbtxt").read_text())
     assert config.name == "fdcam_efficientnet_lite0_fdcam" and config.max_batch_size == 8
-    assert config.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters["precision_mode"] == "FP32"
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.parameters["precision_mode"] == "FP32"
     assert list(config.input[0].dims) == [3, 96, 96]
-    lite0 = fdcam.models.load("efficientnet_lite0")
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
-    assert_matches_library(out / "explainer.onnx", lite0, "_blocks.15", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), theta=0.9, switch="off")
+    assert_matches_library(out / "explainer.onnx", lite0, "_blocks.15", "fdcam", images,
+                           torch.tensor([[1, 2], [3, 4]]), theta=0.9, switch="off")
     assert "explainer.onnx" in capsys.readouterr().out
 
 
@@ -292,16 +307,19 @@ def node_with_onnxruntime() -> str:
     node, npm = shutil.which("node"), shutil.which("npm")
     assert node and npm, "Node.js and npm are needed for the JavaScript example test"
     if not (EXAMPLES / "node_modules" / "onnxruntime-node").is_dir():
-        subprocess.run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLES, check=True, timeout=600)
+        subprocess.run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLES, check=True,
+                       timeout=600)
     return node
 
 
+@pytest.mark.slow
 def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zebra_input, tmp_path):
     node = node_with_onnxruntime()
     images = torch.cat([small(zebra_input), torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(11))])
     (tmp_path / "images.f32").write_bytes(images.numpy().astype("<f4").tobytes())
     result = subprocess.run(
-        [node, str(EXAMPLES / "explain.js"), str(lite0_fdcam_classes), str(tmp_path / "images.f32"), str(tmp_path / "out"), "--classes", "340,9"],
+        [node, str(EXAMPLES / "explain.js"), str(lite0_fdcam_classes), str(tmp_path / "images.f32"),
+         str(tmp_path / "out"), "--classes", "340,9"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -321,6 +339,7 @@ def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zeb
 # --- methods and models -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, options",
     [
@@ -340,32 +359,32 @@ def test_every_method_exports_and_equals_the_library(lite0, tmp_path, method, op
     assert_matches_library(path, lite0, "_blocks.15", method, images, ill_conditioned=method == "xgradcam", **options)
 
 
-@pytest.fixture(scope="module")
-def resnet50_random():
-    torch.manual_seed(0)
-    return fdcam.models.load("resnet50", weights=None)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layer, method, classes",
     # layer4.2.conv3: the skip tensor crosses the split, into the gradient and into every masked pass.
-    [("layer4", "fdcam", torch.tensor([[3, 7], [5, 3]])), ("layer4.2.conv3", "ablationcam", torch.tensor([[3, 7], [5, 3]]))],
+    [("layer4", "fdcam", torch.tensor([[3, 7], [5, 3]])),
+     ("layer4.2.conv3", "ablationcam", torch.tensor([[3, 7], [5, 3]]))],
 )
 def test_resnet50_at_layer4_and_across_a_skip_connection(resnet50_random, tmp_path, layer, method, classes):
-    path = export_explainer(resnet50_random, tmp_path / "e.onnx", layer, method, classes is not None, input_size=(96, 96))
+    path = export_explainer(resnet50_random, tmp_path / "e.onnx", layer, method, classes is not None,
+                            input_size=(96, 96))
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(31))
     assert_matches_library(path, resnet50_random, layer, method, images, classes, ill_conditioned=True)
 
 
+@pytest.mark.slow
 def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_path):
     path = export_explainer(vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64))
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(41))
-    assert_matches_library(path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), ill_conditioned=True)
+    assert_matches_library(path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]),
+                           ill_conditioned=True)
 
 
 # --- threads ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole-graph export
 def test_export_while_another_thread_traces_the_model(lite0, tmp_path):
     # The export calls modules (split, head, trace) under the process-wide tracing lock for its whole build;
     # before, a trace by another thread (fdcam.layers, a new explainer's split) captured them: NameError.

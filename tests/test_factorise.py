@@ -1,4 +1,5 @@
-"""Tests for fdcam.factorise: every shortcut of a tail (factorised first Linear, convolution start, target rows) equals the masked tail."""
+"""Tests for fdcam.factorise: every shortcut of a tail (factorised first Linear, convolution start, target rows)
+equals the masked tail."""
 
 import functools
 
@@ -8,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdcam import FDCAM, models
+from fdcam import FDCAM
 from fdcam.factorise import ShortcutGraph, TailShortcut, max_group_size, sparse_rows, tail_shortcut
 from fdcam.tail import MaskedTail, TorchTail
-from nets import split_at
+from nets import ConvStart, split_at
 
 
 def _relative_error(got, expected):
@@ -26,9 +27,8 @@ def _masks(k, n=64, seed=0):
 
 
 @pytest.fixture(scope="module")
-def vgg16():
-    torch.manual_seed(0)
-    model = models.load("vgg16", weights=None)
+def vgg16(vgg16_random):
+    model = vgg16_random
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     return model, x, *split_at(model, "features.30", x)
 
@@ -54,16 +54,16 @@ def test_factorised_tail_shares_the_model_weights(vgg16):
     assert all(id(p) in parameters for p in factorised.parameters())
 
 
-def test_resnet50_layer4_is_factorised_too():
+def test_resnet50_layer4_is_factorised_too(resnet50_random):
     # layer4 is followed by AdaptiveAvgPool2d → flatten → fc: the pattern applies (block of 1 per channel).
     torch.manual_seed(0)
-    model = models.load("resnet50", weights=None)
-    split, activations, extras = split_at(model, "layer4", torch.randn(1, 3, 224, 224))
+    split, activations, extras = split_at(resnet50_random, "layer4", torch.randn(1, 3, 224, 224))
     factorised = tail_shortcut(split.tail, activations, extras)
     assert factorised.kind == "linear" and factorised.block == 1 and factorised.first_is_final
     masks = _masks(2048, n=16)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+        assert _relative_error(factorised(activations, masks[None]),
+                               MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 class _Functional(nn.Module):
@@ -116,7 +116,8 @@ def test_functional_linear_view_and_batch_size_in_the_rest():
     assert factorised.kind == "linear" and factorised.block == 16
     masks = _masks(6, n=10)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+        assert _relative_error(factorised(activations, masks[None]),
+                               MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -149,7 +150,8 @@ def test_global_pooling_prefixes(prefix, matches):
     if matches:
         masks = _masks(6, n=10)
         with torch.no_grad():
-            assert _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+            assert _relative_error(factorised(activations, masks[None]),
+                                   MaskedTail(split.tail)(activations, masks[None])) < 1e-5
 
 
 def test_nonlinear_or_channel_mixing_prefixes_are_not_factorised():
@@ -199,6 +201,7 @@ def test_torch_tail_factorise_off_runs_the_masked_tail(vgg16):
     assert _relative_error(tail.run(activations, masks, extras), on) < 1e-5
 
 
+@pytest.mark.slow  # FD-CAM on VGG16 at 224, twice
 def test_fdcam_maps_equal_with_factorise_on_and_off(vgg16, monkeypatch):
     model, x, *_ = vgg16
     on = FDCAM(model, "features.30")
@@ -236,6 +239,7 @@ def test_factorised_tail_leaves_the_shared_dropout_in_eval_after_export(tmp_path
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # an ONNX export
 def test_factorised_tail_exports_with_the_dynamo_exporter(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -281,7 +285,8 @@ def _plain(split, activations, masks, extras):
 
 
 def _check_all_paths(split, activations, extras, masks, sparsity, kind):
-    """Dense, gathered (where it applies), all classes and a subset, one call for all images: all equal the plain tail."""
+    """Dense, gathered (where it applies), all classes and a subset, one call for all images: all equal the plain
+    tail."""
     from reference import assert_same_up_to_rounding
 
     expected = _plain(split, activations, masks, extras)
@@ -292,10 +297,12 @@ def _check_all_paths(split, activations, extras, masks, sparsity, kind):
     assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
     assert_same_up_to_rounding(tail.run(activations, masks, extras, classes, sparsity=sparsity), subset, rel=1e-5)
     with torch.no_grad():
-        assert_same_up_to_rounding(tail.shortcut_for(activations, extras)(activations, masks, *extras), expected, rel=1e-5)
+        assert_same_up_to_rounding(tail.shortcut_for(activations, extras)(activations, masks, *extras), expected,
+                                   rel=1e-5)
     return tail
 
 
+@pytest.mark.slow  # every path on Lite0 at 224
 def test_lite0_blocks15_conv_shortcut_equals_the_plain_tail(lite0):
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))  # small images: 3×3 maps
     split, activations, extras = split_at(lite0, "_blocks.15", x)
@@ -306,30 +313,6 @@ def test_lite0_blocks15_conv_shortcut_equals_the_plain_tail(lite0):
     assert tail.sparse_calls == 2  # with and without the promised bound, the group masks took the gathered sums
     ablation = (1 - torch.eye(320))[None, ::16].expand(2, -1, -1)  # all but one channel: a gathered sum of 1
     _check_all_paths(split, activations, extras, ablation, 1, "conv")
-
-
-class _ConvStart(nn.Module):
-    """A k×k convolution (padding, stride, dilation as given) with or without a batch norm, then ReLU, pool, MLP."""
-
-    def __init__(self, kernel, stride=1, padding=0, dilation=1, norm=True, bias=True, functional=False):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.conv = nn.Conv2d(16, 12, kernel, stride, padding, dilation, bias=bias)
-        self.norm = nn.BatchNorm2d(12) if norm else nn.Identity()
-        self.functional = functional
-        self.fc = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 5))
-        with torch.no_grad():  # non-trivial running statistics
-            if norm:
-                self.norm.running_mean.uniform_(-1, 1)
-                self.norm.running_var.uniform_(0.5, 2)
-                self.norm.weight.uniform_(0.5, 1.5)
-                self.norm.bias.uniform_(-0.5, 0.5)
-
-    def forward(self, x):
-        a = self.stem(x)
-        c = self.conv
-        z = F.conv2d(a, c.weight, c.bias, c.stride, c.padding, c.dilation) if self.functional else c(a)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.norm(z)), 1), 1))
 
 
 @pytest.mark.parametrize(
@@ -347,7 +330,7 @@ class _ConvStart(nn.Module):
 )
 def test_conv_shortcut_with_padding_kernels_and_batch_norm_equals_the_plain_tail(options):
     torch.manual_seed(0)
-    model = _ConvStart(**options).eval()
+    model = ConvStart(**options).eval()
     split, activations, extras = split_at(model, "stem", torch.randn(2, 3, 9, 9))
     shortcut = tail_shortcut(split.tail, activations, extras)
     assert shortcut.kind == "conv" and (shortcut.norm is not None) == options.get("norm", True)
@@ -360,7 +343,7 @@ def test_conv_shortcut_with_padding_kernels_and_batch_norm_equals_the_plain_tail
 
 def test_masks_that_are_not_sparse_take_the_dense_product():
     torch.manual_seed(0)
-    split, activations, extras = split_at(_ConvStart(kernel=1).eval(), "stem", torch.randn(1, 3, 9, 9))
+    split, activations, extras = split_at(ConvStart(kernel=1).eval(), "stem", torch.randn(1, 3, 9, 9))
     masks = torch.cat([_masks(16, n=6), torch.rand(1, 2, 16)[0]])[None]  # half on, and real-valued weights
     tail = _check_all_paths(split, activations, extras, masks, None, "conv")
     assert tail.sparse_calls == 0
@@ -369,7 +352,8 @@ def test_masks_that_are_not_sparse_take_the_dense_product():
     ones[0, 1, :8] = 0
     from reference import assert_same_up_to_rounding
 
-    assert_same_up_to_rounding(tail.run(activations, ones, extras, sparsity=1), _plain(split, activations, ones, extras), rel=1e-5)
+    assert_same_up_to_rounding(tail.run(activations, ones, extras, sparsity=1),
+                               _plain(split, activations, ones, extras), rel=1e-5)
 
 
 def test_sparse_rows_describe_each_row_by_its_smaller_side():
@@ -390,24 +374,23 @@ def test_group_sizes_never_exceed_the_static_bound():
         assert int(groups.sum(-1).max()) <= max_group_size(k, theta)
 
 
-def test_resnet50_split_inside_the_last_block_stays_on_the_plain_path_and_exact():
+def test_resnet50_split_inside_the_last_block_stays_on_the_plain_path_and_exact(resnet50_random):
     # layer4.2.conv3: the tail starts bn3 → add(skip) → relu, not linear in the masks with a skip added.
     torch.manual_seed(0)
-    model = models.load("resnet50", weights=None)
-    split, activations, extras = split_at(model, "layer4.2.conv3", torch.randn(2, 3, 64, 64))
+    split, activations, extras = split_at(resnet50_random, "layer4.2.conv3", torch.randn(2, 3, 64, 64))
     assert len(extras) == 1
     masks = _group_masks(activations)[:, ::64]  # a few rows of each kind keep this cheap
     _check_all_paths(split, activations, extras, masks, max_group_size(2048, 0.95), "plain")
 
 
-def test_resnet50_layer4_first_linear_is_the_last_and_gives_class_rows_only():
+def test_resnet50_layer4_first_linear_is_the_last_and_gives_class_rows_only(resnet50_random):
     torch.manual_seed(0)
-    model = models.load("resnet50", weights=None)
-    split, activations, extras = split_at(model, "layer4", torch.randn(2, 3, 64, 64))
+    split, activations, extras = split_at(resnet50_random, "layer4", torch.randn(2, 3, 64, 64))
     masks = _group_masks(activations)[:, ::32]
     _check_all_paths(split, activations, extras, masks, max_group_size(2048, 0.95), "linear")
 
 
+@pytest.mark.slow  # every path on VGG16 at 224
 def test_vgg16_target_rows_and_sparse_first_linear_equal_the_plain_tail(vgg16):
     _, _, split, activations, extras = vgg16
     masks = _group_masks(activations)[:, ::16]
@@ -455,7 +438,7 @@ def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(opt
     from reference import assert_same_up_to_rounding
 
     torch.manual_seed(0)
-    split, activations, extras = split_at(_ConvStart(**options).eval(), "stem", torch.randn(2, 3, 9, 9))
+    split, activations, extras = split_at(ConvStart(**options).eval(), "stem", torch.randn(2, 3, 9, 9))
     paired = _group_masks(activations, theta=0.8)  # [2,32,16]: groups of at most 3 channels
     order = torch.randperm(32, generator=torch.Generator().manual_seed(1))
     mixed = torch.cat([paired[:, order], paired[:, :3], 1 - paired[:, 20:22]], dim=1)
@@ -469,20 +452,22 @@ def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(opt
             assert tail.sparse_calls == 1 and tail.calls >= (1 if batch_size is None else 2 * 32 // 3)
             assert_same_up_to_rounding(got, expected, rel=1e-5)
             subset = tail.run(activations, masks, extras, classes, sparsity=bound)
-            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)),
+                                       rel=1e-5)
         rows = TorchTail(split.tail)
         monkeypatch.setattr(rows, "_takes_sets", lambda *args: False)
         assert_same_up_to_rounding(rows.run(activations, masks, extras, sparsity=bound), got, rel=1e-5)
 
 
 @pytest.mark.parametrize(
-    "options", [dict(kernel=1), dict(kernel=1, functional=True), dict(kernel=3, padding=1)], ids=["1x1", "functional-1x1", "3x3"]
+    "options", [dict(kernel=1), dict(kernel=1, functional=True),
+                dict(kernel=3, padding=1)], ids=["1x1", "functional-1x1", "3x3"]
 )
 def test_shortcut_graph_with_classes_and_a_bound_equals_the_plain_tail(options):
     from reference import assert_same_up_to_rounding
 
     torch.manual_seed(0)
-    model = _ConvStart(**options).eval()
+    model = ConvStart(**options).eval()
     split, activations, extras = split_at(model, "stem", torch.randn(2, 3, 9, 9))
     shortcut = tail_shortcut(split.tail, activations, extras)
     few = torch.zeros(2, 6, 16)
@@ -517,9 +502,8 @@ def test_linear_passes_per_channel_set_equal_the_plain_tail(theta):
     # A first Linear's switch-on and switch-off rows share one sum per channel set, gathered for small
     # sets (at most GATHER_SHARE of the channels) and one product of 0/1 set rows for larger ones;
     # rows in any order, repeated or without partner, and chunks of a few rows give the same logits.
-    from reference import assert_same_up_to_rounding
-
     from fdcam.factorise import GATHER_SHARE
+    from reference import assert_same_up_to_rounding
 
     torch.manual_seed(0)
     split, activations, extras = split_at(_LinearStart().eval(), "stem", torch.randn(2, 3, 8, 8))
@@ -538,4 +522,5 @@ def test_linear_passes_per_channel_set_equal_the_plain_tail(theta):
             assert tail.sparse_calls == 1 and tail.calls >= (2 if batch_size is None else masks.shape[1] // 7)
             assert_same_up_to_rounding(got, expected, rel=1e-5)
             subset = tail.run(activations, masks, extras, classes)
-            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)),
+                                       rel=1e-5)

@@ -18,7 +18,7 @@ def plain_cosine(activations: torch.Tensor) -> torch.Tensor:
     cos = torch.zeros(k, k, dtype=torch.float64)
     for i in range(k):
         for j in range(k):
-            dot = math.fsum(a * b for a, b in zip(flat[i], flat[j]))
+            dot = math.fsum(a * b for a, b in zip(flat[i], flat[j], strict=True))
             norms = math.sqrt(math.fsum(a * a for a in flat[i])) * math.sqrt(math.fsum(b * b for b in flat[j]))
             cos[i, j] = dot / norms if norms > 0 else 0.0
     return cos
@@ -114,9 +114,10 @@ def test_batched_groups_equal_per_image_groups_also_past_the_quantile_limit():
     activations = torch.rand(3, 16, 4, 4, generator=torch.Generator().manual_seed(8))
     per_image = torch.stack([channel_groups(a) for a in activations])
     assert torch.equal(channel_groups(activations), per_image)
-    for image, expected in zip(activations, per_image):
+    for image, expected in zip(activations, per_image, strict=True):
         assert torch.equal(expected, cosine_groups(image, 0.95))
-    assert torch.equal(channel_groups(activations, quantile_limit=16 * 16), per_image)  # each image alone, as for very large K
+    # each image alone, as for very large K
+    assert torch.equal(channel_groups(activations, quantile_limit=16 * 16), per_image)
 
 
 def test_single_channel_groups_are_the_identity():

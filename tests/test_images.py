@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision import transforms
 
 from fdcam import models
-from fdcam.images import ImageError, denormalize, list_images, load_image, overlay, preprocess, resize_map
+from fdcam.cli import main
+from fdcam.images import ImageError, denormalize, list_images, load_image, output_size, overlay, preprocess, resize_map
 
 DATA = Path(__file__).parent / "data"
 SPEC = models.spec("efficientnet_lite0")
@@ -17,7 +18,8 @@ JPEGS = sorted(DATA.glob("*.JPEG"))
 
 
 @pytest.mark.parametrize(
-    "file_name, size", [("gray.png", (128, 96)), ("rgba.png", (100, 80)), ("gray16.png", (128, 96)), ("tiny.png", (8, 8))]
+    "file_name, size", [("gray.png", (128, 96)), ("rgba.png", (100, 80)), ("gray16.png", (128, 96)),
+                        ("tiny.png", (8, 8))]
 )
 def test_edge_case_images_load_as_rgb(file_name, size):
     image = load_image(DATA / file_name)
@@ -156,3 +158,38 @@ def test_list_images_on_the_test_data():
     names = [path.name for path in list_images(DATA)]
     assert len(JPEGS) == 4 and all(path.name in names for path in JPEGS)
     assert "labels.csv" not in names and "boxes.json" not in names
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile and huge files
+
+
+def test_decompression_bombs_are_refused_in_one_line(bomb, tmp_path):
+    with pytest.raises(ImageError, match="decompression bomb") as raised:
+        load_image(bomb)
+    assert "\n" not in str(raised.value)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (300, 200)).save(small)
+    with pytest.raises(ImageError, match="300x200 px .* more than"):
+        load_image(small, max_pixels=50_000)
+    assert load_image(small).size == (300, 200)
+
+
+def test_outputs_of_large_images_are_bounded_and_overlays_computed_in_float32(tmp_path):
+    assert output_size((8000, 6000), 4096) == (4096, 3072)
+    assert output_size((300, 200), 4096) == (300, 200)
+    path = tmp_path / "wide.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 600, 3), dtype=np.uint8)).save(path)
+    assert main(["explain", str(path), "--method", "gradcam", "--class", "1", "--max-size", "128", "--out",
+                 str(tmp_path)]) == 0
+    assert np.load(tmp_path / "wide_gradcam_1.npy").shape == (64, 128)
+    assert Image.open(tmp_path / "wide_gradcam_1.png").size == (128, 64)
+    # The float32 banded overlay equals a float64 one-shot blend to within one grey level.
+    from fdcam.images import _jet
+
+    image = Image.fromarray(rng.integers(0, 255, (600, 70, 3), dtype=np.uint8))
+    saliency = torch.rand(600, 70, generator=torch.Generator().manual_seed(0))
+    reference = 0.5 * np.asarray(image, dtype=np.float64) + 0.5 * _jet(saliency.double().numpy()) * 255.0
+    got = np.asarray(overlay(image, saliency), dtype=np.float64)
+    assert np.abs(got - np.clip(np.rint(reference), 0, 255)).max() <= 1

@@ -8,10 +8,10 @@ the check needs no import and names the modules of a cycle when one appears. A m
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,8 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_graph_reader_finds_every_module_and_its_imports():
     graph = import_graph(lazy=True)
-    assert {"fdcam", "fdcam.evaluation", "fdcam.evaluation.run", "fdcam.export.model", "fdcam.runtime.cache"} <= set(graph)
+    assert {"fdcam", "fdcam.evaluation", "fdcam.evaluation.run", "fdcam.export.model",
+            "fdcam.runtime.cache"} <= set(graph)
     assert "fdcam.model_state" in graph["fdcam.export.model"]
     assert {module_level("fdcam.export"), "fdcam.export.graph"} <= graph["fdcam.runtime.cache"]  # __init__ runs too
     assert "fdcam.runtime" not in graph["fdcam.methods.base"]  # backends register; the core does not import them
@@ -237,7 +238,7 @@ def test_no_import_cycle_even_through_imports_inside_functions():
     assert cycles(import_graph(lazy=True)) == []
 
 
-@pytest.mark.parametrize("order", ["sorted", "reversed"])
+@pytest.mark.parametrize("order", ["sorted", pytest.param("reversed", marks=pytest.mark.slow)])
 def test_every_module_imports_in_a_fresh_interpreter(order):
     names = sorted(name for name in package_modules() if not name.endswith("__main__"))  # those run the CLI
     if order == "reversed":

@@ -8,14 +8,15 @@ import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
 import torchvision
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import fdcam
 from fdcam.forward import ForwardPass
-from fdcam.methods.base import BatchContext
+from fdcam.methods.base import BatchContext, NonFiniteError
 from fdcam.split import split_model
+from nets import assert_state_equal, small_images, small_net, state_of
 from reference import agreement, assert_same_up_to_rounding
 
 
@@ -40,7 +41,16 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("ours, theirs", PAIRS, ids=[p[0].__name__ for p in PAIRS])
+# Score-CAM runs 512 forwards of the whole model per image (on each side here), and pytorch-grad-cam's
+# Ablation-CAM 512 passes: in the slow tier.
+SCORE_CAM_SLOW = pytest.mark.slow
+SLOW_PAIRS = (fdcam.ScoreCAM, fdcam.AblationCAM)
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    pytest.param(*pair, id=pair[0].__name__, marks=SCORE_CAM_SLOW if pair[0] in SLOW_PAIRS else ())
+    for pair in PAIRS
+])
 def test_baseline_matches_pytorch_grad_cam(resnet18, image, ours, theirs):
     cls = 17
     mine = ours(resnet18, "layer4")(image, targets=cls)[0, 0].numpy()
@@ -53,7 +63,8 @@ def test_baseline_matches_pytorch_grad_cam(resnet18, image, ours, theirs):
 
 
 def test_methods_registry_names_every_class():
-    assert set(fdcam.METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam", "groupcam", "fdcam"}
+    assert set(fdcam.METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam",
+                                  "groupcam", "fdcam"}
     for cls in fdcam.METHODS.values():
         assert issubclass(cls, fdcam.BaseCAM)
 
@@ -105,7 +116,10 @@ def test_groupcam_matches_plain_reference(resnet18, image):
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
 
-@pytest.mark.parametrize("name", ["gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam", "groupcam", "fdcam"])
+@pytest.mark.parametrize("name", [
+    "gradcam", "gradcam++", "xgradcam", "layercam", pytest.param("scorecam", marks=SCORE_CAM_SLOW), "ablationcam",
+    "groupcam", "fdcam",
+])
 def test_every_method_handles_batches_and_several_classes(resnet18, name):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
     cam = fdcam.METHODS[name](resnet18, "layer4")
@@ -115,7 +129,7 @@ def test_every_method_handles_batches_and_several_classes(resnet18, name):
     assert_same_up_to_rounding(both[1, 0], cam(x[1:], targets=3)[0, 0])
 
 
-@pytest.mark.parametrize("name, forwards", [("scorecam", 512), ("groupcam", 1 + 32)])
+@pytest.mark.parametrize("name, forwards", [pytest.param("scorecam", 512, marks=SCORE_CAM_SLOW), ("groupcam", 1 + 32)])
 def test_perturbation_cams_run_their_forwards_on_a_scorer_with_the_same_maps(resnet18, image, name, forwards):
     from fdcam.scoring import OrtScorer
 
@@ -155,7 +169,10 @@ class HeadActivationApart(nn.Module):
 
 
 # Score-CAM's 1280 full forwards per map are too slow for the suite here: it has the small net below.
-@pytest.mark.parametrize("name", [name for name in fdcam.METHODS if name != "scorecam"])
+@pytest.mark.parametrize("name", [  # the perturbation methods' many Lite0 forwards: in the slow tier
+    pytest.param(name, marks=pytest.mark.slow) if name in ("ablationcam", "groupcam") else name
+    for name in fdcam.METHODS if name != "scorecam"
+])
 def test_every_method_explains_lite0_at_its_head_activation_call_site(lite0, name):
     x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(12))
     apart = HeadActivationApart(lite0).eval()
@@ -211,7 +228,8 @@ def test_gradcam_at_lite0_head_call_site_matches_a_hand_computation(lite0, zebra
 
 
 def test_without_a_target_layer_the_last_spatial_layer_is_named_in_a_warning(resnet18, image):
-    with pytest.warns(UserWarning, match=r"no target_layer given: explaining 'layer4' \(Sequential, output \[1, 512, 7, 7\]\)"):
+    with pytest.warns(UserWarning,
+                      match=r"no target_layer given: explaining 'layer4' \(Sequential, output \[1, 512, 7, 7\]\)"):
         cam = fdcam.GradCAM(resnet18)
     assert cam.target_layer == "layer4"
     assert torch.equal(cam(image, targets=5), fdcam.GradCAM(resnet18, "layer4")(image, targets=5))
@@ -247,7 +265,8 @@ def test_a_new_split_never_gets_the_tail_of_an_earlier_one(resnet18, image):
                                     {"cuda_graph": True}, {"memory_budget": 2**20}, {"tail_batch_size": 8}])
 def test_engine_options_given_to_a_method_without_tail_passes_are_refused(resnet18, name, option):
     ((key, value),) = option.items()
-    with pytest.raises(ValueError, match=rf"^{fdcam.METHODS[name].__name__} runs no masked tail passes: {key}=") as raised:
+    with pytest.raises(ValueError,
+                       match=rf"^{fdcam.METHODS[name].__name__} runs no masked tail passes: {key}=") as raised:
         fdcam.METHODS[name](resnet18, "layer4", **option)
     assert "\n" not in str(raised.value)
 
@@ -278,7 +297,10 @@ def test_batch_size_is_the_deprecated_name_of_the_batch_the_method_runs(resnet18
         fdcam.AblationCAM(resnet18, "layer4", batch_size=16, tail_batch_size=16)
 
 
-@pytest.mark.parametrize("name", sorted(fdcam.METHODS))
+@pytest.mark.parametrize("name", [  # Score-CAM's and Group-CAM's many forwards: in the slow tier
+    pytest.param(name, marks=pytest.mark.slow) if name in ("scorecam", "groupcam") else name
+    for name in sorted(fdcam.METHODS)
+])
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 def test_every_method_works_inside_no_grad_and_inference_mode(resnet18, name, mode):
     # Serving code wraps calls in these; fdcam records the tail's gradients itself. The same ops run in the
@@ -372,3 +394,66 @@ def test_close_frees_the_cuda_graphs_of_the_torch_tail():
     cam.close()
     assert tail.captured_graphs == 0 and cam.tails == []
     assert_same_up_to_rounding(fdcam.FDCAM(model, "3")(x), expected)  # eager passes: the same maps
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN and infinite values, bad inputs: one-line errors, the model unchanged
+
+
+def test_nan_weights_are_an_error_in_the_api():
+    model, x = small_net(), small_images(1)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    for name in ("fdcam", "gradcam", "ablationcam", "scorecam"):
+        with pytest.raises(NonFiniteError, match="NaN or infinite") as raised:
+            fdcam.METHODS[name](model, "conv3")(x, targets=1)
+        assert isinstance(raised.value, ValueError) and "\n" not in str(raised.value)
+
+
+def test_nan_maps_are_an_error_even_with_finite_logits():
+    model, x = small_net(), small_images(1)
+    cam = fdcam.GradCAM(model, "conv3")
+    cam.channel_weights = lambda explanation: torch.full(explanation.activations.shape[:1] + (1, 16), float("inf"))
+    with pytest.raises(NonFiniteError):
+        cam(x, targets=1)
+
+
+@pytest.mark.parametrize(
+    "x, targets, message",
+    [
+        (small_images(1).double(), None, "float64"),
+        (small_images(1).half(), None, "float16"),
+        (torch.randn(1, 1, 32, 32), None, "1 channels"),
+        (small_images(1), [[]], "no class"),
+        (torch.randn(0, 3, 32, 32), None, "empty"),
+        (small_images(1), torch.tensor([1.0]), "integer"),
+        (small_images(1), "3", "string"),
+        (small_images(1), [1.5], "integer"),
+    ],
+)
+def test_bad_input_and_targets_are_one_line_value_errors(x, targets, message, capfd):
+    model = small_net()
+    state = state_of(model)
+    with pytest.raises(ValueError, match=message) as raised:
+        fdcam.FDCAM(model, "conv3")(x, targets=targets)
+    assert "\n" not in str(raised.value)
+    assert capfd.readouterr().err == ""  # no fx traceback on stderr
+    assert_state_equal(model, state)
+
+
+def test_an_input_too_small_for_the_model_is_a_one_line_value_error(capfd):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    cam = fdcam.GradCAM(model, "2")
+    assert cam(torch.randn(1, 3, 16, 16), targets=1).shape == (1, 1, 16, 16)
+    with pytest.raises(ValueError, match="cannot run on an input of shape") as raised:
+        cam(torch.randn(1, 3, 4, 4), targets=1)
+    assert "\n" not in str(raised.value) and capfd.readouterr().err == ""
+
+
+def test_a_1x1_target_layer_warns_that_its_map_is_blank():
+    model = small_net()
+    with pytest.warns(UserWarning, match="1x1 .* blank"):
+        maps = fdcam.GradCAM(model, "conv3")(torch.randn(1, 3, 2, 2), targets=1)
+    assert torch.equal(maps, torch.zeros_like(maps))

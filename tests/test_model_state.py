@@ -43,7 +43,9 @@ def model():
     return model
 
 
-@pytest.mark.parametrize("name", list(fdcam.METHODS))
+@pytest.mark.parametrize(  # Score-CAM's 512 whole-model forwards: in the slow tier
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name == "scorecam" else name for name in fdcam.METHODS]
+)
 def test_success_leaves_model_unchanged(model, name):
     before = snapshot(model)
     maps = fdcam.METHODS[name](model, "layer4")(torch.randn(1, 3, 64, 64), targets=[[1, 2]])

@@ -14,14 +14,8 @@ DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
-def lite0():
-    return models.load("efficientnet_lite0")
-
-
-@pytest.fixture(scope="module")
-def random_models():
-    torch.manual_seed(0)
-    return {name: models.load(name, weights=None) for name in ("vgg16", "resnet50")}
+def random_models(vgg16_random, resnet50_random):
+    return {"vgg16": vgg16_random, "resnet50": resnet50_random}
 
 
 def test_lite0_predicts_the_labelled_class_offline(lite0):

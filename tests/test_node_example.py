@@ -162,7 +162,8 @@ def test_typed_explainer_json_is_read_too(installed_example, graph, photos, node
 
 
 def test_a_refused_image_is_reported_in_one_line_and_the_others_are_written(installed_example, graph, tmp_path):
-    """The graph answers a NaN image with NaN maps (as the library refuses it): Node names it, writes the rest, exits 1."""
+    """The graph answers a NaN image with NaN maps (as the library refuses it): Node names it, writes the rest,
+    exits 1."""
     node, folder = installed_example
     images = torch.randn(2, 3, 224, 224)
     images[1, 0, 10, 10] = float("nan")

@@ -1,18 +1,22 @@
-"""fdcam.options: FD-CAM's option checks (shared by FDCAM, the evaluation rows and the export description) and EngineOptions."""
+"""fdcam.options: FD-CAM's option checks (shared by FDCAM, the evaluation rows and the export description) and
+EngineOptions."""
 
 import dataclasses
 import inspect
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import fdcam
 from fdcam import FDCAM, BaseCAM, EngineOptions, GradCAM
 from fdcam.evaluation import method_specs
 from fdcam.export.describe import BIAS, THETA
 from fdcam.options import FDCAM_DEFAULTS, FDCAM_OPTIONS, check_fdcam_options, engine_changes, invalid_choice
 from fdcam.switch import switch_masks
 from fdcam.weights import combine_weights
+from nets import small_images, small_net
 
 
 def _net() -> nn.Module:
@@ -64,7 +68,8 @@ def test_the_low_level_functions_name_the_same_choices():
 def test_engine_options_defaults_are_the_methods_defaults():
     parameters = inspect.signature(BaseCAM.__init__).parameters
     fields = dataclasses.fields(EngineOptions)
-    assert {field.name: field.default for field in fields} == {field.name: parameters[field.name].default for field in fields}
+    defaults = {field.name: field.default for field in fields}
+    assert defaults == {field.name: parameters[field.name].default for field in fields}
     assert FDCAM(_net(), "1").engine == EngineOptions() and EngineOptions().changed() == {}
     assert engine_changes({"backend": "torch", "precision": "tf32", "cuda_graph": False}) == {"precision": "tf32"}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -76,10 +81,12 @@ def test_engine_options_defaults_are_the_methods_defaults():
     [
         ({"backend": "tensorflow"}, "^backend must be 'torch' or 'onnxruntime', not 'tensorflow'$"),
         ({"precision": "int8"}, "^precision must be one of fp32, tf32, bf16, fp16 for the torch backend, not 'int8'$"),
-        ({"backend": "onnxruntime", "precision": "bf16"}, "^precision must be one of fp32, tf32, fp16 for the onnxruntime backend, not 'bf16'$"),
+        ({"backend": "onnxruntime", "precision": "bf16"},
+         "^precision must be one of fp32, tf32, fp16 for the onnxruntime backend, not 'bf16'$"),
         ({"backend": "onnxruntime", "cuda_graph": True}, "^cuda_graph applies to the torch backend"),
         ({"provider": "cpu"}, "^provider='cpu' applies to the onnxruntime backend"),
-        ({"backend": "onnxruntime", "provider": "npu"}, "^provider must be one of auto, cpu, cuda, tensorrt, not 'npu'$"),
+        ({"backend": "onnxruntime", "provider": "npu"},
+         "^provider must be one of auto, cpu, cuda, tensorrt, not 'npu'$"),
         ({"tail_batch_size": 0}, r"^tail_batch_size must be a positive integer or None, not 0$"),
         ({"tail_batch_size": 2.5}, r"^tail_batch_size must be a positive integer or None, not 2.5$"),
         ({"tail_batch_size": True}, r"^tail_batch_size must be a positive integer or None, not True$"),
@@ -96,7 +103,8 @@ def test_each_bad_engine_option_is_one_line_value_error_made_and_given_to_a_meth
 
 def test_engine_options_object_and_keywords_give_the_same_map():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(12, 5)).eval()
     x = torch.randn(2, 3, 12, 12)
     by_object = FDCAM(model, "1", engine=EngineOptions(tail_batch_size=7))
     by_keyword = FDCAM(model, "1", tail_batch_size=7)
@@ -108,14 +116,18 @@ def test_engine_options_object_and_keywords_give_the_same_map():
 
 def test_engine_and_a_conflicting_keyword_are_refused_in_one_line():
     engine = EngineOptions(tail_batch_size=7, precision="tf32")
-    with pytest.raises(ValueError, match="^give each engine option once, in engine= or as a keyword: tail_batch_size=7 in engine= but 8 as a keyword$"):
+    message = ("give each engine option once, in engine= or as a keyword: "
+               "tail_batch_size=7 in engine= but 8 as a keyword")
+    with pytest.raises(ValueError, match=f"^{message}$"):
         FDCAM(_net(), "1", engine=engine, tail_batch_size=8)
     assert FDCAM(_net(), "1", engine=engine, precision="tf32").engine is engine  # agreeing keywords are fine
     with pytest.raises(ValueError, match="^engine must be a fdcam.EngineOptions, not dict$"):
         FDCAM(_net(), "1", engine={"tail_batch_size": 7})
 
 
-@pytest.mark.parametrize("options", [{"backend": "onnxruntime"}, {"precision": "fp16"}, {"tail_batch_size": 8}, {"memory_budget": 2**20}])
+@pytest.mark.parametrize("options",
+                         [{"backend": "onnxruntime"}, {"precision": "fp16"}, {"tail_batch_size": 8},
+                          {"memory_budget": 2**20}])
 def test_grad_cam_refuses_engine_options_as_an_object_as_it_does_as_keywords(options):
     with pytest.raises(ValueError, match="^GradCAM runs no masked tail passes: ") as as_object:
         GradCAM(_net(), "1", engine=EngineOptions(**options))
@@ -123,3 +135,25 @@ def test_grad_cam_refuses_engine_options_as_an_object_as_it_does_as_keywords(opt
         GradCAM(_net(), "1", **options)
     assert str(as_object.value) == str(as_keywords.value)
     assert GradCAM(_net(), "1", engine=EngineOptions()).engine == EngineOptions()  # nothing set: nothing to refuse
+
+
+# ---------------------------------------------------------------------------------------------
+# engine options given to a method
+
+
+def test_bad_engine_options_are_refused():
+    model = small_net()
+    for bad in ({"tail_batch_size": 0}, {"tail_batch_size": -1}, {"memory_budget": 0}, {"memory_budget": -5},
+                {"tail_batch_size": 2.5}):
+        with pytest.raises(ValueError, match="positive integer"):
+            fdcam.FDCAM(model, "conv3", **bad)
+    with pytest.raises(ValueError, match="GradCAM runs no masked tail passes: backend='onnxruntime', precision='fp16'"):
+        fdcam.GradCAM(model, "conv3", backend="onnxruntime", precision="fp16")
+    cam = fdcam.FDCAM(model, "conv3", cuda_graph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cam(small_images(1))
+        cam(small_images(1))
+    assert [str(w.message) for w in caught if "cuda_graph" in str(w.message)] == [
+        "cuda_graph applies to CUDA inputs only; these switch passes run eagerly"
+    ]

@@ -39,7 +39,8 @@ def _write(path: Path, layer: str, images: dict, classes: dict) -> Path:
     ]
     summary = {
         "metric": "insertion-deletion", "model": "efficientnet_lite0", "layer": layer, "n_images": len(images),
-        "methods": {m: {"method": m, "options": {}, "insertion": 0.0, "deletion": 0.0, "overall": 0.0} for m in methods},
+        "methods": {m: {"method": m, "options": {}, "insertion": 0.0, "deletion": 0.0,
+                        "overall": 0.0} for m in methods},
         "per_image": per_image, "skipped": [],
     }
     path.write_text(json.dumps(summary))
@@ -70,11 +71,11 @@ def test_paired_differences_are_over_the_common_images_only(runs):
     for method in ("gradcam", "fdcam"):
         expected = _mean_and_error([_overall(SECOND, n, method) - _overall(FIRST, n, method) for n in COMMON])
         assert result.delta[method] == pytest.approx(expected, rel=1e-12)
-        for run, means in zip((FIRST, SECOND), result.means[method]):
+        for run, means in zip((FIRST, SECOND), result.means[method], strict=True):
             insertion = statistics.mean(run[n][method][0] for n in COMMON)
             deletion = statistics.mean(run[n][method][1] for n in COMMON)
             assert means == pytest.approx((insertion, deletion, insertion - deletion), rel=1e-12)
-    for run, differences in zip((FIRST, SECOND), result.fdcam_minus):
+    for run, differences in zip((FIRST, SECOND), result.fdcam_minus, strict=True):
         expected = _mean_and_error([_overall(run, n, "fdcam") - _overall(run, n, "gradcam") for n in COMMON])
         assert list(differences) == ["gradcam"] and differences["gradcam"] == pytest.approx(expected, rel=1e-12)
 

@@ -15,35 +15,26 @@ from torch import nn
 
 import fdcam
 from fdcam import runtime
-from fdcam.images import load_image, preprocess
 from fdcam.runtime import OrtTail, ProviderError, ort_tail
 from fdcam.tail import Tail, TorchTail
+from nets import ConvStart
 
-DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def graph_cache(tmp_path_factory):
-    """Exported graphs go to a temporary cache, never to ~/.cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FDCAM_CACHE", str(tmp_path_factory.mktemp("fdcam-cache")))
-        runtime.clear_sessions()
-        yield
-        runtime.clear_sessions()
+def fresh_sessions():
+    """The module starts and ends with no open sessions (graphs go to the session's temporary FDCAM_CACHE)."""
+    runtime.clear_sessions()
+    yield
+    runtime.clear_sessions()
 
 
 @pytest.fixture(scope="module")
-def zebra():
-    spec = fdcam.models.spec("efficientnet_lite0")
-    return preprocess(load_image(DATA / "n02391049_zebra.JPEG"), spec)
-
-
-@pytest.fixture(scope="module")
-def lite0_split(lite0, zebra):
-    split = fdcam.split_model(lite0, "_blocks.15", zebra)
+def lite0_split(lite0, zebra_input):
+    split = fdcam.split_model(lite0, "_blocks.15", zebra_input)
     with torch.no_grad():
-        features, *extras = split.head(zebra)
+        features, *extras = split.head(zebra_input)
     return split, features, extras
 
 
@@ -63,9 +54,9 @@ def assert_same_maps(torch_maps, ort_maps):
     assert correlation >= 0.9999 and max_abs <= 1e-3, (correlation, max_abs)
 
 
-def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run():
-    torch.manual_seed(0)
-    model = torchvision.models.vgg16().eval()
+@pytest.mark.slow  # exports VGG16's 120M-parameter tail
+def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run(vgg16_random):
+    model = vgg16_random
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     expected = fdcam.FDCAM(model, "features.30")(x, targets=7)
     cam = fdcam.FDCAM(model, "features.30", backend="onnxruntime", provider="cpu")
@@ -73,15 +64,16 @@ def test_fdcam_vgg16_onnxruntime_equals_torch_in_one_run():
     tail = the_tail(cam)
     assert isinstance(tail, OrtTail) and isinstance(tail, Tail)
     assert tail.runs == 1 and tail.provider == "cpu"
-    # pooling + Linear after features.30: the graph is the factorised tail (fdcam.factorise), with the target class input
+    # pooling + Linear after features.30: the graph is the factorised tail (fdcam.factorise), with the target
+    # class input
     (form,) = tail.forms_run
     assert form.classes and tail.opened(form)[0].get_modelmeta().custom_metadata_map["tail_form"] == "factorised"
 
 
-def test_fdcam_efficientnet_lite0_onnxruntime_equals_torch(lite0, zebra):
-    expected = fdcam.FDCAM(lite0, "_blocks.15")(zebra, targets=[[340, 0]])
+def test_fdcam_efficientnet_lite0_onnxruntime_equals_torch(lite0, zebra_input):
+    expected = fdcam.FDCAM(lite0, "_blocks.15")(zebra_input, targets=[[340, 0]])
     cam = fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
-    maps = cam(zebra, targets=[[340, 0]])
+    maps = cam(zebra_input, targets=[[340, 0]])
     for t in range(2):
         assert_same_maps(expected[0, t], maps[0, t])
     assert the_tail(cam).runs == 1  # both classes share the 2K switch passes
@@ -99,43 +91,45 @@ def test_fdcam_resnet_split_inside_a_block_onnxruntime_equals_torch():
     assert the_tail(cam).runs == 1  # both images' switch passes in one session run
 
 
-def test_ablationcam_onnxruntime_equals_torch(lite0, zebra):
-    expected = fdcam.AblationCAM(lite0, "_blocks.15")(zebra)
+def test_ablationcam_onnxruntime_equals_torch(lite0, zebra_input):
+    expected = fdcam.AblationCAM(lite0, "_blocks.15")(zebra_input)
     cam = fdcam.AblationCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
-    assert_same_maps(expected, cam(zebra))
+    assert_same_maps(expected, cam(zebra_input))
     assert the_tail(cam).runs == 1
 
 
-def test_a_second_explainer_reuses_the_session_and_builds_nothing(lite0, zebra):
-    fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")(zebra)  # built here unless an earlier test did
+def test_a_second_explainer_reuses_the_session_and_builds_nothing(lite0, zebra_input):
+    # built here unless an earlier test did
+    fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")(zebra_input)
     before = copy.copy(runtime.stats)
     cam = fdcam.FDCAM(lite0, "_blocks.15", backend="onnxruntime", provider="cpu")
-    cam(zebra)
+    cam(zebra_input)
     after = runtime.stats
     assert (after.exports, after.sessions, after.graph_reuses) == (before.exports, before.sessions, before.graph_reuses)
     assert after.session_reuses == before.session_reuses + 1
     assert the_tail(cam).runs == 1
 
 
-def test_graphs_are_reused_from_disk_and_changed_weights_export_again(zebra):
-    model = fdcam.models.load("efficientnet_lite0")  # a fresh copy: this test changes its weights
-    split = fdcam.split_model(model, "_blocks.15", zebra)
+def test_graphs_are_reused_from_disk_and_changed_weights_export_again(lite0, zebra_input):
+    model = copy.deepcopy(lite0)  # a copy: this test changes its weights
+    split = fdcam.split_model(model, "_blocks.15", zebra_input)
     with torch.no_grad():
-        features, *extras = split.head(zebra)
-    ort_tail(model, split, features, extras, provider="cpu").session  # forms are exported on first use
+        features, *extras = split.head(zebra_input)
+    _ = ort_tail(model, split, features, extras, provider="cpu").session  # forms are exported on first use
     runtime.clear_sessions()
     before = copy.copy(runtime.stats)
-    ort_tail(model, split, features, extras, provider="cpu").session
+    _ = ort_tail(model, split, features, extras, provider="cpu").session
     assert runtime.stats.exports == before.exports and runtime.stats.graph_reuses == before.graph_reuses + 1
     assert runtime.stats.sessions == before.sessions + 1
 
     with torch.no_grad():
         model._fc.bias.add_(1.0)  # an in-place change of a tail weight
     tail = ort_tail(model, split, features, extras, provider="cpu")
-    tail.session
+    _ = tail.session
     assert runtime.stats.exports == before.exports + 1
     masks = torch.ones(2, 320)
-    torch.testing.assert_close(tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_a_damaged_cached_graph_is_exported_again(tmp_path, caplog):
@@ -145,13 +139,13 @@ def test_a_damaged_cached_graph_is_exported_again(tmp_path, caplog):
     split = fdcam.split_model(model, "layer4.1.conv2", x)
     with torch.no_grad():
         features, *extras = split.head(x)
-    ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path).session
+    _ = ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path).session
     (cached,) = (tmp_path / "tails").glob("*.onnx")
     cached.write_bytes(b"not an onnx graph")
     runtime.clear_sessions()
     with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
         tail = ort_tail(model, split, features, extras, provider="cpu", cache_dir=tmp_path)
-        tail.session
+        _ = tail.session
     assert "does not match its recorded sha256" in caplog.text  # verified before ONNX Runtime reads it
     masks = torch.ones(3, 512)
     expected = TorchTail(split.tail).run(features, masks, extras)
@@ -183,8 +177,8 @@ def test_tensorrt_without_tensorrt_falls_back_with_one_warning(lite0, lite0_spli
     split, features, extras = lite0_split
     with caplog.at_level(logging.WARNING, logger="fdcam.runtime"):
         tail = ort_tail(lite0, split, features, extras, provider="tensorrt")
-        tail.session
-        ort_tail(lite0, split, features, extras, provider="tensorrt").session  # cached: no second warning
+        _ = tail.session
+        _ = ort_tail(lite0, split, features, extras, provider="tensorrt").session  # cached: no second warning
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "TensorRT cannot be used" in warnings[0].getMessage()
     assert tail.provider in ("cuda", "cpu")
@@ -193,7 +187,8 @@ def test_tensorrt_without_tensorrt_falls_back_with_one_warning(lite0, lite0_spli
     torch.testing.assert_close(tail.run(features, masks, extras), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("options, message", [({"provider": "npu"}, "provider must be"), ({"precision": "int8"}, "precision must be")])
+@pytest.mark.parametrize("options, message",
+                         [({"provider": "npu"}, "provider must be"), ({"precision": "int8"}, "precision must be")])
 def test_unknown_provider_or_precision_is_a_value_error(lite0, lite0_split, options, message):
     split, features, extras = lite0_split
     with pytest.raises(ValueError, match=message):
@@ -226,11 +221,13 @@ def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path
     masks = (torch.rand(3, 7, 512, generator=torch.Generator().manual_seed(7)) > 0.5).float()
     together = tail.run(features, masks, extras)
     assert tail.runs == 1 and together.shape == (3, 7, 1000) and together.dtype == torch.float32
-    singles = torch.cat([tail.run(features[i : i + 1], masks[i : i + 1], [e[i : i + 1] for e in extras]) for i in range(3)])
+    singles = torch.cat([tail.run(features[i : i + 1], masks[i : i + 1],
+                                  [e[i : i + 1] for e in extras]) for i in range(3)])
     assert_same_up_to_rounding(together, singles)
     assert_same_up_to_rounding(together, TorchTail(split.tail, factorise=False).run(features, masks, extras))
     classes = torch.tensor([[5, 1], [0, 999], [3, 3]])
-    torch.testing.assert_close(tail.run(features, masks, extras, classes), together.gather(2, classes[:, None].expand(-1, 7, -1)))
+    torch.testing.assert_close(tail.run(features, masks, extras, classes),
+                               together.gather(2, classes[:, None].expand(-1, 7, -1)))
     for rows, runs in ((14, 2), (3, 9)):  # two images per run (2 + 1); slices of 3, 2, 2 masks of one image
         chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path,
                            memory_budget=rows * tail.row_bytes)
@@ -241,29 +238,11 @@ def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path
 # --- graph forms: a classes input, gathered sums under a static bound ---------------------------------
 
 
-class _ConvStart(nn.Module):
-    """Random-weight net whose tail after `stem` starts with a k×k convolution + batch norm and ends in a Linear."""
-
-    def __init__(self, kernel: int = 1, plain: bool = False):
-        super().__init__()
-        self.plain = plain  # a ReLU first and a max last: nothing for fdcam.factorise to shorten
-        self.stem = nn.Conv2d(3, 32, 3, stride=4)
-        self.conv = nn.Conv2d(32, 48, kernel, padding=kernel // 2)
-        self.bn = nn.BatchNorm2d(48)
-        self.fc = nn.Linear(48, 10)
-        with torch.no_grad():
-            self.bn.running_mean.uniform_(-0.2, 0.2)
-            self.bn.running_var.uniform_(0.5, 1.5)
-
-    def forward(self, x):
-        stem = self.stem(x)
-        y = torch.nn.functional.relu6(self.bn(self.conv(torch.relu(stem) if self.plain else stem)))
-        return y.amax((2, 3)) if self.plain else self.fc(y.mean((2, 3)))
-
-
-def _conv_start_tail(tmp_path, seed=0, **options):
+def _conv_start_tail(tmp_path, seed=0, kernel=1, plain=False):
     torch.manual_seed(seed)
-    model = _ConvStart(**options).eval()
+    # The tail after `stem` starts with a k×k convolution + batch norm; 32 channels to mask, 8×8 maps.
+    model = ConvStart(kernel, padding=kernel // 2, channels=(32, 48), stem_stride=4, hidden=None, classes=10,
+                      activation=torch.nn.functional.relu6, plain=plain).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
     split = fdcam.split_model(model, "stem", x[:1])
     with torch.no_grad():
@@ -288,9 +267,8 @@ def _plain(split, features, masks, extras, classes=None):
 
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel):
-    from reference import assert_same_up_to_rounding
-
     from fdcam.export.graph import TailForm
+    from reference import assert_same_up_to_rounding
 
     model, split, features, extras, tail = _conv_start_tail(tmp_path, kernel=kernel)
     masks = _switch_masks(2, 32, 4, seed=kernel)
@@ -305,15 +283,16 @@ def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel)
     everything = tail.run(features, masks, extras)
     assert_same_up_to_rounding(everything, _plain(split, features, masks, extras))
     assert tail.forms_run[TailForm()] == 1
-    chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path, batch_size=20)
-    assert_same_up_to_rounding(chunked.run(features, masks, extras, classes, sparsity=4), sparse)  # each chunk gets its classes
+    chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path,
+                       batch_size=20)
+    # each chunk gets its classes
+    assert_same_up_to_rounding(chunked.run(features, masks, extras, classes, sparsity=4), sparse)
     assert chunked.forms_run == {TailForm(classes=True, bound=4): 8}  # slices of 20 of each image's 64 masks
 
 
 def test_rows_over_the_bound_run_densely_and_stay_exact(tmp_path):
-    from reference import assert_same_up_to_rounding
-
     from fdcam.export.graph import TailForm
+    from reference import assert_same_up_to_rounding
 
     _, split, features, extras, tail = _conv_start_tail(tmp_path, seed=3)
     masks = _switch_masks(2, 32, 4, seed=5)
@@ -340,11 +319,13 @@ def test_each_graph_form_has_its_own_file_and_session(tmp_path):
     digest = files[0].name[:32]  # one content hash, one file per form
     assert sorted(path.name for path in files) == sorted(f"{digest}{form.suffix}.onnx" for form in forms)
     by_suffix = {path.name[32:]: read_metadata(path) for path in files}
-    assert by_suffix["-classes-sparse4.onnx"]["classes_input"] == "true" and by_suffix["-classes-sparse4.onnx"]["sparse_bound"] == "4"
-    assert by_suffix["-classes-sparse4.onnx"]["tail_form"] == "shortcut" and by_suffix[".onnx"]["classes_input"] == "false"
+    sparse = by_suffix["-classes-sparse4.onnx"]
+    assert sparse["classes_input"] == "true" and sparse["sparse_bound"] == "4"
+    assert sparse["tail_form"] == "shortcut" and by_suffix[".onnx"]["classes_input"] == "false"
     assert [tail.opened(form)[0] for form in forms] == sessions  # each form's session is kept, none rebuilt
     before = copy.copy(runtime.stats)
-    again = ort_tail(model, tail_split(model, features), features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path)
+    again = ort_tail(model, tail_split(model, features), features[:1], [e[:1] for e in extras], provider="cpu",
+                     cache_dir=tmp_path)
     assert again.opened(TailForm(classes=True, bound=4))[0] is sessions[3]
     assert runtime.stats.exports == before.exports
 
@@ -355,9 +336,8 @@ def tail_split(model, features):
 
 
 def test_a_tail_without_shortcuts_exports_the_plain_graph_for_every_call(tmp_path):
-    from reference import assert_same_up_to_rounding
-
     from fdcam.export.graph import TailForm
+    from reference import assert_same_up_to_rounding
 
     _, split, features, extras, tail = _conv_start_tail(tmp_path, plain=True)
     assert not tail.selects_rows and not tail.gathers(4)

@@ -76,7 +76,9 @@ GRADIENT_PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("name", list(NETWORKS))
+@pytest.mark.parametrize("name", [  # FCN's ResNet-50 backbone: in the slow tier
+    pytest.param(name, marks=pytest.mark.slow) if name == "fcn" else name for name in NETWORKS
+])
 @pytest.mark.parametrize("ours, theirs", GRADIENT_PAIRS, ids=[p[0].__name__ for p in GRADIENT_PAIRS])
 def test_gradient_methods_equal_pytorch_grad_cam_on_a_region(images, name, ours, theirs):
     model, layer = network(name), NETWORKS[name][1]

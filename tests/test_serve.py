@@ -30,7 +30,6 @@ pytest.importorskip("pytriton", reason="needs the [serve] extra (nvidia-pytriton
 pytest.importorskip("tritonclient.http", reason="needs the [serve] extra (tritonclient[http,grpc])")
 pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient[http,grpc])")
 
-import fdcam.models  # noqa: E402
 from fdcam.bounds import MAX_CLASSES  # noqa: E402
 from fdcam.cli import main  # noqa: E402
 from fdcam.images import load_image, preprocess, resize_map  # noqa: E402
@@ -39,25 +38,16 @@ from fdcam.models import spec_of  # noqa: E402
 from fdcam.serving.client import ExplainClient, ServerError  # noqa: E402
 from fdcam.serving.command import export_graphs  # noqa: E402
 from fdcam.serving.engine import ServingConfig, TorchExplainer, handle_tensor_requests  # noqa: E402
+from fdcam.serving.ports import free_ports  # noqa: E402
 from fdcam.serving.server import descendants, triton_environment  # noqa: E402
 
 METHOD = "gradcam"
-IMAGES = ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG", "n03297495_espresso_maker.JPEG", "n07684084_French_loaf.JPEG")
+IMAGES = ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG", "n03297495_espresso_maker.JPEG",
+          "n07684084_French_loaf.JPEG")
 # Maps are min-max normalised float32: a batched and a single computation differ by rounding only.
 MAP_TOLERANCE = 1e-4
 STARTUP_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 40
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class Server:
@@ -65,7 +55,7 @@ class Server:
 
     def __init__(self, *extra: str, backend: str = "torch", startup_timeout_s: float = STARTUP_TIMEOUT_S,
                  env: dict | None = None):
-        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         command = [
             sys.executable, "-m", "fdcam.cli", "serve", "--backend", backend, "--method", METHOD,
             "--address", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
@@ -158,6 +148,7 @@ def _library(lite0, cam, x, classes=None):
     return logits.numpy(), targets.numpy(), cam(x, targets).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_tensor_answers_equal_the_library(server, lite0, cam, inputs, protocol):
     with ExplainClient(getattr(server, protocol)) as client:
@@ -165,6 +156,7 @@ def test_tensor_answers_equal_the_library(server, lite0, cam, inputs, protocol):
             _assert_same_explanation(client.explain_tensor(x, classes), *_library(lite0, cam, x, classes))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server, lite0, cam, data_dir, protocol):
     path = data_dir / "n02391049_zebra.JPEG"
@@ -180,7 +172,9 @@ def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server,
     assert np.abs(result["saliency_original"][0, 0] - full).max() <= MAP_TOLERANCE
 
 
-def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(onnx_server, lite0, cam, inputs, data_dir):
+@pytest.mark.slow
+def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(onnx_server, lite0, cam, inputs,
+                                                                              data_dir):
     """`fdcam serve` without --backend: answers equal the library, and requests sent together run as one batch."""
     with ExplainClient(onnx_server.http) as client:
         assert client.server_config()["backend"] == "onnxruntime"
@@ -211,6 +205,7 @@ def _settled_statistics(client: ExplainClient, model: str = "fdcam") -> dict:
     return client.statistics(model, settle=0.5)
 
 
+@pytest.mark.slow
 def test_load_all_answered_unmixed_and_batched(server, inputs):
     """8 clients × 25 requests at once: each answer equals its own sequential answer; Triton batched them."""
     clients, per_client = 8, 25
@@ -230,7 +225,8 @@ def test_load_all_answered_unmixed_and_batched(server, inputs):
         with ExplainClient(server.http) as own:  # tritonclient's HTTP client is not thread-safe: one per thread
             for i in range(per_client):
                 input_index = (client_index + i) % len(inputs)
-                answers.append((input_index, client_index % 2, own.explain_tensor(inputs[input_index], classes_of(client_index, input_index))))
+                answers.append((input_index, client_index % 2,
+                                own.explain_tensor(inputs[input_index], classes_of(client_index, input_index))))
         return answers
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -239,7 +235,8 @@ def test_load_all_answered_unmixed_and_batched(server, inputs):
     for input_index, variant, answer in results:
         expected = sequential[input_index, variant]
         np.testing.assert_array_equal(answer["targets"], expected["targets"])
-        assert np.abs(answer["logits"] - expected["logits"]).max() <= 1e-4 * max(float(np.abs(expected["logits"]).max()), 1.0)
+        scale = max(float(np.abs(expected["logits"]).max()), 1.0)
+        assert np.abs(answer["logits"] - expected["logits"]).max() <= 1e-4 * scale
         assert np.abs(answer["saliency"] - expected["saliency"]).max() <= MAP_TOLERANCE
 
     with ExplainClient(server.http) as client:
@@ -278,6 +275,7 @@ def _bad_requests(inputs, data_dir):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_each_bad_request_gets_one_line_and_the_next_good_one_succeeds(server, inputs, data_dir, protocol):
     good = inputs[2]
@@ -362,12 +360,14 @@ def test_a_port_in_use_is_refused_in_one_line(capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        grpc_port, metrics_port = _free_ports(2)
-        status = main(["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)])
+        grpc_port, metrics_port = free_ports(2)
+        status = main(["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port",
+                       str(metrics_port)])
     assert status == 2
     assert capsys.readouterr().err.startswith(f"fdcam: error: --http-port {port} cannot be used on 127.0.0.1: ")
 
 
+@pytest.mark.slow
 def test_explain_with_server_writes_the_files_of_the_local_command(server, data_dir, tmp_path, capsys):
     images = [str(data_dir / IMAGES[0]), str(data_dir / IMAGES[1])]
     assert main(["explain", *images, "--method", METHOD, "--topk", "2", "--out", str(tmp_path / "local")]) == 0
@@ -378,17 +378,23 @@ def test_explain_with_server_writes_the_files_of_the_local_command(server, data_
     assert local == sorted(p.name for p in (tmp_path / "served").iterdir()) and len(local) == 8
     for name in local:
         if name.endswith(".npy"):
-            assert np.abs(np.load(tmp_path / "local" / name) - np.load(tmp_path / "served" / name)).max() <= MAP_TOLERANCE
-    assert [line.split()[:4] for line in local_table.splitlines()] == [line.split()[:4] for line in served_table.splitlines()]
+            local, served = np.load(tmp_path / "local" / name), np.load(tmp_path / "served" / name)
+            assert np.abs(local - served).max() <= MAP_TOLERANCE
+    columns = [line.split()[:4] for line in local_table.splitlines()]
+    assert columns == [line.split()[:4] for line in served_table.splitlines()]
 
 
+@pytest.mark.slow
 def test_explain_with_server_refuses_another_method_in_one_line(server, data_dir, tmp_path, capsys):
-    status = main(["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out", str(tmp_path)])
+    status = main(["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out",
+                   str(tmp_path)])
     assert status == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"fdcam: error: the server explains with {METHOD}, not fdcam; omit --method or start a server with --method fdcam"
+    assert err == (f"fdcam: error: the server explains with {METHOD}, not fdcam; "
+                   "omit --method or start a server with --method fdcam")
 
 
+@pytest.mark.slow
 def test_explain_with_server_names_each_skipped_file_once(server, data_dir, tmp_path, capsys):
     missing, tiny = data_dir / "missing.jpg", data_dir / "tiny.png"  # refused by the loader, by the server
     status = main(["explain", str(missing), str(tiny), "--server", server.http, "--out", str(tmp_path)])
@@ -442,7 +448,7 @@ def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answer
     assert isinstance(refused, InferenceServerException) and refused.status() == "400"
     assert refused.message() == ("refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed "
                                  "(a possible decompression bomb)")
-    for name, answer in zip(IMAGES, answers):
+    for name, answer in zip(IMAGES, answers, strict=True):
         x = preprocess(load_image(data_dir / name), spec_of(lite0))
         result = {key: answer.as_numpy(key) for key in ("logits", "targets", "saliency")}
         _assert_same_explanation(result, *_library(lite0, cam, x))
@@ -506,11 +512,11 @@ def test_refusals_are_failures_in_triton_statistics_and_metrics(server, inputs):
                 assert str(error) == "image contains NaN or infinite values"
     time.sleep(2)  # Triton's metrics are refreshed every second
     after = counters()
-    assert [b - a for a, b in zip(before, after)] == [3, 2, 3, 2, 2]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [3, 2, 3, 2, 2]
 
 
 def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):
-    ports = _free_ports(3)
+    ports = free_ports(3)
     status = main(["serve", "--method", "scorecam", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                    "--metrics-port", str(ports[2])])
     captured = capsys.readouterr()
@@ -520,7 +526,7 @@ def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):
 
 
 def test_serve_refuses_a_negative_bound_in_one_line(capsys):
-    ports = _free_ports(3)
+    ports = free_ports(3)
     assert main(["serve", "--max-classes", "-1", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                  "--metrics-port", str(ports[2])]) == 2
     assert capsys.readouterr().err.strip() == "fdcam: error: --max-classes must be 0 (no limit) or more, not -1"
@@ -541,7 +547,7 @@ def test_sigkill_leaves_no_server_and_the_next_start_removes_the_workspace(tmp_p
     assert not [pid for pid in killed.family if _alive(pid)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("fdcam-serve-")) == left
     # The next start: here one that stops at its first argument check, after cleaning up.
-    ports = [str(port) for port in _free_ports(3)]
+    ports = [str(port) for port in free_ports(3)]
     status = subprocess.run([sys.executable, "-m", "fdcam.cli", "serve", "--max-classes", "-1", "--http-port", ports[0],
                              "--grpc-port", ports[1], "--metrics-port", ports[2]], capture_output=True, text=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)}).returncode
@@ -610,6 +616,7 @@ def test_soak_stub_memory_stays_flat(server, inputs, data_dir, tmp_path):
         assert after[pid][1] - before[pid][0] <= SOAK_PEAK_MB, report
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_and_leaves_no_tritonserver(server):
     assert server.family, "tritonserver and its stubs should run under fdcam serve"
     started = time.monotonic()
@@ -629,12 +636,13 @@ def _is_tritonserver(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     """SIGTERM while the models are still loading: fdcam serve exits 0 and takes tritonserver with it."""
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
-        [sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD, "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+        [sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD,
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 120
@@ -652,18 +660,21 @@ def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     assert not [pid for pid in family if _alive(pid)]
 
 
+@pytest.mark.slow
 def test_serving_benchmark_prints_a_row_per_concurrency_with_triton_batch_sizes(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives at the repository root
     from benchmarks import serving
 
     out = tmp_path / "serving.json"
-    arguments = ["--backend", "torch", "--method", METHOD, "--concurrency", "1,3", "--requests", "6", "--max-batch", "4", "--json", str(out)]
+    arguments = ["--backend", "torch", "--method", METHOD, "--concurrency", "1,3", "--requests", "6", "--max-batch",
+                 "4", "--json", str(out)]
     assert serving.main(arguments) == 0
     printed = capsys.readouterr().out
     assert "mean batch" in printed and "in-process, 1 image/call" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["concurrency"], r["requests"]) for r in rows] == [
-        ("triton http (tensor)", 1, 6), ("triton http (tensor)", 3, 6), ("in-process, 1 image/call", 1, 6), ("in-process, 4 images/call", 1, 6),
+        ("triton http (tensor)", 1, 6), ("triton http (tensor)", 3, 6),
+        ("in-process, 1 image/call", 1, 6), ("in-process, 4 images/call", 1, 6),
     ]
     assert rows[0]["mean_batch"] == 1.0  # one client: Triton never has two requests to batch
     for row in rows:

@@ -16,12 +16,12 @@ from reference import assert_same_up_to_rounding
         (torchvision.models.resnet18, "layer3", 0),
         (torchvision.models.resnet18, "layer4.1.conv2", 1),  # bn2 and the skip add follow inside the block
         (torchvision.models.resnet18, "layer4.1.bn2", 1),
-        (torchvision.models.resnet50, "layer4.2.conv3", 1),
+        ("resnet50_random", "layer4.2.conv3", 1),  # the session's ResNet-50
     ],
 )
-def test_head_then_tail_equals_model(builder, layer, extras):
+def test_head_then_tail_equals_model(builder, layer, extras, request):
     torch.manual_seed(0)
-    model = builder().eval()
+    model = request.getfixturevalue(builder) if isinstance(builder, str) else builder().eval()
     x = torch.randn(2, 3, 64, 64)
     split = split_model(model, layer, x)
     activation, *crossing = split.head(x)

@@ -23,7 +23,7 @@ def random_groups(k: int, seed: int) -> torch.Tensor:
 def plain_masks(groups: torch.Tensor, switch: str) -> torch.Tensor:
     """The mask rows one channel at a time: 1_G(k) for every k (switch-on), then 1 − 1_G(k) (switch-off)."""
     k = groups.shape[0]
-    on = [[1.0 if bool(groups[c, l]) else 0.0 for l in range(k)] for c in range(k)]
+    on = [[1.0 if bool(groups[c, j]) else 0.0 for j in range(k)] for c in range(k)]
     off = [[1.0 - value for value in row] for row in on]
     return torch.tensor(off if switch == "off" else on + off)
 
@@ -43,7 +43,7 @@ def test_switch_masks_are_the_group_indicators_then_their_complements(switch):
     groups = torch.stack([random_groups(6, seed) for seed in range(3)])
     batched = switch_masks(groups, switch)
     assert batched.dtype == torch.float32 and batched.shape == (3, 12 if switch == "on_off" else 6, 6)
-    for image, masks in zip(groups, batched):
+    for image, masks in zip(groups, batched, strict=True):
         assert torch.equal(masks, plain_masks(image, switch))
         assert torch.equal(switch_masks(image, switch), masks)
 
@@ -128,7 +128,8 @@ def test_scores_from_one_batched_tail_call_equal_one_tail_pass_per_group_and_swi
             for k, group in enumerate(groups[n]):
                 on = group.float()[:, None, None]
                 switch_off = full[n, c] - tail(n, activations[n] * (1 - on))[c]
-                expected[n, t, k] = switch_off if switch == "off" else (tail(n, activations[n] * on)[c] + switch_off) / 2
+                both = (tail(n, activations[n] * on)[c] + switch_off) / 2
+                expected[n, t, k] = switch_off if switch == "off" else both
     assert_same_up_to_rounding(got, expected)
 
 

@@ -101,9 +101,6 @@ def test_chunk_size():
     assert chunk_size(features, None, None, 100) == 100
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def _images(model, layer, n, seed=0):
     """Split at `layer` and the head's outputs for n random images (on the model's device)."""
     x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
@@ -155,7 +152,7 @@ def test_precisions_of_the_torch_tail(factorise):
         TorchTail(split.tail, precision="int8")
 
 
-@CUDA
+@pytest.mark.gpu
 @pytest.mark.parametrize("model_class, layer", [(Residual, "conv1"), (Mlp, "features.1")])
 def test_cuda_graph_replays_equal_eager_runs(model_class, layer, monkeypatch):
     captures = []

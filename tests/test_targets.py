@@ -9,6 +9,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, Semanti
 from torch import nn
 
 import fdcam
+import nets
 from fdcam.targets import (
     BatchTargets, ClassLogit, ClassProbability, Output, RegionLogit, TopK, resolve_targets, select_output,
 )
@@ -184,3 +185,16 @@ def test_batch_targets_from_class_indices_keep_the_tensor():
     classes = torch.tensor([[1, 2]])
     targets = BatchTargets.from_classes(classes, (10,))
     assert targets.classes is classes and targets.shape == (1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy integers
+
+
+def test_numpy_integer_targets_are_accepted():
+    model, x = nets.small_net(), nets.small_images(2)
+    cam = fdcam.GradCAM(model, "conv3")
+    expected = cam(x, targets=[3, 4])
+    assert torch.equal(cam(x, targets=[np.int64(3), np.int64(4)]), expected)
+    assert torch.equal(cam(x, targets=np.array([3, 4])), expected)
+    assert torch.equal(cam(x[:1], targets=np.int64(3)), cam(x[:1], targets=3))

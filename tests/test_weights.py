@@ -21,15 +21,15 @@ def plain_weights(alpha: list[float], scores: list[float], bias: float, combine:
 
     alpha_hat, score_hat = normalised(alpha), normalised(scores)
     if combine == "exp":
-        return [a * math.exp(s) - bias for a, s in zip(alpha_hat, score_hat)]
-    return [a * s - bias for a, s in zip(alpha_hat, score_hat)]
+        return [a * math.exp(s) - bias for a, s in zip(alpha_hat, score_hat, strict=True)]
+    return [a * s - bias for a, s in zip(alpha_hat, score_hat, strict=True)]
 
 
 def rows_of(alpha: torch.Tensor, scores: torch.Tensor, bias: float, combine: str) -> torch.Tensor:
     """plain_weights on every [..., K] row."""
     flat = [
         plain_weights(a.tolist(), s.tolist(), bias, combine)
-        for a, s in zip(alpha.reshape(-1, alpha.shape[-1]), scores.reshape(-1, scores.shape[-1]))
+        for a, s in zip(alpha.reshape(-1, alpha.shape[-1]), scores.reshape(-1, scores.shape[-1]), strict=True)
     ]
     return torch.tensor(flat, dtype=torch.float64).reshape(alpha.shape)
 
@@ -65,7 +65,8 @@ def test_a_constant_gradient_or_score_row_normalises_to_zeros_not_nan():
 
 
 def test_a_single_channel_gets_minus_b():
-    assert torch.equal(combine_weights(torch.tensor([[3.0]]), torch.tensor([[-2.0]]), bias=0.25), torch.tensor([[-0.25]]))
+    assert torch.equal(combine_weights(torch.tensor([[3.0]]), torch.tensor([[-2.0]]), bias=0.25),
+                       torch.tensor([[-0.25]]))
 
 
 def test_each_row_is_normalised_on_its_own():
