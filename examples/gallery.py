@@ -5,7 +5,8 @@ default target layer; each photo is explained for the model's top-1 class, both.
 "tiger cat" (282). The photos are the paper's Fig. 4 examples in ../shared/data/paper-demo (the FD-CAM authors'
 demo images) and both.png from ../shared/data/multi-object. Overlays are fdcam's own (`fdcam.images.overlay`, as
 `fdcam explain` writes them). The figure is saved as a 256-colour PNG to stay small.
-Run: python examples/gallery.py [--shared ../shared] [--out docs/gallery.png]
+Run: python examples/gallery.py [--shared ../shared] [--out docs/gallery.png] (minutes on a CPU: Score-CAM alone
+runs 320 forwards of masked inputs per photo).
 """
 
 from __future__ import annotations
