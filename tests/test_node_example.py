@@ -1,5 +1,5 @@
-"""examples/explain.js from a fresh copy of examples/: `npm install` as docs/onnx-export.md says, then photos explained in Node.js
-(decoded, resized and normalised there) against fdcam's own preprocessing, graph and overlays in Python."""
+"""examples/explain.js from a fresh copy of examples/: `npm install` as docs/onnx-export.md says, then photos explained
+in Node.js (decoded, resized and normalised there) against fdcam's own preprocessing, graph and overlays in Python."""
 
 import json
 import os
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory) -> tuple[str, object]:
-    """A copy of examples/'s tracked files in a fresh folder, installed with a plain `npm install` (docs/onnx-export.md)."""
+    """A copy of examples/'s tracked files in a fresh folder, installed with a plain `npm install` (the docs' words)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     assert node and npm, "Node.js and npm are needed for the JavaScript example test"
     folder = tmp_path_factory.mktemp("examples")
