@@ -7,9 +7,9 @@ them in batches of B in this process (fdcam.images + fdcam.FDCAM, torch using ev
 one local Ray first (not timed) and time each explain_dataset call from start to the last Parquet file,
 actor start-up and the model's load included, into a fresh output folder. The rows run round-robin R times
 (background load hits every row alike) and each row reports its fastest round; the load average is printed
-beside them. The scaling is the 2-actor row
-over the 1-actor row. The GPU prediction multiplies the measured per-GPU throughput of the README's GPU table
-by the number of GPUs: a prediction for when each actor holds a GPU and decoding keeps up, not a measurement.
+beside them. The scaling is the 2-actor row over the 1-actor row. The GPU prediction multiplies the measured
+per-GPU throughput of the GPU table in docs/benchmarks.md by the number of GPUs: a prediction for when each actor
+holds a GPU and decoding keeps up, not a measurement.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import fdcam
 from fdcam.images import load_image, preprocess
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-# Lite0 FD-CAM fp32, batches of 32, on one H100 (README, "Measured latency and throughput (GPU)").
+# Lite0 FD-CAM fp32, batches of 32, on one H100 (docs/benchmarks.md, "Measured latency and throughput (GPU)").
 H100_LITE0_FDCAM_PER_SECOND = 587
 
 

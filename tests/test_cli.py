@@ -163,10 +163,10 @@ def test_a_bad_option_is_one_line_as_readme_says(capsys, arguments, message):
     assert err.count("\n") == 1 and message in err and "usage:" not in err and "--help" in err
 
 
-def test_readme_describes_bad_options_as_one_line():
+def test_docs_describe_bad_options_as_one_line():
     from pathlib import Path
 
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8").split())
     assert "a bad option exits with status 2 and one line, never a traceback (argparse's own mistakes too" in readme
     assert "without the usage block" in readme
 

@@ -1,5 +1,5 @@
-"""examples/explain.js from a fresh copy of examples/: `npm install` as README says, then photos explained in Node.js
-(decoded, resized and normalised there) against fdcam's own preprocessing, graph and overlays in Python."""
+"""examples/explain.js from a fresh copy of examples/: `npm install` as docs/onnx-export.md says, then photos explained
+in Node.js (decoded, resized and normalised there) against fdcam's own preprocessing, graph and overlays in Python."""
 
 import json
 import os
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory) -> tuple[str, object]:
-    """A copy of examples/'s tracked files in a fresh folder, installed with a plain `npm install` (README's words)."""
+    """A copy of examples/'s tracked files in a fresh folder, installed with a plain `npm install` (the docs' words)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     assert node and npm, "Node.js and npm are needed for the JavaScript example test"
     folder = tmp_path_factory.mktemp("examples")
@@ -108,7 +108,7 @@ def test_npm_install_as_readme_says_skips_the_download_and_ships_the_cpu_binding
     loads = "require('onnxruntime-node'); require('jpeg-js'); require('pngjs')"
     result = subprocess.run([node, "-e", loads], cwd=folder, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    readme = (EXAMPLES.parent / "docs" / "onnx-export.md").read_text(encoding="utf-8")
     assert "cd examples && npm install`" in readme and "--ignore-scripts" not in readme
 
 
