@@ -54,8 +54,9 @@ def on_ray(paths: list[Path], method: str, batch_size: int, actors: int) -> floa
 
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        result = explain_dataset([str(p) for p in paths], out=out, method=method, actors=actors,
-                                 batch_size=batch_size, progress=False)
+        result = explain_dataset(
+            [str(p) for p in paths], out=out, method=method, actors=actors, batch_size=batch_size, progress=False
+        )
         seconds = time.perf_counter() - started
     assert result.computed == len(paths) and result.errors == 0
     return seconds
@@ -85,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(name, min(rounds[name])) for name in names]
     rates = {name: len(paths) / seconds for name, seconds in rows}
     one, two = rates["explain_dataset, 1 actor"], rates["explain_dataset, 2 actors"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__};"
-          f" {datetime.date.today()}; load average {os.getloadavg()[1]:.1f} (5 min) at the end")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__};"
+        f" {datetime.date.today()}; load average {os.getloadavg()[1]:.1f} (5 min) at the end"
+    )
     print(f"command: python -m benchmarks.dataset {shlex.join(argv if argv is not None else sys.argv[1:])}")
     print(f"{len(paths)} images, efficientnet_lite0 {args.method}, batch {args.batch_size}")
     print("| row | seconds | images/s |\n|---|---:|---:|")
@@ -94,13 +97,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {seconds:.1f} | {rates[name]:.2f} |")
     plain = rates["in-process loop"]
     print(f"scaling 1 → 2 actors: {two / one:.2f}×; 1 actor vs the in-process loop: {one / plain:.2f}×")
-    print("prediction (not measured): N GPUs, one actor each, at the H100 table's Lite0 FD-CAM fp32 rate "
-          f"({H100_LITE0_FDCAM_PER_SECOND}/s with batches of 32): ≈ {H100_LITE0_FDCAM_PER_SECOND} × N images/s "
-          "while decoding keeps up")
+    print(
+        "prediction (not measured): N GPUs, one actor each, at the H100 table's Lite0 FD-CAM fp32 rate "
+        f"({H100_LITE0_FDCAM_PER_SECOND}/s with batches of 32): ≈ {H100_LITE0_FDCAM_PER_SECOND} × N images/s "
+        "while decoding keeps up"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"images": len(paths), "batch_size": args.batch_size,
-                                               "method": args.method, "rounds": rounds, "images_per_second": rates},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "images": len(paths),
+                    "batch_size": args.batch_size,
+                    "method": args.method,
+                    "rounds": rounds,
+                    "images_per_second": rates,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--provider", default="cuda", choices=["cuda", "tensorrt", "cpu"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16"])
-    parser.add_argument("--models", default="vgg16,efficientnet_lite0", help="comma-separated: vgg16, efficientnet_lite0")
+    parser.add_argument(
+        "--models", default="vgg16,efficientnet_lite0", help="comma-separated: vgg16, efficientnet_lite0"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed explanations per backend (0: checks only)")
     return parser.parse_args(argv)
 
@@ -102,11 +104,17 @@ def host_copies(run, device: torch.device) -> dict:
         profiler.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text()).get("traceEvents", [])
     copies = [
-        event for event in events
+        event
+        for event in events
         if event.get("cat") == "gpu_memcpy" and any(kind in event.get("name", "") for kind in ("HtoD", "DtoH"))
     ]
     sizes = [int(event.get("args", {}).get("bytes", 0)) for event in copies]
-    return {"count": len(copies), "bytes": sum(sizes), "largest": max(sizes, default=0), "names": sorted({e["name"] for e in copies})}
+    return {
+        "count": len(copies),
+        "bytes": sum(sizes),
+        "largest": max(sizes, default=0),
+        "names": sorted({e["name"] for e in copies}),
+    }
 
 
 def stream_checks(tail, features: torch.Tensor, masks: torch.Tensor, extras: list, device: torch.device) -> dict:
@@ -161,7 +169,11 @@ def check_model(name: str, device: torch.device, provider: str, precision: str, 
         "runs_per_explanation": runs_per_explanation,
         "first_call_s": {"torch": torch_first[0], "onnxruntime": ort_first[0]},
         "explanation_s": {"torch": median(torch_times), "onnxruntime": median(ort_times)},
-        "switch_passes_s": {"torch": median(torch_tail_times), "onnxruntime": median(ort_tail_times), "masks": masks.shape[0]},
+        "switch_passes_s": {
+            "torch": median(torch_tail_times),
+            "onnxruntime": median(ort_tail_times),
+            "masks": masks.shape[0],
+        },
         "checks": {
             "maps_agree": correlation >= min_correlation and max_abs <= max_difference,
             "one_run_per_explanation": runs_per_explanation == 1,
@@ -186,7 +198,11 @@ def milliseconds(seconds: float | None) -> str:
 
 def report(result: dict) -> None:
     times, passes = result["explanation_s"], result["switch_passes_s"]
-    verdict = "ok" if all(result["checks"].values()) else "FAILED " + ", ".join(k for k, v in result["checks"].items() if not v)
+    verdict = (
+        "ok"
+        if all(result["checks"].values())
+        else "FAILED " + ", ".join(k for k, v in result["checks"].items() if not v)
+    )
     print(
         f"{result['model']:<18} {result['provider']:<8} corr {result['correlation']:.6f}  max|Δ| {result['max_abs_difference']:.2e}  "
         f"runs/explanation {result['runs_per_explanation']:g}  "
@@ -195,7 +211,9 @@ def report(result: dict) -> None:
     )
     if isinstance(result.get("host_copies"), dict):
         copies = result["host_copies"]
-        print(f"{'':<18} host<->device copies during one tail run: {copies['count']} ({copies['bytes']} bytes, largest {copies['largest']})")
+        print(
+            f"{'':<18} host<->device copies during one tail run: {copies['count']} ({copies['bytes']} bytes, largest {copies['largest']})"
+        )
 
 
 def write_json(payload: dict) -> None:

@@ -44,7 +44,9 @@ class Comparison:
     #: method -> (mean, s.e.) of second − first overall
     delta: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: per run (first, second): method -> (mean, s.e.) of FD-CAM's overall minus the method's
-    fdcam_minus: tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]] = field(default_factory=lambda: ({}, {}))
+    fdcam_minus: tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]] = field(
+        default_factory=lambda: ({}, {})
+    )
 
 
 def _per_image(path: Path) -> tuple[dict, dict[str, dict]]:
@@ -59,7 +61,9 @@ def compare(first_path: Path, second_path: Path) -> Comparison:
     if not common:
         raise ValueError(f"{first_path} and {second_path} have no image in common")
     rows = [m for m in first["methods"] if m in second["methods"]]
-    result = Comparison(first["layer"], second["layer"], common, sum(a[name]["class"] == b[name]["class"] for name in common))
+    result = Comparison(
+        first["layer"], second["layer"], common, sum(a[name]["class"] == b[name]["class"] for name in common)
+    )
 
     def mean(run: dict, method: str, key: str) -> float:
         return sum(run[name]["methods"][method][key] for name in common) / len(common)
@@ -68,11 +72,19 @@ def compare(first_path: Path, second_path: Path) -> Comparison:
         return run[name]["methods"][method]["overall"]
 
     for method in rows:
-        result.means[method] = (tuple(mean(a, method, key) for key in _KEYS), tuple(mean(b, method, key) for key in _KEYS))
+        result.means[method] = (
+            tuple(mean(a, method, key) for key in _KEYS),
+            tuple(mean(b, method, key) for key in _KEYS),
+        )
         result.delta[method] = paired_difference([overall(b, n, method) - overall(a, n, method) for n in common])
     result.fdcam_minus = tuple(
-        {method: paired_difference([overall(run, n, "fdcam") - overall(run, n, method) for n in common])
-         for method in rows if method != "fdcam"} if "fdcam" in rows else {}
+        {
+            method: paired_difference([overall(run, n, "fdcam") - overall(run, n, method) for n in common])
+            for method in rows
+            if method != "fdcam"
+        }
+        if "fdcam" in rows
+        else {}
         for run in (a, b)
     )
     return result
@@ -92,12 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"paired_layers: error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(result.common)} common images ({result.same_class} with the same target class); "
-          f"layers {result.first_layer} → {result.second_layer}")
-    print(f"\n| Method | Ins. {result.first_layer} | Del. | Overall | Ins. {result.second_layer} | Del. | Overall | Δ overall (paired) |")
+    print(
+        f"{len(result.common)} common images ({result.same_class} with the same target class); "
+        f"layers {result.first_layer} → {result.second_layer}"
+    )
+    print(
+        f"\n| Method | Ins. {result.first_layer} | Del. | Overall | Ins. {result.second_layer} | Del. | Overall | Δ overall (paired) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for method, (first, second) in result.means.items():
-        print(f"| {method} | " + " | ".join(f"{c:.4f}" for c in (*first, *second)) + f" | {_paired(result.delta[method])} |")
+        print(
+            f"| {method} | "
+            + " | ".join(f"{c:.4f}" for c in (*first, *second))
+            + f" | {_paired(result.delta[method])} |"
+        )
     for label, differences in zip((result.first_layer, result.second_layer), result.fdcam_minus):
         print(f"\nFD-CAM overall minus each row at {label} (paired, mean ± s.e.):")
         for method, difference in differences.items():

@@ -33,8 +33,8 @@ from fdcam.evaluation import (
     format_table,
     markdown_table,
     method_specs,
-    write_json_atomic,
     require_matplotlib,
+    write_json_atomic,
     write_plots,
 )
 from fdcam.methods import METHODS
@@ -57,20 +57,37 @@ TABLE4 = [  # (variant, combination)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=Path, default=SHARED / "imagenet-sample", help="ImageNet sample folder with labels.csv")
-    parser.add_argument("--multi-object", type=Path, default=SHARED / "multi-object", help="folder with boxes.json ('' to skip)")
+    parser.add_argument(
+        "--images", type=Path, default=SHARED / "imagenet-sample", help="ImageNet sample folder with labels.csv"
+    )
+    parser.add_argument(
+        "--multi-object", type=Path, default=SHARED / "multi-object", help="folder with boxes.json ('' to skip)"
+    )
     parser.add_argument("--out", type=Path, default=Path("fdcam-out/tables"), help="results folder")
-    parser.add_argument("--layer", default=LAYER, help=f"target layer: module or fx node name (default {LAYER}; `fdcam layers` lists them)")
+    parser.add_argument(
+        "--layer",
+        default=LAYER,
+        help=f"target layer: module or fx node name (default {LAYER}; `fdcam layers` lists them)",
+    )
     parser.add_argument("--limit", type=int, help="only the first N images and N composites (quick check)")
     parser.add_argument("--pairs", type=int, default=250, help="composite pairs for Table II (default 250)")
     parser.add_argument("--tables", default="1,2,3,4", help="which tables to compute (default 1,2,3,4)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, help="forward batch size of methods and metric")
     parser.add_argument("--images-per-call", type=int, default=4)
-    parser.add_argument("--step", type=int, default=DEFAULT_STEP, help=f"insertion/deletion pixels per step (default {DEFAULT_STEP}, RISE's)")
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=DEFAULT_STEP,
+        help=f"insertion/deletion pixels per step (default {DEFAULT_STEP}, RISE's)",
+    )
     parser.add_argument("--plots", action="store_true", help="also write curves and overlay grids to OUT/plots")
-    parser.add_argument("--scorer", default="auto", choices=SCORERS,
-                        help="forwards of the curves and Score-CAM/Group-CAM: auto (default; ONNX Runtime on CPU), torch, onnxruntime")
+    parser.add_argument(
+        "--scorer",
+        default="auto",
+        choices=SCORERS,
+        help="forwards of the curves and Score-CAM/Group-CAM: auto (default; ONNX Runtime on CPU), torch, onnxruntime",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -102,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         model_name=MODEL,
         scorer=args.scorer,
     )
-    markdown = [f"# FD-CAM tables: {MODEL}, layer {args.layer}, images {args.images}" + (f" (limit {args.limit})" if args.limit else "")]
+    markdown = [
+        f"# FD-CAM tables: {MODEL}, layer {args.layer}, images {args.images}"
+        + (f" (limit {args.limit})" if args.limit else "")
+    ]
     timings: dict[str, dict] = {}
 
     if tables & {1, 3, 4}:
@@ -120,16 +140,31 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(summary))
         label_of = {s.variant or "full": s.label for s in specs if s.name == "fdcam"}
         if 1 in tables:
-            markdown += ["", f"## Table I: insertion / deletion ({summary['n_images']} images, top-1 class)", "",
-                         markdown_table(summary, list(METHODS))]
+            markdown += [
+                "",
+                f"## Table I: insertion / deletion ({summary['n_images']} images, top-1 class)",
+                "",
+                markdown_table(summary, list(METHODS)),
+            ]
         if 3 in tables:
-            names = {label_of[v]: f"{label_of[v]} (grouping {g}, switch-on {on}, switch-off {off})" for v, g, on, off in TABLE3}
-            markdown += ["", "## Table III: FD-CAM grouping and switch ablation", "",
-                         _renamed(markdown_table(summary, [label_of[v] for v, *_ in TABLE3]), names)]
+            names = {
+                label_of[v]: f"{label_of[v]} (grouping {g}, switch-on {on}, switch-off {off})"
+                for v, g, on, off in TABLE3
+            }
+            markdown += [
+                "",
+                "## Table III: FD-CAM grouping and switch ablation",
+                "",
+                _renamed(markdown_table(summary, [label_of[v] for v, *_ in TABLE3]), names),
+            ]
         if 4 in tables:
             names = {label_of[v]: f"{label_of[v]} ({combination})" for v, combination in TABLE4}
-            markdown += ["", "## Table IV: FD-CAM combination of gradient and score", "",
-                         _renamed(markdown_table(summary, [label_of[v] for v, _ in TABLE4]), names)]
+            markdown += [
+                "",
+                "## Table IV: FD-CAM combination of gradient and score",
+                "",
+                _renamed(markdown_table(summary, [label_of[v] for v, _ in TABLE4]), names),
+            ]
         per_image = {
             label: {"explain": m["explain_seconds_per_image"], "insertion_deletion": m["metric_seconds_per_image"]}
             for label, m in summary["methods"].items()
@@ -151,15 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         multi = args.multi_object if str(args.multi_object) not in ("", ".") and args.multi_object.is_dir() else None
         tic = time.perf_counter()
         run = evaluate_pointing_game(
-            model, args.images, methods=method_specs("all"), pairs=args.pairs, multi_object=multi,
-            partial_path=partial_path_for(out), **common,
+            model,
+            args.images,
+            methods=method_specs("all"),
+            pairs=args.pairs,
+            multi_object=multi,
+            partial_path=partial_path_for(out),
+            **common,
         )
         wall = time.perf_counter() - tic
         summary = run.summary
         write_json_atomic(out, summary)
         print(format_table(summary))
-        markdown += ["", f"## Table II (substitute): pointing game, {summary['n_images']} composites + multi-object", "",
-                     markdown_table(summary)]
+        markdown += [
+            "",
+            f"## Table II (substitute): pointing game, {summary['n_images']} composites + multi-object",
+            "",
+            markdown_table(summary),
+        ]
         per_image = {label: m["explain_seconds_per_image"] for label, m in summary["methods"].items()}
         timings["pointing-game"] = {
             "explain_seconds_per_composite_per_method": per_image,

@@ -43,7 +43,9 @@ from fdcam.serving.command import export_graphs  # noqa: E402
 from fdcam.serving.engine import ServingConfig, make_explainer  # noqa: E402
 from fdcam.serving.ports import free_ports  # noqa: E402
 
-IMAGES = sorted((Path(fdcam.__file__).parent / "data").glob("*.jpg")) + sorted((Path(fdcam.__file__).parent / "data").glob("*.png"))
+IMAGES = sorted((Path(fdcam.__file__).parent / "data").glob("*.jpg")) + sorted(
+    (Path(fdcam.__file__).parent / "data").glob("*.png")
+)
 
 
 class ServeProcess:
@@ -51,8 +53,21 @@ class ServeProcess:
 
     def __init__(self, arguments: list[str], timeout_s: float = 900.0):
         self.http_port, self.grpc_port, metrics_port = free_ports(3)
-        command = [sys.executable, "-m", "fdcam.cli", "serve", "--address", "127.0.0.1", "--http-port", str(self.http_port),
-                   "--grpc-port", str(self.grpc_port), "--metrics-port", str(metrics_port), *arguments]
+        command = [
+            sys.executable,
+            "-m",
+            "fdcam.cli",
+            "serve",
+            "--address",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+            *arguments,
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         ready = threading.Event()
@@ -93,7 +108,9 @@ def _inputs(spec: models.ModelSpec) -> tuple[list[np.ndarray], list[bytes]]:
     return tensors, [path.read_bytes() for path in IMAGES]
 
 
-def _served_row(server: ServeProcess, protocol: str, kind: str, concurrency: int, requests: int, tensors, encoded) -> dict:
+def _served_row(
+    server: ServeProcess, protocol: str, kind: str, concurrency: int, requests: int, tensors, encoded
+) -> dict:
     counts = [requests // concurrency + (1 if i < requests % concurrency else 0) for i in range(concurrency)]
     model = "fdcam" if kind == "tensor" else "fdcam_image"
     barrier = threading.Barrier(concurrency)
@@ -123,9 +140,13 @@ def _served_row(server: ServeProcess, protocol: str, kind: str, concurrency: int
     executions = after["execution_count"] - before["execution_count"]
     served = after["inference_count"] - before["inference_count"]
     return {
-        "path": f"triton {protocol} ({kind})", "concurrency": concurrency, "requests": len(latencies),
-        "throughput_rps": len(latencies) / wall, **_percentiles(latencies),
-        "mean_batch": served / executions if executions else None, "executions": executions,
+        "path": f"triton {protocol} ({kind})",
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "throughput_rps": len(latencies) / wall,
+        **_percentiles(latencies),
+        "mean_batch": served / executions if executions else None,
+        "executions": executions,
     }
 
 
@@ -142,10 +163,17 @@ def _in_process_rows(config: ServingConfig, requests: int, batch: int, tensors) 
             explainer.explain(np.concatenate(images[first : first + size]), None)
             latencies.extend([time.perf_counter() - call_started] * len(images[first : first + size]))
         wall = time.perf_counter() - started
-        rows.append({
-            "path": f"in-process, {size} image{'s' if size > 1 else ''}/call", "concurrency": 1, "requests": requests,
-            "throughput_rps": requests / wall, **_percentiles(latencies), "mean_batch": float(size), "executions": -(-requests // size),
-        })
+        rows.append(
+            {
+                "path": f"in-process, {size} image{'s' if size > 1 else ''}/call",
+                "concurrency": 1,
+                "requests": requests,
+                "throughput_rps": requests / wall,
+                **_percentiles(latencies),
+                "mean_batch": float(size),
+                "executions": -(-requests // size),
+            }
+        )
     return rows
 
 
@@ -161,21 +189,40 @@ def _machine() -> dict:
     import onnxruntime
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def _print_table(header: str, rows: list[dict]) -> None:
     print(header)
     columns = ("path", "clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch")
     table = [columns] + [
-        (r["path"], str(r["concurrency"]), str(r["requests"]), f"{r['throughput_rps']:.2f}", f"{r['p50_ms']:.0f}",
-         f"{r['p95_ms']:.0f}", f"{r['p99_ms']:.0f}", "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}")
+        (
+            r["path"],
+            str(r["concurrency"]),
+            str(r["requests"]),
+            f"{r['throughput_rps']:.2f}",
+            f"{r['p50_ms']:.0f}",
+            f"{r['p95_ms']:.0f}",
+            f"{r['p99_ms']:.0f}",
+            "-" if r["mean_batch"] is None else f"{r['mean_batch']:.2f}",
+        )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:
-        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))))
+        print(
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="fdcam")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     parser.add_argument("--protocol", default="http", choices=["http", "grpc"])
-    parser.add_argument("--input", default="tensor", choices=["tensor", "image"], help="model fdcam (tensor) or fdcam_image (bytes)")
+    parser.add_argument(
+        "--input", default="tensor", choices=["tensor", "image"], help="model fdcam (tensor) or fdcam_image (bytes)"
+    )
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process comparison rows")
@@ -205,8 +254,20 @@ def main(argv: list[str] | None = None) -> int:
     tensors, encoded = _inputs(spec)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fdcam-bench-") as workspace:
-        server_arguments = ["--model", spec.name, "--method", args.method, "--backend", args.backend, "--device", args.device,
-                            "--max-batch", str(args.max_batch), "--max-queue-delay-us", str(args.max_queue_delay_us)]
+        server_arguments = [
+            "--model",
+            spec.name,
+            "--method",
+            args.method,
+            "--backend",
+            args.backend,
+            "--device",
+            args.device,
+            "--max-batch",
+            str(args.max_batch),
+            "--max-queue-delay-us",
+            str(args.max_queue_delay_us),
+        ]
         if args.backend == "onnxruntime":
             config = export_graphs(config, Path(workspace) / "explainer")  # exported once, shared with the server
             server_arguments += ["--explainer-dir", str(Path(workspace) / "explainer")]
@@ -215,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             warm = max(concurrencies)
             _served_row(server, args.protocol, args.input, warm, warm * 2, tensors, encoded)  # warm-up, not reported
             for concurrency in concurrencies:
-                rows.append(_served_row(server, args.protocol, args.input, concurrency, args.requests, tensors, encoded))
+                rows.append(
+                    _served_row(server, args.protocol, args.input, concurrency, args.requests, tensors, encoded)
+                )
         finally:
             server.stop()
         if not args.no_in_process:

@@ -22,8 +22,10 @@ from .graph import (
 )
 from .model import export_tail
 
-_LAZY = {name: ".explainer" for name in ("EXPLAINER_METHODS", "ExportedExplainer", "export_explainer",
-                                          "export_explainer_full", "run_explainer")}
+_LAZY = {
+    name: ".explainer"
+    for name in ("EXPLAINER_METHODS", "ExportedExplainer", "export_explainer", "export_explainer_full", "run_explainer")
+}
 
 __all__ = [
     "EXPLAINER_METHODS",

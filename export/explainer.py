@@ -22,9 +22,9 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -32,12 +32,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from fdcam._version import __version__
 from fdcam.concurrency import running, tracing
+from fdcam.errors import first_line
 from fdcam.factorise import max_group_size
 from fdcam.forward import ForwardPass
 from fdcam.methods import METHODS
-from fdcam._version import __version__
-from fdcam.errors import first_line
 from fdcam.methods.base import BatchContext
 from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
@@ -47,8 +47,17 @@ from fdcam.targets import OutputSelector, select_output
 from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — the rule, named here too
 from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, model_metadata
 from .graph_tail import DEFAULT_TAIL_BYTES, GraphTail, drop_unused_initializers
-from .region import (REGION_INPUT, RegionExplainerModule, RegionGraphTail, check_target, example_regions,
-                     library_targets, region_cases, region_input, region_metadata)
+from .region import (
+    REGION_INPUT,
+    RegionExplainerModule,
+    RegionGraphTail,
+    check_target,
+    example_regions,
+    library_targets,
+    region_cases,
+    region_input,
+    region_metadata,
+)
 
 __all__ = [
     "EXPLAINER_METHODS",
@@ -107,8 +116,9 @@ def _group_switch_scores(self, context):
         return type(self).__mro__[1].switch_scores(self, context)
     activations = context.activations
     sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
-    logits = self.tail_for(context).group_passes(activations, self.groups(activations), context.extras, classes,
-                                                 sparsity=sparsity, switch=self.switch)
+    logits = self.tail_for(context).group_passes(
+        activations, self.groups(activations), context.extras, classes, sparsity=sparsity, switch=self.switch
+    )
     return switch_scores(logits, context.scores, None, self.switch)
 
 
@@ -169,8 +179,13 @@ def _in_range(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (classes >= 0) & (classes < num_classes)
 
 
-def _refused_rows(finite: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, saliency: torch.Tensor,
-                  asked: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _refused_rows(
+    finite: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    saliency: torch.Tensor,
+    asked: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, saliency) with what the library would refuse marked instead of explained.
 
     Where the library raises a ValueError (a NaN or infinite image or logit, a class outside [0, C)),
@@ -195,19 +210,41 @@ def _decompositions() -> dict:
     aten = torch.ops.aten
     table = dict(core_aten_decompositions())
 
-    def convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask):
+    def convolution_backward(
+        grad_output,
+        input,
+        weight,
+        bias_sizes,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+        output_mask,
+    ):
         if transposed:
-            raise ExportError("the tail's gradient needs aten.convolution_backward of a transposed convolution, which is not exported")
+            raise ExportError(
+                "the tail's gradient needs aten.convolution_backward of a transposed convolution, which is not exported"
+            )
         grad_input = grad_weight = grad_bias = None
         if output_mask[0]:
             # ∂/∂input of a convolution is the transposed convolution with the same weights; output_padding
             # restores the rows a strided forward dropped.
             spatial = input.dim() - 2
             extra = [
-                input.shape[2 + i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+                input.shape[2 + i]
+                - (
+                    (grad_output.shape[2 + i] - 1) * stride[i]
+                    - 2 * padding[i]
+                    + dilation[i] * (weight.shape[2 + i] - 1)
+                    + 1
+                )
                 for i in range(spatial)
             ]
-            grad_input = aten.convolution.default(grad_output, weight, None, stride, padding, dilation, True, extra, groups)
+            grad_input = aten.convolution.default(
+                grad_output, weight, None, stride, padding, dilation, True, extra, groups
+            )
         if output_mask[1] or output_mask[2]:
             raise ExportError("the tail's gradient needs aten.convolution_backward for weights, which is not exported")
         return grad_input, grad_weight, grad_bias
@@ -257,8 +294,9 @@ def _trace(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None,
     return graph, names, tensors
 
 
-def _batch_symbolic_inputs(tensors: list[torch.Tensor], image: torch.Tensor, classes: torch.Tensor | None,
-                           region: torch.Tensor | None = None):
+def _batch_symbolic_inputs(
+    tensors: list[torch.Tensor], image: torch.Tensor, classes: torch.Tensor | None, region: torch.Tensor | None = None
+):
     """Fake inputs whose only symbolic sizes are the batch N (and the class count T): every other size
     stays a number, which keeps the shape reasoning (sympy) of the trace small."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -298,8 +336,9 @@ def explainer_inputs(classes_input: bool, region: bool = False) -> list[str]:
 OUTPUT_NAMES = ["logits", "targets", "saliency"]
 
 
-def _export_onnx(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, opset: int,
-                 region: torch.Tensor | None = None) -> onnx.ModelProto:
+def _export_onnx(
+    module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, opset: int, region: torch.Tensor | None = None
+) -> onnx.ModelProto:
     batch = torch.export.Dim("N", min=1)
     if classes is None:
         args, dynamic = (image,), ({0: batch},)
@@ -368,8 +407,19 @@ def export_explainer(
     picks the entry of a dict or tuple output ("out" of a dict that has it).
     """
     return export_explainer_full(
-        model, path, target_layer, method, classes_input, input_size=input_size, mean=mean, std=std,
-        class_names=class_names, opset=opset, validation_images=validation_images, target=target, output=output,
+        model,
+        path,
+        target_layer,
+        method,
+        classes_input,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        class_names=class_names,
+        opset=opset,
+        validation_images=validation_images,
+        target=target,
+        output=output,
         **method_options,
     ).path
 
@@ -452,7 +502,9 @@ def export_explainer_full(
             raise ExportError(
                 f"the {method} explanation at {layer!r} cannot be exported ({_op_message(error)})"
             ) from None
-    foreign = sorted({f"{node.domain}::{node.op_type}" for node in _all_nodes(proto.graph) if node.domain not in ("", "ai.onnx")})
+    foreign = sorted(
+        {f"{node.domain}::{node.op_type}" for node in _all_nodes(proto.graph) if node.domain not in ("", "ai.onnx")}
+    )
     if foreign:
         raise ExportError(f"the exported graph uses non-standard operators ({', '.join(foreign)}); nothing was saved")
 
@@ -477,41 +529,60 @@ def export_explainer_full(
         try:
             onnx.checker.check_model(str(staged))
         except Exception as error:
-            raise ExportError(f"the explainer graph fails onnx.checker ({first_line(error)}); nothing was saved") from None
+            raise ExportError(
+                f"the explainer graph fails onnx.checker ({first_line(error)}); nothing was saved"
+            ) from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
         images = validation_images if validation_images is not None else _validation_images(input_size, mean, std)
-        saliency_error, logits_error, scale, cases = _validate(session, reference, model, images, classes_input, num_classes,
-                                                               output, region)
+        saliency_error, logits_error, scale, cases = _validate(
+            session, reference, model, images, classes_input, num_classes, output, region
+        )
         options = {**method_options, "output": output}
         allowed_logits = LOGITS_RTOL * max(scale, 1.0)
         # The conditioning rule (export/agreement.py): 1e-4, or, where float32 rounding alone moves the library's
         # own map by more, within 1e-4 + 4x that spread of the float64 library.
-        judged = [agreement(model, layer, method, options, batch, targets, got, expected, SALIENCY_TOLERANCE)
-                  for batch, targets, expected, got in cases] if np.isfinite(saliency_error) else []
+        judged = (
+            [
+                agreement(model, layer, method, options, batch, targets, got, expected, SALIENCY_TOLERANCE)
+                for batch, targets, expected, got in cases
+            ]
+            if np.isfinite(saliency_error)
+            else []
+        )
         spread = max((a.spread for a in judged if a.spread is not None), default=None)
         exact_error = max((a.exact_error for a in judged if a.exact_error is not None), default=None)
         allowed_saliency = max((a.allowed for a in judged), default=SALIENCY_TOLERANCE)
         if not (judged and all(a.passed for a in judged) and logits_error <= allowed_logits):
-            conditioning = "" if exact_error is None else (
-                f"; {exact_error:.3g} from the float64 library, allowed {allowed_saliency:.3g} as float32 rounding"
-                f" alone moves the library's maps {spread:.3g} from it"
+            conditioning = (
+                ""
+                if exact_error is None
+                else (
+                    f"; {exact_error:.3g} from the float64 library, allowed {allowed_saliency:.3g} as float32 rounding"
+                    f" alone moves the library's maps {spread:.3g} from it"
+                )
             )
             raise ExportError(
                 f"the explainer graph differs from the library: saliency max |Δ| {saliency_error:.3g}"
                 f" (allowed {SALIENCY_TOLERANCE:.3g}{conditioning}), logits max |Δ| {logits_error:.3g}"
                 f" (allowed {allowed_logits:.3g}); nothing was saved"
             )
-        metadata["validation"] = json.dumps({
-            "saliency_max_abs_diff": saliency_error, "logits_max_abs_diff": logits_error,
-            "saliency_tolerance": SALIENCY_TOLERANCE, "library_float32_vs_float64": spread,
-            "graph_vs_float64_library": exact_error,
-            "graph_vs_float64_allowed": allowed_saliency if exact_error is not None else None,
-        })
+        metadata["validation"] = json.dumps(
+            {
+                "saliency_max_abs_diff": saliency_error,
+                "logits_max_abs_diff": logits_error,
+                "saliency_tolerance": SALIENCY_TOLERANCE,
+                "library_float32_vs_float64": spread,
+                "graph_vs_float64_library": exact_error,
+                "graph_vs_float64_allowed": allowed_saliency if exact_error is not None else None,
+            }
+        )
         description = path.with_suffix(".json")
         staged_json = Path(staging) / description.name
-        staged_json.write_text(json.dumps(describe_explainer(metadata), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        staged_json.write_text(
+            json.dumps(describe_explainer(metadata), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         data = staged.with_name(staged.name + ".data")
         if data.exists():
             os.replace(data, path.with_name(path.name + ".data"))
@@ -557,8 +628,12 @@ _BOOLEAN_KEYS = {"classes_input"}
 _INTEGER_KEYS = {"num_classes", "opset"}
 
 
-def run_explainer(session: ort.InferenceSession, image: np.ndarray, classes: np.ndarray | None = None,
-                  region: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_explainer(
+    session: ort.InferenceSession,
+    image: np.ndarray,
+    classes: np.ndarray | None = None,
+    region: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, targets, saliency) of an explainer session on a float32 image batch (and int64 classes, and
     for a region graph float32 region masks [N,T,h,w])."""
     feed = {"image": np.ascontiguousarray(image, dtype=np.float32)}
@@ -621,7 +696,9 @@ def _reference_logits(model: nn.Module, image: torch.Tensor, output: OutputSelec
 
 
 @torch.no_grad()
-def _reference_output(model: nn.Module, image: torch.Tensor, output: OutputSelector = None) -> tuple[torch.Tensor, OutputSelector]:
+def _reference_output(
+    model: nn.Module, image: torch.Tensor, output: OutputSelector = None
+) -> tuple[torch.Tensor, OutputSelector]:
     """(`_reference_logits`, the key or index of the entry explained: "out" of a dict by default, None for a tensor)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with preserved_model_state(model), running():  # no other thread's trace captures these module calls
@@ -630,8 +707,16 @@ def _reference_output(model: nn.Module, image: torch.Tensor, output: OutputSelec
     return select_output(raw, output).float().cpu(), key
 
 
-def _validate(session, reference, model, images: torch.Tensor, classes_input: bool, num_classes: int,
-              output: OutputSelector = None, region: bool = False):
+def _validate(
+    session,
+    reference,
+    model,
+    images: torch.Tensor,
+    classes_input: bool,
+    num_classes: int,
+    output: OutputSelector = None,
+    region: bool = False,
+):
     """(saliency max |Δ|, logits max |Δ|, max |logit|, cases) of the graph against the library at batch 1 and 3.
 
     `cases` are the (images, targets, library maps, graph maps) compared, for the conditioning rule (`agreement`).
@@ -657,10 +742,16 @@ def _validate(session, reference, model, images: torch.Tensor, classes_input: bo
         expected = reference(batch.to(device), targets if region else targets.to(device)).float().cpu()
         echoed = classes if region else targets  # what the graph's `targets` output holds
         try:
-            logits, got_targets, saliency = run_explainer(session, batch.numpy(), None if classes is None else classes.numpy(),
-                                                          None if regions is None else regions.numpy())
+            logits, got_targets, saliency = run_explainer(
+                session,
+                batch.numpy(),
+                None if classes is None else classes.numpy(),
+                None if regions is None else regions.numpy(),
+            )
         except Exception as error:  # ONNX Runtime raises its own types
-            raise ExportError(f"ONNX Runtime cannot run the explainer graph ({first_line(error)}); nothing was saved") from None
+            raise ExportError(
+                f"ONNX Runtime cannot run the explainer graph ({first_line(error)}); nothing was saved"
+            ) from None
         if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, echoed.numpy()):
             return float("inf"), float("inf"), 0.0, cases
         saliency_error = max(saliency_error, _max_abs(saliency, expected))
@@ -695,7 +786,9 @@ def _set_props(proto: onnx.ModelProto, props: dict[str, str]) -> None:
 
 def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
     if external:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+        )
     else:
         onnx.save_model(proto, str(path))
 
@@ -708,5 +801,3 @@ def _op_message(error: BaseException) -> str:
     found = re.search(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text)
     first = first_line(error)
     return f"no ONNX translation for {found.group(1)}: {first}" if found and found.group(1) not in first else first
-
-

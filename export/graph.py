@@ -21,18 +21,18 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from fdcam.factorise import ShortcutGraph, TailShortcut, tail_shortcut
 from fdcam._version import __version__
 from fdcam.errors import ExportError, first_line
+from fdcam.factorise import ShortcutGraph, TailShortcut, tail_shortcut
 from fdcam.split import SplitModel
 from fdcam.tail import CONV_SPARSE_SHARE, MaskedTail
 
@@ -60,7 +60,6 @@ EXAMPLE_IMAGES = 2
 EXAMPLE_MASK_BATCH = 3
 # Above this many bytes of weights the tensors go to one external-data file (protobuf caps a file at 2 GB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
-
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,12 @@ class TailForm:
 def gathers(shortcut: TailShortcut | None, num_channels: int, sparsity: int | None) -> bool:
     """Whether masks whose rows have at most `sparsity` ones or zeros take the gathered sums of a first
     convolution (as fdcam.tail.TorchTail does for a convolution) rather than its dense product."""
-    return shortcut is not None and shortcut.kind == "conv" and sparsity is not None and 1 <= sparsity <= CONV_SPARSE_SHARE * num_channels
+    return (
+        shortcut is not None
+        and shortcut.kind == "conv"
+        and sparsity is not None
+        and 1 <= sparsity <= CONV_SPARSE_SHARE * num_channels
+    )
 
 
 def input_names(num_extras: int, classes: bool = False) -> list[str]:
@@ -208,8 +212,15 @@ def _tail_forms(
     if factorise:
         shortcut = tail_shortcut(tail, features, extras)
         bound = form.bound if gathers(shortcut, features.shape[1], form.bound) else None
-        if shortcut is not None and (shortcut.kind == "linear" or bound is not None or (form.classes and shortcut.selects_rows)):
-            forms.append(("factorised" if shortcut.kind == "linear" else "shortcut", ShortcutGraph(shortcut, form.classes, bound)))
+        if shortcut is not None and (
+            shortcut.kind == "linear" or bound is not None or (form.classes and shortcut.selects_rows)
+        ):
+            forms.append(
+                (
+                    "factorised" if shortcut.kind == "linear" else "shortcut",
+                    ShortcutGraph(shortcut, form.classes, bound),
+                )
+            )
     forms.append(("masked", _MaskedClasses(tail) if form.classes else MaskedTail(tail).eval()))
     return forms
 
@@ -217,7 +228,9 @@ def _tail_forms(
 class _MaskedClasses(MaskedTail):
     """MaskedTail taking classes [N,T] after the masks: logits [N,M,T] gathered from all classes."""
 
-    def forward(self, features: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor, *extras: torch.Tensor
+    ) -> torch.Tensor:
         logits = super().forward(features, masks, *extras)
         return logits.gather(2, classes[:, None, :].expand(-1, masks.shape[1], -1))
 
@@ -238,7 +251,11 @@ def _tail_tensors(tail: nn.Module) -> list[torch.Tensor]:
 
 
 def _checks(
-    reference: nn.Module, features: torch.Tensor, extras: Sequence[torch.Tensor], batches: Sequence[int], form: TailForm = TailForm()
+    reference: nn.Module,
+    features: torch.Tensor,
+    extras: Sequence[torch.Tensor],
+    batches: Sequence[int],
+    form: TailForm = TailForm(),
 ) -> list[tuple]:
     """(features, masks, extras, classes, torch logits) cases: 1 image × batches[0] masks, 2 images × batches[1].
 
@@ -276,7 +293,9 @@ def _bounded_masks(images: int, batch: int, k: int, bound: int, generator: torch
 
 
 @torch.no_grad()
-def _reference_logits(masked: nn.Module, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]) -> torch.Tensor:
+def _reference_logits(
+    masked: nn.Module, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """The torch tail's logits the graph must reproduce."""
     return masked(features, masks, *extras)
 
@@ -308,14 +327,22 @@ def _cpu_session(path: Path, options: ort.SessionOptions | None) -> ort.Inferenc
 
 
 def _export_dynamo(
-    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int,
+    masked: nn.Module,
+    features: torch.Tensor,
+    extras: list[torch.Tensor],
+    opset: int,
+    staging: Path,
+    largest_weight: int,
     classes: bool = False,
 ) -> onnx.ModelProto:
     """torch.export-based exporter, with the image, mask (and class) batches as the dynamic dimensions."""
     features, masks, extras = _example_batch(features, extras)
     images, batch = torch.export.Dim("images", min=1), torch.export.Dim("masks", min=1)
     rest = [*([_example_classes()] if classes else []), *extras]
-    rest_shapes = [*([{0: images, 1: torch.export.Dim("classes", min=1)}] if classes else []), *({0: images} for _ in extras)]
+    rest_shapes = [
+        *([{0: images, 1: torch.export.Dim("classes", min=1)}] if classes else []),
+        *({0: images} for _ in extras),
+    ]
     # MaskedTail takes the extras as *args, which torch.export sees as one tuple argument.
     dynamic_shapes = ({0: images}, {0: images, 1: batch}, tuple(rest_shapes))
     if not rest:
@@ -352,7 +379,12 @@ def _fold_weight_constants(model, largest_weight: int) -> None:
 
 
 def _export_torchscript(
-    masked: nn.Module, features: torch.Tensor, extras: list[torch.Tensor], opset: int, staging: Path, largest_weight: int,
+    masked: nn.Module,
+    features: torch.Tensor,
+    extras: list[torch.Tensor],
+    opset: int,
+    staging: Path,
+    largest_weight: int,
     classes: bool = False,
 ) -> onnx.ModelProto:
     """The legacy TorchScript exporter with a dynamic axis on masks and logits (the fallback)."""
@@ -380,7 +412,9 @@ def _export_torchscript(
     return onnx.load(str(target))
 
 
-def _example_batch(features: torch.Tensor, extras: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def _example_batch(
+    features: torch.Tensor, extras: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One image's tensors as a traced example of EXAMPLE_IMAGES images × EXAMPLE_MASK_BATCH masks."""
     repeat = lambda t: t.expand(EXAMPLE_IMAGES, *t.shape[1:]).contiguous()  # noqa: E731
     masks = torch.ones(EXAMPLE_IMAGES, EXAMPLE_MASK_BATCH, features.shape[1])
@@ -434,7 +468,9 @@ def _sort_topologically(graph: onnx.GraphProto) -> None:
 # --- metadata and files --------------------------------------------------------------------------
 
 
-def _shape_metadata(split: SplitModel, features: torch.Tensor, num_classes: int, opset: int, fp16: bool) -> dict[str, str]:
+def _shape_metadata(
+    split: SplitModel, features: torch.Tensor, num_classes: int, opset: int, fp16: bool
+) -> dict[str, str]:
     _, channels, height, width = features.shape
     return {
         "target_layer": split.layer,
@@ -452,7 +488,10 @@ def _shape_metadata(split: SplitModel, features: torch.Tensor, num_classes: int,
 
 
 def _form_metadata(form: TailForm) -> dict[str, str]:
-    return {"classes_input": "true" if form.classes else "false", "sparse_bound": "" if form.bound is None else str(form.bound)}
+    return {
+        "classes_input": "true" if form.classes else "false",
+        "sparse_bound": "" if form.bound is None else str(form.bound),
+    }
 
 
 def model_metadata(
@@ -486,8 +525,12 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
     if external:
         onnx.save_model(
-            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data", convert_attribute=True,
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            convert_attribute=True,
         )
     else:
         onnx.save_model(proto, str(path))
@@ -499,5 +542,3 @@ def _move_into_place(staged: Path, path: Path) -> None:
     if data.exists():
         os.replace(data, path.with_name(path.name + ".data"))
     os.replace(staged, path)
-
-

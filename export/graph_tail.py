@@ -103,8 +103,12 @@ class GraphTail:
             return logits if classes is None else logits.gather(2, classes[:, None, :].expand(-1, m, -1))
         state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
         if not gathers(shortcut, k, sparsity):
-            return _cat([shortcut_passes(shortcut, state, masks[:, lo : lo + self.rows], extras, classes)
-                         for lo in range(0, m, self.rows)])
+            return _cat(
+                [
+                    shortcut_passes(shortcut, state, masks[:, lo : lo + self.rows], extras, classes)
+                    for lo in range(0, m, self.rows)
+                ]
+            )
         index, gate, complement = sparse_rows(masks, sparsity)
         pointwise = _is_pointwise(shortcut.conv)
         outputs = []
@@ -204,7 +208,7 @@ def pointwise_sums(state: tuple, index: torch.Tensor, gate: torch.Tensor, comple
     gathered = features.flatten(2)[0][index[0]] * signed[..., None]  # [m,g,hw]
     rows = weight[:, :, 0, 0].t()[index[0]].transpose(1, 2)  # [m,out,g]
     summed = torch.bmm(rows, gathered)  # [m,out,hw]
-    delta = (full.reshape(out, plane) - bias[:, None])  # [out,hw]
+    delta = full.reshape(out, plane) - bias[:, None]  # [out,hw]
     z = summed + bias[:, None] + complement[0].to(features.dtype)[..., None] * delta
     return z.reshape(index.shape[1], *full.shape[1:])
 

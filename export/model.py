@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -60,6 +60,8 @@ def export_tail(
         split = split_model(model, layer, example)
         features, *extras = split.head(example)
         if features.dim() != 4:
-            raise ExportError(f"layer {layer!r} outputs a {features.dim()}-D tensor; the tail graph needs [1,K,h,w] features")
+            raise ExportError(
+                f"layer {layer!r} outputs a {features.dim()}-D tensor; the tail graph needs [1,K,h,w] features"
+            )
         metadata = model_metadata(model_name(model), input_size, mean, std)
         return export_split(split, features, extras, path, fp16=fp16, metadata=metadata, opset=opset)

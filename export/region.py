@@ -26,7 +26,14 @@ from fdcam.targets import BatchTargets, OutputSelector, RegionLogit
 
 from .graph import ExportError, gathers
 
-__all__ = ["REGION_INPUT", "RegionExplainerModule", "RegionGraphTail", "RegionTargets", "region_cases", "region_metadata"]
+__all__ = [
+    "REGION_INPUT",
+    "RegionExplainerModule",
+    "RegionGraphTail",
+    "RegionTargets",
+    "region_cases",
+    "region_metadata",
+]
 
 REGION_INPUT = "region"
 TARGET_KINDS = ("class", "region")
@@ -196,8 +203,13 @@ def region_metadata(output: OutputSelector, size: Sequence[int]) -> dict[str, st
     (a dict's key or a tuple's index; absent for a model returning one tensor), the mask size."""
     entry = {} if output is None else {"output": str(output)}
     inputs = f"image,classes,{REGION_INPUT}"
-    return {"target": "region", **entry, "region_size": f"{size[0]}x{size[1]}", "inputs": inputs,
-            "logits_meaning": LOGITS_MEANING}
+    return {
+        "target": "region",
+        **entry,
+        "region_size": f"{size[0]}x{size[1]}",
+        "inputs": inputs,
+        "logits_meaning": LOGITS_MEANING,
+    }
 
 
 def region_input(metadata: dict[str, str]) -> list[dict]:
@@ -206,5 +218,3 @@ def region_input(metadata: dict[str, str]) -> list[dict]:
         return []
     h, w = (int(v) for v in metadata["region_size"].split("x"))
     return [{"name": REGION_INPUT, "dtype": "float32", "shape": ["N", "T", h, w]}]
-
-

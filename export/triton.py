@@ -33,7 +33,17 @@ def default_model_name(model: str, method: str) -> str:
 
 
 # Metadata of the graph repeated as the model's parameters (a region graph's target kind and mask size included).
-_PARAMETER_KEYS = ("model", "target_layer", "method", "method_options", "input_size", "mean", "std", "target", "region_size")
+_PARAMETER_KEYS = (
+    "model",
+    "target_layer",
+    "method",
+    "method_options",
+    "input_size",
+    "mean",
+    "std",
+    "target",
+    "region_size",
+)
 
 
 def _tensor_entries(values, data_types) -> str:
@@ -44,7 +54,9 @@ def _tensor_entries(values, data_types) -> str:
             raise ValueError(f"graph tensor {value.name!r} has an element type Triton's config is not written for")
         shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim][1:]  # Triton adds the batch
         dims = ", ".join(str(d) for d in shape)
-        entries.append(f'  {{\n    name: "{value.name}"\n    data_type: {data_types[tensor.elem_type]}\n    dims: [ {dims} ]\n  }}')
+        entries.append(
+            f'  {{\n    name: "{value.name}"\n    data_type: {data_types[tensor.elem_type]}\n    dims: [ {dims} ]\n  }}'
+        )
     return ",\n".join(entries)
 
 

@@ -3,10 +3,10 @@
 from . import models, targets
 from ._version import __version__
 from .errors import (
-    FDCAMError,
     BoundsError,
     ClosedError,
     ExportError,
+    FDCAMError,
     ImageError,
     LabelsError,
     ModelError,
@@ -32,8 +32,8 @@ from .nodes import LayerInfo, layers
 from .options import EngineOptions
 from .split import SplitModel, split_model
 
-
 __all__ = [
+    "__version__",
     "models",
     "targets",
     "FDCAM",

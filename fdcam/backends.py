@@ -9,8 +9,9 @@ registry's import by name closes no import cycle; another package may still call
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any
 
 from .options import BACKENDS
 

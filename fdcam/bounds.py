@@ -14,8 +14,16 @@ from PIL import Image
 
 from .errors import BoundsError
 
-__all__ = ["MAX_IMAGE_PIXELS", "PILLOW_LIMIT", "MAX_IMAGE_BYTES", "MAX_OUTPUT_SIDE", "MAX_CLASSES", "ImageBounds",
-           "BoundsError", "DEFAULT_BOUNDS"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "PILLOW_LIMIT",
+    "MAX_IMAGE_BYTES",
+    "MAX_OUTPUT_SIDE",
+    "MAX_CLASSES",
+    "ImageBounds",
+    "BoundsError",
+    "DEFAULT_BOUNDS",
+]
 
 # Images above this many pixels are refused as possible decompression bombs before their pixels are
 # decoded: Pillow's own warning threshold, about 89 Mpx. Pillow itself refuses twice that, so no
@@ -33,7 +41,6 @@ MAX_OUTPUT_SIDE = 4096
 # Classes one server request may ask for: every class costs a map of the input size and one at the
 # output size (up to 64 MiB at 4096²), so T is capped like the pixels are.
 MAX_CLASSES = 16
-
 
 
 def _mpx(pixels: int) -> str:
@@ -55,14 +62,17 @@ class ImageBounds:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, not {value!r}")
         if self.max_pixels is not None and self.max_pixels > PILLOW_LIMIT:
-            raise ValueError(f"max_pixels may be at most {PILLOW_LIMIT} (Pillow refuses larger images itself), "
-                             f"not {self.max_pixels}")
+            raise ValueError(
+                f"max_pixels may be at most {PILLOW_LIMIT} (Pillow refuses larger images itself), not {self.max_pixels}"
+            )
 
     def check_bytes(self, size: int, what: str = "the image") -> None:
         """BoundsError when an encoded image of `size` bytes is over max_bytes."""
         if self.max_bytes is not None and size > self.max_bytes:
-            raise BoundsError(f"refused {what}: {size / 2**20:.1f} MiB is more than the "
-                              f"{self.max_bytes / 2**20:.1f} MiB allowed for an encoded image")
+            raise BoundsError(
+                f"refused {what}: {size / 2**20:.1f} MiB is more than the "
+                f"{self.max_bytes / 2**20:.1f} MiB allowed for an encoded image"
+            )
 
     def check_pixels(self, width: int, height: int, what: str = "the image") -> None:
         """BoundsError when a width × height image is over max_pixels (a possible decompression bomb)."""
@@ -73,8 +83,9 @@ class ImageBounds:
         """The refusal of an image of `pixels` pixels (None: not known), in one line."""
         limit = self.max_pixels or PILLOW_LIMIT
         amount = f" ({_mpx(pixels)})" if pixels else ""
-        return BoundsError(f"refused {what}: {size}{amount} is more than the {_mpx(limit)} allowed "
-                           "(a possible decompression bomb)")
+        return BoundsError(
+            f"refused {what}: {size}{amount} is more than the {_mpx(limit)} allowed (a possible decompression bomb)"
+        )
 
     def check_classes(self, count: int) -> None:
         """BoundsError when one request asks for more than max_classes classes."""

@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain_command.add_arguments(commands.add_parser("explain", help="explain images, writing overlays and maps"))
     evaluate_command.add_arguments(commands.add_parser("evaluate", help="insertion/deletion or pointing game"))
     export_command.add_arguments(commands.add_parser("export", help="export the tail graph to ONNX"))
-    layers_command.add_arguments(commands.add_parser("layers", help="list a model's target layers and their output shapes"))
-    from .serving import command as serve_command
+    layers_command.add_arguments(
+        commands.add_parser("layers", help="list a model's target layers and their output shapes")
+    )
     from .datasets import command as dataset_command
+    from .serving import command as serve_command
 
     dataset_command.add_arguments(
         commands.add_parser("explain-dataset", help="explain a whole dataset on Ray Data (Parquet)")

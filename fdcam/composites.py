@@ -41,7 +41,6 @@ BOTTOM_RIGHT_BOX: Box = (CANVAS_SIZE - TILE_SIZE, CANVAS_SIZE - TILE_SIZE, CANVA
 BACKGROUND = tuple(round(channel * 255) for channel in (0.485, 0.456, 0.406))  # (124, 116, 104)
 
 
-
 def read_labels(labels_csv: str | Path) -> list[LabelEntry]:
     """The (file, class_index) entries of a labels.csv with columns file,class_index,wnid,name.
 
@@ -52,7 +51,9 @@ def read_labels(labels_csv: str | Path) -> list[LabelEntry]:
     first_row: dict[str, int] = {}
     for row, (name, _) in enumerate(entries, start=2):  # row 1 is the header
         if name in first_row:
-            raise LabelsError(f"{labels_csv} lists {name} twice (rows {first_row[name]} and {row}); keep one row per file")
+            raise LabelsError(
+                f"{labels_csv} lists {name} twice (rows {first_row[name]} and {row}); keep one row per file"
+            )
         first_row[name] = row
     return entries
 

@@ -34,32 +34,60 @@ METRICS = ("insertion-deletion", "pointing-game")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of `fdcam evaluate` on `parser`."""
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images (every image in it, sorted)")
-    parser.add_argument("--labels", metavar="CSV", help="labels CSV (file,class_index,wnid,name); default DIR/labels.csv")
+    parser.add_argument(
+        "--labels", metavar="CSV", help="labels CSV (file,class_index,wnid,name); default DIR/labels.csv"
+    )
     parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
-    parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
-    parser.add_argument("--layer", default=None, help="target layer: module or fx node name (`fdcam layers` lists them); default: the model's")
+    parser.add_argument(
+        "--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'"
+    )
+    parser.add_argument(
+        "--layer",
+        default=None,
+        help="target layer: module or fx node name (`fdcam layers` lists them); default: the model's",
+    )
     parser.add_argument(
         "--methods", default="all", help=f"comma-separated methods, or 'all' (default): {', '.join(METHODS)}"
     )
     parser.add_argument(
-        "--target", default="predicted", choices=["predicted", "label"],
+        "--target",
+        default="predicted",
+        choices=["predicted", "label"],
         help="class to explain and score: the model's top-1 (default, as RISE) or the label from --labels",
     )
     parser.add_argument("--metric", default="insertion-deletion", choices=METRICS)
     parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images (or composites)")
-    parser.add_argument("--out", metavar="JSON", help="results file (default fdcam-out/<metric>.json); "
-                        "per-image results go to OUT.partial.jsonl as they come, and a rerun resumes from it")
+    parser.add_argument(
+        "--out",
+        metavar="JSON",
+        help="results file (default fdcam-out/<metric>.json); "
+        "per-image results go to OUT.partial.jsonl as they come, and a rerun resumes from it",
+    )
     parser.add_argument("--no-resume", action="store_true", help="recompute everything, ignoring OUT.partial.jsonl")
     parser.add_argument("--plots", metavar="DIR", help="write PNG curves and overlay grids to DIR (needs matplotlib)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-size", type=positive_int, metavar="N", help="forward batch size of methods and metric")
-    parser.add_argument("--images-per-call", type=positive_int, default=4, metavar="N",
-                        help="images explained per method call and scored together (default 4)")
-    parser.add_argument("--step", type=positive_int, default=DEFAULT_STEP, metavar="PIXELS",
-                        help=f"pixels per insertion/deletion step (default {DEFAULT_STEP}, RISE's)")
-    parser.add_argument("--scorer", default="auto", choices=SCORERS,
-                        help="what runs the curves' and Score-CAM/Group-CAM's forwards: auto (default: ONNX Runtime "
-                        "on CPU once it matched torch to 1e-4 on the first images, else torch), torch or onnxruntime")
+    parser.add_argument(
+        "--images-per-call",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="images explained per method call and scored together (default 4)",
+    )
+    parser.add_argument(
+        "--step",
+        type=positive_int,
+        default=DEFAULT_STEP,
+        metavar="PIXELS",
+        help=f"pixels per insertion/deletion step (default {DEFAULT_STEP}, RISE's)",
+    )
+    parser.add_argument(
+        "--scorer",
+        default="auto",
+        choices=SCORERS,
+        help="what runs the curves' and Score-CAM/Group-CAM's forwards: auto (default: ONNX Runtime "
+        "on CPU once it matched torch to 1e-4 on the first images, else torch), torch or onnxruntime",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ray = parser.add_argument_group("Ray Data (insertion-deletion only; --out is then a folder of Parquet rows)")
@@ -69,17 +97,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pointing = parser.add_argument_group("pointing game")
     pointing.add_argument("--pairs", type=positive_int, default=250, metavar="N", help="composite pairs (default 250)")
     pointing.add_argument("--seed", type=int, default=0, help="seed of the composite pairs (default 0)")
-    pointing.add_argument("--tolerance", type=float, default=15.0, metavar="PX", help="hit distance in pixels (default 15)")
-    pointing.add_argument("--multi-object", metavar="DIR", help="also a folder with boxes.json (e.g. shared/data/multi-object)")
+    pointing.add_argument(
+        "--tolerance", type=float, default=15.0, metavar="PX", help="hit distance in pixels (default 15)"
+    )
+    pointing.add_argument(
+        "--multi-object", metavar="DIR", help="also a folder with boxes.json (e.g. shared/data/multi-object)"
+    )
 
     fdcam = parser.add_argument_group("FD-CAM options and ablations (Tables III, IV)")
-    fdcam.add_argument("--theta", type=float, help=f"row quantile of the cosine matrix for grouping (default {FDCAM_DEFAULTS['theta']})")
+    fdcam.add_argument(
+        "--theta",
+        type=float,
+        help=f"row quantile of the cosine matrix for grouping (default {FDCAM_DEFAULTS['theta']})",
+    )
     fdcam.add_argument("--bias", type=float, help=f"bias b in w = a*exp(s) - b (default {FDCAM_DEFAULTS['bias']})")
     fdcam.add_argument("--combine", choices=COMBINES, help="combination of gradient and score (default exp)")
     fdcam.add_argument("--switch", choices=["on_off", "on-off", "off"], help="switch scores: on_off (default) or off")
     fdcam.add_argument("--no-grouping", action="store_true", help="each channel in its own group")
     fdcam.add_argument(
-        "--fdcam-variant", action="append", default=[], metavar="NAMES",
+        "--fdcam-variant",
+        action="append",
+        default=[],
+        metavar="NAMES",
         help=f"add FD-CAM ablation rows (comma-separated, repeatable): {', '.join(FDCAM_VARIANTS)}",
     )
     parser.set_defaults(run=run)
@@ -112,8 +151,10 @@ def _run_on_ray(args: argparse.Namespace, specs) -> int:
     from .datasets.command import run_evaluate
 
     if args.metric != "insertion-deletion" or args.plots or args.limit or args.no_resume or args.device != "cpu":
-        raise ValueError("--ray runs --metric insertion-deletion on CPU or --gpus-per-actor, without --plots,"
-                         " --limit, --no-resume or --device")
+        raise ValueError(
+            "--ray runs --metric insertion-deletion on CPU or --gpus-per-actor, without --plots,"
+            " --limit, --no-resume or --device"
+        )
     return run_evaluate(args, specs)
 
 
@@ -161,8 +202,14 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         result = evaluate_pointing_game(
-            model, images, args.labels, pairs=args.pairs, seed=args.seed, tolerance=args.tolerance,
-            multi_object=args.multi_object, **common,
+            model,
+            images,
+            args.labels,
+            pairs=args.pairs,
+            seed=args.seed,
+            tolerance=args.tolerance,
+            multi_object=args.multi_object,
+            **common,
         )
     write_json_atomic(out, result.summary)
     print(format_table(result.summary))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +13,13 @@ from tqdm.auto import tqdm
 from . import models
 from .backends import BACKENDS
 from .explain_output import (
-    check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
+    check_classes,
+    check_output_dir,
+    class_labels,
+    finish,
+    output_stems,
+    save_explanation,
+    skip_line,
 )
 from .images import MAX_OUTPUT_SIDE, ImageError, load_image, output_size, preprocess, resize_map
 from .methods import METHODS
@@ -30,8 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of `fdcam explain` on `parser`."""
     parser.add_argument("images", nargs="+", help="image files to explain")
     parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
-    parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
-    parser.add_argument("--layer", default=None, help="target layer: module or fx node name (`fdcam layers` lists them); default: the model's")
+    parser.add_argument(
+        "--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'"
+    )
+    parser.add_argument(
+        "--layer",
+        default=None,
+        help="target layer: module or fx node name (`fdcam layers` lists them); default: the model's",
+    )
     parser.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)}, or 'all' (default fdcam)")
     targets = parser.add_mutually_exclusive_group()
     targets.add_argument("--class", dest="classes", type=int, nargs="+", help="class indices to explain")
@@ -39,15 +51,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="torch", choices=BACKENDS, help="engine for switch passes")
     parser.add_argument("--provider", default=None, help="onnxruntime provider: cpu, cuda or tensorrt")
-    parser.add_argument("--precision", default="fp32", choices=TORCH_PRECISIONS,
-                        help="math of the switch passes (bf16: torch backend only)")
-    parser.add_argument("--cuda-graph", action="store_true", help="torch backend on CUDA: replay switch passes as a CUDA graph")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=TORCH_PRECISIONS,
+        help="math of the switch passes (bf16: torch backend only)",
+    )
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="torch backend on CUDA: replay switch passes as a CUDA graph"
+    )
     parser.add_argument("--out", default="fdcam-out", help="output directory (default ./fdcam-out)")
-    parser.add_argument("--max-size", type=int, default=MAX_OUTPUT_SIDE, metavar="PIXELS",
-                        help=f"longest side of the written overlays and maps; larger images' outputs are scaled down "
-                        f"(default {MAX_OUTPUT_SIDE})")
-    parser.add_argument("--server", default=None,
-                        help="explain on a running `fdcam serve` (http://HOST:PORT or grpc://HOST:PORT) instead of locally")
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=MAX_OUTPUT_SIDE,
+        metavar="PIXELS",
+        help=f"longest side of the written overlays and maps; larger images' outputs are scaled down "
+        f"(default {MAX_OUTPUT_SIDE})",
+    )
+    parser.add_argument(
+        "--server",
+        default=None,
+        help="explain on a running `fdcam serve` (http://HOST:PORT or grpc://HOST:PORT) instead of locally",
+    )
     parser.set_defaults(run=run)
 
 
@@ -71,12 +97,19 @@ def _method_names(method: str) -> list[str]:
 
 def _engine_options(args: argparse.Namespace, method_names: list[str]) -> EngineOptions:
     """The engine options of the command line; ValueError when one is set and no chosen method runs tail passes."""
-    given = {"backend": args.backend, "provider": args.provider, "precision": args.precision, "cuda_graph": args.cuda_graph}
+    given = {
+        "backend": args.backend,
+        "provider": args.provider,
+        "precision": args.precision,
+        "cuda_graph": args.cuda_graph,
+    }
     changed = engine_changes(given)
     if changed and not any(METHODS[name].uses_tail_engine for name in method_names):
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
         users = ", ".join(name for name, method in METHODS.items() if method.uses_tail_engine)
-        raise ValueError(f"{flags} applies to methods that run masked tail passes ({users}), not {', '.join(method_names)}")
+        raise ValueError(
+            f"{flags} applies to methods that run masked tail passes ({users}), not {', '.join(method_names)}"
+        )
     return EngineOptions(**given)
 
 
@@ -149,4 +182,3 @@ def _counted(items: Iterable, bar: tqdm) -> Iterator:
     for item in items:
         yield item
         bar.update(1)
-

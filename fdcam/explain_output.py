@@ -14,7 +14,13 @@ from . import models
 from .images import overlay
 
 __all__ = [
-    "output_stems", "check_output_dir", "class_labels", "check_classes", "save_explanation", "print_table", "skip_line",
+    "output_stems",
+    "check_output_dir",
+    "class_labels",
+    "check_classes",
+    "save_explanation",
+    "print_table",
+    "skip_line",
     "finish",
 ]
 
@@ -22,6 +28,7 @@ __all__ = [
 def output_stems(paths: list[str]) -> list[str]:
     """A distinct file-name stem per input: the file's stem, or for clashes (a/x.jpg b/x.jpg, x.jpg x.webp)
     the name with its suffix, then with its parent folders, then a counter."""
+
     def candidates(path: Path):
         yield path.stem
         named = path.stem + (f"_{path.suffix.lstrip('.')}" if path.suffix else "")

@@ -17,8 +17,11 @@ def is_batch_size(node: fx.Node) -> bool:
         source = node.args[0]
         return isinstance(source, fx.Node) and (
             (source.op == "call_method" and source.target == "size" and len(source.args) == 1)
-            or (source.op == "call_function" and getattr(source.target, "__name__", "") == "getattr"
-                and source.args[1] == "shape")
+            or (
+                source.op == "call_function"
+                and getattr(source.target, "__name__", "") == "getattr"
+                and source.args[1] == "shape"
+            )
         )
     return False
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["QUANTILE_LIMIT", "cosine_similarity_matrix", "channel_groups", "quantile_threshold", "single_channel_groups"]
+__all__ = [
+    "QUANTILE_LIMIT",
+    "cosine_similarity_matrix",
+    "channel_groups",
+    "quantile_threshold",
+    "single_channel_groups",
+]
 
 #: The most elements torch.quantile takes in one call; channel_groups groups images together up to it.
 QUANTILE_LIMIT = 2**24
@@ -20,7 +26,9 @@ def cosine_similarity_matrix(activations: torch.Tensor) -> torch.Tensor:
     return (unit @ unit.transpose(-1, -2)).to(activations.dtype)
 
 
-def channel_groups(activations: torch.Tensor, theta: float = 0.95, *, quantile_limit: int = QUANTILE_LIMIT) -> torch.Tensor:
+def channel_groups(
+    activations: torch.Tensor, theta: float = 0.95, *, quantile_limit: int = QUANTILE_LIMIT
+) -> torch.Tensor:
     """Boolean [...,K,K]: row k is G(k) = {l : cos(k,l) > quantile_θ(cos(k,·))} (torch.quantile, linear rule).
 
     Activations [K,h,w] of one image, or [N,K,h,w] for N images at once: in one call while the N·K²
@@ -98,8 +106,6 @@ def _threshold_of_top(ordered: torch.Tensor, theta: float, k: int) -> torch.Tens
     low = ordered[:, below - offset : below - offset + 1]
     high = ordered[:, below - offset + 1 : below - offset + 2] if position > below and below + 1 < k else low
     return _lerp(low, high, position - below)
-
-
 
 
 #: Values below each row's lower order statistic that `_float32_groups` also selects, to re-check in float64.

@@ -30,7 +30,6 @@ _JET_GREEN = ((0.0, 0.125, 0.375, 0.64, 0.91, 1.0), (0.0, 0.0, 1.0, 1.0, 0.0, 0.
 _JET_BLUE = ((0.0, 0.11, 0.34, 0.65, 1.0), (0.5, 1.0, 1.0, 0.0, 0.0))
 
 
-
 def _has_alpha(image: Image.Image) -> bool:
     return image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
 
@@ -90,7 +89,9 @@ def load_image(
 
 
 def decode_image(
-    data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS, max_bytes: int | None = MAX_IMAGE_BYTES,
+    data: bytes,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+    max_bytes: int | None = MAX_IMAGE_BYTES,
     name: str = "the image",
 ) -> Image.Image:
     """`load_image` for an encoded image held in memory (a server request's bytes); `name` is how errors call it."""

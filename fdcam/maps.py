@@ -24,7 +24,9 @@ def minmax(values: torch.Tensor, dim: int | tuple[int, ...] = -1, eps: float | N
     span = values.amax(dim=dim, keepdim=True) - low
     if eps is not None:
         return (values - low) / (span + eps)
-    return torch.where(span > 0, (values - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(values))
+    return torch.where(
+        span > 0, (values - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(values)
+    )
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -39,4 +41,6 @@ def to_input_size(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # blow up into a pattern: it stays blank.
     flat = maps.flatten(-2)
     constant = (flat.amax(-1) == flat.amin(-1))[..., None, None]
-    return torch.where(constant, torch.zeros((), dtype=upsampled.dtype, device=upsampled.device), normalise_maps(upsampled))
+    return torch.where(
+        constant, torch.zeros((), dtype=upsampled.dtype, device=upsampled.device), normalise_maps(upsampled)
+    )

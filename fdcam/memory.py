@@ -7,7 +7,7 @@ needs; a memory budget divided by that is how many rows one engine call may hold
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx

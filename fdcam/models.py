@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
@@ -27,9 +27,10 @@ _SPEC_ATTRIBUTE = "fdcam_spec"
 _HUB_CHECKPOINTS = {
     "vgg16": (torchvision.models.VGG16_Weights.IMAGENET1K_V1,),
     "resnet50": (torchvision.models.ResNet50_Weights.IMAGENET1K_V1, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),
-    "lraspp_mobilenet_v3_large": (torchvision.models.segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,),
+    "lraspp_mobilenet_v3_large": (
+        torchvision.models.segmentation.LRASPP_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
+    ),
 }
-
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds (pickle, zip, EOF, unsafe global) for a file it cannot read
-        raise ModelError(f"cannot read weights file {path}: not a PyTorch state_dict ({type(error).__name__})") from None
+        raise ModelError(
+            f"cannot read weights file {path}: not a PyTorch state_dict ({type(error).__name__})"
+        ) from None
     if isinstance(loaded, dict):
         for key in ("state_dict", "model"):
             if isinstance(loaded.get(key), dict):
@@ -147,7 +150,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
     # Checkpoints saved from DataParallel / DistributedDataParallel prefix every key with 'module.'.
     if loaded and all(key.startswith("module.") for key in loaded):
-        loaded = {key[len("module."):]: value for key, value in loaded.items()}
+        loaded = {key[len("module.") :]: value for key, value in loaded.items()}
     return dict(loaded)
 
 

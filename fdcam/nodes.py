@@ -16,7 +16,16 @@ from torch import fx, nn
 
 from .concurrency import model_in_eval, tracing
 
-__all__ = ["LayerInfo", "NamingTracer", "ancestors", "descendants", "example_input_for", "last_spatial_layer", "layers", "trace_with_names"]
+__all__ = [
+    "LayerInfo",
+    "NamingTracer",
+    "ancestors",
+    "descendants",
+    "example_input_for",
+    "last_spatial_layer",
+    "layers",
+    "trace_with_names",
+]
 
 
 class NamingTracer(fx.Tracer):
@@ -28,7 +37,9 @@ class NamingTracer(fx.Tracer):
     and `module_outputs` maps each module name to the nodes its calls returned.
     """
 
-    def __init__(self, leaf_names: tuple[str, ...] = (), leaf_modules: tuple[type, ...] | list[type] = (), **tracer_kwargs: Any):
+    def __init__(
+        self, leaf_names: tuple[str, ...] = (), leaf_modules: tuple[type, ...] | list[type] = (), **tracer_kwargs: Any
+    ):
         super().__init__(**tracer_kwargs)
         self.leaf_names = tuple(leaf_names)
         self.leaf_modules = tuple(leaf_modules)

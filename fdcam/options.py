@@ -62,7 +62,9 @@ class EngineOptions:
             raise ValueError("cuda_graph applies to the torch backend; ONNX Runtime sessions run without it")
         if self.provider is not None:
             if self.backend == "torch":
-                raise ValueError(f"provider={self.provider!r} applies to the onnxruntime backend; the torch backend runs on the input's device")
+                raise ValueError(
+                    f"provider={self.provider!r} applies to the onnxruntime backend; the torch backend runs on the input's device"
+                )
             if str(self.provider).strip().lower() not in ORT_PROVIDERS:
                 raise ValueError(f"provider must be one of {', '.join(ORT_PROVIDERS)}, not {self.provider!r}")
         for name in ("tail_batch_size", "memory_budget"):
@@ -94,7 +96,9 @@ def check_precision(backend: str, precision: str) -> str:
     """The precision if `backend` ("torch" or "onnxruntime") has it, else a one-line ValueError."""
     precisions = TORCH_PRECISIONS if backend == "torch" else ORT_PRECISIONS
     if precision not in precisions:
-        raise ValueError(f"precision must be one of {', '.join(precisions)} for the {backend} backend, not {precision!r}")
+        raise ValueError(
+            f"precision must be one of {', '.join(precisions)} for the {backend} backend, not {precision!r}"
+        )
     return precision
 
 

@@ -27,7 +27,6 @@ from .targets import OutputSelector, select_output
 __all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
 
 
-
 @dataclass(eq=False)
 class SplitModel:
     """A model cut at `layer`: `head(x) -> (activation, *extras)`, `tail(activation, *extras) -> logits`.
@@ -62,7 +61,9 @@ def resolve_layer_name(
         return target_layer
     close = difflib.get_close_matches(str(target_layer), list(names) + node_names, n=5, cutoff=0.5)
     hint = f"; close names: {', '.join(close)}" if close else ""
-    raise SplitError(f"no layer named {target_layer!r} in the model{hint}{untraceable or ' (fdcam.layers(model) lists them)'}")
+    raise SplitError(
+        f"no layer named {target_layer!r} in the model{hint}{untraceable or ' (fdcam.layers(model) lists them)'}"
+    )
 
 
 def _trace(
@@ -112,7 +113,10 @@ def split_model(
 
 
 def _split_model(
-    model: nn.Module, target_layer: str | nn.Module, example_input: torch.Tensor, tracer_kwargs: dict[str, Any] | None,
+    model: nn.Module,
+    target_layer: str | nn.Module,
+    example_input: torch.Tensor,
+    tracer_kwargs: dict[str, Any] | None,
     output: OutputSelector = None,
 ) -> SplitModel:
     layer = resolve_layer_name(model, target_layer, tracer_kwargs)

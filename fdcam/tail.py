@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -320,7 +321,13 @@ class TorchTail:
 
     def _graphed(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
         tensors = [features, masks.contiguous(), *extras] + ([] if classes is None else [classes])
-        key = (tuple((tuple(t.shape), t.dtype) for t in tensors), features.device, shortcut is not None, bound, classes is None)
+        key = (
+            tuple((tuple(t.shape), t.dtype) for t in tensors),
+            features.device,
+            shortcut is not None,
+            bound,
+            classes is None,
+        )
         graphed = self._graphs.get(key)
         if graphed is None:
             count = len(extras)
@@ -364,13 +371,18 @@ class TorchTail:
         outputs = []
         for start in range(0, total, step):
             end = min(total, start + step)
-            segments = [(i, max(start, i * m) - i * m, min(end, (i + 1) * m) - i * m) for i in range(start // m, (end - 1) // m + 1)]
+            segments = [
+                (i, max(start, i * m) - i * m, min(end, (i + 1) * m) - i * m)
+                for i in range(start // m, (end - 1) // m + 1)
+            ]
             self.calls += 1
             if shortcut is None:
                 masked = torch.empty((end - start, *features.shape[1:]), dtype=features.dtype, device=features.device)
                 offset = 0
                 for i, lo, hi in segments:
-                    torch.mul(features[i : i + 1], masks[i, lo:hi, :, None, None], out=masked[offset : offset + hi - lo])
+                    torch.mul(
+                        features[i : i + 1], masks[i, lo:hi, :, None, None], out=masked[offset : offset + hi - lo]
+                    )
                     offset += hi - lo
                 logits = self.masked_tail.tail(masked, *_rows(extras, segments))
                 del masked
@@ -378,7 +390,8 @@ class TorchTail:
                 continue
             starts = [
                 shortcut.pre_activation(
-                    shortcut.select(state, i), masks[i : i + 1, lo:hi],
+                    shortcut.select(state, i),
+                    masks[i : i + 1, lo:hi],
                     None if sparse is None else tuple(t[i : i + 1, lo:hi] for t in sparse),
                 )
                 for i, lo, hi in segments
@@ -444,7 +457,9 @@ class TorchTail:
                     start = torch.empty((len(on) + len(off), *full.shape), dtype=sums.dtype)
                     torch.add(_pick(sums, on_sets), bias, out=start[: len(on)])
                     torch.sub(full, _pick(sums, off_sets), out=start[len(on) :])
-                hidden = shortcut.body(start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras))
+                hidden = shortcut.body(
+                    start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras)
+                )
                 chosen = None if classes is None else classes[i : i + 1]
                 logits = shortcut.logits(hidden[None], chosen)[0]
                 logits = logits if score is None else score.score_rows(logits, i)
@@ -482,7 +497,9 @@ def _pick(sums: torch.Tensor, sets: list[int]) -> torch.Tensor:
     return sums.index_select(0, torch.tensor(sets, dtype=torch.long, device=sums.device))
 
 
-def _sparse_bound(shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: int | None, per_set: bool = False) -> int | None:
+def _sparse_bound(
+    shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: int | None, per_set: bool = False
+) -> int | None:
     """How many entries per row the gathered sums take, or None for the dense product (one host sync).
 
     `per_set`: the passes run per channel set (`TorchTail._compute_sets`), which takes a first Linear's

@@ -16,7 +16,8 @@ is a dict or tuple are explained on one of its entries (`select_output`).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Hashable, Sequence, Union
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,9 +161,9 @@ class _PerRow(Target):
         return f"{type(self.fn).__name__}(per image)"
 
 
-Targets = Union[None, int, Target, TopK, Callable, Sequence[Any], torch.Tensor, np.ndarray]
+Targets = None | int | Target | TopK | Callable | Sequence[Any] | torch.Tensor | np.ndarray
 #: Which entry of a dict or tuple output to explain: a key or an index (None: "out" for dicts that have it).
-OutputSelector = Union[None, Hashable]
+OutputSelector = Hashable | None
 
 
 def select_output(output: Any, selector: OutputSelector = None) -> Any:
@@ -320,8 +321,10 @@ def _entry_row(entry: Any) -> list[Any]:
 
 def _index_rows(targets: torch.Tensor | np.ndarray, n: int) -> list[list[int]]:
     """Class indices from an integer tensor or array: a scalar, one per image [N] or [N,T]."""
-    dtype_ok = targets.dtype.kind in "iu" if isinstance(targets, np.ndarray) else not (
-        targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool
+    dtype_ok = (
+        targets.dtype.kind in "iu"
+        if isinstance(targets, np.ndarray)
+        else not (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool)
     )
     if not dtype_ok:
         raise ValueError(f"targets must be integer class indices, got an array of {targets.dtype}")

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from collections.abc import Callable, Iterator
 from time import perf_counter
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -26,7 +27,7 @@ __all__ = ["STAGES", "StageTimes", "record_stages", "stage", "timed_stage"]
 #: The stages of FD-CAM in call order; other methods mark the subset they have.
 STAGES = ("head", "backward", "grouping", "switch", "weights", "map")
 
-_RECORDER: contextvars.ContextVar["StageTimes | None"] = contextvars.ContextVar("fdcam_stage_times", default=None)
+_RECORDER: contextvars.ContextVar[StageTimes | None] = contextvars.ContextVar("fdcam_stage_times", default=None)
 _Function = TypeVar("_Function", bound=Callable)
 
 

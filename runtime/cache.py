@@ -27,30 +27,35 @@ import tempfile
 import threading
 import warnings
 import weakref
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Sequence
 
 import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 from torch import nn
 
-from fdcam.export.graph import DEFAULT_OPSET, ExportError, export_split
+from fdcam._version import __version__
 from fdcam.concurrency import running, tracing
-from fdcam.export.graph import TailForm, gathers, input_names, model_metadata
+from fdcam.errors import first_line
+from fdcam.export.graph import DEFAULT_OPSET, ExportError, TailForm, export_split, gathers, input_names, model_metadata
+from fdcam.export.model import model_name
 from fdcam.factorise import tail_shortcut
 from fdcam.memory import row_bytes
-from fdcam.export.model import model_name
-from fdcam._version import __version__
-from fdcam.errors import first_line
 from fdcam.split import SplitModel
 
 from .providers import check_precision, create_session, resolve_provider, session_options
 from .session import OrtTail
 
 __all__ = [
-    "RuntimeStats", "clear_sessions", "default_cache_dir", "open_sessions", "ort_tail", "release_sessions", "stats",
+    "RuntimeStats",
+    "clear_sessions",
+    "default_cache_dir",
+    "open_sessions",
+    "ort_tail",
+    "release_sessions",
+    "stats",
 ]
 
 log = logging.getLogger("fdcam.runtime")
@@ -88,7 +93,7 @@ class _Entry:
 
 
 # model → {(layer, shapes, provider, precision, device, form): entry}; entries go with the model, or when released.
-_sessions: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Entry]]" = weakref.WeakKeyDictionary()
+_sessions: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Entry]] = weakref.WeakKeyDictionary()
 _sessions_lock = threading.Lock()
 
 
@@ -218,11 +223,21 @@ def _build(
                 stats.graph_reuses += 1
                 reused.append(path)
                 return path
-            log.warning("cached tail graph %s does not match its recorded sha256 (altered or incomplete); exporting it again", path)
+            log.warning(
+                "cached tail graph %s does not match its recorded sha256 (altered or incomplete); exporting it again",
+                path,
+            )
             _remove_graph(path)
         try:
             exported = export_split(
-                split, features, extras, path, fp16=fp16, metadata=_metadata(model), session_options=session_options(), form=form
+                split,
+                features,
+                extras,
+                path,
+                fp16=fp16,
+                metadata=_metadata(model),
+                session_options=session_options(),
+                form=form,
             )
             _record_hash(path)
         except OSError as error:
@@ -244,8 +259,13 @@ def _build(
     def open_session() -> tuple[ort.InferenceSession, str]:
         if provider != "cpu":
             return create_session(
-                graph, provider, precision, features.device,
-                engine_dir=directory / "tensorrt", mask_batch=2 * num_channels, input_shapes=input_shapes,
+                graph,
+                provider,
+                precision,
+                features.device,
+                engine_dir=directory / "tensorrt",
+                mask_batch=2 * num_channels,
+                input_shapes=input_shapes,
             )
         path = graph(precision == "fp16")
         if path in validated:  # the export already built a CPU session for its check

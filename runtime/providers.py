@@ -9,14 +9,15 @@ fp16 mode on the fp32 graph. TensorRT chooses its own tactics and may use TF32 u
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import onnxruntime as ort
 import torch
 
 from fdcam.errors import ProviderError, first_line
-from fdcam.options import ORT_PRECISIONS, ORT_PROVIDERS, check_precision as _check_precision
+from fdcam.options import ORT_PRECISIONS, ORT_PROVIDERS
+from fdcam.options import check_precision as _check_precision
 
 __all__ = [
     "PRECISIONS",
@@ -37,7 +38,6 @@ _ORT_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
 
 
 def check_precision(precision: str) -> str:
@@ -110,7 +110,10 @@ def tensorrt_options(
     engine_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def profile(images: int, masks: int) -> str:
-        dims = {name: (images, masks, *shape) if name == "masks" else (images, *shape) for name, shape in input_shapes.items()}
+        dims = {
+            name: (images, masks, *shape) if name == "masks" else (images, *shape)
+            for name, shape in input_shapes.items()
+        }
         return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in dims.items())
 
     return {
@@ -159,7 +162,13 @@ def create_session(
         for fallback in fallbacks:
             try:
                 session, used = create_session(
-                    graph, fallback, precision, device, engine_dir=engine_dir, mask_batch=mask_batch, input_shapes=input_shapes
+                    graph,
+                    fallback,
+                    precision,
+                    device,
+                    engine_dir=engine_dir,
+                    mask_batch=mask_batch,
+                    input_shapes=input_shapes,
                 )
             except ProviderError:
                 continue
@@ -170,17 +179,23 @@ def create_session(
         hint = "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or use provider 'cpu'"
         try:
             session = ort.InferenceSession(
-                str(path), session_options(), providers=[(_ORT_NAMES["cuda"], cuda_options(device, precision)), _ORT_NAMES["cpu"]]
+                str(path),
+                session_options(),
+                providers=[(_ORT_NAMES["cuda"], cuda_options(device, precision)), _ORT_NAMES["cpu"]],
             )
         except Exception as error:  # ORT's pybind errors are not RuntimeErrors: make it one line the CLI prints
-            raise ProviderError(f"the CUDA execution provider failed to start ({first_line(error, 200)}); {hint}") from error
+            raise ProviderError(
+                f"the CUDA execution provider failed to start ({first_line(error, 200)}); {hint}"
+            ) from error
         if session.get_providers()[0] != _ORT_NAMES["cuda"]:
             raise ProviderError(f"the CUDA execution provider did not load; {hint}")
         return session, "cuda"
     return ort.InferenceSession(str(path), session_options(), providers=[_ORT_NAMES["cpu"]]), "cpu"
 
 
-def _try_tensorrt(graph, precision, device, engine_dir, mask_batch, input_shapes) -> tuple[ort.InferenceSession | None, str]:
+def _try_tensorrt(
+    graph, precision, device, engine_dir, mask_batch, input_shapes
+) -> tuple[ort.InferenceSession | None, str]:
     if "tensorrt" not in available_providers():
         return None, "this onnxruntime has no TensorrtExecutionProvider"
     providers = [
@@ -196,5 +211,3 @@ def _try_tensorrt(graph, precision, device, engine_dir, mask_batch, input_shapes
     if session.get_providers()[0] != _ORT_NAMES["tensorrt"]:
         return None, "the TensorRT library did not load"
     return session, ""
-
-

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -122,7 +122,10 @@ class OrtTail:
 
         def once(images: slice, rows: slice) -> torch.Tensor:
             return self._run_once(
-                form, features[images], masks[images, rows], [e[images] for e in extras],
+                form,
+                features[images],
+                masks[images, rows],
+                [e[images] for e in extras],
                 None if chosen_classes is None else chosen_classes[images],
             )
 
@@ -147,7 +150,12 @@ class OrtTail:
         return rows_within(budget, self.row_bytes, total)
 
     def _run_once(
-        self, form: TailForm, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None
+        self,
+        form: TailForm,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor],
+        classes: torch.Tensor | None,
     ) -> torch.Tensor:
         session, provider, stream = self.opened(form)
         self.runs += 1
@@ -175,7 +183,11 @@ class OrtTail:
 
     @staticmethod
     def _run_host(
-        session: ort.InferenceSession, features: torch.Tensor, masks: torch.Tensor, extras: Sequence[torch.Tensor], classes: torch.Tensor | None
+        session: ort.InferenceSession,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor],
+        classes: torch.Tensor | None,
     ) -> torch.Tensor:
         """Numpy feeds: zero-copy views of contiguous CPU tensors (CUDA tensors are copied, for a CPU session)."""
         tensors = [_as_input(t).cpu() for t in (features, masks)]
@@ -188,8 +200,13 @@ class OrtTail:
 
     @staticmethod
     def _run_bound(
-        session: ort.InferenceSession, stream: int | None, features: torch.Tensor, masks: torch.Tensor,
-        extras: Sequence[torch.Tensor], classes: torch.Tensor | None, width: int,
+        session: ort.InferenceSession,
+        stream: int | None,
+        features: torch.Tensor,
+        masks: torch.Tensor,
+        extras: Sequence[torch.Tensor],
+        classes: torch.Tensor | None,
+        width: int,
     ) -> torch.Tensor:
         """IOBinding on device pointers; the output is a torch tensor ORT writes into."""
         device = features.device

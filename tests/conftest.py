@@ -45,8 +45,7 @@ def fingerprint(model: torch.nn.Module) -> tuple:
     with torch.no_grad():
         tensors = tuple((name, float(t.double().sum()), t.device.type) for name, t in model.state_dict().items())
     modules = tuple(
-        (m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-        for m in model.modules()
+        (m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()
     )
     return tensors, modules, tuple(p.requires_grad for p in model.parameters())
 

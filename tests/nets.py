@@ -65,8 +65,23 @@ class ConvStart(nn.Module):
     a batch norm with random statistics or none, an activation, a global average pool and an MLP (`hidden=None`: one
     Linear). `plain=True` puts a ReLU before the convolution and ends in a global max: nothing left to shorten."""
 
-    def __init__(self, kernel=1, stride=1, padding=0, dilation=1, norm=True, bias=True, functional=False, *,
-                 channels=(16, 12), stem_stride=1, hidden=8, classes=5, activation=F.relu, plain=False):
+    def __init__(
+        self,
+        kernel=1,
+        stride=1,
+        padding=0,
+        dilation=1,
+        norm=True,
+        bias=True,
+        functional=False,
+        *,
+        channels=(16, 12),
+        stem_stride=1,
+        hidden=8,
+        classes=5,
+        activation=F.relu,
+        plain=False,
+    ):
         super().__init__()
         width, out = channels
         self.stem = nn.Conv2d(3, width, 3, stem_stride, padding=1)

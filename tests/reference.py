@@ -45,8 +45,9 @@ def minmax(v):
     return (v - v.min()) / (v.max() - v.min())
 
 
-def fdcam_reference(model, layer, tail_fn, x, cls, theta=0.95, bias=0.5, combine="exp", switch="on_off",
-                    grouping=True, rows=64):
+def fdcam_reference(
+    model, layer, tail_fn, x, cls, theta=0.95, bias=0.5, combine="exp", switch="on_off", grouping=True, rows=64
+):
     """FD-CAM as the paper and the issue define it, one tail pass per mask. `tail_fn` maps masked activations
     [B,K,h,w] to logits [B,classes] row by row (the model's own layers in eval mode), so the passes run `rows` at
     a time: the same passes, without reading a large tail's weights once per mask."""
@@ -56,6 +57,7 @@ def fdcam_reference(model, layer, tail_fn, x, cls, theta=0.95, bias=0.5, combine
     groups = cosine_groups(A, theta) if grouping else torch.eye(k, dtype=torch.bool)
     on = groups.float()[:, :, None, None]  # [K masks, K channels, 1, 1]
     with torch.no_grad():
+
         def tail_scores(masks):
             return torch.cat([tail_fn(A * masks[i : i + rows])[:, cls] for i in range(0, k, rows)])
 

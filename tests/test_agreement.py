@@ -32,8 +32,13 @@ def test_the_rule_is_the_tolerance_where_the_map_is_well_conditioned():
 
 def small_model(duplicate: bool) -> torch.nn.Module:
     torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                torch.nn.Flatten(), torch.nn.Linear(8, 5)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    ).eval()
     if duplicate:  # channel 1 repeats channel 0: in their rows the two top similarities tie at the quantile
         with torch.no_grad():
             model[0].weight[1], model[0].bias[1] = model[0].weight[0], model[0].bias[0]
@@ -83,8 +88,9 @@ def test_the_graph_equals_the_library_on_shared_photos_under_the_rule(lite0, lit
         expected = library(images, targets)
         for i, photo in enumerate(batch):
             one = slice(i, i + 1)
-            judged = agreement(lite0, "_blocks.15", "fdcam", {}, images[one], targets[one], saliency[one],
-                               expected[one])
+            judged = agreement(
+                lite0, "_blocks.15", "fdcam", {}, images[one], targets[one], saliency[one], expected[one]
+            )
             errors.append(judged.error)
             if judged.spread is not None:
                 ill_conditioned.append((photo.name, judged))
@@ -96,8 +102,11 @@ def test_the_graph_equals_the_library_on_shared_photos_under_the_rule(lite0, lit
         f"median {np.median(errors):.2g}, "
         f"p99 {np.percentile(errors, 99):.2g}, max {errors.max():.2g}; {len(ill_conditioned)} over 1e-4, "
         "judged against float64: "
-        + "; ".join(f"{name} |Δ| {a.error:.2g}, float32 spread {a.spread:.2g}, vs float64 {a.exact_error:.2g}"
-                    f" (allowed {a.allowed:.2g})" for name, a in ill_conditioned)
+        + "; ".join(
+            f"{name} |Δ| {a.error:.2g}, float32 spread {a.spread:.2g}, vs float64 {a.exact_error:.2g}"
+            f" (allowed {a.allowed:.2g})"
+            for name, a in ill_conditioned
+        )
     )
     with capsys.disabled():
         print("\n" + report)

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fdcam import FDCAM
-from fdcam import backends
+from fdcam import FDCAM, backends
 from fdcam.backends import BACKENDS, tail_backend
 from reference import assert_same_up_to_rounding
 

@@ -14,8 +14,24 @@ from fdcam import FDCAM  # noqa: E402
 from reference import assert_same_up_to_rounding  # noqa: E402
 
 RESULT_FIELDS = {
-    "model", "method", "library", "label", "backend", "precision", "device", "status", "reason", "median_ms",
-    "min_ms", "repeats", "warmup", "ratio_to_pgc_gradcam", "batch", "throughput_ips", "peak_mem_mb", "peak_delta_mb",
+    "model",
+    "method",
+    "library",
+    "label",
+    "backend",
+    "precision",
+    "device",
+    "status",
+    "reason",
+    "median_ms",
+    "min_ms",
+    "repeats",
+    "warmup",
+    "ratio_to_pgc_gradcam",
+    "batch",
+    "throughput_ips",
+    "peak_mem_mb",
+    "peak_delta_mb",
     "memory_kind",
 }
 PHASES = {"head", "backward", "grouping", "switch", "weights", "map"}  # fdcam.timing.STAGES
@@ -24,8 +40,10 @@ PHASES = {"head", "backward", "grouping", "switch", "weights", "map"}  # fdcam.t
 @pytest.mark.slow
 def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert latency.main(["--models", "tiny", "--repeat", "1", "--batch", "2", "--quick", "--profile", "--json",
-                         str(out)]) == 0
+    assert (
+        latency.main(["--models", "tiny", "--repeat", "1", "--batch", "2", "--quick", "--profile", "--json", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "CPU:" in printed and "torch " in printed
     assert "median ms" in printed and "x pgc GradCAM" in printed
@@ -72,8 +90,9 @@ def test_benchmark_on_the_tiny_model_prints_the_table_and_writes_json(tmp_path, 
 @pytest.mark.slow
 def test_methods_selects_rows_and_keeps_the_reference(tmp_path):
     out = tmp_path / "bench.json"
-    latency.main(["--models", "tiny", "--methods", "fdcam,authors", "--repeat", "1", "--warmup", "0", "--json",
-                  str(out)])
+    latency.main(
+        ["--models", "tiny", "--methods", "fdcam,authors", "--repeat", "1", "--warmup", "0", "--json", str(out)]
+    )
     methods = [r["method"] for r in json.loads(out.read_text())["results"]]
     assert methods == ["pgc-gradcam", "fdcam", "authors-fdcam"]
 

@@ -16,8 +16,10 @@ from benchmarks import dataset  # noqa: E402
 @pytest.mark.slow
 def test_the_benchmark_prints_every_row_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert dataset.main(["--images", "2", "--batch-size", "2", "--method", "gradcam", "--repeat", "1",
-                         "--json", str(out)]) == 0
+    assert (
+        dataset.main(["--images", "2", "--batch-size", "2", "--method", "gradcam", "--repeat", "1", "--json", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     for row in ("| in-process loop |", "| explain_dataset, 1 actor |", "| explain_dataset, 2 actors |"):
         assert row in printed

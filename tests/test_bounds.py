@@ -24,7 +24,11 @@ def test_the_defaults_are_the_command_lines():
 
     bounds = ImageBounds()
     assert (bounds.max_pixels, bounds.max_bytes, bounds.max_output_side, bounds.max_classes) == (
-        MAX_IMAGE_PIXELS, MAX_IMAGE_BYTES, MAX_OUTPUT_SIDE, MAX_CLASSES)
+        MAX_IMAGE_PIXELS,
+        MAX_IMAGE_BYTES,
+        MAX_OUTPUT_SIDE,
+        MAX_CLASSES,
+    )
     assert MAX_IMAGE_PIXELS == 89_478_485 and MAX_OUTPUT_SIDE == 4096
     parser = build_parser()
     explain = parser.parse_args(["explain", "x.jpg"])

@@ -35,8 +35,12 @@ def test_converted_image_modes_are_explained(tmp_path, data_dir):
 
 
 def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
-    images = [str(data_dir / "not_an_image.jpg"), str(data_dir / "missing.jpg"), str(data_dir / "tiny.png"),
-              str(data_dir / "n02077923_sea_lion.JPEG")]
+    images = [
+        str(data_dir / "not_an_image.jpg"),
+        str(data_dir / "missing.jpg"),
+        str(data_dir / "tiny.png"),
+        str(data_dir / "n02077923_sea_lion.JPEG"),
+    ]
     status = main(["explain", *images, "--method", "gradcam", "--out", str(tmp_path)])
     assert status == 1
     err = capsys.readouterr().err
@@ -54,12 +58,16 @@ def test_one_bad_image_does_not_stop_the_others(tmp_path, data_dir, capsys):
         (["--method", "magiccam"], "unknown method"),
         (["--model", "vgg16", "--weights", "WEIGHTS"], "does not fit"),
         (["--device", "cuda"], "cuda"),
-        (["--method", "gradcam,scorecam", "--backend", "onnxruntime"],
-         "--backend applies to methods that run masked tail passes"),
+        (
+            ["--method", "gradcam,scorecam", "--backend", "onnxruntime"],
+            "--backend applies to methods that run masked tail passes",
+        ),
         (["--method", "gradcam", "--precision", "fp16", "--cuda-graph"], "--precision, --cuda-graph applies"),
         (["--provider", "cpu"], "provider='cpu' applies to the onnxruntime backend"),
-        (["--backend", "onnxruntime", "--precision", "bf16"],
-         "precision must be one of fp32, tf32, fp16 for the onnxruntime backend"),
+        (
+            ["--backend", "onnxruntime", "--precision", "bf16"],
+            "precision must be one of fp32, tf32, fp16 for the onnxruntime backend",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_non_zero(tmp_path, data_dir, capsys, arguments, message):
@@ -79,7 +87,8 @@ def test_bad_input_is_one_line_and_non_zero(tmp_path, data_dir, capsys, argument
 def test_console_script_prints_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "fdcam.cli", "explain", str(tmp_path / "nope.jpg"), "--out", str(tmp_path)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "not found" in result.stderr
@@ -116,9 +125,22 @@ def fresh_process_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("warnings")
     image = data_dir / "n02391049_zebra.JPEG"
     result = subprocess.run(
-        [sys.executable, "-c", _ONE_PROCESS, "explain", str(image), "--method", "gradcam,fdcam",
-         "--layer", "_avg_pooling", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            _ONE_PROCESS,
+            "explain",
+            str(image),
+            "--method",
+            "gradcam,fdcam",
+            "--layer",
+            "_avg_pooling",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert "EXIT 0" in result.stderr, result.stderr
     return result.stderr
@@ -239,8 +261,9 @@ def test_export_refuses_a_file_as_out_and_a_too_small_input_size_in_one_line(tmp
 
 def test_explain_skips_a_bomb_and_a_directory_and_writes_the_good_image(bomb, tmp_path, data_dir, capsys):
     good = data_dir / "gray.png"
-    status = main(["explain", str(bomb), str(tmp_path), str(good), "--method", "gradcam", "--out",
-                   str(tmp_path / "out")])
+    status = main(
+        ["explain", str(bomb), str(tmp_path), str(good), "--method", "gradcam", "--out", str(tmp_path / "out")]
+    )
     assert status == 1
     err = capsys.readouterr().err
     skipped = [line for line in err.splitlines() if "skipped:" in line]
@@ -255,8 +278,9 @@ def test_nan_weights_are_an_error_in_the_cli(tmp_path, data_dir, capsys):
     state = model.state_dict()
     state["_fc.weight"] = torch.full_like(state["_fc.weight"], float("nan"))
     torch.save(state, tmp_path / "nan.pth")
-    status = main(["explain", str(data_dir / "gray.png"), "--weights", str(tmp_path / "nan.pth"), "--out",
-                   str(tmp_path / "o")])
+    status = main(
+        ["explain", str(data_dir / "gray.png"), "--weights", str(tmp_path / "nan.pth"), "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert status == 1 and "NaN or infinite" in err and "Traceback" not in err
     assert not list((tmp_path / "o").glob("*.npy"))

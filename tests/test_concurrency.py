@@ -54,6 +54,7 @@ def test_threads_on_a_model_in_train_mode_never_change_it_or_the_global_flags():
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
+
         def work(index):
             name = "fdcam" if index % 2 else "gradcam"
             return name, [cams[name](x, targets=[3, 4]) for _ in range(3)]

@@ -30,8 +30,12 @@ from fdcam.models import spec_of  # noqa: E402
 def local_ray():
     # A Ray started by the user: a model factory's module must be importable on its workers (here, tests/).
     tests = str(Path(__file__).resolve().parent)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}},
+    )
     yield
     ray.shutdown()
 
@@ -68,8 +72,9 @@ def test_plan_pool_leaves_cpu_for_decoding():
 def test_explain_dataset_equals_library_and_bad_images_are_error_rows(tmp_path, lite0):
     photos = image_folder(tmp_path / "images", 5, bad=True)
     out = tmp_path / "out"
-    result = explain_dataset(tmp_path / "images", out=out, targets=2, map_size="input", batch_size=3, actors=1,
-                             progress=False)
+    result = explain_dataset(
+        tmp_path / "images", out=out, targets=2, map_size="input", batch_size=3, actors=1, progress=False
+    )
     rows = read_rows(out)
     assert (result.images, result.errors, result.computed, result.resumed) == (7, 2, 7, 0)
     errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"] is not None}
@@ -98,9 +103,17 @@ def test_feature_size_maps_upsample_to_the_library_map(tmp_path, lite0):
     photos = image_folder(tmp_path / "images", 3, start=10)
     out = tmp_path / "out"
     # the model travels as an importable factory; its input format as a zoo name
-    explain_dataset([str(p) for p in photos], out=out, model="datasets_helpers:plain_lite0",
-                    model_spec="efficientnet_lite0", method="gradcam", targets=[281], batch_size=2, actors=1,
-                    progress=False)
+    explain_dataset(
+        [str(p) for p in photos],
+        out=out,
+        model="datasets_helpers:plain_lite0",
+        model_spec="efficientnet_lite0",
+        method="gradcam",
+        targets=[281],
+        batch_size=2,
+        actors=1,
+        progress=False,
+    )
     rows = read_rows(out)
     assert json.loads((out / "run.json").read_text())["config"]["model"] == "datasets_helpers:plain_lite0"
     assert len(rows) == 3 and all(r["class"] == 281 and r["error"] is None for r in rows)
@@ -123,10 +136,14 @@ def test_evaluate_dataset_equals_the_in_process_evaluation(tmp_path, lite0):
     out = tmp_path / "out"
     evaluate_dataset(tmp_path / "images", out=out, methods="gradcam,fdcam", batch_size=2, actors=1, progress=False)
     rows = read_rows(out)
-    reference = evaluate_insertion_deletion(lite0, tmp_path / "images", methods="gradcam,fdcam", images_per_call=2,
-                                            scorer="torch", progress=False)
-    expected = {(entry["file"], method): values for entry in reference.summary["per_image"]
-                for method, values in entry["methods"].items()}
+    reference = evaluate_insertion_deletion(
+        lite0, tmp_path / "images", methods="gradcam,fdcam", images_per_call=2, scorer="torch", progress=False
+    )
+    expected = {
+        (entry["file"], method): values
+        for entry in reference.summary["per_image"]
+        for method, values in entry["methods"].items()
+    }
     assert len(rows) == len(expected) == 4
     for row in rows:
         values = expected[(Path(row["path"]).name, row["method"])]
@@ -157,8 +174,20 @@ def test_an_actor_killed_mid_run_leaves_every_image_exactly_once(tmp_path, lite0
     finished: dict = {}
     weights = tmp_path / "lite0.pt"  # the model travels as a zoo name and a weights file the workers read
     torch.save(lite0.state_dict(), weights)
-    thread = threading.Thread(target=lambda: finished.setdefault("run", explain_dataset(
-        tmp_path / "images", out=out, weights=str(weights), batch_size=1, actors=1, rows_per_file=1, progress=False)))
+    thread = threading.Thread(
+        target=lambda: finished.setdefault(
+            "run",
+            explain_dataset(
+                tmp_path / "images",
+                out=out,
+                weights=str(weights),
+                batch_size=1,
+                actors=1,
+                rows_per_file=1,
+                progress=False,
+            ),
+        )
+    )
     thread.start()
     staging = out / "rows" / "_staging"
     deadline = time.monotonic() + 300
@@ -191,8 +220,7 @@ def test_label_targets_in_the_actor_itself(tmp_path, lite0):
 
     photos = image_folder(tmp_path / "images", 2, start=90, bad=True)
     paths = [str(photos[0]), str(photos[1]), str(tmp_path / "images" / "broken.jpg")]
-    batch = decode_batch({"path": np.array(paths, dtype=object), "label": np.array([281, NO_LABEL, 3])},
-                         spec_of(lite0))
+    batch = decode_batch({"path": np.array(paths, dtype=object), "label": np.array([281, NO_LABEL, 3])}, spec_of(lite0))
     actor = ExplainActor(ModelRef.of("efficientnet_lite0"), "gradcam", "_blocks.15", {}, "label", "input")
     rows = {row["path"]: row for row in actor(batch).to_pylist()}
     assert rows[paths[0]]["class"] == 281 and rows[paths[0]]["label"] == 281 and rows[paths[0]]["error"] is None
@@ -211,8 +239,9 @@ def test_topk_targets_in_the_actor_run_the_model_once_with_the_classes_of_a_sepa
     from test_explain_command import ForwardCounter
 
     paths = [str(photo) for photo in image_folder(tmp_path / "images", 2, start=90)]
-    batch = decode_batch({"path": np.array(paths, dtype=object), "label": np.array([NO_LABEL, NO_LABEL])},
-                         spec_of(lite0))
+    batch = decode_batch(
+        {"path": np.array(paths, dtype=object), "label": np.array([NO_LABEL, NO_LABEL])}, spec_of(lite0)
+    )
     actor = ExplainActor(ModelRef.of("efficientnet_lite0"), "gradcam", "_blocks.15", {}, 2, "input")
     actor(batch)  # builds the split (which runs the model once on its example)
     with ForwardCounter(actor.model, torch.from_numpy(np.asarray(batch["x"][:1]))) as counter:

@@ -34,8 +34,9 @@ def cluster():
 def test_two_node_cluster_by_address(tmp_path, cluster, lite0):
     photos = image_folder(tmp_path / "images", 4, start=70)
     out = tmp_path / "out"
-    result = explain_dataset(tmp_path / "images", out=out, actors=2, batch_size=1, ray_address=cluster.address,
-                             progress=False)
+    result = explain_dataset(
+        tmp_path / "images", out=out, actors=2, batch_size=1, ray_address=cluster.address, progress=False
+    )
     assert not ray.is_initialized()  # disconnected from the cluster, which runs on
     assert (result.images, result.errors) == (4, 0)
     run = json.loads((out / "run.json").read_text())

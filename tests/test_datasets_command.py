@@ -49,8 +49,22 @@ def test_ctrl_c_leaves_only_complete_files_and_the_same_command_resumes(tmp_path
     photos = image_folder(tmp_path / "images", 8, start=40, bad=False)
     (tmp_path / "images" / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fdcam", "explain-dataset", str(tmp_path / "images"), "--out", str(out),
-               "--batch-size", "1", "--actors", "1", "--rows-per-file", "1", "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "fdcam",
+        "explain-dataset",
+        str(tmp_path / "images"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+        "--actors",
+        "1",
+        "--rows-per-file",
+        "1",
+        "--quiet",
+    ]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(list((out / "rows").glob("_staging/*/*.parquet"))) < 2 and time.monotonic() < deadline:
@@ -86,8 +100,18 @@ def test_ctrl_c_leaves_only_complete_files_and_the_same_command_resumes(tmp_path
 @pytest.mark.slow
 def test_evaluate_ray_gives_fdcam_evaluate_per_image_values(tmp_path, capsys):
     image_folder(tmp_path / "images", 2, start=60)
-    common = ["evaluate", "--images", str(tmp_path / "images"), "--methods", "gradcam", "--scorer", "torch",
-              "--images-per-call", "2", "--quiet"]
+    common = [
+        "evaluate",
+        "--images",
+        str(tmp_path / "images"),
+        "--methods",
+        "gradcam",
+        "--scorer",
+        "torch",
+        "--images-per-call",
+        "2",
+        "--quiet",
+    ]
     assert main(common + ["--out", str(tmp_path / "plain.json")]) == 0
     assert main(common + ["--ray", "--actors", "1", "--out", str(tmp_path / "ray")]) == 0
     assert "2 images, 2 rows, 0 errors" in capsys.readouterr().out
@@ -111,9 +135,23 @@ def test_overlays_are_drawn_from_the_parquet_map(tmp_path):
 
     photo = image_folder(tmp_path / "images", 1, start=80)[0]
     saliency = np.linspace(0, 1, 49, dtype=np.float16)
-    rows = [{"path": str(tmp_path / "gone.jpg"), "method": "fdcam", "layer": "l", "error": "not an image"},
-            {"path": str(photo), "class": 7, "label": None, "logit": 1.0, "probability": 0.5, "method": "fdcam",
-             "layer": "l", "rank": 0, "map_height": 7, "map_width": 7, "saliency": saliency, "error": None}]
+    rows = [
+        {"path": str(tmp_path / "gone.jpg"), "method": "fdcam", "layer": "l", "error": "not an image"},
+        {
+            "path": str(photo),
+            "class": 7,
+            "label": None,
+            "logit": 1.0,
+            "probability": 0.5,
+            "method": "fdcam",
+            "layer": "l",
+            "rank": 0,
+            "map_height": 7,
+            "map_width": 7,
+            "saliency": saliency,
+            "error": None,
+        },
+    ]
     (tmp_path / "out" / "rows").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=EXPLAIN_SCHEMA), tmp_path / "out" / "rows" / "a.parquet")
     [written] = write_overlays(tmp_path / "out", 5)  # the error row has no map: one overlay

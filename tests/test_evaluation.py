@@ -89,8 +89,18 @@ def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path):
 def test_cli_insertion_deletion_json_table_and_plots(image_dir, tmp_path, capsys):
     out, plots = tmp_path / "results.json", tmp_path / "plots"
     code = _evaluate(
-        "--images", image_dir, "--methods", "gradcam,fdcam", "--limit", 2, "--step", FAST_STEP, "--out", out,
-        "--plots", plots,
+        "--images",
+        image_dir,
+        "--methods",
+        "gradcam,fdcam",
+        "--limit",
+        2,
+        "--step",
+        FAST_STEP,
+        "--out",
+        out,
+        "--plots",
+        plots,
     )
     assert code == 0
     result = json.loads(out.read_text())
@@ -167,8 +177,20 @@ def test_onnxruntime_scorer_gives_the_torch_results(image_dir, tmp_path, monkeyp
 def test_fdcam_variant_rows_and_label_target(image_dir, tmp_path):
     out = tmp_path / "v.json"
     code = _evaluate(
-        "--images", image_dir, "--methods", "fdcam", "--fdcam-variant", "no-group-off", "--target", "label",
-        "--step", FAST_STEP, "--limit", 1, "--out", out,
+        "--images",
+        image_dir,
+        "--methods",
+        "fdcam",
+        "--fdcam-variant",
+        "no-group-off",
+        "--target",
+        "label",
+        "--step",
+        FAST_STEP,
+        "--limit",
+        1,
+        "--out",
+        out,
     )
     assert code == 0
     result = json.loads(out.read_text())
@@ -191,8 +213,20 @@ def test_unreadable_images_are_skipped(image_dir, tmp_path):
 def test_cli_pointing_game_on_composites_and_multi_object(image_dir, tmp_path, capsys):
     out, plots = tmp_path / "p.json", tmp_path / "plots"
     code = _evaluate(
-        "--images", image_dir, "--metric", "pointing-game", "--pairs", 2, "--methods", "gradcam,fdcam",
-        "--multi-object", DATA, "--out", out, "--plots", plots,
+        "--images",
+        image_dir,
+        "--metric",
+        "pointing-game",
+        "--pairs",
+        2,
+        "--methods",
+        "gradcam,fdcam",
+        "--multi-object",
+        DATA,
+        "--out",
+        out,
+        "--plots",
+        plots,
     )
     assert code == 0
     result = json.loads(out.read_text())
@@ -250,15 +284,31 @@ def test_reproduce_tables_script_writes_tables_iii_and_iv(image_dir, tmp_path):
     from benchmarks import reproduce_tables
 
     out = tmp_path / "tables"
-    argv = ["--images", str(image_dir), "--tables", "3,4", "--limit", "1", "--step", FAST_STEP, "--out", str(out),
-            "--quiet"]
+    argv = [
+        "--images",
+        str(image_dir),
+        "--tables",
+        "3,4",
+        "--limit",
+        "1",
+        "--step",
+        FAST_STEP,
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert reproduce_tables.main(argv) == 0
     markdown = (out / "tables.md").read_text()
     assert "Table III" in markdown and "Table IV" in markdown and "Table I:" not in markdown
     assert "fdcam[switch=off,grouping=False]" in markdown and "fdcam[combine=linear]" in markdown
     result = json.loads((out / "insertion-deletion.json").read_text())
-    assert set(result["methods"]) == {"fdcam", "fdcam[switch=off,grouping=False]", "fdcam[switch=off]",
-                                      "fdcam[combine=linear]", "fdcam[bias=0.0]"}
+    assert set(result["methods"]) == {
+        "fdcam",
+        "fdcam[switch=off,grouping=False]",
+        "fdcam[switch=off]",
+        "fdcam[combine=linear]",
+        "fdcam[bias=0.0]",
+    }
     assert json.loads((out / "timings.json").read_text())["insertion-deletion"]["computed_images"] == 1
 
 
@@ -277,8 +327,23 @@ def test_evaluation_runs_with_tf32_off_and_restores_the_flags(image_dir, tmp_pat
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        assert _evaluate("--images", image_dir, "--methods", "gradcam", "--limit", "1", "--step", FAST_STEP,
-                         "--scorer", "torch", "--out", tmp_path / "r.json") == 0
+        assert (
+            _evaluate(
+                "--images",
+                image_dir,
+                "--methods",
+                "gradcam",
+                "--limit",
+                "1",
+                "--step",
+                FAST_STEP,
+                "--scorer",
+                "torch",
+                "--out",
+                tmp_path / "r.json",
+            )
+            == 0
+        )
         assert seen and all(flags == (False, False) for flags in seen)
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
@@ -292,8 +357,13 @@ def _untagged_net():
 
     torch.manual_seed(3)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
     ).eval()
 
 
@@ -335,8 +405,25 @@ def test_evaluate_skips_a_bomb_and_goes_on(bomb, tmp_path, data_dir):
     shutil.copy(data_dir / "n02391049_zebra.JPEG", folder)
     shutil.copy(bomb, folder / "bomb.png")
     out = tmp_path / "r.json"
-    assert main(["evaluate", "--images", str(folder), "--methods", "gradcam", "--step", "12544", "--quiet",
-                 "--scorer", "torch", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--images",
+                str(folder),
+                "--methods",
+                "gradcam",
+                "--step",
+                "12544",
+                "--quiet",
+                "--scorer",
+                "torch",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["n_images"] == 1 and "decompression bomb" in result["skipped"][0]["reason"]
 
@@ -360,8 +447,27 @@ def test_labels_csv_bom_duplicates_and_out_of_range(tmp_path, data_dir):
         shutil.copy(data_dir / name, folder)
     (folder / "labels.csv").write_text(rows + "n02077923_sea_lion.JPEG,5000,n02077923,sea lion\n")
     out = tmp_path / "r.json"
-    assert main(["evaluate", "--images", str(folder), "--methods", "gradcam", "--target", "label", "--quiet",
-                 "--step", "12544", "--scorer", "torch", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--images",
+                str(folder),
+                "--methods",
+                "gradcam",
+                "--target",
+                "label",
+                "--quiet",
+                "--step",
+                "12544",
+                "--scorer",
+                "torch",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["n_images"] == 1
     reason = result["skipped"][0]["reason"]

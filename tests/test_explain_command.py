@@ -49,8 +49,17 @@ def test_explain_runs_the_model_once_per_explanation_with_todays_results(lite0_c
     first, second = data_dir / "n02391049_zebra.JPEG", data_dir / "n02077923_sea_lion.JPEG"
     spec = fdcam.models.spec_of(model)
     x = preprocess(load_image(second), spec)
-    arguments = ["explain", str(first), str(second), "--method", ",".join(METHOD_NAMES), "--topk", str(TOPK),
-                 "--out", str(tmp_path)]
+    arguments = [
+        "explain",
+        str(first),
+        str(second),
+        "--method",
+        ",".join(METHOD_NAMES),
+        "--topk",
+        str(TOPK),
+        "--out",
+        str(tmp_path),
+    ]
     with ForwardCounter(model, x) as counter:  # the second image: the first one's forwards also build the splits
         assert main(arguments) == 0
     assert counter.count == len(METHOD_NAMES)  # one forward per method, no separate forward for the top-k

@@ -12,8 +12,9 @@ TEN = models.ModelSpec("ten", "layer", (8, 8), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
 
 
 def test_the_table_aligns_its_columns_and_rounds_probabilities(capsys):
-    print_table([("zebra", "fdcam", 340, "zebra", 0.98765, "out/zebra_fdcam_340.png|.npy"),
-                 ("a", "gradcam", 7, "x", 0.5, "f")])
+    print_table(
+        [("zebra", "fdcam", 340, "zebra", 0.98765, "out/zebra_fdcam_340.png|.npy"), ("a", "gradcam", 7, "x", 0.5, "f")]
+    )
     assert capsys.readouterr().out.splitlines() == [
         "image  method   class  name   prob   files",
         "zebra  fdcam    340    zebra  0.988  out/zebra_fdcam_340.png|.npy",
@@ -26,12 +27,15 @@ def test_class_labels_are_imagenet_names_or_indices():
     assert class_labels(models.spec("resnet50"))[340] == "zebra"
 
 
-@pytest.mark.parametrize("classes, topk, message", [
-    ([3, 10], 1, "class index 10 is out of range for ten"),
-    ([-1], 1, "class index -1 is out of range"),
-    (None, 0, "--topk must be between 1 and 10"),
-    (None, 11, "--topk must be between 1 and 10"),
-])
+@pytest.mark.parametrize(
+    "classes, topk, message",
+    [
+        ([3, 10], 1, "class index 10 is out of range for ten"),
+        ([-1], 1, "class index -1 is out of range"),
+        (None, 0, "--topk must be between 1 and 10"),
+        (None, 11, "--topk must be between 1 and 10"),
+    ],
+)
 def test_bad_classes_are_one_line_errors(classes, topk, message):
     with pytest.raises(ValueError, match=message):
         check_classes(classes, topk, TEN)

@@ -33,8 +33,9 @@ def session(path) -> ort.InferenceSession:
 def assert_matches_library(path, model, layer, method, images, classes=None, ill_conditioned=False, **options):
     """The graph's outputs equal the library's. With `ill_conditioned` (random-weight models whose maps
     float32 cannot pin down to 1e-4), the bound grows by how far the library itself strays from float64."""
-    logits, targets, saliency = run_explainer(session(path), images.numpy(),
-                                              None if classes is None else classes.numpy())
+    logits, targets, saliency = run_explainer(
+        session(path), images.numpy(), None if classes is None else classes.numpy()
+    )
     with torch.no_grad():
         expected_logits = model(images)
     expected_targets = classes if classes is not None else expected_logits.argmax(1, keepdim=True)
@@ -62,8 +63,9 @@ def assert_matches_library(path, model, layer, method, images, classes=None, ill
 @pytest.fixture(scope="module")
 def lite0_fdcam_classes(lite0, tmp_path_factory):
     # A smaller input keeps the test quick; the graph's H,W are fixed at export.
-    return export_explainer(lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True,
-                            input_size=(128, 128))
+    return export_explainer(
+        lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True, input_size=(128, 128)
+    )
 
 
 @pytest.mark.slow  # reads a whole-graph export of Lite0
@@ -104,8 +106,13 @@ def test_metadata_in_the_graph_and_the_json(lite0_fdcam):
     meta = read_metadata(lite0_fdcam)
     assert meta["model"] == "efficientnet_lite0" and meta["target_layer"] == "_blocks.15"
     assert meta["method"] == "fdcam" and meta["input_size"] == "224x224"
-    assert json.loads(meta["method_options"]) == {"theta": 0.95, "bias": 0.5, "combine": "exp", "switch": "on_off",
-                                                  "grouping": True}
+    assert json.loads(meta["method_options"]) == {
+        "theta": 0.95,
+        "bias": 0.5,
+        "combine": "exp",
+        "switch": "on_off",
+        "grouping": True,
+    }
     assert meta["opset"] == str(onnx.load(str(lite0_fdcam), load_external_data=False).opset_import[0].version)
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
     names = json.loads(meta["class_names"])
@@ -230,8 +237,9 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
 
     config = parse_triton_config(triton_config(lite0_fdcam, "fdcam_efficientnet_lite0_fdcam", max_batch=16))
     assert config.platform == "onnxruntime_onnx" and config.backend == "onnxruntime" and config.max_batch_size == 16
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [("image", model_config_pb2.TYPE_FP32,
-                                                                            [3, 224, 224])]
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("image", model_config_pb2.TYPE_FP32, [3, 224, 224])
+    ]
     outputs = [(o.name, o.data_type, list(o.dims)) for o in config.output]
     assert outputs == [
         ("logits", model_config_pb2.TYPE_FP32, [1000]),
@@ -259,9 +267,29 @@ def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys,
 
     out, repo = tmp_path / "out", tmp_path / "repo"
     code = main(
-        ["export", "--explainer", "--model", "efficientnet_lite0", "--method", "fdcam", "--theta", "0.9",
-         "--switch", "off", "--input-size", "96x96", "--classes-input", "--out", str(out), "--triton", str(repo),
-         "--max-batch", "8", "--tensorrt", "fp32"]
+        [
+            "export",
+            "--explainer",
+            "--model",
+            "efficientnet_lite0",
+            "--method",
+            "fdcam",
+            "--theta",
+            "0.9",
+            "--switch",
+            "off",
+            "--input-size",
+            "96x96",
+            "--classes-input",
+            "--out",
+            str(out),
+            "--triton",
+            str(repo),
+            "--max-batch",
+            "8",
+            "--tensorrt",
+            "fp32",
+        ]
     )
     assert code == 0
     assert (out / "explainer.onnx").is_file() and (out / "explainer.json").is_file()
@@ -275,8 +303,16 @@ def test_cli_writes_the_graph_its_json_and_a_triton_repository(tmp_path, capsys,
     assert accelerator.parameters["precision_mode"] == "FP32"
     assert list(config.input[0].dims) == [3, 96, 96]
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
-    assert_matches_library(out / "explainer.onnx", lite0, "_blocks.15", "fdcam", images,
-                           torch.tensor([[1, 2], [3, 4]]), theta=0.9, switch="off")
+    assert_matches_library(
+        out / "explainer.onnx",
+        lite0,
+        "_blocks.15",
+        "fdcam",
+        images,
+        torch.tensor([[1, 2], [3, 4]]),
+        theta=0.9,
+        switch="off",
+    )
     assert "explainer.onnx" in capsys.readouterr().out
 
 
@@ -307,8 +343,9 @@ def node_with_onnxruntime() -> str:
     node, npm = shutil.which("node"), shutil.which("npm")
     assert node and npm, "Node.js and npm are needed for the JavaScript example test"
     if not (EXAMPLES / "node_modules" / "onnxruntime-node").is_dir():
-        subprocess.run([npm, "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLES, check=True,
-                       timeout=600)
+        subprocess.run(
+            [npm, "install", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=EXAMPLES, check=True, timeout=600
+        )
     return node
 
 
@@ -318,9 +355,18 @@ def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zeb
     images = torch.cat([small(zebra_input), torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(11))])
     (tmp_path / "images.f32").write_bytes(images.numpy().astype("<f4").tobytes())
     result = subprocess.run(
-        [node, str(EXAMPLES / "explain.js"), str(lite0_fdcam_classes), str(tmp_path / "images.f32"),
-         str(tmp_path / "out"), "--classes", "340,9"],
-        capture_output=True, text=True, timeout=300,
+        [
+            node,
+            str(EXAMPLES / "explain.js"),
+            str(lite0_fdcam_classes),
+            str(tmp_path / "images.f32"),
+            str(tmp_path / "out"),
+            "--classes",
+            "340,9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     from_node = np.fromfile(tmp_path / "out.saliency.f32", dtype="<f4").reshape(2, 2, 128, 128)
@@ -363,12 +409,15 @@ def test_every_method_exports_and_equals_the_library(lite0, tmp_path, method, op
 @pytest.mark.parametrize(
     "layer, method, classes",
     # layer4.2.conv3: the skip tensor crosses the split, into the gradient and into every masked pass.
-    [("layer4", "fdcam", torch.tensor([[3, 7], [5, 3]])),
-     ("layer4.2.conv3", "ablationcam", torch.tensor([[3, 7], [5, 3]]))],
+    [
+        ("layer4", "fdcam", torch.tensor([[3, 7], [5, 3]])),
+        ("layer4.2.conv3", "ablationcam", torch.tensor([[3, 7], [5, 3]])),
+    ],
 )
 def test_resnet50_at_layer4_and_across_a_skip_connection(resnet50_random, tmp_path, layer, method, classes):
-    path = export_explainer(resnet50_random, tmp_path / "e.onnx", layer, method, classes is not None,
-                            input_size=(96, 96))
+    path = export_explainer(
+        resnet50_random, tmp_path / "e.onnx", layer, method, classes is not None, input_size=(96, 96)
+    )
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(31))
     assert_matches_library(path, resnet50_random, layer, method, images, classes, ill_conditioned=True)
 
@@ -377,8 +426,9 @@ def test_resnet50_at_layer4_and_across_a_skip_connection(resnet50_random, tmp_pa
 def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_path):
     path = export_explainer(vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64))
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(41))
-    assert_matches_library(path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]),
-                           ill_conditioned=True)
+    assert_matches_library(
+        path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), ill_conditioned=True
+    )
 
 
 # --- threads ------------------------------------------------------------------------------------

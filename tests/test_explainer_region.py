@@ -41,7 +41,9 @@ def lraspp() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def lraspp_fdcam(lraspp, tmp_path_factory):
-    return export_explainer(lraspp, tmp_path_factory.mktemp("region") / "explainer.onnx", target="region", input_size=(SIZE, SIZE))
+    return export_explainer(
+        lraspp, tmp_path_factory.mktemp("region") / "explainer.onnx", target="region", input_size=(SIZE, SIZE)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,9 @@ def dims(value: onnx.ValueInfoProto) -> list:
 def assert_like_library(model, method, images, classes, regions, got, library_targets=None, **options):
     """The graph's maps are the library's for RegionLogit(classes[n,t], regions[n,t]) under the export's rule
     (1e-4, or the conditioning rule of export/agreement.py)."""
-    targets = library_targets or [[RegionLogit(int(c), m) for c, m in zip(row, masks)] for row, masks in zip(classes.tolist(), regions)]
+    targets = library_targets or [
+        [RegionLogit(int(c), m) for c, m in zip(row, masks)] for row, masks in zip(classes.tolist(), regions)
+    ]
     expected = fdcam.METHODS[method](model, LAYER, **options)(images, targets)
     assert got.shape == tuple(expected.shape)
     judged = agreement(model, LAYER, method, options, images, targets, got, expected)
@@ -92,21 +96,28 @@ def test_region_graph_io_metadata_and_json(lraspp_fdcam):
     assert meta["inputs"] == "image,classes,region" and meta["classes_input"] == "true"
     assert meta["model"] == "lraspp_mobilenet_v3_large" and meta["num_classes"] == "21"
     described = json.loads(lraspp_fdcam.with_suffix(".json").read_text())
-    assert described == describe_explainer(meta) | {"validation": described["validation"]}  # measured after the graph was written
+    assert described == describe_explainer(meta) | {
+        "validation": described["validation"]
+    }  # measured after the graph was written
     assert described["inputs"][2] == {"name": "region", "dtype": "float32", "shape": ["N", "T", SIZE, SIZE]}
     assert described["outputs"][0]["shape"] == ["N", 21] and described["target"] == "region"
-    assert described["validation"]["saliency_max_abs_diff"] <= 1e-4 or described["validation"]["graph_vs_float64_library"] is not None
+    assert (
+        described["validation"]["saliency_max_abs_diff"] <= 1e-4
+        or described["validation"]["graph_vs_float64_library"] is not None
+    )
 
 
 @pytest.mark.slow
 def test_region_graph_equals_the_library_on_unseen_images_and_regions(lraspp, lraspp_fdcam, images):
     soft = torch.linspace(0, 1, SIZE)[:, None] * torch.linspace(1, 0, SIZE)[None, :]  # a float mask weighs each pixel
     classes = torch.tensor([[3, 15], [0, 7], [20, 3]])
-    regions = torch.stack([
-        torch.stack([rectangle(5, 5, 20, 30), soft]),
-        torch.stack([rectangle(10, 20, 25, 30), rectangle(0, 0, SIZE, SIZE)]),
-        torch.stack([soft, rectangle(40, 30, 1, 1)]),  # one pixel
-    ])
+    regions = torch.stack(
+        [
+            torch.stack([rectangle(5, 5, 20, 30), soft]),
+            torch.stack([rectangle(10, 20, 25, 30), rectangle(0, 0, SIZE, SIZE)]),
+            torch.stack([soft, rectangle(40, 30, 1, 1)]),  # one pixel
+        ]
+    )
     logits, targets, saliency = run_explainer(session(lraspp_fdcam), images.numpy(), classes.numpy(), regions.numpy())
     np.testing.assert_array_equal(targets, classes.numpy())
     assert saliency.min() >= 0.0 and saliency.max() <= 1.0
@@ -153,10 +164,14 @@ def test_a_classifier_with_target_region_is_refused_in_one_line(tmp_path):
     from nets import Residual
 
     with pytest.raises(ExportError, match="segmentation output") as caught:
-        export_explainer(Residual().eval(), tmp_path / "e.onnx", "conv1", "gradcam", target="region", input_size=(16, 16))
+        export_explainer(
+            Residual().eval(), tmp_path / "e.onnx", "conv1", "gradcam", target="region", input_size=(16, 16)
+        )
     assert "\n" not in str(caught.value)
     with pytest.raises(ExportError, match="unknown target"):
-        export_explainer(Residual().eval(), tmp_path / "e.onnx", "conv1", "gradcam", target="pixels", input_size=(16, 16))
+        export_explainer(
+            Residual().eval(), tmp_path / "e.onnx", "conv1", "gradcam", target="pixels", input_size=(16, 16)
+        )
     assert not (tmp_path / "e.onnx").exists()
 
 
@@ -190,16 +205,36 @@ def test_every_other_exportable_method_honours_the_region(method, tmp_path):
 
 @pytest.mark.slow
 def test_cli_exports_a_region_graph_and_a_triton_repository_listing_the_region_input(lraspp, images, tmp_path, capsys):
-    from test_explainer import parse_triton_config
     from tritonclient.grpc import model_config_pb2
 
     from fdcam.cli import main
+    from test_explainer import parse_triton_config
 
     weights = tmp_path / "lraspp.pt"
     torch.save(lraspp.state_dict(), weights)
     out, repo = tmp_path / "out", tmp_path / "repo"
-    code = main(["export", "--explainer", "--target", "region", "--model", "lraspp_mobilenet_v3_large", "--weights", str(weights),
-                 "--method", "gradcam", "--input-size", f"{SIZE}x{SIZE}", "--out", str(out), "--triton", str(repo), "--max-batch", "4"])
+    code = main(
+        [
+            "export",
+            "--explainer",
+            "--target",
+            "region",
+            "--model",
+            "lraspp_mobilenet_v3_large",
+            "--weights",
+            str(weights),
+            "--method",
+            "gradcam",
+            "--input-size",
+            f"{SIZE}x{SIZE}",
+            "--out",
+            str(out),
+            "--triton",
+            str(repo),
+            "--max-batch",
+            "4",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "explainer.onnx" in capsys.readouterr().out
     assert json.loads((out / "explainer.json").read_text())["target"] == "region"
@@ -210,19 +245,31 @@ def test_cli_exports_a_region_graph_and_a_triton_repository_listing_the_region_i
         ("classes", model_config_pb2.TYPE_INT64, [-1]),
         ("region", model_config_pb2.TYPE_FP32, [-1, SIZE, SIZE]),
     ]
-    assert [(o.name, list(o.dims)) for o in config.output] == [("logits", [21]), ("targets", [-1]), ("saliency", [-1, SIZE, SIZE])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [
+        ("logits", [21]),
+        ("targets", [-1]),
+        ("saliency", [-1, SIZE, SIZE]),
+    ]
     assert config.parameters["fdcam_target"].string_value == "region"
     classes = torch.tensor([[3, 9], [12, 0]])
     regions = torch.stack([torch.stack([rectangle(0, 0, 32, 32), rectangle(16, 16, 32, 32)])] * 2)
-    _, _, saliency = run_explainer(session(out / "explainer.onnx"), images[:2].numpy(), classes.numpy(), regions.numpy())
+    _, _, saliency = run_explainer(
+        session(out / "explainer.onnx"), images[:2].numpy(), classes.numpy(), regions.numpy()
+    )
     assert_like_library(lraspp, "gradcam", images[:2], classes, regions, saliency)
 
 
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--explainer", "--model", "efficientnet_lite0", "--target", "region"], "--target region explains a segmentation model"),
-        (["--explainer", "--model", "lraspp_mobilenet_v3_large", "--weights", "random"], "export it with --target region"),
+        (
+            ["--explainer", "--model", "efficientnet_lite0", "--target", "region"],
+            "--target region explains a segmentation model",
+        ),
+        (
+            ["--explainer", "--model", "lraspp_mobilenet_v3_large", "--weights", "random"],
+            "export it with --target region",
+        ),
         (["--model", "lraspp_mobilenet_v3_large", "--target", "region"], "--target applies to --explainer"),
     ],
 )

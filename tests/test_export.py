@@ -108,8 +108,9 @@ def test_a_tensor_crossing_the_split_becomes_an_extra_input(resnet18_split, tmp_
 def test_export_refuses_a_graph_that_does_not_match_and_saves_nothing(resnet18_split, tmp_path, monkeypatch):
     split, features, extras = resnet18_split
     run = ort.InferenceSession.run  # every exported graph's check run comes out 0.5 off the torch tail
-    monkeypatch.setattr(ort.InferenceSession, "run",
-                        lambda self, *args, **kwargs: [out + 0.5 for out in run(self, *args, **kwargs)])
+    monkeypatch.setattr(
+        ort.InferenceSession, "run", lambda self, *args, **kwargs: [out + 0.5 for out in run(self, *args, **kwargs)]
+    )
     target = tmp_path / "out" / "bad.onnx"
     with pytest.raises(ExportError, match=r"differs from the torch tail by 0\.5.*nothing was saved") as raised:
         export_split(split, features, extras, target, check_batches=(3, 5))
@@ -124,8 +125,9 @@ def test_a_failing_dynamo_export_falls_back_to_torchscript(resnet18_split, tmp_p
         raise RuntimeError("simulated torch.export failure")
 
     export = torch.onnx.export
-    monkeypatch.setattr(torch.onnx, "export",
-                        lambda *args, **kwargs: broken() if kwargs.get("dynamo") else export(*args, **kwargs))
+    monkeypatch.setattr(
+        torch.onnx, "export", lambda *args, **kwargs: broken() if kwargs.get("dynamo") else export(*args, **kwargs)
+    )
     exported = export_split(split, features, extras, tmp_path / "ts.onnx", check_batches=(3, 9))
     assert exported.exporter == "torchscript"
     assert read_metadata(exported.path)["exporter"] == "torchscript"
@@ -151,8 +153,10 @@ def test_cli_export_writes_the_graph_and_its_json(tmp_path, capsys):
     described = json.loads((tmp_path / "efficientnet_lite0__blocks.15.json").read_text())
     assert graph_path.is_file() and str(graph_path) in capsys.readouterr().out
     assert described["graph"] == graph_path.name and described["target_layer"] == "_blocks.15"
-    assert [(t["name"], t["shape"]) for t in described["inputs"]] == [("features", ["images", 320, 7, 7]),
-                                                                      ("masks", ["images", "masks", 320])]
+    assert [(t["name"], t["shape"]) for t in described["inputs"]] == [
+        ("features", ["images", 320, 7, 7]),
+        ("masks", ["images", "masks", 320]),
+    ]
     assert described["outputs"][0]["shape"] == ["images", "masks", 1000]
     assert described["masks"]["theta"] == 0.95 and described["masks"]["batch"] == 640
     assert "1 − 1_G(k)" in described["masks"]["rows"]
@@ -184,8 +188,18 @@ def test_wheel_installs_export_and_runtime_inside_fdcam(tmp_path):
     for name in ("fdcam", "export", "runtime"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.onnx"))
     wheels = tmp_path / "wheels"
-    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w",
-               str(wheels)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        str(source),
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(wheels),
+    ]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("fdcam-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -222,9 +236,15 @@ def test_a_classes_form_takes_int64_classes_and_returns_their_logits(resnet18_sp
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
     masks = (torch.rand(1, 5, 512, generator=torch.Generator().manual_seed(3)) > 0.5).float()
     classes = torch.tensor([[999, 0, 17]])
-    (logits,) = session.run(["logits"],
-                            {"features": features.numpy(), "masks": masks.numpy(), "classes": classes.numpy(),
-                                         "extra_0": extras[0].numpy()})
+    (logits,) = session.run(
+        ["logits"],
+        {
+            "features": features.numpy(),
+            "masks": masks.numpy(),
+            "classes": classes.numpy(),
+            "extra_0": extras[0].numpy(),
+        },
+    )
     assert logits.shape == (1, 5, 3)
     expected = torch_logits(split, features, masks, extras).gather(2, classes[:, None].expand(-1, 5, -1))
     assert_same_up_to_rounding(logits, expected)

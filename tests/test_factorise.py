@@ -62,8 +62,10 @@ def test_resnet50_layer4_is_factorised_too(resnet50_random):
     assert factorised.kind == "linear" and factorised.block == 1 and factorised.first_is_final
     masks = _masks(2048, n=16)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks[None]),
-                               MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+        assert (
+            _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None]))
+            < 1e-5
+        )
 
 
 class _Functional(nn.Module):
@@ -116,8 +118,10 @@ def test_functional_linear_view_and_batch_size_in_the_rest():
     assert factorised.kind == "linear" and factorised.block == 16
     masks = _masks(6, n=10)
     with torch.no_grad():
-        assert _relative_error(factorised(activations, masks[None]),
-                               MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+        assert (
+            _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None]))
+            < 1e-5
+        )
 
 
 @pytest.mark.parametrize(
@@ -150,8 +154,10 @@ def test_global_pooling_prefixes(prefix, matches):
     if matches:
         masks = _masks(6, n=10)
         with torch.no_grad():
-            assert _relative_error(factorised(activations, masks[None]),
-                                   MaskedTail(split.tail)(activations, masks[None])) < 1e-5
+            assert (
+                _relative_error(factorised(activations, masks[None]), MaskedTail(split.tail)(activations, masks[None]))
+                < 1e-5
+            )
 
 
 def test_nonlinear_or_channel_mixing_prefixes_are_not_factorised():
@@ -218,8 +224,14 @@ def test_factorised_tail_leaves_the_shared_dropout_in_eval_after_export(tmp_path
     onnxruntime = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(), nn.Dropout(),
-        nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((2, 2)),
+        nn.Flatten(),
+        nn.Dropout(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
     ).eval()
     split, activations, extras = split_at(model, "1", torch.randn(1, 3, 8, 8))
     factorised = tail_shortcut(split.tail, activations, extras)
@@ -227,8 +239,13 @@ def test_factorised_tail_leaves_the_shared_dropout_in_eval_after_export(tmp_path
     masks = _masks(8, n=6)
     path = tmp_path / "factorised.onnx"
     torch.onnx.export(
-        factorised, (activations, masks[None]), str(path), input_names=["features", "masks"], output_names=["logits"],
-        dynamic_axes={"masks": {1: "batch"}, "logits": {1: "batch"}}, dynamo=False,
+        factorised,
+        (activations, masks[None]),
+        str(path),
+        input_names=["features", "masks"],
+        output_names=["logits"],
+        dynamic_axes={"masks": {1: "batch"}, "logits": {1: "batch"}},
+        dynamo=False,
     )
     assert not model[4].training  # the exporter's train-mode "restore" did not reach the user's dropout
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -245,16 +262,26 @@ def test_factorised_tail_exports_with_the_dynamo_exporter(tmp_path):
     pytest.importorskip("onnxscript")
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 2)), nn.Flatten(),
-        nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((2, 2)),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
     ).eval()
     split, activations, extras = split_at(model, "1", torch.randn(1, 3, 8, 8))
     factorised = tail_shortcut(split.tail, activations, extras)
     masks = _masks(8, n=6)
     path = tmp_path / "factorised.onnx"
     torch.onnx.export(
-        factorised, (activations, masks[None]), str(path), input_names=["features", "masks"], output_names=["logits"],
-        dynamic_shapes=({}, {1: torch.export.Dim("batch")}), dynamo=True,
+        factorised,
+        (activations, masks[None]),
+        str(path),
+        input_names=["features", "masks"],
+        output_names=["logits"],
+        dynamic_shapes=({}, {1: torch.export.Dim("batch")}),
+        dynamo=True,
     )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     more = torch.cat([masks, masks[:3]])
@@ -277,11 +304,17 @@ def _group_masks(activations, theta=0.95):
 def _plain(split, activations, masks, extras):
     """One tail forward per image and mask: the reference every shortcut must equal."""
     with torch.no_grad():
-        return torch.stack([
-            torch.cat([split.tail(activations[i : i + 1] * mask[None, :, None, None], *(e[i : i + 1] for e in extras))
-                       for mask in masks[i]])
-            for i in range(activations.shape[0])
-        ])
+        return torch.stack(
+            [
+                torch.cat(
+                    [
+                        split.tail(activations[i : i + 1] * mask[None, :, None, None], *(e[i : i + 1] for e in extras))
+                        for mask in masks[i]
+                    ]
+                )
+                for i in range(activations.shape[0])
+            ]
+        )
 
 
 def _check_all_paths(split, activations, extras, masks, sparsity, kind):
@@ -297,8 +330,9 @@ def _check_all_paths(split, activations, extras, masks, sparsity, kind):
     assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
     assert_same_up_to_rounding(tail.run(activations, masks, extras, classes, sparsity=sparsity), subset, rel=1e-5)
     with torch.no_grad():
-        assert_same_up_to_rounding(tail.shortcut_for(activations, extras)(activations, masks, *extras), expected,
-                                   rel=1e-5)
+        assert_same_up_to_rounding(
+            tail.shortcut_for(activations, extras)(activations, masks, *extras), expected, rel=1e-5
+        )
     return tail
 
 
@@ -352,8 +386,9 @@ def test_masks_that_are_not_sparse_take_the_dense_product():
     ones[0, 1, :8] = 0
     from reference import assert_same_up_to_rounding
 
-    assert_same_up_to_rounding(tail.run(activations, ones, extras, sparsity=1),
-                               _plain(split, activations, ones, extras), rel=1e-5)
+    assert_same_up_to_rounding(
+        tail.run(activations, ones, extras, sparsity=1), _plain(split, activations, ones, extras), rel=1e-5
+    )
 
 
 def test_sparse_rows_describe_each_row_by_its_smaller_side():
@@ -427,8 +462,11 @@ def test_an_unrecognised_tail_takes_the_plain_path(ends_in_linear):
     classes = torch.tensor([[2], [0]])
     tail = TorchTail(split.tail)
     assert_same_up_to_rounding(tail.run(activations, masks, extras), expected, rel=1e-5)
-    assert_same_up_to_rounding(tail.run(activations, masks, extras, classes),
-                               expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5)
+    assert_same_up_to_rounding(
+        tail.run(activations, masks, extras, classes),
+        expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)),
+        rel=1e-5,
+    )
 
 
 @pytest.mark.parametrize("options", [dict(kernel=1), dict(kernel=3, padding=1)], ids=["1x1", "3x3"])
@@ -452,16 +490,18 @@ def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(opt
             assert tail.sparse_calls == 1 and tail.calls >= (1 if batch_size is None else 2 * 32 // 3)
             assert_same_up_to_rounding(got, expected, rel=1e-5)
             subset = tail.run(activations, masks, extras, classes, sparsity=bound)
-            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)),
-                                       rel=1e-5)
+            assert_same_up_to_rounding(
+                subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5
+            )
         rows = TorchTail(split.tail)
         monkeypatch.setattr(rows, "_takes_sets", lambda *args: False)
         assert_same_up_to_rounding(rows.run(activations, masks, extras, sparsity=bound), got, rel=1e-5)
 
 
 @pytest.mark.parametrize(
-    "options", [dict(kernel=1), dict(kernel=1, functional=True),
-                dict(kernel=3, padding=1)], ids=["1x1", "functional-1x1", "3x3"]
+    "options",
+    [dict(kernel=1), dict(kernel=1, functional=True), dict(kernel=3, padding=1)],
+    ids=["1x1", "functional-1x1", "3x3"],
 )
 def test_shortcut_graph_with_classes_and_a_bound_equals_the_plain_tail(options):
     from reference import assert_same_up_to_rounding
@@ -522,5 +562,6 @@ def test_linear_passes_per_channel_set_equal_the_plain_tail(theta):
             assert tail.sparse_calls == 1 and tail.calls >= (2 if batch_size is None else masks.shape[1] // 7)
             assert_same_up_to_rounding(got, expected, rel=1e-5)
             subset = tail.run(activations, masks, extras, classes)
-            assert_same_up_to_rounding(subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)),
-                                       rel=1e-5)
+            assert_same_up_to_rounding(
+                subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5
+            )

@@ -10,10 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from fdcam.export import export_explainer
-from fdcam.export.graph_tail import GraphTail, per_image
 
 import fdcam
+from fdcam.export import export_explainer
+from fdcam.export.graph_tail import GraphTail, per_image
 from fdcam.factorise import max_group_size
 from fdcam.groups import channel_groups
 from fdcam.split import split_model
@@ -118,9 +118,16 @@ def test_per_image_exports_to_an_onnx_scan_over_any_batch(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batch_dim = torch.export.Dim("N", min=1)
-        program = torch.onnx.export(Traced(traced), (features, masks), input_names=["features", "masks"],
-                                    output_names=["out"], dynamo=True, dynamic_shapes=({0: batch_dim}, {0: batch_dim}),
-                                    opset_version=18, verbose=False)
+        program = torch.onnx.export(
+            Traced(traced),
+            (features, masks),
+            input_names=["features", "masks"],
+            output_names=["out"],
+            dynamo=True,
+            dynamic_shapes=({0: batch_dim}, {0: batch_dim}),
+            opset_version=18,
+            verbose=False,
+        )
     program.save(str(path))
     assert "Scan" in {node.op_type for node in onnx.load(str(path)).graph.node}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -159,24 +166,29 @@ def test_lite0_graph_at_batch_8_grows_the_process_by_less_than_2_gb(lite0, tmp_p
 
 
 def test_unused_initializers_are_dropped_from_subgraphs_and_used_ones_kept():
-    from fdcam.export.graph_tail import drop_unused_initializers
     from onnx import TensorProto, helper
+
+    from fdcam.export.graph_tail import drop_unused_initializers
 
     def constant(name):
         return helper.make_tensor(name, TensorProto.FLOAT, [1], [1.0])
 
     def branch(name, used):
         return helper.make_graph(
-            [helper.make_node("Add", ["x", used], [f"{name}_out"])], name, [],
+            [helper.make_node("Add", ["x", used], [f"{name}_out"])],
+            name,
+            [],
             [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [1])],
             initializer=[constant(used), constant(f"{name}_unused")],
         )
 
     node = helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", "a"), else_branch=branch("else", "b"))
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info(n, t, [1]) for n, t in (("flag", TensorProto.BOOL),
-                                                                               ("x", TensorProto.FLOAT))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=[constant("outer_unused")],
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, t, [1]) for n, t in (("flag", TensorProto.BOOL), ("x", TensorProto.FLOAT))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[constant("outer_unused")],
     )
     drop_unused_initializers(graph)
     assert [t.name for t in graph.initializer] == []

@@ -39,8 +39,9 @@ def test_threshold_equals_torch_quantile_bit_for_bit(k, kind):
 
 def test_threshold_of_rows_with_nan_or_infinities_is_torch_quantiles():
     inf, nan = float("inf"), float("nan")
-    rows = torch.tensor([[0.0, 1, 2, inf, inf], [-inf, -inf, 2, 3, 4], [1.0, 2, inf, inf, inf], [0.5, nan, 1, 2, 3],
-                         [inf] * 5])
+    rows = torch.tensor(
+        [[0.0, 1, 2, inf, inf], [-inf, -inf, 2, 3, 4], [1.0, 2, inf, inf, inf], [0.5, nan, 1, 2, 3], [inf] * 5]
+    )
     for theta in (0.0, 0.25, 0.5, 0.6, 0.75, 0.95, 1.0):
         expected = torch.quantile(rows, theta, dim=-1, keepdim=True)
         got = quantile_threshold(rows, theta)

@@ -18,8 +18,8 @@ JPEGS = sorted(DATA.glob("*.JPEG"))
 
 
 @pytest.mark.parametrize(
-    "file_name, size", [("gray.png", (128, 96)), ("rgba.png", (100, 80)), ("gray16.png", (128, 96)),
-                        ("tiny.png", (8, 8))]
+    "file_name, size",
+    [("gray.png", (128, 96)), ("rgba.png", (100, 80)), ("gray16.png", (128, 96)), ("tiny.png", (8, 8))],
 )
 def test_edge_case_images_load_as_rgb(file_name, size):
     image = load_image(DATA / file_name)
@@ -181,8 +181,10 @@ def test_outputs_of_large_images_are_bounded_and_overlays_computed_in_float32(tm
     path = tmp_path / "wide.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (300, 600, 3), dtype=np.uint8)).save(path)
-    assert main(["explain", str(path), "--method", "gradcam", "--class", "1", "--max-size", "128", "--out",
-                 str(tmp_path)]) == 0
+    assert (
+        main(["explain", str(path), "--method", "gradcam", "--class", "1", "--max-size", "128", "--out", str(tmp_path)])
+        == 0
+    )
     assert np.load(tmp_path / "wide_gradcam_1.npy").shape == (64, 128)
     assert Image.open(tmp_path / "wide_gradcam_1.png").size == (128, 64)
     # The float32 banded overlay equals a float64 one-shot blend to within one grey level.

@@ -112,30 +112,30 @@ def import_graph(lazy: bool) -> dict[str, set[str]]:
                     name = name.rpartition(".")[0]
                 explicit = name
                 while name:
-                    if name == explicit and name != module:
+                    if name == explicit and name != module:  # noqa: B023
                         edge = name
-                    elif name != module and name not in own_packages:
+                    elif name != module and name not in own_packages:  # noqa: B023
                         edge = module_level(name)
                     else:
                         edge = None
                     if edge is not None:
-                        targets.add(edge)
+                        targets.add(edge)  # noqa: B023
                         if top:
-                            top_targets.add(edge)
+                            top_targets.add(edge)  # noqa: B023
                     name = name.rpartition(".")[0]
 
         def visit(node: ast.AST, top: bool) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
                     if top or lazy:
-                        add(_imported(module, child, is_package, modules), top)
+                        add(_imported(module, child, is_package, modules), top)  # noqa: B023
                 elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
                     visit(child, False)
                 elif isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                     continue
                 else:
                     if isinstance(child, ast.Call) and (top or lazy):
-                        add(dynamic_imports(module, tree, child, is_package), top, exact=True)
+                        add(dynamic_imports(module, tree, child, is_package), top, exact=True)  # noqa: B023
                     visit(child, top)
 
         visit(tree, True)
@@ -192,8 +192,9 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_graph_reader_finds_every_module_and_its_imports():
     graph = import_graph(lazy=True)
-    assert {"fdcam", "fdcam.evaluation", "fdcam.evaluation.run", "fdcam.export.model",
-            "fdcam.runtime.cache"} <= set(graph)
+    assert {"fdcam", "fdcam.evaluation", "fdcam.evaluation.run", "fdcam.export.model", "fdcam.runtime.cache"} <= set(
+        graph
+    )
     assert "fdcam.model_state" in graph["fdcam.export.model"]
     assert {module_level("fdcam.export"), "fdcam.export.graph"} <= graph["fdcam.runtime.cache"]  # __init__ runs too
     assert "fdcam.runtime" not in graph["fdcam.methods.base"]  # backends register; the core does not import them

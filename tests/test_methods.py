@@ -47,10 +47,10 @@ SCORE_CAM_SLOW = pytest.mark.slow
 SLOW_PAIRS = (fdcam.ScoreCAM, fdcam.AblationCAM)
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    pytest.param(*pair, id=pair[0].__name__, marks=SCORE_CAM_SLOW if pair[0] in SLOW_PAIRS else ())
-    for pair in PAIRS
-])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [pytest.param(*pair, id=pair[0].__name__, marks=SCORE_CAM_SLOW if pair[0] in SLOW_PAIRS else ()) for pair in PAIRS],
+)
 def test_baseline_matches_pytorch_grad_cam(resnet18, image, ours, theirs):
     cls = 17
     mine = ours(resnet18, "layer4")(image, targets=cls)[0, 0].numpy()
@@ -63,8 +63,16 @@ def test_baseline_matches_pytorch_grad_cam(resnet18, image, ours, theirs):
 
 
 def test_methods_registry_names_every_class():
-    assert set(fdcam.METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "scorecam", "ablationcam",
-                                  "groupcam", "fdcam"}
+    assert set(fdcam.METHODS) == {
+        "gradcam",
+        "gradcam++",
+        "xgradcam",
+        "layercam",
+        "scorecam",
+        "ablationcam",
+        "groupcam",
+        "fdcam",
+    }
     for cls in fdcam.METHODS.values():
         assert issubclass(cls, fdcam.BaseCAM)
 
@@ -116,10 +124,19 @@ def test_groupcam_matches_plain_reference(resnet18, image):
     assert corr >= 0.999 and diff <= 0.02, (corr, diff)
 
 
-@pytest.mark.parametrize("name", [
-    "gradcam", "gradcam++", "xgradcam", "layercam", pytest.param("scorecam", marks=SCORE_CAM_SLOW), "ablationcam",
-    "groupcam", "fdcam",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gradcam",
+        "gradcam++",
+        "xgradcam",
+        "layercam",
+        pytest.param("scorecam", marks=SCORE_CAM_SLOW),
+        "ablationcam",
+        "groupcam",
+        "fdcam",
+    ],
+)
 def test_every_method_handles_batches_and_several_classes(resnet18, name):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(12))
     cam = fdcam.METHODS[name](resnet18, "layer4")
@@ -169,10 +186,14 @@ class HeadActivationApart(nn.Module):
 
 
 # Score-CAM's 1280 full forwards per map are too slow for the suite here: it has the small net below.
-@pytest.mark.parametrize("name", [  # the perturbation methods' many Lite0 forwards: in the slow tier
-    pytest.param(name, marks=pytest.mark.slow) if name in ("ablationcam", "groupcam") else name
-    for name in fdcam.METHODS if name != "scorecam"
-])
+@pytest.mark.parametrize(
+    "name",
+    [  # the perturbation methods' many Lite0 forwards: in the slow tier
+        pytest.param(name, marks=pytest.mark.slow) if name in ("ablationcam", "groupcam") else name
+        for name in fdcam.METHODS
+        if name != "scorecam"
+    ],
+)
 def test_every_method_explains_lite0_at_its_head_activation_call_site(lite0, name):
     x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(12))
     apart = HeadActivationApart(lite0).eval()
@@ -228,8 +249,9 @@ def test_gradcam_at_lite0_head_call_site_matches_a_hand_computation(lite0, zebra
 
 
 def test_without_a_target_layer_the_last_spatial_layer_is_named_in_a_warning(resnet18, image):
-    with pytest.warns(UserWarning,
-                      match=r"no target_layer given: explaining 'layer4' \(Sequential, output \[1, 512, 7, 7\]\)"):
+    with pytest.warns(
+        UserWarning, match=r"no target_layer given: explaining 'layer4' \(Sequential, output \[1, 512, 7, 7\]\)"
+    ):
         cam = fdcam.GradCAM(resnet18)
     assert cam.target_layer == "layer4"
     assert torch.equal(cam(image, targets=5), fdcam.GradCAM(resnet18, "layer4")(image, targets=5))
@@ -261,12 +283,22 @@ def test_a_new_split_never_gets_the_tail_of_an_earlier_one(resnet18, image):
 
 
 @pytest.mark.parametrize("name", [name for name, method in fdcam.METHODS.items() if not method.uses_tail_engine])
-@pytest.mark.parametrize("option", [{"backend": "onnxruntime"}, {"provider": "cpu"}, {"precision": "fp16"},
-                                    {"cuda_graph": True}, {"memory_budget": 2**20}, {"tail_batch_size": 8}])
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"backend": "onnxruntime"},
+        {"provider": "cpu"},
+        {"precision": "fp16"},
+        {"cuda_graph": True},
+        {"memory_budget": 2**20},
+        {"tail_batch_size": 8},
+    ],
+)
 def test_engine_options_given_to_a_method_without_tail_passes_are_refused(resnet18, name, option):
     ((key, value),) = option.items()
-    with pytest.raises(ValueError,
-                       match=rf"^{fdcam.METHODS[name].__name__} runs no masked tail passes: {key}=") as raised:
+    with pytest.raises(
+        ValueError, match=rf"^{fdcam.METHODS[name].__name__} runs no masked tail passes: {key}="
+    ) as raised:
         fdcam.METHODS[name](resnet18, "layer4", **option)
     assert "\n" not in str(raised.value)
 
@@ -297,10 +329,13 @@ def test_batch_size_is_the_deprecated_name_of_the_batch_the_method_runs(resnet18
         fdcam.AblationCAM(resnet18, "layer4", batch_size=16, tail_batch_size=16)
 
 
-@pytest.mark.parametrize("name", [  # Score-CAM's and Group-CAM's many forwards: in the slow tier
-    pytest.param(name, marks=pytest.mark.slow) if name in ("scorecam", "groupcam") else name
-    for name in sorted(fdcam.METHODS)
-])
+@pytest.mark.parametrize(
+    "name",
+    [  # Score-CAM's and Group-CAM's many forwards: in the slow tier
+        pytest.param(name, marks=pytest.mark.slow) if name in ("scorecam", "groupcam") else name
+        for name in sorted(fdcam.METHODS)
+    ],
+)
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
 def test_every_method_works_inside_no_grad_and_inference_mode(resnet18, name, mode):
     # Serving code wraps calls in these; fdcam records the tail's gradients itself. The same ops run in the
@@ -331,8 +366,13 @@ def test_fdcam_on_onnxruntime_works_inside_inference_mode(resnet18):
 def _small_net() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
     ).eval()
 
 
@@ -443,8 +483,15 @@ def test_bad_input_and_targets_are_one_line_value_errors(x, targets, message, ca
 
 def test_an_input_too_small_for_the_model_is_a_one_line_value_error(capfd):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 5), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(8, 4)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 5),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
     cam = fdcam.GradCAM(model, "2")
     assert cam(torch.randn(1, 3, 16, 16), targets=1).shape == (1, 1, 16, 16)
     with pytest.raises(ValueError, match="cannot run on an input of shape") as raised:

@@ -298,15 +298,17 @@ def test_forwards_without_a_batch_size_run_in_batches_of_the_cpu_default():
     # Insertion/deletion of one 8x8 image one pixel a step: x and blur(x), the black image, then the
     # 2·63 middle images of the two curves.
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(16))
-    insertion_deletion(counting(tiny_model(seed=16)), x, torch.rand(8, 8, generator=torch.Generator().manual_seed(17)),
-                       3, step=1)
+    insertion_deletion(
+        counting(tiny_model(seed=16)), x, torch.rand(8, 8, generator=torch.Generator().manual_seed(17)), 3, step=1
+    )
     assert 1 < cpu_batch < 126
     assert sizes == [2, 1] + [cpu_batch] * (126 // cpu_batch) + [126 % cpu_batch] * (126 % cpu_batch > 0)
 
     # Score-CAM's K = 40 masked inputs of a CPU model.
     torch.manual_seed(18)
-    model = nn.Sequential(nn.Conv2d(3, 40, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(40, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 40, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(40, 10)
+    ).eval()
     sizes.clear()
     ScoreCAM(model, "1", scorer=counting(model))(x)
     assert sizes == [cpu_batch] * (40 // cpu_batch) + [40 % cpu_batch] * (40 % cpu_batch > 0)

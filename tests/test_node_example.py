@@ -208,8 +208,17 @@ def test_a_region_graph_runs_in_node_like_python(installed_example, region_graph
 
     def run(regions: torch.Tensor, out: str) -> subprocess.CompletedProcess:
         (tmp_path / f"{out}.f32").write_bytes(regions.numpy().astype("<f4").tobytes())
-        command = [node, str(folder / "explain.js"), str(graph_path), str(tmp_path / "images.f32"), str(tmp_path / out),
-                   "--classes", "1,3", "--region", str(tmp_path / f"{out}.f32")]
+        command = [
+            node,
+            str(folder / "explain.js"),
+            str(graph_path),
+            str(tmp_path / "images.f32"),
+            str(tmp_path / out),
+            "--classes",
+            "1,3",
+            "--region",
+            str(tmp_path / f"{out}.f32"),
+        ]
         return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
     result = run(regions, "maps")
@@ -218,7 +227,10 @@ def test_a_region_graph_runs_in_node_like_python(installed_example, region_graph
     session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
     _, _, from_python = run_explainer(session, images.numpy(), classes.numpy(), regions.numpy())
     assert np.abs(from_node - from_python).max() <= SALIENCY_ATOL
-    targets = [[fdcam.targets.RegionLogit(int(c), mask) for c, mask in zip(row, masks)] for row, masks in zip(classes.tolist(), regions)]
+    targets = [
+        [fdcam.targets.RegionLogit(int(c), mask) for c, mask in zip(row, masks)]
+        for row, masks in zip(classes.tolist(), regions)
+    ]
     expected = fdcam.FDCAM(model, "features.1")(images, targets)
     assert agreement(model, "features.1", "fdcam", {}, images, targets, from_node, expected).passed
     summary = json.loads((tmp_path / "maps.json").read_text())
@@ -229,5 +241,8 @@ def test_a_region_graph_runs_in_node_like_python(installed_example, region_graph
     regions[1, 0, 0, 0] = float("nan")  # refused in one line; the other maps are written
     result = run(regions, "refused")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "refused: image 1, class 1" in result.stderr
-    assert [image.get("refused") for image in json.loads((tmp_path / "refused.json").read_text())["images"]] == [None, [0]]
+    assert [image.get("refused") for image in json.loads((tmp_path / "refused.json").read_text())["images"]] == [
+        None,
+        [0],
+    ]
     assert (tmp_path / "refused.1.1.pgm").is_file() and not (tmp_path / "refused.1.0.pgm").exists()

@@ -81,12 +81,16 @@ def test_engine_options_defaults_are_the_methods_defaults():
     [
         ({"backend": "tensorflow"}, "^backend must be 'torch' or 'onnxruntime', not 'tensorflow'$"),
         ({"precision": "int8"}, "^precision must be one of fp32, tf32, bf16, fp16 for the torch backend, not 'int8'$"),
-        ({"backend": "onnxruntime", "precision": "bf16"},
-         "^precision must be one of fp32, tf32, fp16 for the onnxruntime backend, not 'bf16'$"),
+        (
+            {"backend": "onnxruntime", "precision": "bf16"},
+            "^precision must be one of fp32, tf32, fp16 for the onnxruntime backend, not 'bf16'$",
+        ),
         ({"backend": "onnxruntime", "cuda_graph": True}, "^cuda_graph applies to the torch backend"),
         ({"provider": "cpu"}, "^provider='cpu' applies to the onnxruntime backend"),
-        ({"backend": "onnxruntime", "provider": "npu"},
-         "^provider must be one of auto, cpu, cuda, tensorrt, not 'npu'$"),
+        (
+            {"backend": "onnxruntime", "provider": "npu"},
+            "^provider must be one of auto, cpu, cuda, tensorrt, not 'npu'$",
+        ),
         ({"tail_batch_size": 0}, r"^tail_batch_size must be a positive integer or None, not 0$"),
         ({"tail_batch_size": 2.5}, r"^tail_batch_size must be a positive integer or None, not 2.5$"),
         ({"tail_batch_size": True}, r"^tail_batch_size must be a positive integer or None, not True$"),
@@ -103,8 +107,9 @@ def test_each_bad_engine_option_is_one_line_value_error_made_and_given_to_a_meth
 
 def test_engine_options_object_and_keywords_give_the_same_map():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(12, 5)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)
+    ).eval()
     x = torch.randn(2, 3, 12, 12)
     by_object = FDCAM(model, "1", engine=EngineOptions(tail_batch_size=7))
     by_keyword = FDCAM(model, "1", tail_batch_size=7)
@@ -116,8 +121,9 @@ def test_engine_options_object_and_keywords_give_the_same_map():
 
 def test_engine_and_a_conflicting_keyword_are_refused_in_one_line():
     engine = EngineOptions(tail_batch_size=7, precision="tf32")
-    message = ("give each engine option once, in engine= or as a keyword: "
-               "tail_batch_size=7 in engine= but 8 as a keyword")
+    message = (
+        "give each engine option once, in engine= or as a keyword: tail_batch_size=7 in engine= but 8 as a keyword"
+    )
     with pytest.raises(ValueError, match=f"^{message}$"):
         FDCAM(_net(), "1", engine=engine, tail_batch_size=8)
     assert FDCAM(_net(), "1", engine=engine, precision="tf32").engine is engine  # agreeing keywords are fine
@@ -125,9 +131,9 @@ def test_engine_and_a_conflicting_keyword_are_refused_in_one_line():
         FDCAM(_net(), "1", engine={"tail_batch_size": 7})
 
 
-@pytest.mark.parametrize("options",
-                         [{"backend": "onnxruntime"}, {"precision": "fp16"}, {"tail_batch_size": 8},
-                          {"memory_budget": 2**20}])
+@pytest.mark.parametrize(
+    "options", [{"backend": "onnxruntime"}, {"precision": "fp16"}, {"tail_batch_size": 8}, {"memory_budget": 2**20}]
+)
 def test_grad_cam_refuses_engine_options_as_an_object_as_it_does_as_keywords(options):
     with pytest.raises(ValueError, match="^GradCAM runs no masked tail passes: ") as as_object:
         GradCAM(_net(), "1", engine=EngineOptions(**options))
@@ -143,8 +149,13 @@ def test_grad_cam_refuses_engine_options_as_an_object_as_it_does_as_keywords(opt
 
 def test_bad_engine_options_are_refused():
     model = small_net()
-    for bad in ({"tail_batch_size": 0}, {"tail_batch_size": -1}, {"memory_budget": 0}, {"memory_budget": -5},
-                {"tail_batch_size": 2.5}):
+    for bad in (
+        {"tail_batch_size": 0},
+        {"tail_batch_size": -1},
+        {"memory_budget": 0},
+        {"memory_budget": -5},
+        {"tail_batch_size": 2.5},
+    ):
         with pytest.raises(ValueError, match="positive integer"):
             fdcam.FDCAM(model, "conv3", **bad)
     with pytest.raises(ValueError, match="GradCAM runs no masked tail passes: backend='onnxruntime', precision='fp16'"):

@@ -33,15 +33,25 @@ def _write(path: Path, layer: str, images: dict, classes: dict) -> Path:
     """An insertion-deletion.json as fdcam.evaluation writes it (the fields the script reads, and a few more)."""
     methods = sorted({m for scores in images.values() for m in scores}, key=["gradcam", "scorecam", "fdcam"].index)
     per_image = [
-        {"file": name, "class": classes.get(name, 1), "class_name": "x", "label": 1,
-         "methods": {m: {"insertion": i, "deletion": d, "overall": i - d} for m, (i, d) in scores.items()}}
+        {
+            "file": name,
+            "class": classes.get(name, 1),
+            "class_name": "x",
+            "label": 1,
+            "methods": {m: {"insertion": i, "deletion": d, "overall": i - d} for m, (i, d) in scores.items()},
+        }
         for name, scores in images.items()
     ]
     summary = {
-        "metric": "insertion-deletion", "model": "efficientnet_lite0", "layer": layer, "n_images": len(images),
-        "methods": {m: {"method": m, "options": {}, "insertion": 0.0, "deletion": 0.0,
-                        "overall": 0.0} for m in methods},
-        "per_image": per_image, "skipped": [],
+        "metric": "insertion-deletion",
+        "model": "efficientnet_lite0",
+        "layer": layer,
+        "n_images": len(images),
+        "methods": {
+            m: {"method": m, "options": {}, "insertion": 0.0, "deletion": 0.0, "overall": 0.0} for m in methods
+        },
+        "per_image": per_image,
+        "skipped": [],
     }
     path.write_text(json.dumps(summary))
     return path

@@ -128,8 +128,9 @@ def test_graphs_are_reused_from_disk_and_changed_weights_export_again(lite0, zeb
     _ = tail.session
     assert runtime.stats.exports == before.exports + 1
     masks = torch.ones(2, 320)
-    torch.testing.assert_close(tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        tail.run(features, masks, extras), TorchTail(split.tail).run(features, masks, extras), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_a_damaged_cached_graph_is_exported_again(tmp_path, caplog):
@@ -187,8 +188,9 @@ def test_tensorrt_without_tensorrt_falls_back_with_one_warning(lite0, lite0_spli
     torch.testing.assert_close(tail.run(features, masks, extras), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("options, message",
-                         [({"provider": "npu"}, "provider must be"), ({"precision": "int8"}, "precision must be")])
+@pytest.mark.parametrize(
+    "options, message", [({"provider": "npu"}, "provider must be"), ({"precision": "int8"}, "precision must be")]
+)
 def test_unknown_provider_or_precision_is_a_value_error(lite0, lite0_split, options, message):
     split, features, extras = lite0_split
     with pytest.raises(ValueError, match=message):
@@ -221,16 +223,25 @@ def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path
     masks = (torch.rand(3, 7, 512, generator=torch.Generator().manual_seed(7)) > 0.5).float()
     together = tail.run(features, masks, extras)
     assert tail.runs == 1 and together.shape == (3, 7, 1000) and together.dtype == torch.float32
-    singles = torch.cat([tail.run(features[i : i + 1], masks[i : i + 1],
-                                  [e[i : i + 1] for e in extras]) for i in range(3)])
+    singles = torch.cat(
+        [tail.run(features[i : i + 1], masks[i : i + 1], [e[i : i + 1] for e in extras]) for i in range(3)]
+    )
     assert_same_up_to_rounding(together, singles)
     assert_same_up_to_rounding(together, TorchTail(split.tail, factorise=False).run(features, masks, extras))
     classes = torch.tensor([[5, 1], [0, 999], [3, 3]])
-    torch.testing.assert_close(tail.run(features, masks, extras, classes),
-                               together.gather(2, classes[:, None].expand(-1, 7, -1)))
+    torch.testing.assert_close(
+        tail.run(features, masks, extras, classes), together.gather(2, classes[:, None].expand(-1, 7, -1))
+    )
     for rows, runs in ((14, 2), (3, 9)):  # two images per run (2 + 1); slices of 3, 2, 2 masks of one image
-        chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path,
-                           memory_budget=rows * tail.row_bytes)
+        chunked = ort_tail(
+            model,
+            split,
+            features[:1],
+            [e[:1] for e in extras],
+            provider="cpu",
+            cache_dir=tmp_path,
+            memory_budget=rows * tail.row_bytes,
+        )
         assert_same_up_to_rounding(chunked.run(features, masks, extras), together)
         assert chunked.runs == runs
 
@@ -241,8 +252,16 @@ def test_a_batch_of_images_is_one_session_run_and_equals_per_image_runs(tmp_path
 def _conv_start_tail(tmp_path, seed=0, kernel=1, plain=False):
     torch.manual_seed(seed)
     # The tail after `stem` starts with a k×k convolution + batch norm; 32 channels to mask, 8×8 maps.
-    model = ConvStart(kernel, padding=kernel // 2, channels=(32, 48), stem_stride=4, hidden=None, classes=10,
-                      activation=torch.nn.functional.relu6, plain=plain).eval()
+    model = ConvStart(
+        kernel,
+        padding=kernel // 2,
+        channels=(32, 48),
+        stem_stride=4,
+        hidden=None,
+        classes=10,
+        activation=torch.nn.functional.relu6,
+        plain=plain,
+    ).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 1))
     split = fdcam.split_model(model, "stem", x[:1])
     with torch.no_grad():
@@ -283,8 +302,9 @@ def test_classes_and_gathered_sums_equal_the_plain_masked_tail(tmp_path, kernel)
     everything = tail.run(features, masks, extras)
     assert_same_up_to_rounding(everything, _plain(split, features, masks, extras))
     assert tail.forms_run[TailForm()] == 1
-    chunked = ort_tail(model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path,
-                       batch_size=20)
+    chunked = ort_tail(
+        model, split, features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path, batch_size=20
+    )
     # each chunk gets its classes
     assert_same_up_to_rounding(chunked.run(features, masks, extras, classes, sparsity=4), sparse)
     assert chunked.forms_run == {TailForm(classes=True, bound=4): 8}  # slices of 20 of each image's 64 masks
@@ -324,8 +344,9 @@ def test_each_graph_form_has_its_own_file_and_session(tmp_path):
     assert sparse["tail_form"] == "shortcut" and by_suffix[".onnx"]["classes_input"] == "false"
     assert [tail.opened(form)[0] for form in forms] == sessions  # each form's session is kept, none rebuilt
     before = copy.copy(runtime.stats)
-    again = ort_tail(model, tail_split(model, features), features[:1], [e[:1] for e in extras], provider="cpu",
-                     cache_dir=tmp_path)
+    again = ort_tail(
+        model, tail_split(model, features), features[:1], [e[:1] for e in extras], provider="cpu", cache_dir=tmp_path
+    )
     assert again.opened(TailForm(classes=True, bound=4))[0] is sessions[3]
     assert runtime.stats.exports == before.exports
 

@@ -76,9 +76,12 @@ GRADIENT_PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("name", [  # FCN's ResNet-50 backbone: in the slow tier
-    pytest.param(name, marks=pytest.mark.slow) if name == "fcn" else name for name in NETWORKS
-])
+@pytest.mark.parametrize(
+    "name",
+    [  # FCN's ResNet-50 backbone: in the slow tier
+        pytest.param(name, marks=pytest.mark.slow) if name == "fcn" else name for name in NETWORKS
+    ],
+)
 @pytest.mark.parametrize("ours, theirs", GRADIENT_PAIRS, ids=[p[0].__name__ for p in GRADIENT_PAIRS])
 def test_gradient_methods_equal_pytorch_grad_cam_on_a_region(images, name, ours, theirs):
     model, layer = network(name), NETWORKS[name][1]
@@ -98,6 +101,7 @@ def _whole_model_score(model, layer_module, x, c, mask, channel_masks=None):
     handle = None
     if channel_masks is not None:
         x = x.expand(channel_masks.shape[0], *x.shape[1:])
+
         def mask_channels(module, inputs, output):
             return output * channel_masks[..., None, None]
 
@@ -123,8 +127,12 @@ def fdcam_region_reference(model, layer_module, x, c, mask, theta=0.95, bias=0.5
     groups = cosine_groups(activations, theta).float()
     with torch.no_grad():
         passes = torch.cat([groups, 1 - groups])  # switch-on rows, then switch-off rows
-        scores = torch.cat([_whole_model_score(model, layer_module, x, c, mask, passes[i : i + rows])
-                            for i in range(0, passes.shape[0], rows)])
+        scores = torch.cat(
+            [
+                _whole_model_score(model, layer_module, x, c, mask, passes[i : i + rows])
+                for i in range(0, passes.shape[0], rows)
+            ]
+        )
     k = activations.shape[0]
     s = (scores[:k] + (score.detach() - scores[k:])) / 2
     w = minmax(alpha) * torch.exp(minmax(s)) - bias
@@ -133,11 +141,14 @@ def fdcam_region_reference(model, layer_module, x, c, mask, theta=0.95, bias=0.5
     return minmax(cam)
 
 
-@pytest.mark.parametrize("name", [
-    "lraspp",
-    pytest.param("deeplabv3", marks=pytest.mark.slow),  # 1920 passes of a 3×3 ASPP on 960 channels
-    pytest.param("fcn", marks=pytest.mark.slow),  # 4096 passes of a 3×3 convolution on 2048 channels
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lraspp",
+        pytest.param("deeplabv3", marks=pytest.mark.slow),  # 1920 passes of a 3×3 ASPP on 960 channels
+        pytest.param("fcn", marks=pytest.mark.slow),  # 4096 passes of a 3×3 convolution on 2048 channels
+    ],
+)
 def test_fdcam_on_a_region_equals_a_plain_loop_of_whole_model_passes(images, name):
     model, layer = network(name), NETWORKS[name][1]
     x = images[:1, :, :32, :32]  # 32×32 keeps the reference's 2K whole-model passes short
@@ -173,6 +184,7 @@ def test_switch_passes_stay_under_the_memory_budget(images):
     assert whole_outputs > 10 * budget  # the passes' outputs held at once would be far over the budget
     tail = TorchTail(split.tail, memory_budget=budget)
     result = {}
+
     def run():
         result["scores"] = switch_logits(tail, forward.activations, masks, forward.extras, targets)
 

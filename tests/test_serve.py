@@ -42,8 +42,12 @@ from fdcam.serving.ports import free_ports  # noqa: E402
 from fdcam.serving.server import descendants, triton_environment  # noqa: E402
 
 METHOD = "gradcam"
-IMAGES = ("n02391049_zebra.JPEG", "n02077923_sea_lion.JPEG", "n03297495_espresso_maker.JPEG",
-          "n07684084_French_loaf.JPEG")
+IMAGES = (
+    "n02391049_zebra.JPEG",
+    "n02077923_sea_lion.JPEG",
+    "n03297495_espresso_maker.JPEG",
+    "n07684084_French_loaf.JPEG",
+)
 # Maps are min-max normalised float32: a batched and a single computation differ by rounding only.
 MAP_TOLERANCE = 1e-4
 STARTUP_TIMEOUT_S = 240
@@ -53,16 +57,36 @@ STOP_TIMEOUT_S = 40
 class Server:
     """`fdcam serve` as a child process on free loopback ports."""
 
-    def __init__(self, *extra: str, backend: str = "torch", startup_timeout_s: float = STARTUP_TIMEOUT_S,
-                 env: dict | None = None):
+    def __init__(
+        self, *extra: str, backend: str = "torch", startup_timeout_s: float = STARTUP_TIMEOUT_S, env: dict | None = None
+    ):
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         command = [
-            sys.executable, "-m", "fdcam.cli", "serve", "--backend", backend, "--method", METHOD,
-            "--address", "127.0.0.1", "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-            "--metrics-port", str(self.metrics_port), *extra,
+            sys.executable,
+            "-m",
+            "fdcam.cli",
+            "serve",
+            "--backend",
+            backend,
+            "--method",
+            METHOD,
+            "--address",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
+            *extra,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=None if env is None else {**os.environ, **env})
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=None if env is None else {**os.environ, **env},
+        )
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -115,8 +139,14 @@ def server():
 def onnx_server(tmp_path_factory):
     """The default backend: the exported explainer graph in ONNX Runtime. A long queue delay makes
     requests sent together wait for each other, so the batching check below does not hang on timing."""
-    running = Server("--explainer-dir", str(tmp_path_factory.mktemp("explainer")), "--max-queue-delay-us", "300000",
-                     backend="onnxruntime", startup_timeout_s=2 * STARTUP_TIMEOUT_S)  # exports the graphs first
+    running = Server(
+        "--explainer-dir",
+        str(tmp_path_factory.mktemp("explainer")),
+        "--max-queue-delay-us",
+        "300000",
+        backend="onnxruntime",
+        startup_timeout_s=2 * STARTUP_TIMEOUT_S,
+    )  # exports the graphs first
     yield running
     running.stop()
 
@@ -173,8 +203,9 @@ def test_image_bytes_are_decoded_resized_and_normalised_like_the_library(server,
 
 
 @pytest.mark.slow
-def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(onnx_server, lite0, cam, inputs,
-                                                                              data_dir):
+def test_the_default_onnxruntime_backend_serves_the_exported_graph_in_batches(
+    onnx_server, lite0, cam, inputs, data_dir
+):
     """`fdcam serve` without --backend: answers equal the library, and requests sent together run as one batch."""
     with ExplainClient(onnx_server.http) as client:
         assert client.server_config()["backend"] == "onnxruntime"
@@ -225,8 +256,13 @@ def test_load_all_answered_unmixed_and_batched(server, inputs):
         with ExplainClient(server.http) as own:  # tritonclient's HTTP client is not thread-safe: one per thread
             for i in range(per_client):
                 input_index = (client_index + i) % len(inputs)
-                answers.append((input_index, client_index % 2,
-                                own.explain_tensor(inputs[input_index], classes_of(client_index, input_index))))
+                answers.append(
+                    (
+                        input_index,
+                        client_index % 2,
+                        own.explain_tensor(inputs[input_index], classes_of(client_index, input_index)),
+                    )
+                )
         return answers
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -270,8 +306,10 @@ def _bad_requests(inputs, data_dir):
         "undecodable bytes": (_bytes_request((data_dir / "not_an_image.jpg").read_bytes()), "not an image"),
         "empty bytes": (_bytes_request(b""), "empty"),
         "image too small": (_bytes_request((data_dir / "tiny.png").read_bytes()), "8x8"),
-        "too many classes": (_tensor_request(good, list(range(MAX_CLASSES + 1))),
-                             f"{MAX_CLASSES + 1} classes in one request is more than the {MAX_CLASSES} allowed"),
+        "too many classes": (
+            _tensor_request(good, list(range(MAX_CLASSES + 1))),
+            f"{MAX_CLASSES + 1} classes in one request is more than the {MAX_CLASSES} allowed",
+        ),
     }
 
 
@@ -361,8 +399,9 @@ def test_a_port_in_use_is_refused_in_one_line(capsys):
         taken.listen()
         port = taken.getsockname()[1]
         grpc_port, metrics_port = free_ports(2)
-        status = main(["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port",
-                       str(metrics_port)])
+        status = main(
+            ["serve", "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+        )
     assert status == 2
     assert capsys.readouterr().err.startswith(f"fdcam: error: --http-port {port} cannot be used on 127.0.0.1: ")
 
@@ -386,12 +425,15 @@ def test_explain_with_server_writes_the_files_of_the_local_command(server, data_
 
 @pytest.mark.slow
 def test_explain_with_server_refuses_another_method_in_one_line(server, data_dir, tmp_path, capsys):
-    status = main(["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out",
-                   str(tmp_path)])
+    status = main(
+        ["explain", str(data_dir / IMAGES[0]), "--method", "fdcam", "--server", server.http, "--out", str(tmp_path)]
+    )
     assert status == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"fdcam: error: the server explains with {METHOD}, not fdcam; "
-                   "omit --method or start a server with --method fdcam")
+    assert err == (
+        f"fdcam: error: the server explains with {METHOD}, not fdcam; "
+        "omit --method or start a server with --method fdcam"
+    )
 
 
 @pytest.mark.slow
@@ -416,8 +458,11 @@ def _metric(server: Server, name: str, model: str) -> float:
     """The sum of a Prometheus counter over its series for `model` (Triton's failure counter has one per reason)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode("utf-8")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and f'model="{model}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and f'model="{model}"' in line
+    )
 
 
 @pytest.mark.slow
@@ -446,8 +491,9 @@ def test_a_bomb_in_a_dynamic_batch_is_refused_alone_and_the_good_ones_are_answer
         after = _settled_statistics(client, "fdcam_image")
     refused = answers.pop(2)
     assert isinstance(refused, InferenceServerException) and refused.status() == "400"
-    assert refused.message() == ("refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed "
-                                 "(a possible decompression bomb)")
+    assert refused.message() == (
+        "refused image_bytes: the image (225 Mpx) is more than the 89 Mpx allowed (a possible decompression bomb)"
+    )
     for name, answer in zip(IMAGES, answers, strict=True):
         x = preprocess(load_image(data_dir / name), spec_of(lite0))
         result = {key: answer.as_numpy(key) for key in ("logits", "targets", "saliency")}
@@ -461,8 +507,9 @@ def test_a_100_megapixel_png_is_refused_like_the_command_line_refuses_it(server,
     data = _png((10_000, 10_000))
     with ExplainClient(server.grpc) as client, pytest.raises(ServerError) as refused:
         client.explain_bytes(data)
-    assert str(refused.value) == ("refused image_bytes: 10000x10000 px (100 Mpx) is more than the 89 Mpx allowed "
-                                  "(a possible decompression bomb)")
+    assert str(refused.value) == (
+        "refused image_bytes: 10000x10000 px (100 Mpx) is more than the 89 Mpx allowed (a possible decompression bomb)"
+    )
     path = tmp_path / "big.png"
     path.write_bytes(data)
     assert main(["explain", str(path), "--out", str(tmp_path / "out")]) == 1
@@ -498,10 +545,13 @@ def test_refusals_are_failures_in_triton_statistics_and_metrics(server, inputs):
     def counters():
         with ExplainClient(server.http) as client:
             entry = client.client.get_inference_statistics("fdcam")["model_stats"][0]["inference_stats"]
-        return (int(entry["success"]["count"]), int(entry["fail"]["count"]),
-                _metric(server, "nv_inference_request_success", "fdcam"),
-                _metric(server, "nv_inference_request_failure", "fdcam"),
-                _metric(server, "fdcam_refused_requests_total", "fdcam"))
+        return (
+            int(entry["success"]["count"]),
+            int(entry["fail"]["count"]),
+            _metric(server, "nv_inference_request_success", "fdcam"),
+            _metric(server, "nv_inference_request_failure", "fdcam"),
+            _metric(server, "fdcam_refused_requests_total", "fdcam"),
+        )
 
     before = counters()
     with ExplainClient(server.http) as client:
@@ -517,8 +567,19 @@ def test_refusals_are_failures_in_triton_statistics_and_metrics(server, inputs):
 
 def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):
     ports = free_ports(3)
-    status = main(["serve", "--method", "scorecam", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-                   "--metrics-port", str(ports[2])])
+    status = main(
+        [
+            "serve",
+            "--method",
+            "scorecam",
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+            "--metrics-port",
+            str(ports[2]),
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 2 and "exporting" not in captured.err + captured.out
     lines = captured.err.strip().splitlines()
@@ -527,8 +588,22 @@ def test_serve_refuses_a_method_the_graph_cannot_hold_before_exporting(capsys):
 
 def test_serve_refuses_a_negative_bound_in_one_line(capsys):
     ports = free_ports(3)
-    assert main(["serve", "--max-classes", "-1", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-                 "--metrics-port", str(ports[2])]) == 2
+    assert (
+        main(
+            [
+                "serve",
+                "--max-classes",
+                "-1",
+                "--http-port",
+                str(ports[0]),
+                "--grpc-port",
+                str(ports[1]),
+                "--metrics-port",
+                str(ports[2]),
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip() == "fdcam: error: --max-classes must be 0 (no limit) or more, not -1"
 
 
@@ -548,9 +623,25 @@ def test_sigkill_leaves_no_server_and_the_next_start_removes_the_workspace(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("fdcam-serve-")) == left
     # The next start: here one that stops at its first argument check, after cleaning up.
     ports = [str(port) for port in free_ports(3)]
-    status = subprocess.run([sys.executable, "-m", "fdcam.cli", "serve", "--max-classes", "-1", "--http-port", ports[0],
-                             "--grpc-port", ports[1], "--metrics-port", ports[2]], capture_output=True, text=True,
-                            env={**os.environ, "TMPDIR": str(tmp_path)}).returncode
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fdcam.cli",
+            "serve",
+            "--max-classes",
+            "-1",
+            "--http-port",
+            ports[0],
+            "--grpc-port",
+            ports[1],
+            "--metrics-port",
+            ports[2],
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    ).returncode
     assert status == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("fdcam-serve-")]
 
@@ -641,9 +732,25 @@ def test_sigterm_stops_a_server_during_startup_and_leaves_nothing():
     """SIGTERM while the models are still loading: fdcam serve exits 0 and takes tritonserver with it."""
     http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
-        [sys.executable, "-m", "fdcam.cli", "serve", "--backend", "torch", "--method", METHOD,
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fdcam.cli",
+            "serve",
+            "--backend",
+            "torch",
+            "--method",
+            METHOD,
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 120
     # Wait for tritonserver itself: another child (an import's helper process) may come and go before it.
@@ -666,15 +773,29 @@ def test_serving_benchmark_prints_a_row_per_concurrency_with_triton_batch_sizes(
     from benchmarks import serving
 
     out = tmp_path / "serving.json"
-    arguments = ["--backend", "torch", "--method", METHOD, "--concurrency", "1,3", "--requests", "6", "--max-batch",
-                 "4", "--json", str(out)]
+    arguments = [
+        "--backend",
+        "torch",
+        "--method",
+        METHOD,
+        "--concurrency",
+        "1,3",
+        "--requests",
+        "6",
+        "--max-batch",
+        "4",
+        "--json",
+        str(out),
+    ]
     assert serving.main(arguments) == 0
     printed = capsys.readouterr().out
     assert "mean batch" in printed and "in-process, 1 image/call" in printed
     rows = json.loads(out.read_text())["rows"]
     assert [(r["path"], r["concurrency"], r["requests"]) for r in rows] == [
-        ("triton http (tensor)", 1, 6), ("triton http (tensor)", 3, 6),
-        ("in-process, 1 image/call", 1, 6), ("in-process, 4 images/call", 1, 6),
+        ("triton http (tensor)", 1, 6),
+        ("triton http (tensor)", 3, 6),
+        ("in-process, 1 image/call", 1, 6),
+        ("in-process, 4 images/call", 1, 6),
     ]
     assert rows[0]["mean_batch"] == 1.0  # one client: Triton never has two requests to batch
     for row in rows:

@@ -159,11 +159,14 @@ def test_group_switch_logits_are_the_tail_on_each_masked_copy(model_class, layer
     groups = torch.stack([random_groups(k, seed) for seed in (4, 5)])
     classes = torch.tensor([[3, 0], [1, 1]])
     tail = tail_of(split, extras)
-    expected = torch.stack([
-        torch.stack([tail(n, activations[n] * row[:, None, None])[classes[n]]
-                     for row in plain_masks(groups[n], switch)])
-        for n in range(2)
-    ])  # [N,M,T], one pass per mask row
+    expected = torch.stack(
+        [
+            torch.stack(
+                [tail(n, activations[n] * row[:, None, None])[classes[n]] for row in plain_masks(groups[n], switch)]
+            )
+            for n in range(2)
+        ]
+    )  # [N,M,T], one pass per mask row
     torch_tail = TorchTail(split.tail)
     direct = torch_tail.group_passes(activations, groups, extras, classes)
     assert (direct is not None) == (model_class is PooledLinear)  # only a first op that is the last Linear

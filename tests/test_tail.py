@@ -121,11 +121,16 @@ def test_a_batch_of_images_equals_one_run_per_image(model_class, layer, factoris
     with torch.no_grad():
         for masks in (per_image, shared):
             got = tail.run(activations, masks, extras)
-            expected = torch.cat([
-                MaskedTail(split.tail)(activations[i : i + 1], (masks[i] if masks.dim() == 3 else masks)[None],
-                                       *(e[i : i + 1] for e in extras))
-                for i in range(3)
-            ])
+            expected = torch.cat(
+                [
+                    MaskedTail(split.tail)(
+                        activations[i : i + 1],
+                        (masks[i] if masks.dim() == 3 else masks)[None],
+                        *(e[i : i + 1] for e in extras),
+                    )
+                    for i in range(3)
+                ]
+            )
             assert_same_up_to_rounding(got, expected)
 
 
@@ -168,6 +173,8 @@ def test_cuda_graph_replays_equal_eager_runs(model_class, layer, monkeypatch):
         masks = torch.stack([_masks(k, 9, seed=seed + i) for i in range(2)]).cuda()
         scaled = activations * (1 + seed)
         torch.testing.assert_close(graphed.run(scaled, masks, extras), eager.run(scaled, masks, extras))
-        torch.testing.assert_close(graphed.run(scaled[:1], masks[0], [e[:1] for e in extras]),
-                                   eager.run(scaled[:1], masks[0], [e[:1] for e in extras]))
+        torch.testing.assert_close(
+            graphed.run(scaled[:1], masks[0], [e[:1] for e in extras]),
+            eager.run(scaled[:1], masks[0], [e[:1] for e in extras]),
+        )
     assert graphed.graph_replays == 6 and len(captures) == 2  # one capture per input shape, then replays

@@ -11,7 +11,14 @@ from torch import nn
 import fdcam
 import nets
 from fdcam.targets import (
-    BatchTargets, ClassLogit, ClassProbability, Output, RegionLogit, TopK, resolve_targets, select_output,
+    BatchTargets,
+    ClassLogit,
+    ClassProbability,
+    Output,
+    RegionLogit,
+    TopK,
+    resolve_targets,
+    select_output,
 )
 from reference import assert_same_up_to_rounding
 
@@ -22,7 +29,9 @@ def small_cnn():
     torch.manual_seed(3)
     return nn.Sequential(
         nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
     ).eval()
 
 
@@ -74,8 +83,9 @@ def test_class_probability_and_output_targets_score_the_output():
     assert torch.allclose(_scores(Output(lambda out: out[:, :3].sum(1)), logits)[:, 0], logits[:, :3].sum(1))
     segmentation = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(_scores(ClassLogit(1), segmentation)[:, 0], segmentation[:, 1].sum((1, 2)))
-    assert torch.allclose(_scores(RegionLogit(1, torch.ones(5, 5, dtype=torch.bool)), segmentation),
-                          _scores(ClassLogit(1), segmentation))
+    assert torch.allclose(
+        _scores(RegionLogit(1, torch.ones(5, 5, dtype=torch.bool)), segmentation), _scores(ClassLogit(1), segmentation)
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,8 +99,11 @@ def test_class_probability_and_output_targets_score_the_output():
         (1.5, torch.zeros(1, 10), r"^targets must be None, a class index or target, or one per image, not float$"),
         ([1.5], torch.zeros(1, 10), r"^a target must be an integer class index"),
         ("cat", torch.zeros(1, 10), r"^targets must be class indices or target objects"),
-        (RegionLogit(1, torch.ones(4, 4)), torch.zeros(1, 3, 5, 5),
-         r"^the region mask is \(4, 4\) but the model's output map is \(5, 5\)$"),
+        (
+            RegionLogit(1, torch.ones(4, 4)),
+            torch.zeros(1, 3, 5, 5),
+            r"^the region mask is \(4, 4\) but the model's output map is \(5, 5\)$",
+        ),
         (RegionLogit(1, torch.ones(4, 4)), torch.zeros(1, 3), r"^RegionLogit needs a segmentation output"),
         (None, torch.zeros(1, 3, 5, 5), r"^give targets: the model's output is \(1, 3, 5, 5\)"),
         (torch.tensor([0.5]), torch.zeros(1, 3), r"^targets must be integer class indices"),

@@ -65,8 +65,9 @@ def test_a_constant_gradient_or_score_row_normalises_to_zeros_not_nan():
 
 
 def test_a_single_channel_gets_minus_b():
-    assert torch.equal(combine_weights(torch.tensor([[3.0]]), torch.tensor([[-2.0]]), bias=0.25),
-                       torch.tensor([[-0.25]]))
+    assert torch.equal(
+        combine_weights(torch.tensor([[3.0]]), torch.tensor([[-2.0]]), bias=0.25), torch.tensor([[-0.25]])
+    )
 
 
 def test_each_row_is_normalised_on_its_own():

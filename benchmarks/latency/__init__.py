@@ -42,6 +42,8 @@ from .rows import REFERENCE, ROW_KEYS, ROWS, Row, Runner, select_rows  # noqa: E
 from .timing import Result, run_model  # noqa: E402
 
 __all__ = [
+    "engine_ratios",
+    "format_ratios",
     "AUTHORS_CHUNK",
     "DEFAULT_MODELS",
     "MODEL_NAMES",

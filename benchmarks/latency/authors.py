@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fdcam.groups import channel_groups
 from fdcam.forward import ForwardPass
+from fdcam.groups import channel_groups
 from fdcam.maps import to_input_size, weighted_sum
 from fdcam.model_state import preserved_model_state
 from fdcam.split import split_model
@@ -18,11 +18,14 @@ __all__ = ["AUTHORS_CHUNK", "AuthorsFDCAM"]
 
 AUTHORS_CHUNK = 128
 
+
 class AuthorsFDCAM:
     """The FD-CAM authors' loop, as a baseline: one class at a time, the 2K switch passes of that
     class through the full (unfactorised) torch tail in chunks of 128 masks."""
 
-    def __init__(self, model: nn.Module, layer: str, chunk: int = AUTHORS_CHUNK, theta: float = 0.95, bias: float = 0.5):
+    def __init__(
+        self, model: nn.Module, layer: str, chunk: int = AUTHORS_CHUNK, theta: float = 0.95, bias: float = 0.5
+    ):
         self.model, self.layer, self.chunk, self.theta, self.bias = model, layer, chunk, theta, bias
         self._cache: dict[tuple, tuple] = {}
 

@@ -31,10 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1, help="images per batch for the throughput column")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per row (median and min reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per row before timing")
-    parser.add_argument("--quick", action="store_true", help="slow rows (Score-CAMs, pgc AblationCAM): 1 run, no warm-up")
-    parser.add_argument("--profile", action="store_true", help="print FD-CAM's stage breakdown per model (from fdcam.timing)")
-    parser.add_argument("--profile-precision", default="fp32", choices=TORCH_PRECISIONS,
-                        help="precision of the profiled FD-CAM (its batch is --batch)")
+    parser.add_argument(
+        "--quick", action="store_true", help="slow rows (Score-CAMs, pgc AblationCAM): 1 run, no warm-up"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print FD-CAM's stage breakdown per model (from fdcam.timing)"
+    )
+    parser.add_argument(
+        "--profile-precision",
+        default="fp32",
+        choices=TORCH_PRECISIONS,
+        help="precision of the profiled FD-CAM (its batch is --batch)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     return parser
@@ -93,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "machine": info,
             "config": {
-                "device": device.type, "models": names, "rows": [row.key for row in rows], "batch": args.batch,
-                "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
+                "device": device.type,
+                "models": names,
+                "rows": [row.key for row in rows],
+                "batch": args.batch,
+                "repeat": args.repeat,
+                "warmup": args.warmup,
+                "quick": args.quick,
                 "command": "python -m benchmarks.latency " + " ".join(argv if argv is not None else sys.argv[1:]),
             },
             "results": [r.__dict__ for r in results],

@@ -4,9 +4,10 @@ the target)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,14 +23,19 @@ SEGMENTATION_CLASS = 15  # person in the 21 VOC classes torchvision's segmentati
 DEFAULT_MODELS = "vgg16,efficientnet_lite0,resnet50"
 IMAGE = Path(fdcam.__file__).parent / "data" / "afghan_hound.jpg"
 
+
 class TinyNet(nn.Module):
     """A VGG-shaped toy (convs, adaptive pool, MLP) on 3×32×32 inputs, for smoke tests."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d((4, 4))
         self.classifier = nn.Sequential(nn.Linear(32 * 16, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, num_classes))
@@ -74,7 +80,11 @@ def _segmentation_model(device: torch.device) -> BenchModel:
     mask = torch.zeros(size, size, device=device)
     mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
     return BenchModel(
-        "lraspp", model, "backbone.16", torch.randn(1, 3, size, size, device=device), "random",
+        "lraspp",
+        model,
+        "backbone.16",
+        torch.randn(1, 3, size, size, device=device),
+        "random",
         targets=lambda x: RegionLogit(SEGMENTATION_CLASS, mask),
         pgc_targets=lambda x: [SemanticSegmentationTarget(SEGMENTATION_CLASS, mask.cpu().numpy())] * x.shape[0],
         pgc_model=OutOnly(model),

@@ -27,7 +27,9 @@ TOTAL = "total (sum of stages)"
 WALL = "wall (whole call)"
 
 
-def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int, batch: int = 1, precision: str = "fp32") -> dict[str, float]:
+def profile_fdcam(
+    bm: BenchModel, device: torch.device, repeat: int, batch: int = 1, precision: str = "fp32"
+) -> dict[str, float]:
     """Median ms of FD-CAM's stages (fdcam.timing.STAGES) on a batch of images, and of the whole call.
 
     Each repeat is one ordinary `FDCAM.__call__` under `record_stages`, so the stages are FD-CAM's
@@ -57,8 +59,10 @@ def profile_fdcam(bm: BenchModel, device: torch.device, repeat: int, batch: int 
 def format_profile(name: str, profile: dict[str, float], batch: int = 1, precision: str = "fp32") -> str:
     """The profile as lines of stage, ms and share of the sum of stages."""
     total = profile[TOTAL]
-    lines = [f"FD-CAM stages on {name}, batch {batch} (torch backend {precision}, factorised tail: "
-             f"{'yes' if profile['factorised tail'] else 'no'}):"]
+    lines = [
+        f"FD-CAM stages on {name}, batch {batch} (torch backend {precision}, factorised tail: "
+        f"{'yes' if profile['factorised tail'] else 'no'}):"
+    ]
     for stage, ms in profile.items():
         if stage == "factorised tail":
             continue

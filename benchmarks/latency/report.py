@@ -61,21 +61,41 @@ def format_machine(info: dict[str, object]) -> str:
 
 
 def format_table(results: list[Result], batch: int) -> str:
-    header = ["model", "row", "library", "backend", "median ms", "min ms", "x pgc GradCAM",
-              f"img/s (batch {batch})", "peak MB", "+MB", "runs", "note"]
+    header = [
+        "model",
+        "row",
+        "library",
+        "backend",
+        "median ms",
+        "min ms",
+        "x pgc GradCAM",
+        f"img/s (batch {batch})",
+        "peak MB",
+        "+MB",
+        "runs",
+        "note",
+    ]
     lines = []
     for r in results:
         if r.status != "ok":
             lines.append([r.model, r.method, r.library, _backend(r), *["-"] * 7, f"skipped: {r.reason}"])
             continue
-        lines.append([
-            r.model, r.method, r.library, _backend(r), f"{r.median_ms:.1f}", f"{r.min_ms:.1f}",
-            f"{r.ratio_to_pgc_gradcam:.2f}" if r.ratio_to_pgc_gradcam is not None else "-",
-            f"{r.throughput_ips:.2f}" if r.throughput_ips is not None else "-",
-            f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-",
-            f"{r.peak_delta_mb:.0f}" if r.peak_delta_mb is not None else "-",
-            f"{r.warmup}+{r.repeats}", "; ".join(r.notes),
-        ])
+        lines.append(
+            [
+                r.model,
+                r.method,
+                r.library,
+                _backend(r),
+                f"{r.median_ms:.1f}",
+                f"{r.min_ms:.1f}",
+                f"{r.ratio_to_pgc_gradcam:.2f}" if r.ratio_to_pgc_gradcam is not None else "-",
+                f"{r.throughput_ips:.2f}" if r.throughput_ips is not None else "-",
+                f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "-",
+                f"{r.peak_delta_mb:.0f}" if r.peak_delta_mb is not None else "-",
+                f"{r.warmup}+{r.repeats}",
+                "; ".join(r.notes),
+            ]
+        )
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     render = lambda row: "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])
@@ -97,22 +117,46 @@ def engine_ratios(results: list[Result]) -> list[dict[str, object]]:
             fdcam, gradcam = ok.get((model, fdcam_key)), ok.get((model, gradcam_key))
             if fdcam is None or gradcam is None:
                 continue
-            ratios.append({
-                "model": model, "engine": engine, "device": fdcam.device, "batch": fdcam.batch,
-                "fdcam_ms": fdcam.median_ms, "gradcam_ms": gradcam.median_ms,
-                "ratio": fdcam.median_ms / gradcam.median_ms,
-                "fdcam_ips": fdcam.throughput_ips, "gradcam_ips": gradcam.throughput_ips,
-            })
+            ratios.append(
+                {
+                    "model": model,
+                    "engine": engine,
+                    "device": fdcam.device,
+                    "batch": fdcam.batch,
+                    "fdcam_ms": fdcam.median_ms,
+                    "gradcam_ms": gradcam.median_ms,
+                    "ratio": fdcam.median_ms / gradcam.median_ms,
+                    "fdcam_ips": fdcam.throughput_ips,
+                    "gradcam_ips": gradcam.throughput_ips,
+                }
+            )
     return ratios
 
 
 def format_ratios(ratios: list[dict[str, object]], batch: int) -> str:
     """The FD-CAM / Grad-CAM table (median ms at batch 1, and explanations/s at `batch` where measured)."""
-    header = ["model", "engine", "FD-CAM ms", "Grad-CAM ms", "FD-CAM / Grad-CAM", f"FD-CAM img/s (batch {batch})",
-              f"Grad-CAM img/s (batch {batch})"]
+    header = [
+        "model",
+        "engine",
+        "FD-CAM ms",
+        "Grad-CAM ms",
+        "FD-CAM / Grad-CAM",
+        f"FD-CAM img/s (batch {batch})",
+        f"Grad-CAM img/s (batch {batch})",
+    ]
     ips = lambda value: f"{value:.2f}" if value is not None else "-"  # noqa: E731
-    lines = [[r["model"], r["engine"], f"{r['fdcam_ms']:.1f}", f"{r['gradcam_ms']:.1f}", f"{r['ratio']:.2f}x",
-              ips(r["fdcam_ips"]), ips(r["gradcam_ips"])] for r in ratios]
+    lines = [
+        [
+            r["model"],
+            r["engine"],
+            f"{r['fdcam_ms']:.1f}",
+            f"{r['gradcam_ms']:.1f}",
+            f"{r['ratio']:.2f}x",
+            ips(r["fdcam_ips"]),
+            ips(r["gradcam_ips"]),
+        ]
+        for r in ratios
+    ]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     render = lambda row: "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()  # noqa: E731
     title = "FD-CAM / Grad-CAM in the same engine (median ms, one process):"

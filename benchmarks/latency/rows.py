@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ class Row:
     key: str
     library: str  # "fdcam", "pytorch-grad-cam" or "authors' loop"
     label: str
-    build: Callable[[BenchModel], "Runner"]
+    build: Callable[[BenchModel], Runner]
     backend: str = "torch"
     precision: str = "fp32"
     slow: bool = False
@@ -109,8 +109,12 @@ def _explainer_row(method: str):
         directory = tempfile.TemporaryDirectory(prefix="fdcam-bench-explainer-")
         device = bm.x.device
         model = bm.model if device.type == "cpu" else _cpu_copy(bm.model)
-        path = export_explainer(model, Path(directory.name) / "explainer.onnx", bm.layer, method, input_size=tuple(bm.x.shape[-2:]))
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        path = export_explainer(
+            model, Path(directory.name) / "explainer.onnx", bm.layer, method, input_size=tuple(bm.x.shape[-2:])
+        )
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(path), options, providers=providers)
@@ -130,7 +134,7 @@ def _cpu_copy(model: nn.Module) -> nn.Module:
     import copy
 
     copied = copy.deepcopy(model).cpu()
-    setattr(copied, "fdcam_spec", models.spec_of(model))
+    copied.fdcam_spec = models.spec_of(model)
     return copied
 
 
@@ -150,14 +154,42 @@ ROWS: list[Row] = [
     Row("fdcam-tf32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", precision="tf32"), precision="tf32", devices=("cuda",)),
     Row("fdcam-bf16", "fdcam", "FD-CAM", _fdcam_row("FDCAM", precision="bf16"), precision="bf16", devices=("cuda",)),
     Row("fdcam-graph", "fdcam", "FD-CAM (CUDA graph)", _fdcam_row("FDCAM", cuda_graph=True), devices=("cuda",)),
-    Row("fdcam-graph-tf32", "fdcam", "FD-CAM (CUDA graph)", _fdcam_row("FDCAM", precision="tf32", cuda_graph=True),
-        precision="tf32", devices=("cuda",)),
-    Row("fdcam-ort-fp32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="fp32"),
-        backend="onnxruntime", needs="ort"),
-    Row("fdcam-ort-tf32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="tf32"),
-        backend="onnxruntime", precision="tf32", devices=("cuda",), needs="ort"),
-    Row("fdcam-ort-fp16", "fdcam", "FD-CAM", _fdcam_row("FDCAM", backend="onnxruntime", precision="fp16"),
-        backend="onnxruntime", precision="fp16", devices=("cuda",), needs="ort"),
+    Row(
+        "fdcam-graph-tf32",
+        "fdcam",
+        "FD-CAM (CUDA graph)",
+        _fdcam_row("FDCAM", precision="tf32", cuda_graph=True),
+        precision="tf32",
+        devices=("cuda",),
+    ),
+    Row(
+        "fdcam-ort-fp32",
+        "fdcam",
+        "FD-CAM",
+        _fdcam_row("FDCAM", backend="onnxruntime", precision="fp32"),
+        backend="onnxruntime",
+        needs="ort",
+    ),
+    Row(
+        "fdcam-ort-tf32",
+        "fdcam",
+        "FD-CAM",
+        _fdcam_row("FDCAM", backend="onnxruntime", precision="tf32"),
+        backend="onnxruntime",
+        precision="tf32",
+        devices=("cuda",),
+        needs="ort",
+    ),
+    Row(
+        "fdcam-ort-fp16",
+        "fdcam",
+        "FD-CAM",
+        _fdcam_row("FDCAM", backend="onnxruntime", precision="fp16"),
+        backend="onnxruntime",
+        precision="fp16",
+        devices=("cuda",),
+        needs="ort",
+    ),
     Row("gradcam", "fdcam", "Grad-CAM", _fdcam_row("GradCAM")),
     Row("ablationcam", "fdcam", "Ablation-CAM", _fdcam_row("AblationCAM")),
     Row("scorecam", "fdcam", "Score-CAM", _fdcam_row("ScoreCAM"), slow=True),
@@ -165,8 +197,22 @@ ROWS: list[Row] = [
     Row("pgc-gradcam", "pytorch-grad-cam", "GradCAM", _pgc_row("GradCAM"), needs="pgc"),
     Row("pgc-ablationcam", "pytorch-grad-cam", "AblationCAM", _pgc_row("AblationCAM"), slow=True, needs="pgc"),
     Row("pgc-scorecam", "pytorch-grad-cam", "ScoreCAM", _pgc_row("ScoreCAM"), slow=True, needs="pgc"),
-    Row("explainer-fdcam", "fdcam", "FD-CAM (one ONNX graph)", _explainer_row("fdcam"), backend="onnxruntime", needs="ort"),
-    Row("explainer-gradcam", "fdcam", "Grad-CAM (one ONNX graph)", _explainer_row("gradcam"), backend="onnxruntime", needs="ort"),
+    Row(
+        "explainer-fdcam",
+        "fdcam",
+        "FD-CAM (one ONNX graph)",
+        _explainer_row("fdcam"),
+        backend="onnxruntime",
+        needs="ort",
+    ),
+    Row(
+        "explainer-gradcam",
+        "fdcam",
+        "Grad-CAM (one ONNX graph)",
+        _explainer_row("gradcam"),
+        backend="onnxruntime",
+        needs="ort",
+    ),
     Row("authors-fdcam", "authors' loop", "FD-CAM", _authors_row),
 ]
 ROW_KEYS = [row.key for row in ROWS]

@@ -8,8 +8,9 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -90,7 +91,9 @@ def run_model(rows: list[Row], bm: BenchModel, device: torch.device, args) -> li
     results: list[Result] = []
     active: list[_Active] = []
     for row in rows:
-        result = Result(bm.name, row.key, row.library, row.label, row.backend, row.precision, device.type, batch=args.batch)
+        result = Result(
+            bm.name, row.key, row.library, row.label, row.backend, row.precision, device.type, batch=args.batch
+        )
         results.append(result)
         reason = unavailable(row, device)
         if reason:
@@ -107,7 +110,10 @@ def run_model(rows: list[Row], bm: BenchModel, device: torch.device, args) -> li
             active.append(entry)
         except Exception as error:  # a row that cannot run is reported, never fatal
             _drop(entry, result, error)
-        print(f"  {bm.name:<20} {row.key:<16} {'ready' if result.status == 'ok' else 'skipped: ' + str(result.reason)}", flush=True)
+        print(
+            f"  {bm.name:<20} {row.key:<16} {'ready' if result.status == 'ok' else 'skipped: ' + str(result.reason)}",
+            flush=True,
+        )
 
     for round_index in range(max([a.result.repeats for a in active], default=0)):
         for entry in [a for a in active if round_index < a.result.repeats]:
@@ -143,7 +149,8 @@ def run_model(rows: list[Row], bm: BenchModel, device: torch.device, args) -> li
             result.median_ms = statistics.median(entry.times) * 1e3
             result.min_ms = min(entry.times) * 1e3
             result.throughput_ips = (
-                args.batch / statistics.median(entry.batch_times) if entry.batch_times
+                args.batch / statistics.median(entry.batch_times)
+                if entry.batch_times
                 else (1e3 / result.median_ms if args.batch == 1 else None)
             )
         if entry.row.backend == "onnxruntime" and device.type == "cuda":
@@ -162,7 +169,7 @@ def _call(runner: Runner, x: torch.Tensor, device: torch.device) -> float:
         runner.after()
 
 
-def _drop(entry: "_Active | None", result: Result, error: BaseException) -> None:
+def _drop(entry: _Active | None, result: Result, error: BaseException) -> None:
     result.status, result.reason = "skipped", one_line(error)
     result.median_ms = result.min_ms = result.throughput_ips = None
     if entry is not None:

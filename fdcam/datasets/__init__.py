@@ -8,8 +8,15 @@ use of these names, so the CLI and the rest of fdcam work without them.
 
 from importlib import import_module
 
-__all__ = ["DatasetInterrupted", "DatasetRun", "ModelRef", "PoolPlan", "evaluate_dataset", "explain_dataset",
-           "plan_pool"]
+__all__ = [
+    "DatasetInterrupted",
+    "DatasetRun",
+    "ModelRef",
+    "PoolPlan",
+    "evaluate_dataset",
+    "explain_dataset",
+    "plan_pool",
+]
 
 _HOMES = {name: ".sources" if name == "ModelRef" else ".pipeline" for name in __all__}
 

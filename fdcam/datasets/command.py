@@ -19,44 +19,90 @@ EXIT_OK, EXIT_SOME_ERRORS, EXIT_BAD_OPTIONS, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def add_ray_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The options of the Ray cluster and the actor pool, shared by both commands."""
-    parser.add_argument("--ray-address", metavar="ADDR",
-                        help="an existing Ray cluster ('auto', 'ray://host:10001'); default: a local Ray here")
-    parser.add_argument("--actors", type=positive_int, metavar="N",
-                        help="model actors (default: sized from the cluster's CPUs/GPUs, leaving CPU for decoding)")
-    parser.add_argument("--gpus-per-actor", type=non_negative_float, default=0, metavar="G",
-                        help="GPUs per actor (default 0: CPU actors); 0.5 puts two actors on a GPU")
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="an existing Ray cluster ('auto', 'ray://host:10001'); default: a local Ray here",
+    )
+    parser.add_argument(
+        "--actors",
+        type=positive_int,
+        metavar="N",
+        help="model actors (default: sized from the cluster's CPUs/GPUs, leaving CPU for decoding)",
+    )
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=non_negative_float,
+        default=0,
+        metavar="G",
+        help="GPUs per actor (default 0: CPU actors); 0.5 puts two actors on a GPU",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of `fdcam explain-dataset` on `parser`."""
-    parser.add_argument("source", metavar="SOURCE", help="a folder of images, a labels CSV (file,class_index,wnid,name)"
-                        " or one image; paths in a CSV may be URIs pyarrow opens (s3://…)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: rows/*.parquet and run.json;"
-                        " a rerun with the same options resumes, skipping images already there")
-    parser.add_argument("--model", default="efficientnet_lite0",
-                        help=f"one of {', '.join(models.NAMES)}, or a factory 'pkg.module:function'")
-    parser.add_argument("--weights", default="imagenet",
-                        help="'imagenet' (offline default), a state_dict file, or 'random'")
+    parser.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a folder of images, a labels CSV (file,class_index,wnid,name)"
+        " or one image; paths in a CSV may be URIs pyarrow opens (s3://…)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: rows/*.parquet and run.json;"
+        " a rerun with the same options resumes, skipping images already there",
+    )
+    parser.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        help=f"one of {', '.join(models.NAMES)}, or a factory 'pkg.module:function'",
+    )
+    parser.add_argument(
+        "--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'"
+    )
     parser.add_argument("--model-spec", metavar="NAME", help="input format of a factory model: a zoo model's name")
     parser.add_argument("--layer", default=None, help="target layer (`fdcam layers` lists them); default: the model's")
     parser.add_argument("--method", default="fdcam", choices=list(METHODS))
     classes = parser.add_mutually_exclusive_group()
     classes.add_argument("--topk", type=positive_int, metavar="K", help="explain the K top classes of each image")
     classes.add_argument("--class", dest="class_index", type=int, metavar="N", help="explain class N in every image")
-    classes.add_argument("--target", choices=["top1", "label"], default="top1",
-                         help="top1 (default) or label (from the CSV, or --labels)")
-    parser.add_argument("--labels", metavar="CSV",
-                        help="labels CSV for a folder source (default: DIR/labels.csv if present)")
-    parser.add_argument("--map-size", choices=MAP_SIZES, default="feature",
-                        help="feature (default): the map at the layer's h×w; input: at the input size, as cam(x)")
-    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="B",
-                        help="images per actor call (default 4)")
-    parser.add_argument("--backend", choices=["torch", "onnxruntime"],
-                        help="engine of FD-CAM's / Ablation-CAM's tail passes")
-    parser.add_argument("--overlays", type=int, default=0, metavar="N",
-                        help="also write overlay PNGs of the first N rows to DIR/overlays")
-    parser.add_argument("--rows-per-file", type=positive_int, default=1000, metavar="R",
-                        help="rows (about) per Parquet file, the unit Ctrl-C keeps (default 1000)")
+    classes.add_argument(
+        "--target",
+        choices=["top1", "label"],
+        default="top1",
+        help="top1 (default) or label (from the CSV, or --labels)",
+    )
+    parser.add_argument(
+        "--labels", metavar="CSV", help="labels CSV for a folder source (default: DIR/labels.csv if present)"
+    )
+    parser.add_argument(
+        "--map-size",
+        choices=MAP_SIZES,
+        default="feature",
+        help="feature (default): the map at the layer's h×w; input: at the input size, as cam(x)",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=4, metavar="B", help="images per actor call (default 4)"
+    )
+    parser.add_argument(
+        "--backend", choices=["torch", "onnxruntime"], help="engine of FD-CAM's / Ablation-CAM's tail passes"
+    )
+    parser.add_argument(
+        "--overlays",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write overlay PNGs of the first N rows to DIR/overlays",
+    )
+    parser.add_argument(
+        "--rows-per-file",
+        type=positive_int,
+        default=1000,
+        metavar="R",
+        help="rows (about) per Parquet file, the unit Ctrl-C keeps (default 1000)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress report")
     add_ray_arguments(parser)
     parser.set_defaults(run=run)
@@ -82,10 +128,23 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--overlays must be 0 or more, got {args.overlays}")
     try:
         result = explain_dataset(
-            args.source, out=args.out, model=args.model, weights=args.weights, model_spec=args.model_spec,
-            layer=args.layer, method=args.method, targets=targets, labels=args.labels, map_size=args.map_size,
-            actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size,
-            ray_address=args.ray_address, progress=not args.quiet, rows_per_file=args.rows_per_file, **options,
+            args.source,
+            out=args.out,
+            model=args.model,
+            weights=args.weights,
+            model_spec=args.model_spec,
+            layer=args.layer,
+            method=args.method,
+            targets=targets,
+            labels=args.labels,
+            map_size=args.map_size,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            batch_size=args.batch_size,
+            ray_address=args.ray_address,
+            progress=not args.quiet,
+            rows_per_file=args.rows_per_file,
+            **options,
         )
     except DatasetInterrupted as interrupted:
         _print_summary(interrupted.run, "interrupted")
@@ -113,9 +172,12 @@ def write_overlays(out: Path, count: int) -> list[Path]:
     from ..explain_output import output_stems
     from ..images import ImageError, load_image, overlay
 
-    rows = ds.dataset(out / "rows", format="parquet").to_table(
-        columns=["path", "class", "map_height", "map_width", "saliency"], filter=ds.field("error").is_null()
-    ).slice(0, count).to_pylist()
+    rows = (
+        ds.dataset(out / "rows", format="parquet")
+        .to_table(columns=["path", "class", "map_height", "map_width", "saliency"], filter=ds.field("error").is_null())
+        .slice(0, count)
+        .to_pylist()
+    )
     folder = out / "overlays"
     folder.mkdir(exist_ok=True)
     written = []
@@ -141,11 +203,22 @@ def run_evaluate(args: argparse.Namespace, specs) -> int:
     out = Path(args.out) if args.out else Path("fdcam-out") / args.metric
     try:
         result = evaluate_dataset(
-            args.images, out=out, model=args.model, weights=args.weights, layer=args.layer, methods=specs,
-            target=args.target, labels=args.labels, step=args.step,
-            scorer="torch" if args.scorer == "auto" else args.scorer, forward_batch_size=args.batch_size,
-            actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_size=args.images_per_call,
-            ray_address=args.ray_address, progress=not args.quiet,
+            args.images,
+            out=out,
+            model=args.model,
+            weights=args.weights,
+            layer=args.layer,
+            methods=specs,
+            target=args.target,
+            labels=args.labels,
+            step=args.step,
+            scorer="torch" if args.scorer == "auto" else args.scorer,
+            forward_batch_size=args.batch_size,
+            actors=args.actors,
+            gpus_per_actor=args.gpus_per_actor,
+            batch_size=args.images_per_call,
+            ray_address=args.ray_address,
+            progress=not args.quiet,
         )
     except DatasetInterrupted as interrupted:
         _print_summary(interrupted.run, "interrupted")

@@ -28,8 +28,20 @@ __all__ = ["OutputFolder", "ROWS", "STAGING"]
 ROWS = "rows"
 STAGING = "_staging"
 # What must match between a run and the results already in its folder for those to be resumed.
-_RESUME_KEYS = ("kind", "model", "weights", "weights_sha256", "layer", "method", "methods", "options", "targets",
-                "map_size", "step", "scorer")
+_RESUME_KEYS = (
+    "kind",
+    "model",
+    "weights",
+    "weights_sha256",
+    "layer",
+    "method",
+    "methods",
+    "options",
+    "targets",
+    "map_size",
+    "step",
+    "scorer",
+)
 
 
 class OutputFolder:
@@ -61,8 +73,10 @@ class OutputFolder:
             previous = json.loads(self.run_json.read_text())
             changed = [key for key in _RESUME_KEYS if previous.get("config", {}).get(key) != config.get(key)]
             if changed:
-                raise ValueError(f"{self.path} holds results of another configuration ({', '.join(changed)} differ);"
-                                 " give another --out")
+                raise ValueError(
+                    f"{self.path} holds results of another configuration ({', '.join(changed)} differ);"
+                    " give another --out"
+                )
         for staged in sorted((self.rows / STAGING).glob("*")) if (self.rows / STAGING).is_dir() else []:
             self._promote(staged)
         return self.done_paths()

@@ -59,8 +59,10 @@ def plan_pool(resources: dict[str, float], actors: int | None = None, gpus_per_a
             raise ValueError(f"gpus_per_actor={gpus_per_actor} but the Ray cluster has {gpus:g} GPU(s)")
         chosen = actors or fit
         if chosen > fit:
-            raise ValueError(f"{chosen} actors at {gpus_per_actor:g} GPU each need {chosen * gpus_per_actor:g} GPUs;"
-                             f" the Ray cluster has {gpus:g}")
+            raise ValueError(
+                f"{chosen} actors at {gpus_per_actor:g} GPU each need {chosen * gpus_per_actor:g} GPUs;"
+                f" the Ray cluster has {gpus:g}"
+            )
         return PoolPlan(chosen, min(1.0, max(0.25, (cpus - 0.5) / chosen)), gpus_per_actor)
     per_actor = 0.5 if cpus <= 4 else 1.0
     reserve = max(0.5, cpus / 4)
@@ -69,8 +71,10 @@ def plan_pool(resources: dict[str, float], actors: int | None = None, gpus_per_a
         raise ValueError(f"the Ray cluster has {cpus:g} CPU(s): too few for an actor and the decode tasks")
     chosen = actors or max(1, int(cpus - reserve))
     if chosen > fit:
-        raise ValueError(f"{chosen} actors at {per_actor:g} CPU each leave no CPU for decoding on a Ray cluster of"
-                         f" {cpus:g} CPUs; use at most {fit}")
+        raise ValueError(
+            f"{chosen} actors at {per_actor:g} CPU each leave no CPU for decoding on a Ray cluster of"
+            f" {cpus:g} CPUs; use at most {fit}"
+        )
     return PoolPlan(chosen, per_actor, 0)
 
 
@@ -125,8 +129,10 @@ class DatasetRun:
 
     def line(self) -> str:
         """The one-line summary the CLI prints."""
-        return (f"{self.images} images, {self.rows} rows, {self.errors} errors; {self.computed} explained in "
-                f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s), {self.resumed} resumed → {self.out}")
+        return (
+            f"{self.images} images, {self.rows} rows, {self.errors} errors; {self.computed} explained in "
+            f"{self.seconds:.1f} s ({self.images_per_second:.2f} images/s), {self.resumed} resumed → {self.out}"
+        )
 
 
 def _targets_option(targets: Any) -> Any:
@@ -157,13 +163,31 @@ def _versions() -> dict[str, str]:
     import ray
     import torch
 
-    return {"fdcam": __version__, "torch": torch.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "python": sys.version.split()[0]}
+    return {
+        "fdcam": __version__,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
-def _run(kind: str, records: list[ImageRecord], out: OutputFolder, config: dict[str, Any], actor: type,
-         actor_kwargs: dict[str, Any], spec: models.ModelSpec, *, actors: int | None, gpus_per_actor: float,
-         batch_size: int, ray_address: str | None, progress: bool, rows_per_file: int) -> DatasetRun:
+def _run(
+    kind: str,
+    records: list[ImageRecord],
+    out: OutputFolder,
+    config: dict[str, Any],
+    actor: type,
+    actor_kwargs: dict[str, Any],
+    spec: models.ModelSpec,
+    *,
+    actors: int | None,
+    gpus_per_actor: float,
+    batch_size: int,
+    ray_address: str | None,
+    progress: bool,
+    rows_per_file: int,
+) -> DatasetRun:
     started = time.perf_counter()
     done = out.open(config)
     todo = [r for r in records if r.path not in done]
@@ -183,18 +207,27 @@ def _run(kind: str, records: list[ImageRecord], out: OutputFolder, config: dict[
                 device = "cuda" if plan.gpus_per_actor else "cpu"
                 items = [{"path": r.path, "label": NO_LABEL if r.label is None else r.label} for r in todo]
                 dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
-                dataset = dataset.map_batches(decode_batch, batch_size=batch_size, num_cpus=DECODE_CPUS,
-                                              fn_kwargs={"spec": spec}, batch_format="numpy")
                 dataset = dataset.map_batches(
-                    actor, batch_size=batch_size, batch_format="numpy",
+                    decode_batch,
+                    batch_size=batch_size,
+                    num_cpus=DECODE_CPUS,
+                    fn_kwargs={"spec": spec},
+                    batch_format="numpy",
+                )
+                dataset = dataset.map_batches(
+                    actor,
+                    batch_size=batch_size,
+                    batch_format="numpy",
                     compute=ray.data.ActorPoolStrategy(size=plan.actors),
-                    num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+                    num_cpus=plan.cpus_per_actor,
+                    num_gpus=plan.gpus_per_actor or None,
                     fn_constructor_kwargs={**actor_kwargs, "device": device, "threads": threads},
                 )
                 # Ray's writer asks for a whole CPU per task by default: on small nodes next to the actors it
                 # would never be scheduled.
-                dataset.write_parquet(str(out.staging), min_rows_per_file=rows_per_file,
-                                      ray_remote_args={"num_cpus": DECODE_CPUS})
+                dataset.write_parquet(
+                    str(out.staging), min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": DECODE_CPUS}
+                )
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -213,8 +246,17 @@ def _run(kind: str, records: list[ImageRecord], out: OutputFolder, config: dict[
         "files": len(out.finished_files()),
     }
     out.write_run_json(summary)
-    result = DatasetRun(out.path, total["images"], total["rows"], total["errors"], this_run["images"], resumed, seconds,
-                        interrupted, summary)
+    result = DatasetRun(
+        out.path,
+        total["images"],
+        total["rows"],
+        total["errors"],
+        this_run["images"],
+        resumed,
+        seconds,
+        interrupted,
+        summary,
+    )
     if interrupted:
         raise DatasetInterrupted(result)
     return result
@@ -229,8 +271,11 @@ class DatasetInterrupted(KeyboardInterrupt):
 
 
 def _model_ref(model: str | ModelRef, weights: str | None, model_spec: models.ModelSpec | str | None) -> ModelRef:
-    return model if isinstance(model, ModelRef) else ModelRef.of(model, weights if weights is not None else "imagenet",
-                                                                 model_spec)
+    return (
+        model
+        if isinstance(model, ModelRef)
+        else ModelRef.of(model, weights if weights is not None else "imagenet", model_spec)
+    )
 
 
 def _prepare(ref: ModelRef, method_names: Sequence[str], layer: str | None):
@@ -288,14 +333,40 @@ def explain_dataset(
     spec, layer = _prepare(ref, [method], layer)
     _check_classes(targets, spec.num_classes)
     folder = OutputFolder(out)
-    config = {"kind": "explain", **ref.describe(), "layer": layer, "method": method,
-              "options": {k: v for k, v in sorted(method_options.items())}, "targets": targets, "map_size": map_size,
-              "input_size": list(spec.input_size), "saliency": "float16, row-major [map_height, map_width] per row"}
-    actor_kwargs = {"model": ref, "method": method, "layer": layer, "options": method_options, "targets": targets,
-                    "map_size": map_size}
-    return _run("explain", records, folder, config, ExplainActor, actor_kwargs, spec, actors=actors,
-                gpus_per_actor=gpus_per_actor, batch_size=batch_size, ray_address=ray_address, progress=progress,
-                rows_per_file=rows_per_file)
+    config = {
+        "kind": "explain",
+        **ref.describe(),
+        "layer": layer,
+        "method": method,
+        "options": {k: v for k, v in sorted(method_options.items())},
+        "targets": targets,
+        "map_size": map_size,
+        "input_size": list(spec.input_size),
+        "saliency": "float16, row-major [map_height, map_width] per row",
+    }
+    actor_kwargs = {
+        "model": ref,
+        "method": method,
+        "layer": layer,
+        "options": method_options,
+        "targets": targets,
+        "map_size": map_size,
+    }
+    return _run(
+        "explain",
+        records,
+        folder,
+        config,
+        ExplainActor,
+        actor_kwargs,
+        spec,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        batch_size=batch_size,
+        ray_address=ray_address,
+        progress=progress,
+        rows_per_file=rows_per_file,
+    )
 
 
 def evaluate_dataset(
@@ -343,11 +414,39 @@ def evaluate_dataset(
         raise ValueError("target='label' needs labels: a labels CSV source, a folder with labels.csv, or labels=CSV")
     spec, layer = _prepare(ref, [s.name for s in specs], layer)
     folder = OutputFolder(out)
-    config = {"kind": "evaluate", "metric": "insertion-deletion", **ref.describe(), "layer": layer,
-              "methods": [s.label for s in specs], "options": {s.label: dict(s.options) for s in specs},
-              "targets": target, "step": step, "scorer": scorer, "input_size": list(spec.input_size)}
-    actor_kwargs = {"model": ref, "methods": specs, "layer": layer, "target": target, "step": step, "scorer": scorer,
-                    "batch_size": forward_batch_size}
-    return _run("evaluate", records, folder, config, EvaluateActor, actor_kwargs, spec, actors=actors,
-                gpus_per_actor=gpus_per_actor, batch_size=batch_size, ray_address=ray_address, progress=progress,
-                rows_per_file=rows_per_file)
+    config = {
+        "kind": "evaluate",
+        "metric": "insertion-deletion",
+        **ref.describe(),
+        "layer": layer,
+        "methods": [s.label for s in specs],
+        "options": {s.label: dict(s.options) for s in specs},
+        "targets": target,
+        "step": step,
+        "scorer": scorer,
+        "input_size": list(spec.input_size),
+    }
+    actor_kwargs = {
+        "model": ref,
+        "methods": specs,
+        "layer": layer,
+        "target": target,
+        "step": step,
+        "scorer": scorer,
+        "batch_size": forward_batch_size,
+    }
+    return _run(
+        "evaluate",
+        records,
+        folder,
+        config,
+        EvaluateActor,
+        actor_kwargs,
+        spec,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+        batch_size=batch_size,
+        ray_address=ray_address,
+        progress=progress,
+        rows_per_file=rows_per_file,
+    )

@@ -36,7 +36,7 @@ def _is_uri(text: str) -> bool:
 
 
 def _local(text: str) -> str:
-    return text[len("file://"):] if text.startswith("file://") else text
+    return text[len("file://") :] if text.startswith("file://") else text
 
 
 def _labels_csv_records(csv_path: Path) -> list[ImageRecord]:
@@ -107,7 +107,7 @@ class ModelRef:
     @classmethod
     def of(
         cls, model: str, weights: str | os.PathLike | None = "imagenet", spec: models.ModelSpec | str | None = None
-    ) -> "ModelRef":
+    ) -> ModelRef:
         """A reference from the user's `model` (zoo name or "pkg.module:fn") and `weights`; one-line ValueErrors."""
         if isinstance(spec, str):
             spec = models.spec(spec)
@@ -155,4 +155,3 @@ class ModelRef:
         if self.factory is not None:
             described["weights"] = None
         return described
-

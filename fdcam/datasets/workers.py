@@ -58,7 +58,7 @@ EVALUATE_SCHEMA = pa.schema(
 def _read(path: str):
     """The image at a local path or a URI that pyarrow's file systems open, through the library's loader."""
     if "://" not in path or path.startswith("file://"):
-        return load_image(path[len("file://"):] if path.startswith("file://") else path)
+        return load_image(path[len("file://") :] if path.startswith("file://") else path)
     from pyarrow import fs
 
     try:
@@ -115,8 +115,17 @@ def feature_map_supported(method: str) -> bool:
 class ExplainActor:
     """Loads the model and the method once (per actor) and explains batches of decoded images into output rows."""
 
-    def __init__(self, model: ModelRef, method: str, layer: str | None, options: dict[str, Any], targets: Any,
-                 map_size: str, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        model: ModelRef,
+        method: str,
+        layer: str | None,
+        options: dict[str, Any],
+        targets: Any,
+        map_size: str,
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
         _set_threads(threads)
         self.device = torch.device(device)
         self.model = model.build(self.device)
@@ -127,8 +136,9 @@ class ExplainActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         good = [i for i, error in enumerate(batch["error"]) if not error]
-        rows: list[dict[str, Any]] = [self._error_row(batch, i, batch["error"][i]) for i in range(len(batch["path"]))
-                                      if batch["error"][i]]
+        rows: list[dict[str, Any]] = [
+            self._error_row(batch, i, batch["error"][i]) for i in range(len(batch["path"])) if batch["error"][i]
+        ]
         if good:
             try:
                 rows += self._explain(batch, good)
@@ -165,23 +175,29 @@ class ExplainActor:
         rows = []
         for row, i in enumerate(indices):
             for rank in range(chosen.shape[1]):
-                rows.append({
-                    **self._base(batch, i),
-                    "class": int(chosen[row, rank]),
-                    "logit": float(picked_logits[row, rank]),
-                    "probability": float(picked_probabilities[row, rank]),
-                    "rank": rank,
-                    "map_height": int(height),
-                    "map_width": int(width),
-                    "saliency": saliency[row, rank].reshape(-1),
-                    "error": None,
-                })
+                rows.append(
+                    {
+                        **self._base(batch, i),
+                        "class": int(chosen[row, rank]),
+                        "logit": float(picked_logits[row, rank]),
+                        "probability": float(picked_probabilities[row, rank]),
+                        "rank": rank,
+                        "map_height": int(height),
+                        "map_width": int(width),
+                        "saliency": saliency[row, rank].reshape(-1),
+                        "error": None,
+                    }
+                )
         return rows
 
     def _base(self, batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         label = int(batch["label"][i])
-        return {"path": str(batch["path"][i]), "label": None if label == NO_LABEL else label,
-                "method": self.method_name, "layer": self.layer}
+        return {
+            "path": str(batch["path"][i]),
+            "label": None if label == NO_LABEL else label,
+            "method": self.method_name,
+            "layer": self.layer,
+        }
 
     def _error_row(self, batch: dict[str, np.ndarray], i: int, reason: str) -> dict[str, Any]:
         return {**self._base(batch, i), "error": str(reason)}
@@ -191,8 +207,18 @@ class EvaluateActor:
     """Loads the model and the methods once (per actor) and scores batches with RISE insertion/deletion, through
     the same explainers and scoring code as `fdcam evaluate` (fdcam.evaluation)."""
 
-    def __init__(self, model: ModelRef, methods: list, layer: str | None, target: str, step: int,
-                 scorer: str = "torch", batch_size: int | None = None, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        model: ModelRef,
+        methods: list,
+        layer: str | None,
+        target: str,
+        step: int,
+        scorer: str = "torch",
+        batch_size: int | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
         from ..evaluation.run import start_run
         from ..metrics import default_batch_size
 
@@ -201,8 +227,18 @@ class EvaluateActor:
         self.model = model.build(self.device)
         spec = model.input_spec(self.model)
         self.run = start_run(
-            self.model, spec, methods, "insertion-deletion", layer=layer, batch_size=batch_size, scorer=scorer,
-            model_name=model.name, weights=None, partial_path=None, resume=False, keep_maps=0,
+            self.model,
+            spec,
+            methods,
+            "insertion-deletion",
+            layer=layer,
+            batch_size=batch_size,
+            scorer=scorer,
+            model_name=model.name,
+            weights=None,
+            partial_path=None,
+            resume=False,
+            keep_maps=0,
         )
         self.layer = self.run.config["layer"]
         self.target, self.step = target, step
@@ -236,8 +272,9 @@ class EvaluateActor:
         from ..evaluation.items import Item
 
         labels = [int(batch["label"][i]) for i in indices]
-        items = [Item(str(batch["path"][i]), None, None if label == NO_LABEL else label)
-                 for i, label in zip(indices, labels)]
+        items = [
+            Item(str(batch["path"][i]), None, None if label == NO_LABEL else label) for i, label in zip(indices, labels)
+        ]
         x = torch.from_numpy(np.stack([batch["x"][i] for i in indices])).to(self.device)
         todo = [[s.label for s in self.run.specs] for _ in indices]
         records = _chunk_records(self.run, items, x, todo, self.target, self.step, self.score_batch)
@@ -249,24 +286,30 @@ class EvaluateActor:
         for record in records:
             row = position[record["item"]]
             i = indices[row]
-            rows.append({
-                **self._base(batch, i, record["method"]),
-                "class": record["class"],
-                "logit": float(logits[row, record["class"]]),
-                "probability": float(probabilities[row, record["class"]]),
-                "insertion": record["insertion"],
-                "deletion": record["deletion"],
-                "overall": record["insertion"] - record["deletion"],
-                "insertion_curve": record["insertion_curve"],
-                "deletion_curve": record["deletion_curve"],
-                "error": None,
-            })
+            rows.append(
+                {
+                    **self._base(batch, i, record["method"]),
+                    "class": record["class"],
+                    "logit": float(logits[row, record["class"]]),
+                    "probability": float(probabilities[row, record["class"]]),
+                    "insertion": record["insertion"],
+                    "deletion": record["deletion"],
+                    "overall": record["insertion"] - record["deletion"],
+                    "insertion_curve": record["insertion_curve"],
+                    "deletion_curve": record["deletion_curve"],
+                    "error": None,
+                }
+            )
         return rows
 
     def _base(self, batch: dict[str, np.ndarray], i: int, method: str) -> dict[str, Any]:
         label = int(batch["label"][i])
-        return {"path": str(batch["path"][i]), "label": None if label == NO_LABEL else label, "method": method,
-                "layer": self.layer}
+        return {
+            "path": str(batch["path"][i]),
+            "label": None if label == NO_LABEL else label,
+            "method": method,
+            "layer": self.layer,
+        }
 
     def _error_row(self, batch: dict[str, np.ndarray], i: int, method: str, reason: str) -> dict[str, Any]:
         return {**self._base(batch, i, method), "error": str(reason)}

@@ -11,8 +11,8 @@ the forwards), `run` (the set-up both evaluations share), `insertion_deletion`, 
 """
 
 from .insertion_deletion import DEFAULT_STEP, evaluate_insertion_deletion
-from .pointing import evaluate_pointing_game, read_boxes
 from .plots import require_matplotlib, write_plots
+from .pointing import evaluate_pointing_game, read_boxes
 from .run import EvaluationRun
 from .specs import FDCAM_OPTIONS, FDCAM_VARIANTS, MethodSpec, fdcam_defaults, method_specs
 from .store import ResultStore, write_json_atomic

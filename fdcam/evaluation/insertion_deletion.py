@@ -71,10 +71,23 @@ def evaluate_insertion_deletion(
     spec = resolve_model_spec(model, model_spec)
     items = image_items(images_dir, labels_path, target, skipped, spec.num_classes)
     run = start_run(
-        model, spec, methods, "insertion-deletion", layer=layer, batch_size=batch_size, scorer=scorer, model_name=model_name,
-        weights=weights, partial_path=partial_path, resume=resume, keep_maps=keep_maps, skipped=skipped,
-        target=target, labels=str(labels_path.resolve()) if target == "label" else None,
-        images_dir=str(images_dir.resolve()), step=step,
+        model,
+        spec,
+        methods,
+        "insertion-deletion",
+        layer=layer,
+        batch_size=batch_size,
+        scorer=scorer,
+        model_name=model_name,
+        weights=weights,
+        partial_path=partial_path,
+        resume=resume,
+        keep_maps=keep_maps,
+        skipped=skipped,
+        target=target,
+        labels=str(labels_path.resolve()) if target == "label" else None,
+        images_dir=str(images_dir.resolve()),
+        step=step,
     )
     score_batch = batch_size or default_batch_size(run.device)
     total = min(len(items), limit) if limit else len(items)
@@ -130,7 +143,9 @@ def _chunk_records(
     for labels, indices in groups.items():
         tic = time.perf_counter()
         stacked = torch.stack([torch.stack([saliency[label][i] for label in labels]) for i in indices])
-        result = insertion_deletion_batch(curve_scorer, x[indices], stacked, classes[indices], step=step, batch_size=score_batch)
+        result = insertion_deletion_batch(
+            curve_scorer, x[indices], stacked, classes[indices], step=step, batch_size=score_batch
+        )
         metric_seconds = (time.perf_counter() - tic) / (len(indices) * len(labels))
         for row, i in enumerate(indices):
             for column, label in enumerate(labels):

@@ -34,7 +34,9 @@ class Item:
     image: Image.Image | None = None
     targets: list[int] = field(default_factory=list)  # pointing game: classes to explain
     target_boxes: list[list[Sequence[float]]] = field(default_factory=list)  # boxes (input pixels) per target
-    objects: list[tuple[str, tuple[int, ...], list[int]]] = field(default_factory=list)  # multi-object: name, box, classes
+    objects: list[tuple[str, tuple[int, ...], list[int]]] = field(
+        default_factory=list
+    )  # multi-object: name, box, classes
 
     def load(self) -> Image.Image:
         """The item's image (read from its file unless it is in memory)."""
@@ -54,7 +56,11 @@ def labels_by_file(labels_csv: Path) -> dict[str, int]:
 
 
 def image_items(
-    images_dir: Path, labels_csv: Path | None, target: str, skipped: list[dict[str, str]], num_classes: int | None = None
+    images_dir: Path,
+    labels_csv: Path | None,
+    target: str,
+    skipped: list[dict[str, str]],
+    num_classes: int | None = None,
 ) -> list[Item]:
     """The images of a folder as items; with target 'label', only those with an in-range label in labels_csv."""
     files = list_images(images_dir)
@@ -87,7 +93,9 @@ def image_items(
     return items
 
 
-def loaded(items: Iterable[Item], spec: models.ModelSpec, limit: int | None, skipped: list[dict[str, str]]) -> Iterator[tuple[Item, torch.Tensor]]:
+def loaded(
+    items: Iterable[Item], spec: models.ModelSpec, limit: int | None, skipped: list[dict[str, str]]
+) -> Iterator[tuple[Item, torch.Tensor]]:
     """(item, input [1,3,H,W]) for the first `limit` items that load; others are logged and skipped."""
     count = 0
     for item in items:

@@ -18,6 +18,7 @@ from .run import EvaluationRun, resolve_model_spec
 
 __all__ = ["require_matplotlib", "write_plots"]
 
+
 def require_matplotlib() -> None:
     """Raise a one-line ImportError now when matplotlib is missing (before a long run, not after)."""
     _figure(1, 1)
@@ -57,7 +58,11 @@ def _plot_curves(summary: Mapping[str, Any], plots_dir: Path) -> list[Path]:
     return written
 
 
-def _plot_grid(rows: list[tuple[str, Image.Image, list[np.ndarray], list[list[Sequence[float]]], list[tuple[int, int] | None]]], labels: Sequence[str], path: Path) -> Path:
+def _plot_grid(
+    rows: list[tuple[str, Image.Image, list[np.ndarray], list[list[Sequence[float]]], list[tuple[int, int] | None]]],
+    labels: Sequence[str],
+    path: Path,
+) -> Path:
     """Overlays in a grid: one row per (title, image, maps per method, boxes, peaks per method)."""
     n_rows, n_cols = len(rows), len(labels) + 1
     figure = _figure(1.9 * n_cols, 2.0 * n_rows)
@@ -88,7 +93,9 @@ def _rectangle(x0, y0, x1, y1):
     return Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="lime", linewidth=1.2)
 
 
-def _maps_for(run: EvaluationRun, model, layer, batch_size, items: Sequence[Item], targets: Sequence[list[int]]) -> dict[str, dict[str, np.ndarray]]:
+def _maps_for(
+    run: EvaluationRun, model, layer, batch_size, items: Sequence[Item], targets: Sequence[list[int]]
+) -> dict[str, dict[str, np.ndarray]]:
     """The kept maps of `items`, computing the missing ones (e.g. of resumed items)."""
     spec = resolve_model_spec(model, run.model_spec)
     device = next(model.parameters()).device

@@ -48,16 +48,22 @@ def read_boxes(directory: str | os.PathLike) -> list[Item]:
                 for i, o in enumerate(objects)
             ]
         except (TypeError, KeyError, ValueError, AttributeError):
-            raise ValueError(f"{boxes_json}: {file!r} must list objects as {{object, box: [x0,y0,x1,y1], classes: [...]}}") from None
+            raise ValueError(
+                f"{boxes_json}: {file!r} must list objects as {{object, box: [x0,y0,x1,y1], classes: [...]}}"
+            ) from None
         if not parsed or any(len(box) != 4 or not classes for _, box, classes in parsed):
-            raise ValueError(f"{boxes_json}: every object of {file!r} needs a box [x0, y0, x1, y1] and at least one class")
+            raise ValueError(
+                f"{boxes_json}: every object of {file!r} needs a box [x0, y0, x1, y1] and at least one class"
+            )
         items.append(Item(f"multi:{file}", directory / file, objects=parsed))
     if not items:
         raise ValueError(f"{boxes_json} lists no images")
     return items
 
 
-def scale_box(box: Sequence[int], from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[float, float, float, float]:
+def scale_box(
+    box: Sequence[int], from_size: tuple[int, int], to_size: tuple[int, int]
+) -> tuple[float, float, float, float]:
     """Map an inclusive pixel box of an image of size (width, height) onto the model input (height, width)."""
     (width, height), (to_height, to_width) = from_size, to_size
     if (width, height) == (to_width, to_height):
@@ -73,7 +79,9 @@ def peak(saliency: torch.Tensor) -> tuple[int, int]:
     return x, y
 
 
-def _point(run: Run, store: ResultStore, chunk: list[tuple[Item, torch.Tensor]], tolerance: float) -> list[dict[str, Any]]:
+def _point(
+    run: Run, store: ResultStore, chunk: list[tuple[Item, torch.Tensor]], tolerance: float
+) -> list[dict[str, Any]]:
     """Explain each item's targets with every method not yet in `store`; records with hits and peaks."""
     chunk_items = [item for item, _ in chunk]
     x = torch.cat([x for _, x in chunk]).to(run.device)
@@ -93,7 +101,14 @@ def _point(run: Run, store: ResultStore, chunk: list[tuple[Item, torch.Tensor]],
             hits = [bool(pointing_game(maps[row, t], boxes, tolerance)) for t, boxes in enumerate(item.target_boxes)]
             peaks = [list(peak(maps[row, t])) for t in range(len(item.targets))]
             records.append(
-                {"item": item.id, "method": s.label, "classes": item.targets, "hits": hits, "peaks": peaks, "explain_seconds": seconds}
+                {
+                    "item": item.id,
+                    "method": s.label,
+                    "classes": item.targets,
+                    "hits": hits,
+                    "peaks": peaks,
+                    "explain_seconds": seconds,
+                }
             )
     return records
 
@@ -146,12 +161,27 @@ def evaluate_pointing_game(
     pair_files = make_pairs(list(labels.items()), n_pairs, seed)
     missing = sorted({file for pair in pair_files for file, _ in pair if not (images_dir / file).is_file()})
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in {labels_path.name} are not in {images_dir}, e.g. {missing[0]}")
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in {labels_path.name} are not in {images_dir}, e.g. {missing[0]}"
+        )
     multi_items = read_boxes(multi_object) if multi_object is not None else []
     run = start_run(
-        model, spec, methods, "pointing-game", layer=layer, batch_size=batch_size, scorer=scorer, model_name=model_name,
-        weights=weights, partial_path=partial_path, resume=resume, keep_maps=keep_maps,
-        labels=str(labels_path.resolve()), images_dir=str(images_dir.resolve()), seed=seed, tolerance=tolerance,
+        model,
+        spec,
+        methods,
+        "pointing-game",
+        layer=layer,
+        batch_size=batch_size,
+        scorer=scorer,
+        model_name=model_name,
+        weights=weights,
+        partial_path=partial_path,
+        resume=resume,
+        keep_maps=keep_maps,
+        labels=str(labels_path.resolve()),
+        images_dir=str(images_dir.resolve()),
+        seed=seed,
+        tolerance=tolerance,
     )
     input_size = run.spec.input_size
 
@@ -159,7 +189,9 @@ def evaluate_pointing_game(
         for index, (canvas, boxes) in enumerate(composite_set(images_dir, labels_path, n_pairs, seed)):
             (file_a, _), (file_b, _) = pair_files[index]
             scaled = [[scale_box(box, canvas.size, input_size)] for _, box in boxes]
-            yield Item(f"pair{index:04d}:{file_a}+{file_b}", image=canvas, targets=[c for c, _ in boxes], target_boxes=scaled)
+            yield Item(
+                f"pair{index:04d}:{file_a}+{file_b}", image=canvas, targets=[c for c, _ in boxes], target_boxes=scaled
+            )
 
     items: list[Item] = []
     computed = 0
@@ -182,7 +214,9 @@ def evaluate_pointing_game(
         for _, _, classes in item.objects:
             cls = max(classes, key=lambda c: float(logits[c]))
             item.targets.append(cls)
-            item.target_boxes.append([scale_box(box, image_size, input_size) for _, box, listed in item.objects if cls in listed])
+            item.target_boxes.append(
+                [scale_box(box, image_size, input_size) for _, box, listed in item.objects if cls in listed]
+            )
         multi_loaded.append((item, x))
     for item, x in multi_loaded:
         run.keep_maps = len(run.maps_kept) + 1  # every multi-object image's maps are kept for the plots
@@ -238,7 +272,10 @@ def _summary(config, specs, items, store, multi_items, multi_store, skipped, n_p
                         {"object": name, "box": list(box), "class": cls, "class_name": class_name(cls)}
                         for (name, box, _), cls in zip(item.objects, item.targets)
                     ],
-                    "methods": {s.label: {key: multi_store.get(item.id, s.label)[key] for key in ("hits", "peaks")} for s in specs},
+                    "methods": {
+                        s.label: {key: multi_store.get(item.id, s.label)[key] for key in ("hits", "peaks")}
+                        for s in specs
+                    },
                 }
                 for item in multi_items
             ],

@@ -136,4 +136,6 @@ def start_run(
     }
     store = ResultStore(partial_path, config, resume)
     device = next(model.parameters()).device
-    return Run(specs, spec, device, scoring, explainers, config, store, keep_maps, skipped if skipped is not None else [])
+    return Run(
+        specs, spec, device, scoring, explainers, config, store, keep_maps, skipped if skipped is not None else []
+    )

@@ -50,7 +50,9 @@ class MethodSpec:
         method = self.method
         engine = EngineOptions(tail_batch_size=batch_size) if method.uses_tail_engine else None
         forward_batch_size = batch_size if method.uses_forward_scorer else None
-        return method(model, target_layer=layer, engine=engine, forward_batch_size=forward_batch_size, **dict(self.options))
+        return method(
+            model, target_layer=layer, engine=engine, forward_batch_size=forward_batch_size, **dict(self.options)
+        )
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {"method": self.name, "options": dict(self.options)}

@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = ["ResultStore", "config_key", "write_json_atomic"]
 
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write `data` as JSON to a temporary file next to `path`, then os.replace it into place."""
     path = Path(path)
@@ -75,4 +76,3 @@ class ResultStore:
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-

@@ -7,12 +7,20 @@ from typing import Any
 
 __all__ = ["format_table", "markdown_table"]
 
+
 def _rows(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     methods = summary["methods"]
     if summary["metric"] == "insertion-deletion":
         header = ["Method", "Insertion ↑", "Deletion ↓", "Overall ↑", "Explain s/img", "Ins+del s/img"]
         rows = [
-            [label, f"{m['insertion']:.4f}", f"{m['deletion']:.4f}", f"{m['overall']:.4f}", f"{m['explain_seconds_per_image']:.2f}", f"{m['metric_seconds_per_image']:.2f}"]
+            [
+                label,
+                f"{m['insertion']:.4f}",
+                f"{m['deletion']:.4f}",
+                f"{m['overall']:.4f}",
+                f"{m['explain_seconds_per_image']:.2f}",
+                f"{m['metric_seconds_per_image']:.2f}",
+            ]
             for label, m in methods.items()
         ]
         return header, rows
@@ -50,7 +58,9 @@ def format_table(summary: Mapping[str, Any]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [_title(summary)]
     for row in [header, *rows]:
-        lines.append("  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
+        lines.append(
+            "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        )
     return "\n".join(lines)
 
 
@@ -63,4 +73,3 @@ def markdown_table(summary: Mapping[str, Any], labels: Sequence[str] | None = No
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-

@@ -11,7 +11,7 @@ caller then runs the tail as it is).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,10 +111,25 @@ def _build(tail: fx.GraphModule, features: torch.Tensor, extras: tuple) -> TailS
                 return None
             if linear_node is final_node:  # pooling then the last Linear (ResNet-50 at layer4)
                 identity = subgraph(tail, [(linear_node, "start")], linear_node, "ShortcutBody")
-                return TailShortcut("linear", num_channels, identity, None, prefix=prefix, linear=linear,
-                                    block=flat[1] // num_channels, first_is_final=True)
-            return TailShortcut("linear", num_channels, body(linear_node), final, prefix=prefix, linear=linear,
-                                block=flat[1] // num_channels)
+                return TailShortcut(
+                    "linear",
+                    num_channels,
+                    identity,
+                    None,
+                    prefix=prefix,
+                    linear=linear,
+                    block=flat[1] // num_channels,
+                    first_is_final=True,
+                )
+            return TailShortcut(
+                "linear",
+                num_channels,
+                body(linear_node),
+                final,
+                prefix=prefix,
+                linear=linear,
+                block=flat[1] // num_channels,
+            )
     conv_node, conv = _match_conv(tail, features_node, shapes)
     if conv is not None:
         norm_node, norm = _following_norm(tail, conv_node)
@@ -179,23 +194,37 @@ def _match_conv(tail: fx.GraphModule, features_node: fx.Node, shapes) -> tuple[f
         return None, None
     if node.op == "call_module":
         module = tail.get_submodule(node.target)
-        if type(module) is not nn.Conv2d or module.groups != 1 or module.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
+        if (
+            type(module) is not nn.Conv2d
+            or module.groups != 1
+            or module.padding_mode != "zeros"
+            or len(node.args) != 1
+            or node.kwargs
+        ):
             return None, None
         bias = None if module.bias is None else f"{node.target}.bias"
         geometry = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
         return node, TailWeights(tail, f"{node.target}.weight", bias, **geometry)
     if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
         weight, bias = node_arg(node, 1, "weight"), node_arg(node, 2, "bias")
-        constants = [node_arg(node, i, name, default) for i, name, default in
-                     ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))]
+        constants = [
+            node_arg(node, i, name, default)
+            for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1), (6, "groups", 1))
+        ]
         if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
             return None, None
         if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
             return None, None
         if any(isinstance(value, fx.Node) for value in constants) or constants[3] != 1:
             return None, None
-        weights = TailWeights(tail, weight.target, None if bias is None else bias.target,
-                               stride=constants[0], padding=constants[1], dilation=constants[2])
+        weights = TailWeights(
+            tail,
+            weight.target,
+            None if bias is None else bias.target,
+            stride=constants[0],
+            padding=constants[1],
+            dilation=constants[2],
+        )
         if not isinstance(weights.weight, torch.Tensor) or weights.weight.dim() != 4:
             return None, None
         return node, weights
@@ -244,7 +273,9 @@ def _agrees(module: TailShortcut, tail: nn.Module, features: torch.Tensor, extra
     ones = torch.ones(k, device=features.device)
     few = torch.zeros(k, device=features.device)
     few[torch.randperm(k, generator=generator, device=features.device)[: max(1, k // 8)]] = 1
-    binary = torch.stack([ones, few, 1 - few, (torch.rand(k, device=features.device, generator=generator) > 0.5).float()])
+    binary = torch.stack(
+        [ones, few, 1 - few, (torch.rand(k, device=features.device, generator=generator) > 0.5).float()]
+    )
     weighted = torch.rand(1, k, device=features.device, generator=generator)
     masks = torch.cat([binary, weighted]).to(features.dtype)
     masked = features * masks[:, :, None, None]

@@ -10,7 +10,7 @@ The user's modules are shared, never copied or changed.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,9 @@ class TailShortcut(nn.Module):
             shift = shift + norm.bias
         return weight * scale[:, None, None, None], bias * scale + shift
 
-    def _convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+    def _convolve(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1
+    ) -> torch.Tensor:
         conv = self.conv
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
 
@@ -149,7 +151,9 @@ class TailShortcut(nn.Module):
     @staticmethod
     def select(state: tuple, index: int) -> tuple:
         """The state of image `index` alone (leading axis kept)."""
-        return tuple(t[index : index + 1] if t is not None and t.dim() > 0 and i < 2 else t for i, t in enumerate(state))
+        return tuple(
+            t[index : index + 1] if t is not None and t.dim() > 0 and i < 2 else t for i, t in enumerate(state)
+        )
 
     def pre_activation(self, state: tuple, masks: torch.Tensor, sparse: tuple | None = None) -> torch.Tensor:
         """The body's input for masks [n,m,K] of the n images in `state`: [n·m, ...].
@@ -167,8 +171,10 @@ class TailShortcut(nn.Module):
             out = contributions.shape[-1]
             offsets = (torch.arange(n, device=index.device) * k)[:, None, None]
             summed = F.embedding_bag(
-                (index + offsets).reshape(n * m, -1), contributions.reshape(n * k, out),
-                per_sample_weights=weight.reshape(n * m, -1).to(contributions.dtype), mode="sum",
+                (index + offsets).reshape(n * m, -1),
+                contributions.reshape(n * k, out),
+                per_sample_weights=weight.reshape(n * m, -1).to(contributions.dtype),
+                mode="sum",
             ).reshape(n, m, out)
             base, full = _linear_bases(contributions, bias)
             return torch.where(complement, full - summed, base + summed).reshape(n * m, out)
@@ -181,7 +187,9 @@ class TailShortcut(nn.Module):
             g, out = index.shape[-1], weight.shape[0]
             # Rows kept as full − Σ get negated gates, so each row is its base (bias or full) + one product.
             gate = torch.where(complement, -gate, gate).to(features.dtype)
-            gathered = features[torch.arange(n, device=index.device)[:, None, None], index] * gate[..., None, None]  # [n,m,g,h,w]
+            gathered = (
+                features[torch.arange(n, device=index.device)[:, None, None], index] * gate[..., None, None]
+            )  # [n,m,g,h,w]
             # Flat [.., out·h'·w'] operands: a contiguous inner axis keeps the broadcast where fast.
             plane = full[0, 0].numel()
             flat_bias = bias.repeat_interleave(plane)
@@ -217,7 +225,9 @@ class TailShortcut(nn.Module):
         _, full, _, bias = state
         return bias[:, None, None].expand_as(full[0]), full[0]
 
-    def gathered_sums(self, state: tuple, index: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def gathered_sums(
+        self, state: tuple, index: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Σ_j gate[s,j]·C_index[s,j] for S channel sets [S,g] of the one image in `state`: [S, out] or
         [S, out, h', w'], without the bias. `rows` is `input_rows(state)`, made once per batch."""
         if self.kind == "linear":
@@ -302,7 +312,9 @@ def _gathered_pointwise(state: tuple, sparse: tuple) -> torch.Tensor:
     n, m, g = index.shape
     out, plane = weight.shape[0], full[0, 0].numel()
     gate = torch.where(complement, -gate, gate).to(features.dtype)
-    gathered = features.flatten(2)[torch.arange(n, device=index.device)[:, None, None], index] * gate[..., None]  # [n,m,g,hw]
+    gathered = (
+        features.flatten(2)[torch.arange(n, device=index.device)[:, None, None], index] * gate[..., None]
+    )  # [n,m,g,hw]
     ones = torch.ones_like(gathered[:, :, :1])
     per_input = torch.cat([weight[:, :, 0, 0].t(), bias[None]])  # [K+1,out]: the bias as channel K
     last = torch.full_like(index[..., :1], weight.shape[1])

@@ -17,4 +17,15 @@ METHODS = {
     "fdcam": FDCAM,
 }
 
-__all__ = ["BaseCAM", "FDCAM", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "LayerCAM", "ScoreCAM", "AblationCAM", "GroupCAM", "METHODS"]
+__all__ = [
+    "BaseCAM",
+    "FDCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "XGradCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "AblationCAM",
+    "GroupCAM",
+    "METHODS",
+]

@@ -24,7 +24,13 @@ from .context import BatchContext, Explanation
 from .inputs import check_input
 
 __all__ = [
-    "BaseCAM", "BatchContext", "Explanation", "NON_FINITE_LOGITS", "NonFiniteError", "Targets", "resolve_targets",
+    "BaseCAM",
+    "BatchContext",
+    "Explanation",
+    "NON_FINITE_LOGITS",
+    "NonFiniteError",
+    "Targets",
+    "resolve_targets",
     "preserved_model_state",
 ]
 
@@ -83,12 +89,22 @@ class BaseCAM:
         output: OutputSelector = None,
     ):
         if batch_size is not None:
-            tail_batch_size, forward_batch_size = self._deprecated_batch_size(batch_size, tail_batch_size, forward_batch_size)
-        keywords = {"tail_batch_size": tail_batch_size, "memory_budget": memory_budget, "backend": backend,
-                    "provider": provider, "precision": precision, "cuda_graph": cuda_graph}
+            tail_batch_size, forward_batch_size = self._deprecated_batch_size(
+                batch_size, tail_batch_size, forward_batch_size
+            )
+        keywords = {
+            "tail_batch_size": tail_batch_size,
+            "memory_budget": memory_budget,
+            "backend": backend,
+            "provider": provider,
+            "precision": precision,
+            "cuda_graph": cuda_graph,
+        }
         self.engine = self._engine_options(engine, keywords)
         if forward_batch_size is not None and not self.uses_forward_scorer:
-            raise ValueError(f"{type(self).__name__} runs no forwards of perturbed inputs: forward_batch_size applies only to Score-CAM and Group-CAM")
+            raise ValueError(
+                f"{type(self).__name__} runs no forwards of perturbed inputs: forward_batch_size applies only to Score-CAM and Group-CAM"
+            )
         check_positive_int("forward_batch_size", forward_batch_size)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -116,22 +132,32 @@ class BaseCAM:
                 raise ValueError(f"engine must be a fdcam.EngineOptions, not {type(engine).__name__}")
             clashes = [name for name, value in given.items() if value != getattr(engine, name)]
             if clashes:
-                listed = ", ".join(f"{name}={getattr(engine, name)!r} in engine= but {given[name]!r} as a keyword" for name in clashes)
+                listed = ", ".join(
+                    f"{name}={getattr(engine, name)!r} in engine= but {given[name]!r} as a keyword" for name in clashes
+                )
                 raise ValueError(f"give each engine option once, in engine= or as a keyword: {listed}")
             given = engine.changed()
         if given and not self.uses_tail_engine:
             listed = ", ".join(f"{name}={value!r}" for name, value in given.items())
-            raise ValueError(f"{type(self).__name__} runs no masked tail passes: {listed} applies only to methods that do (FD-CAM, Ablation-CAM)")
+            raise ValueError(
+                f"{type(self).__name__} runs no masked tail passes: {listed} applies only to methods that do (FD-CAM, Ablation-CAM)"
+            )
         return engine if engine is not None else EngineOptions(**keywords)
 
-    tail_batch_size = property(lambda self: self.engine.tail_batch_size, doc="Mask rows per tail pass (None: from memory_budget).")
-    memory_budget = property(lambda self: self.engine.memory_budget, doc="Bytes a tail pass may use when tail_batch_size is None.")
+    tail_batch_size = property(
+        lambda self: self.engine.tail_batch_size, doc="Mask rows per tail pass (None: from memory_budget)."
+    )
+    memory_budget = property(
+        lambda self: self.engine.memory_budget, doc="Bytes a tail pass may use when tail_batch_size is None."
+    )
     backend = property(lambda self: self.engine.backend, doc="The engine of the tail passes: torch or onnxruntime.")
     provider = property(lambda self: self.engine.provider, doc="The onnxruntime provider (None: auto).")
     precision = property(lambda self: self.engine.precision, doc="The math of the tail passes.")
     cuda_graph = property(lambda self: self.engine.cuda_graph, doc="Whether torch tail passes replay as a CUDA graph.")
 
-    def _deprecated_batch_size(self, batch_size: int, tail_batch_size: int | None, forward_batch_size: int | None) -> tuple:
+    def _deprecated_batch_size(
+        self, batch_size: int, tail_batch_size: int | None, forward_batch_size: int | None
+    ) -> tuple:
         """(tail_batch_size, forward_batch_size) with the old `batch_size` given to whichever the method uses."""
         if self.uses_tail_engine == self.uses_forward_scorer:
             raise ValueError(f"{type(self).__name__} runs no batched passes: batch_size does not apply")
@@ -153,7 +179,11 @@ class BaseCAM:
                 value = getattr(self, self._option_attributes.get(parameter.name, parameter.name))
                 if cls is not BaseCAM or value != parameter.default:
                     options[parameter.name] = value
-        base = [name for name in inspect.signature(BaseCAM.__init__).parameters if name in options and name != "target_layer"]
+        base = [
+            name
+            for name in inspect.signature(BaseCAM.__init__).parameters
+            if name in options and name != "target_layer"
+        ]
         ordered = [name for name in options if name not in base] + base
         return f"{type(self).__name__}({', '.join(f'{name}={_short_repr(options[name])}' for name in ordered)})"
 
@@ -232,7 +262,7 @@ class BaseCAM:
         """Whether close() was called."""
         return self._closed
 
-    def __enter__(self) -> "BaseCAM":
+    def __enter__(self) -> BaseCAM:
         self._check_open()
         return self
 
@@ -365,7 +395,9 @@ def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
     try:
         chosen = last_spatial_layer(model, tracer_kwargs)
     except Exception as error:  # fx and the model raise many types; the user needs one line
-        raise ValueError(f"give target_layer: no layer could be found for this model ({first_line(error, None)})") from error
+        raise ValueError(
+            f"give target_layer: no layer could be found for this model ({first_line(error, None)})"
+        ) from error
     if chosen is None:
         raise ValueError("give target_layer: the model has no layer with a spatial 4-D output")
     warnings.warn(

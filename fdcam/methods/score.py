@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class ScoreCAM(_ScoredCAM):
         weights = []
         for i in range(x.shape[0]):
             image, masks = x[i][None], upsampled[i][:, None]  # [1,3,H,W], [K,1,H,W]
-            inputs = lambda rows: image * masks[rows]  # noqa: E731
+            inputs = lambda rows: image * masks[rows]  # noqa: B023, E731
             scores = self.score(masks.shape[0], inputs, "Score-CAM", context.targets, i).T  # [T,K]
             weights.append(torch.softmax(scores, dim=-1))
         return torch.stack(weights)
@@ -134,7 +134,7 @@ class GroupCAM(_ScoredCAM):
             # Input 0 is the blurred image itself (mask 0), the baseline of every group's score.
             flat_masks = torch.cat([masks.new_zeros(1, *size), masks.flatten(0, 1)])[:, None]  # [1+T*G,1,H,W]
             image = x[i][None]
-            inputs = lambda rows: image * flat_masks[rows] + blurred * (1 - flat_masks[rows])  # noqa: E731
+            inputs = lambda rows: image * flat_masks[rows] + blurred * (1 - flat_masks[rows])  # noqa: B023, E731
             scored = self.score(flat_masks.shape[0], inputs, "Group-CAM", targets, i)  # [1+T*G,T]
             baseline = scored[0]  # [T]
             t = torch.arange(masks.shape[0], device=scored.device)
@@ -149,6 +149,8 @@ def _as_probabilities(targets: BatchTargets) -> BatchTargets:
     """Group-CAM's targets: a class logit of [N,C] logits becomes the class's softmax probability."""
     if len(targets.output_shape) != 1:
         return targets
-    rows = targets.items if targets.items is not None else [[ClassLogit(c) for c in r] for r in targets.classes.tolist()]
+    rows = (
+        targets.items if targets.items is not None else [[ClassLogit(c) for c in r] for r in targets.classes.tolist()]
+    )
     items = [[ClassProbability(t.c) if type(t) is ClassLogit else t for t in row] for row in rows]
     return BatchTargets(items, targets.output_shape, "cpu")  # no class rows: every target is scored

@@ -19,14 +19,19 @@ import torch
 from .. import models
 from ..errors import ServerError
 from ..explain_output import (
-    check_classes, check_output_dir, class_labels, finish, output_stems, save_explanation, skip_line,
+    check_classes,
+    check_output_dir,
+    class_labels,
+    finish,
+    output_stems,
+    save_explanation,
+    skip_line,
 )
 from ..images import ImageError, load_image, output_size, resize_map
 
 _BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as fdcam explain resizes the image it overlays
 
 __all__ = ["ExplainClient", "ServerError", "parse_url", "explain_remote"]
-
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -61,7 +66,7 @@ class ExplainClient:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "ExplainClient":
+    def __enter__(self) -> ExplainClient:
         return self
 
     def __exit__(self, *_) -> None:
@@ -99,13 +104,17 @@ class ExplainClient:
         requested = [self._triton.InferRequestedOutput(name) for name in outputs]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         result = self._call(self.client.infer, model, inputs, outputs=requested, **kwargs)
-        return {name: np.array(result.as_numpy(name)) for name in outputs}  # writable: tritonclient hands out read-only views
+        return {
+            name: np.array(result.as_numpy(name)) for name in outputs
+        }  # writable: tritonclient hands out read-only views
 
     @staticmethod
     def _classes(classes) -> np.ndarray | None:
         return None if classes is None else np.asarray(classes, dtype=np.int64).reshape(1, -1)
 
-    def explain_tensor(self, image: np.ndarray | torch.Tensor, classes=None, model: str = "fdcam") -> dict[str, np.ndarray]:
+    def explain_tensor(
+        self, image: np.ndarray | torch.Tensor, classes=None, model: str = "fdcam"
+    ) -> dict[str, np.ndarray]:
         """One normalised image [3,H,W] (or [1,3,H,W]) → logits [1,C], targets [1,T], saliency [1,T,H,W].
 
         `model` may also name an `explainer.onnx` that Triton's own onnxruntime backend hosts (same I/O).
@@ -172,8 +181,10 @@ def explain_remote(args: argparse.Namespace) -> int:
     try:
         config = client.server_config("fdcam_image")
         if args.method is not None and args.method != config["method"]:
-            raise ValueError(f"the server explains with {config['method']}, not {args.method}; omit --method or start "
-                             f"a server with --method {args.method}")
+            raise ValueError(
+                f"the server explains with {config['method']}, not {args.method}; omit --method or start "
+                f"a server with --method {args.method}"
+            )
         method, spec = config["method"], models.spec(config["model"])
         check_classes(args.classes, args.topk, spec)
         if args.max_size < 1:

@@ -30,33 +30,64 @@ _STALE = re.compile(re.escape(WORKSPACE_PREFIX) + r"(\d+)-")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of `fdcam serve` on `parser`."""
     parser.add_argument("--model", default="efficientnet_lite0", help=f"one of {', '.join(models.NAMES)}")
-    parser.add_argument("--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'")
+    parser.add_argument(
+        "--weights", default="imagenet", help="'imagenet' (offline default), a state_dict file, or 'random'"
+    )
     parser.add_argument("--layer", default=None, help="target layer (dotted module name); default: the model's")
     parser.add_argument("--method", default="fdcam", choices=list(METHODS), help="CAM method (default fdcam)")
-    parser.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS),
-                        help="onnxruntime: the exported explainer graph (default); torch: the library")
+    parser.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=list(BACKENDS),
+        help="onnxruntime: the exported explainer graph (default); torch: the library",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--max-batch", type=int, default=32, help="largest dynamic batch (default 32)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000,
-                        help="how long a request may wait for others to batch with (default 2000 µs)")
-    parser.add_argument("--explainer-dir", default=None,
-                        help="onnxruntime backend: keep the exported graphs here and reuse them on the next start")
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        help="how long a request may wait for others to batch with (default 2000 µs)",
+    )
+    parser.add_argument(
+        "--explainer-dir",
+        default=None,
+        help="onnxruntime backend: keep the exported graphs here and reuse them on the next start",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the models to load")
     bounds = parser.add_argument_group("request bounds (fdcam.bounds; the same defaults as fdcam explain; 0: no limit)")
-    bounds.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="PIXELS",
-                        help=f"refuse images of more pixels, before decoding them (default {MAX_IMAGE_PIXELS}, "
-                        f"at most {PILLOW_LIMIT})")
-    bounds.add_argument("--max-request-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="BYTES",
-                        help=f"refuse encoded images (image_bytes) of more bytes (default {MAX_IMAGE_BYTES})")
-    bounds.add_argument("--max-output-side", type=int, default=MAX_OUTPUT_SIDE, metavar="PIXELS",
-                        help=f"longest side of saliency_original; larger images get it scaled down "
-                        f"(default {MAX_OUTPUT_SIDE})")
-    bounds.add_argument("--max-classes", type=int, default=MAX_CLASSES, metavar="T",
-                        help=f"refuse requests for more classes than this (default {MAX_CLASSES})")
+    bounds.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        metavar="PIXELS",
+        help=f"refuse images of more pixels, before decoding them (default {MAX_IMAGE_PIXELS}, at most {PILLOW_LIMIT})",
+    )
+    bounds.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=MAX_IMAGE_BYTES,
+        metavar="BYTES",
+        help=f"refuse encoded images (image_bytes) of more bytes (default {MAX_IMAGE_BYTES})",
+    )
+    bounds.add_argument(
+        "--max-output-side",
+        type=int,
+        default=MAX_OUTPUT_SIDE,
+        metavar="PIXELS",
+        help=f"longest side of saliency_original; larger images get it scaled down (default {MAX_OUTPUT_SIDE})",
+    )
+    bounds.add_argument(
+        "--max-classes",
+        type=int,
+        default=MAX_CLASSES,
+        metavar="T",
+        help=f"refuse requests for more classes than this (default {MAX_CLASSES})",
+    )
     parser.set_defaults(run=run)
 
 
@@ -86,15 +117,21 @@ def export_graphs(config: ServingConfig, directory: Path) -> ServingConfig:
             continue
         if model is None:
             model = models.load(config.model, weights=config.weights)
-        print(f"fdcam: exporting the {config.method} explainer graph{' (classes input)' if classes_input else ''}...",
-              file=sys.stderr, flush=True)
+        print(
+            f"fdcam: exporting the {config.method} explainer graph{' (classes input)' if classes_input else ''}...",
+            file=sys.stderr,
+            flush=True,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
-        written = Path(export_explainer(model, path, target_layer=config.layer, method=config.method,
-                                        classes_input=classes_input))
+        written = Path(
+            export_explainer(model, path, target_layer=config.layer, method=config.method, classes_input=classes_input)
+        )
         if written.resolve() != path.resolve():
             written.replace(path)
     key_path.write_text(json.dumps(key), encoding="utf-8")
-    return ServingConfig(**{**config.to_dict(), "explainer_onnx": str(top1), "explainer_classes_onnx": str(with_classes)})
+    return ServingConfig(
+        **{**config.to_dict(), "explainer_onnx": str(top1), "explainer_classes_onnx": str(with_classes)}
+    )
 
 
 def _check_port_free(address: str, port: int, option: str) -> None:
@@ -143,8 +180,10 @@ def _check_method_backend(method: str, backend: str) -> None:
     except ImportError:
         raise ImportError("this fdcam has no fdcam.export (the explainer graph); serve with --backend torch") from None
     if method not in EXPLAINER_METHODS:
-        raise ValueError(f"--method {method} does not fit the exported explainer graph of the onnxruntime backend "
-                         f"(it holds {', '.join(EXPLAINER_METHODS)}); serve it with --backend torch")
+        raise ValueError(
+            f"--method {method} does not fit the exported explainer graph of the onnxruntime backend "
+            f"(it holds {', '.join(EXPLAINER_METHODS)}); serve it with --backend torch"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -222,7 +261,9 @@ def run(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix=prefix) as workspace:
             workspace = Path(workspace)
             if config.backend == "onnxruntime":
-                config = export_graphs(config, Path(args.explainer_dir) if args.explainer_dir else workspace / "explainer")
+                config = export_graphs(
+                    config, Path(args.explainer_dir) if args.explainer_dir else workspace / "explainer"
+                )
             repository, backends = write_repository(workspace, config, options)
             server = TritonProcess(repository, backends, options, log_path)
             server.start()

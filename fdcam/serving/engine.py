@@ -7,9 +7,10 @@ each result (outputs, or one line of error) back into a Triton response.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence, Union
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,8 +39,7 @@ __all__ = [
 BACKENDS = ("onnxruntime", "torch")
 
 # One result per request: its outputs, or the one-line message of why it was refused.
-Result = Union[dict, str]
-
+Result = dict | str
 
 
 class EngineFailure(str):
@@ -70,8 +70,12 @@ class ServingConfig:
     @property
     def bounds(self) -> ImageBounds:
         """The image bounds every request is checked against."""
-        return ImageBounds(max_pixels=self.max_image_pixels, max_bytes=self.max_request_bytes,
-                           max_output_side=self.max_output_side, max_classes=self.max_classes)
+        return ImageBounds(
+            max_pixels=self.max_image_pixels,
+            max_bytes=self.max_request_bytes,
+            max_output_side=self.max_output_side,
+            max_classes=self.max_classes,
+        )
 
 
 class Explainer(Protocol):
@@ -80,8 +84,7 @@ class Explainer(Protocol):
     num_classes: int
     input_size: tuple[int, int]
 
-    def explain(self, images: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ...
+    def explain(self, images: np.ndarray, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 class TorchExplainer:
@@ -139,7 +142,7 @@ def make_explainer(config: ServingConfig) -> Explainer:
     return TorchExplainer(config) if config.backend == "torch" else OnnxExplainer(config)
 
 
-def decode_image(data: bytes, bounds: ImageBounds = ImageBounds()) -> "PIL.Image.Image":  # noqa: F821
+def decode_image(data: bytes, bounds: ImageBounds = ImageBounds()) -> PIL.Image.Image:  # noqa: F821
     """Decode an encoded image (JPEG, PNG, ...) as `fdcam.images.load_image` does, within `bounds` (RequestError)."""
     from ..images import decode_image as decode
 

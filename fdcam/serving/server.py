@@ -52,7 +52,9 @@ def _pytriton_paths() -> tuple[Path, Path, Path, Path]:
     try:
         from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
     except ImportError:
-        raise ImportError("fdcam serve needs the [serve] extra: pip install 'fdcam[serve]' (nvidia-pytriton, tritonclient)") from None
+        raise ImportError(
+            "fdcam serve needs the [serve] extra: pip install 'fdcam[serve]' (nvidia-pytriton, tritonclient)"
+        ) from None
     root = get_root_module_path() / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = Path(get_stub_path(version))
@@ -155,10 +157,12 @@ def write_repository(workspace: str | Path, serving: ServingConfig, options: Ser
     workspace = Path(workspace)
     _, _, python_backend, stub = _pytriton_paths()
     backends = workspace / "backends"
-    shutil.copytree(python_backend, backends / "python", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        python_backend, backends / "python", dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
     repository = workspace / "models"
-    shim = _SHIM.format(site_dirs=[d for d in search_path() if d.endswith('-packages')], numpy_file=numpy.__file__)
+    shim = _SHIM.format(site_dirs=[d for d in search_path() if d.endswith("-packages")], numpy_file=numpy.__file__)
     for name, kind in zip(MODEL_NAMES, ("tensor", "image")):
         (repository / name / "1").mkdir(parents=True, exist_ok=True)
         (repository / name / "config.pbtxt").write_text(_model_config(name, kind, serving, options), encoding="utf-8")
@@ -293,8 +297,11 @@ class TritonProcess:
 
     def failure_line(self) -> str:
         """The most telling line of the server log (a model load error, else the last error), as one line."""
-        found = (self._log_line(STUB_FAILURES) or self._log_line(("failed to load '", "Traceback"), errors_only=True)
-                 or self._log_line(("failed to load", "error:", "E1", "E0")))
+        found = (
+            self._log_line(STUB_FAILURES)
+            or self._log_line(("failed to load '", "Traceback"), errors_only=True)
+            or self._log_line(("failed to load", "error:", "E1", "E0"))
+        )
         if found:
             return found
         lines = self._lines()

@@ -30,8 +30,15 @@ import numpy as np
 
 from .. import models
 from ..errors import first_line
-from .engine import (ORIGINAL_SIZE, EngineFailure, ServingConfig, add_original_maps, handle_image_requests,
-                     handle_tensor_requests, make_explainer)
+from .engine import (
+    ORIGINAL_SIZE,
+    EngineFailure,
+    ServingConfig,
+    add_original_maps,
+    handle_image_requests,
+    handle_tensor_requests,
+    make_explainer,
+)
 
 __all__ = ["TritonPythonModel", "INPUTS", "ALL_REFUSED"]
 
@@ -128,8 +135,9 @@ class TritonPythonModel:
             _warn(pb_utils, first_line(error, None))
         if failed == len(requests):
             # Every request is answered: this response goes nowhere; it marks the execution failed (see above).
-            return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(ALL_REFUSED))] + [
-                None] * (len(requests) - 1)
+            return [pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(ALL_REFUSED))] + [None] * (
+                len(requests) - 1
+            )
         return None
 
     def finalize(self) -> None:
