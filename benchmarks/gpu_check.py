@@ -204,15 +204,18 @@ def report(result: dict) -> None:
         else "FAILED " + ", ".join(k for k, v in result["checks"].items() if not v)
     )
     print(
-        f"{result['model']:<18} {result['provider']:<8} corr {result['correlation']:.6f}  max|Δ| {result['max_abs_difference']:.2e}  "
+        f"{result['model']:<18} {result['provider']:<8} corr {result['correlation']:.6f}  "
+        f"max|Δ| {result['max_abs_difference']:.2e}  "
         f"runs/explanation {result['runs_per_explanation']:g}  "
         f"explanation torch {milliseconds(times['torch'])} / ORT {milliseconds(times['onnxruntime'])}  "
-        f"{passes['masks']} switch passes torch {milliseconds(passes['torch'])} / ORT {milliseconds(passes['onnxruntime'])}  {verdict}"
+        f"{passes['masks']} switch passes torch {milliseconds(passes['torch'])} / "
+        f"ORT {milliseconds(passes['onnxruntime'])}  {verdict}"
     )
     if isinstance(result.get("host_copies"), dict):
         copies = result["host_copies"]
         print(
-            f"{'':<18} host<->device copies during one tail run: {copies['count']} ({copies['bytes']} bytes, largest {copies['largest']})"
+            f"{'':<18} host<->device copies during one tail run: {copies['count']} "
+            f"({copies['bytes']} bytes, largest {copies['largest']})"
         )
 
 

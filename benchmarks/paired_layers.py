@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         f"layers {result.first_layer} → {result.second_layer}"
     )
     print(
-        f"\n| Method | Ins. {result.first_layer} | Del. | Overall | Ins. {result.second_layer} | Del. | Overall | Δ overall (paired) |"
+        f"\n| Method | Ins. {result.first_layer} | Del. | Overall "
+        f"| Ins. {result.second_layer} | Del. | Overall | Δ overall (paired) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for method, (first, second) in result.means.items():

@@ -1,4 +1,4 @@
-"""Throughput and latency of `fdcam serve` (Triton, dynamic batching) under concurrent clients, against in-process calls.
+"""Throughput and latency of `fdcam serve` (Triton, dynamic batching) under concurrent clients vs in-process calls.
 
     python -m benchmarks.serving [--device cpu|cuda] [--concurrency 1,4,16] [--requests N]
                                  [--method fdcam] [--backend onnxruntime|torch] [--model efficientnet_lite0]
@@ -293,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         f"max batch {args.max_batch}, queue delay {args.max_queue_delay_us} µs; {args.protocol}, {args.input} input\n"
         f"machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs"
         + (f", {machine['gpu']}" if machine["gpu"] else "")
-        + f"; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-        f"{machine['date']}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end\ncommand: {command}"
+        + f"; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+        f"{machine['date']}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end\n"
+        f"command: {command}"
     )
     _print_table(header, rows)
     if args.json:

@@ -145,7 +145,10 @@ def _check_input_size(model, size: tuple[int, int] | None, name: str) -> None:
 
 
 def _check_target(target: str, name: str) -> None:
-    """One line, before loading, when --target does not fit the model: regions of segmentation models, classes of classifiers."""
+    """One line, before loading, when --target does not fit the model.
+
+    Regions of segmentation models, classes of classifiers.
+    """
     from fdcam import models
 
     segmentation = name in models.SEGMENTATION_NAMES
@@ -168,7 +171,8 @@ def run_explainer(args: argparse.Namespace) -> int:
         raise ValueError("give --out DIR, --triton REPO or both")
     if args.fp16:
         raise ValueError(
-            "--fp16 applies to the tail graph; the explainer graph is validated in fp32 (use --tensorrt fp16 for Triton)"
+            "--fp16 applies to the tail graph; the explainer graph is validated in fp32 "
+            "(use --tensorrt fp16 for Triton)"
         )
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, not {args.max_batch}")

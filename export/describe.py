@@ -73,11 +73,14 @@ def describe_tail(exported: ExportedTail) -> dict[str, Any]:
         "outputs": outputs,
         "masks": {
             "similarity": "cos(k,l) of the flattened maps A_k, A_l (a zero map has similarity 0)",
-            "groups": f"G(k) = {{l : cos(k,l) > q_k}}, q_k the θ-quantile of row k of the cosine matrix (linear interpolation), θ = {THETA}",
+            "groups": f"G(k) = {{l : cos(k,l) > q_k}}, q_k the θ-quantile of row k of the cosine matrix "
+            f"(linear interpolation), θ = {THETA}",
             "theta": THETA,
-            "rows": "2K rows in one batch: rows 0…K−1 switch-on 1_G(k) (only the group kept), rows K…2K−1 switch-off 1 − 1_G(k)",
+            "rows": "2K rows in one batch: rows 0…K−1 switch-on 1_G(k) (only the group kept), "
+            "rows K…2K−1 switch-off 1 − 1_G(k)",
             "batch": 2 * channels,
-            "runs": "one graph run per image for all 2K rows; the rows do not depend on the class, so all classes share it",
+            "runs": "one graph run per image for all 2K rows; "
+            "the rows do not depend on the class, so all classes share it",
         },
         "scores": {
             "full_logit": "f_c(X): the model's logit for class c (equal to the tail with an all-ones mask row)",
@@ -86,7 +89,8 @@ def describe_tail(exported: ExportedTail) -> dict[str, Any]:
             "score": "s_k = (s⁺_k + s⁻_k) / 2",
         },
         "weights": {
-            "alpha": "Grad-CAM weights α_k = mean over h×w of ∂f_c/∂A_k (computed by the caller; not part of this graph)",
+            "alpha": "Grad-CAM weights α_k = mean over h×w of ∂f_c/∂A_k "
+            "(computed by the caller; not part of this graph)",
             "normalisation": "x̂ = (x − min_k x)/(max_k x − min_k x) over channels; a constant vector becomes 0",
             "formula": f"w_k = α̂_k · exp(ŝ_k) − {BIAS}",
             "bias": BIAS,

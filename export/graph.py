@@ -189,7 +189,8 @@ def export_split(
                 if not error <= tolerance.allowed(scale):
                     problems.append(
                         f"{attempt} graph differs from the torch tail by {error:.3g} "
-                        f"(max |Δlogit| over 1 image × {batches[0]} and 2 images × {batches[1]} masks; allowed {tolerance.allowed(scale):.3g})"
+                        f"(max |Δlogit| over 1 image × {batches[0]} and 2 images × {batches[1]} masks; "
+                        f"allowed {tolerance.allowed(scale):.3g})"
                     )
                     continue
                 _move_into_place(staged, path)

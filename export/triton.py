@@ -27,7 +27,10 @@ _DATA_TYPES = {
 
 
 def default_model_name(model: str, method: str) -> str:
-    """`fdcam_<model>_<method>`, with characters Triton dislikes in a directory name made '_' ('gradcam++' → 'gradcampp')."""
+    """`fdcam_<model>_<method>`, with characters Triton dislikes in a directory name made '_'.
+
+    '+' becomes 'p' ('gradcam++' → 'gradcampp').
+    """
     clean = lambda text: "".join(c if c.isalnum() or c == "_" else "_" for c in text.replace("+", "p"))  # noqa: E731
     return f"fdcam_{clean(model)}_{clean(method)}"
 
@@ -111,7 +114,10 @@ def write_triton_repository(
     max_batch: int = DEFAULT_MAX_BATCH,
     tensorrt: str | None = None,
 ) -> Path:
-    """Copy `graph` into `repository/name/1/model.onnx` and write `repository/name/config.pbtxt`; returns the model directory."""
+    """Copy `graph` into `repository/name/1/model.onnx` and write `repository/name/config.pbtxt`.
+
+    Returns the model directory.
+    """
     graph = Path(graph)
     config = triton_config(graph, name, max_batch, tensorrt)
     directory = Path(repository) / name

@@ -95,7 +95,10 @@ def composite_set(
     n_pairs: int = 250,
     seed: int = 0,
 ) -> Iterator[tuple[Image.Image, list[tuple[int, Box]]]]:
-    """Yield (composite, [(class_a, box_a), (class_b, box_b)]) for seeded pairs; pair i puts a top-left when i is even."""
+    """Yield (composite, [(class_a, box_a), (class_b, box_b)]) for seeded pairs.
+
+    Pair i puts a top-left when i is even.
+    """
     image_dir = Path(image_dir)
     pairs = make_pairs(read_labels(labels_csv), n_pairs, seed)
     for index, ((file_a, class_a), (file_b, class_b)) in enumerate(pairs):

@@ -1,4 +1,7 @@
-"""What `fdcam explain` writes and prints, computed here or by a server (`--server`): file stems, class checks, the files, the table."""
+"""What `fdcam explain` writes and prints, computed here or by a server (`--server`).
+
+File stems, class checks, the files, the table.
+"""
 
 from __future__ import annotations
 
@@ -72,7 +75,10 @@ def class_labels(spec: models.ModelSpec) -> list[str]:
 
 
 def check_classes(classes: list[int] | None, topk: int, spec: models.ModelSpec) -> None:
-    """ValueError (one line) for a class index out of the model's range, or, without classes, a --topk it cannot give."""
+    """ValueError (one line) for a class index out of the model's range.
+
+    Or, without classes, for a --topk it cannot give.
+    """
     if classes:
         bad = [c for c in classes if not 0 <= c < spec.num_classes]
         if bad:
@@ -82,7 +88,10 @@ def check_classes(classes: list[int] | None, topk: int, spec: models.ModelSpec) 
 
 
 def save_explanation(image: Image.Image, saliency: np.ndarray, base: Path) -> str:
-    """Write the overlay `base`.png and the float32 map `base`.npy (the map at the image's size); the files column of the table."""
+    """Write the overlay `base`.png and the float32 map `base`.npy (the map at the image's size).
+
+    Returns the files column of the table.
+    """
     overlay(image, saliency).save(base.with_suffix(".png"))
     np.save(base.with_suffix(".npy"), np.asarray(saliency, dtype=np.float32))
     return f"{base}.png|.npy"

@@ -141,12 +141,17 @@ def _pixels_in(message: str) -> int | None:
 
 
 def output_size(image_size: tuple[int, int], max_side: int | None = MAX_OUTPUT_SIDE) -> tuple[int, int]:
-    """(width, height) of the outputs for an image of `image_size`: the same, or scaled so the longer side is `max_side`."""
+    """(width, height) of the outputs for an image of `image_size`.
+
+    The same, or scaled so the longer side is `max_side`.
+    """
     return ImageBounds(max_output_side=max_side).output_size(image_size)
 
 
 def preprocess(image: Image.Image, spec: ModelSpec, min_size: int = 32) -> torch.Tensor:
-    """Turn an image into the model's input [1, 3, H, W]: bilinear resize to spec.input_size, scale to [0, 1], normalise.
+    """Turn an image into the model's input [1, 3, H, W].
+
+    Bilinear resize to spec.input_size, scale to [0, 1], normalise.
 
     Matches torchvision's Resize(spec.input_size), ToTensor(), Normalize(spec.mean, spec.std) on PIL images.
     """

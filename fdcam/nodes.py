@@ -140,7 +140,9 @@ def example_input_for(model: nn.Module) -> torch.Tensor:
 def layers(
     model: nn.Module, example_input: torch.Tensor | None = None, tracer_kwargs: dict[str, Any] | None = None
 ) -> list[LayerInfo]:
-    """Every valid target layer of `model` in execution order: 4-D outputs that depend on the input and that the logits depend on.
+    """Every valid target layer of `model` in execution order.
+
+    Valid layers have 4-D outputs that depend on the input and that the logits depend on.
 
     Modules are listed by name (a module called once; the outer modules first) and every node of the
     eval-mode fx graph by its node name. `example_input` ([1,C,H,W]; default `example_input_for(model)`)

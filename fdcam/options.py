@@ -63,7 +63,8 @@ class EngineOptions:
         if self.provider is not None:
             if self.backend == "torch":
                 raise ValueError(
-                    f"provider={self.provider!r} applies to the onnxruntime backend; the torch backend runs on the input's device"
+                    f"provider={self.provider!r} applies to the onnxruntime backend; "
+                    "the torch backend runs on the input's device"
                 )
             if str(self.provider).strip().lower() not in ORT_PROVIDERS:
                 raise ValueError(f"provider must be one of {', '.join(ORT_PROVIDERS)}, not {self.provider!r}")

@@ -83,7 +83,10 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
 
 
 def _cpu_session(graph: bytes, threads: int):
-    """A CPU session with all graph optimisations; its threads sleep between runs so torch work in between keeps the cores."""
+    """A CPU session with all graph optimisations.
+
+    Its threads sleep between runs so torch work in between keeps the cores.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -101,7 +101,9 @@ def split_model(
     tracer_kwargs: dict[str, Any] | None = None,
     output: OutputSelector = None,
 ) -> SplitModel:
-    """Cut `model` at `target_layer` (module or fx node name) using its fx graph; `example_input` fixes non-batch sizes that cross the cut.
+    """Cut `model` at `target_layer` (module or fx node name) using its fx graph.
+
+    `example_input` fixes non-batch sizes that cross the cut.
 
     `tracer_kwargs` go to the fx tracer: `leaf_modules` (module types kept as one call, for submodules
     fx cannot trace), `autowrap_functions`, ... `output` selects the entry of a dict or tuple output

@@ -61,7 +61,10 @@ class Tail(Protocol):
 
 
 def expand_masks(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Masks as [N,M,K] in the features' dtype (a [M,K] batch is shared by all N images); ValueError if they do not fit."""
+    """Masks as [N,M,K] in the features' dtype (a [M,K] batch is shared by all N images).
+
+    ValueError if they do not fit.
+    """
     n = features.shape[0]
     masks = masks.to(features.dtype)
     masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks

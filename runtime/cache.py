@@ -148,10 +148,11 @@ def ort_tail(
 
     provider: None/"auto", "cpu", "cuda" or "tensorrt"; precision: "fp32" (no TF32), "tf32" or
     "fp16" (see fdcam.runtime.providers). The masks of a call go in as few session runs as
-    `memory_budget` (bytes; default fdcam.tail.DEFAULT_MEMORY_BUDGET) allows, or `batch_size` rows a run. Each graph form the calls need (all classes or
-    a classes input; dense or gathered sums under a bound) is exported once per model state and its
-    session built once per key, on first use; later calls reuse both. `owner` (an explainer's token) is recorded
-    on each session it uses, for `release_sessions(owner)`; without one, sessions stay while the model lives.
+    `memory_budget` (bytes; default fdcam.tail.DEFAULT_MEMORY_BUDGET) allows, or `batch_size` rows a run.
+    Each graph form the calls need (all classes or a classes input; dense or gathered sums under a bound)
+    is exported once per model state and its session built once per key, on first use; later calls reuse
+    both. `owner` (an explainer's token) is recorded on each session it uses, for `release_sessions(owner)`;
+    without one, sessions stay while the model lives.
     """
     precision = check_precision(precision)
     resolved = resolve_provider(provider, features.device)
@@ -318,7 +319,8 @@ def _fallback_dir(directory: Path, error: OSError) -> Path:
             atexit.register(shutil.rmtree, _fallback[directory], True)
             warnings.warn(
                 f"cannot write the tail graph cache in {directory} ({error.strerror or error}); using the temporary "
-                f"directory {_fallback[directory]} for this process (set FDCAM_CACHE to a writable directory to keep graphs)",
+                f"directory {_fallback[directory]} for this process "
+                "(set FDCAM_CACHE to a writable directory to keep graphs)",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -52,7 +52,9 @@ def available_providers() -> list[str]:
 
 
 def resolve_provider(provider: str | None, device: torch.device) -> str:
-    """cpu, cuda or tensorrt for a request; None/"auto" is cuda when the features live on a GPU and ORT has CUDA, else cpu.
+    """cpu, cuda or tensorrt for a request.
+
+    None/"auto" is cuda when the features live on a GPU and ORT has CUDA, else cpu.
 
     An explicit "cuda" that this onnxruntime cannot serve is a ProviderError; "tensorrt" is
     resolved later, with fallbacks (see create_session).

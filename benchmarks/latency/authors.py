@@ -41,7 +41,8 @@ class AuthorsFDCAM:
             for i in range(x.shape[0]):
                 class_maps = []
                 extras = tuple(extra[i : i + 1] for extra in forward.extras)
-                # one image's pass, without the batch's graph: its gradients run the tail again, as the authors' loop does
+                # one image's pass, without the batch's graph: its gradients run the tail again,
+                # as the authors' loop does
                 one = ForwardPass(split, forward.activations[i : i + 1], extras, forward.logits[i : i + 1])
                 for c in forward.logits[i].argmax(0, keepdim=True):  # top-1; the loop is per class
                     gradients = one.gradients(c.view(1, 1))

@@ -1,4 +1,7 @@
-"""The rows of the latency table: what each runs (fdcam methods, pytorch-grad-cam, the explainer graph, the authors' loop)."""
+"""The rows of the latency table: what each runs.
+
+fdcam methods, pytorch-grad-cam, the explainer graph, the authors' loop.
+"""
 
 from __future__ import annotations
 

@@ -83,7 +83,10 @@ def image_items(
             skipped.append({"item": path.name, "reason": f"not in {labels_csv.name}"})
             continue
         if target == "label" and num_classes is not None and not 0 <= label < num_classes:
-            reason = f"label {label} of {path.name} in {labels_csv.name} is out of range for a model with {num_classes} classes"
+            reason = (
+                f"label {label} of {path.name} in {labels_csv.name} "
+                f"is out of range for a model with {num_classes} classes"
+            )
             log(f"fdcam: warning: skipping {path.name}: {reason}")
             skipped.append({"item": path.name, "reason": reason})
             continue

@@ -151,7 +151,10 @@ def write_plots(
         image = item.load().resize(spec.input_size[::-1])
         for t, cls in enumerate(item.targets):
             peaks = [peak(torch.as_tensor(maps[item.id][label][t])) for label in labels]
-            title = f"{item.id.split(':')[0] if item.id.startswith('pair') else item.id.split(':', 1)[1]}\n{class_name(cls) or cls}"
+            title = (
+                f"{item.id.split(':')[0] if item.id.startswith('pair') else item.id.split(':', 1)[1]}\n"
+                f"{class_name(cls) or cls}"
+            )
             rows.append((title, image, [maps[item.id][label][t] for label in labels], item.target_boxes[t], peaks))
     written.append(_plot_grid(rows, labels, plots_dir / "pointing_overlays.png"))
     return written

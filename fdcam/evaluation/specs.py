@@ -46,7 +46,10 @@ class MethodSpec:
         return METHODS[self.name]
 
     def build(self, model: torch.nn.Module, layer: str | None = None, batch_size: int | None = None):
-        """The explainer; `batch_size` is the rows of its batched passes (mask rows or perturbed inputs), if it runs any."""
+        """The explainer.
+
+        `batch_size` is the rows of its batched passes (mask rows or perturbed inputs), if it runs any.
+        """
         method = self.method
         engine = EngineOptions(tail_batch_size=batch_size) if method.uses_tail_engine else None
         forward_batch_size = batch_size if method.uses_forward_scorer else None

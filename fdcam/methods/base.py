@@ -103,7 +103,8 @@ class BaseCAM:
         self.engine = self._engine_options(engine, keywords)
         if forward_batch_size is not None and not self.uses_forward_scorer:
             raise ValueError(
-                f"{type(self).__name__} runs no forwards of perturbed inputs: forward_batch_size applies only to Score-CAM and Group-CAM"
+                f"{type(self).__name__} runs no forwards of perturbed inputs: "
+                "forward_batch_size applies only to Score-CAM and Group-CAM"
             )
         check_positive_int("forward_batch_size", forward_batch_size)
         if not isinstance(model, nn.Module):
@@ -140,7 +141,8 @@ class BaseCAM:
         if given and not self.uses_tail_engine:
             listed = ", ".join(f"{name}={value!r}" for name, value in given.items())
             raise ValueError(
-                f"{type(self).__name__} runs no masked tail passes: {listed} applies only to methods that do (FD-CAM, Ablation-CAM)"
+                f"{type(self).__name__} runs no masked tail passes: {listed} "
+                "applies only to methods that do (FD-CAM, Ablation-CAM)"
             )
         return engine if engine is not None else EngineOptions(**keywords)
 
@@ -168,14 +170,18 @@ class BaseCAM:
         return (batch_size, forward_batch_size) if self.uses_tail_engine else (tail_batch_size, batch_size)
 
     def __repr__(self) -> str:
-        """The class and its options, as torchcam prints its methods: the method's own, then engine options not at their default."""
+        """The class and its options, as torchcam prints its methods.
+
+        The method's own options, then engine options not at their default.
+        """
         options: dict[str, object] = {"target_layer": self.target_layer}
         for cls in type(self).__mro__[::-1]:
             if "__init__" not in cls.__dict__ or not issubclass(cls, BaseCAM):
                 continue
             for parameter in inspect.signature(cls.__dict__["__init__"]).parameters.values():
                 if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name in ("batch_size", "engine"):
-                    continue  # shown as the options they stand for: batch_size is deprecated, engine's fields are keywords
+                    # shown as the options they stand for: batch_size is deprecated, engine's fields are keywords
+                    continue
                 value = getattr(self, self._option_attributes.get(parameter.name, parameter.name))
                 if cls is not BaseCAM or value != parameter.default:
                     options[parameter.name] = value
@@ -225,7 +231,8 @@ class BaseCAM:
                 if min(forward.activations.shape[-2:]) == 1 and max(forward.activations.shape[-2:]) == 1:
                     self._warn_once(
                         "blank",
-                        f"layer {self.target_layer!r} is 1x1 for inputs of {tuple(x.shape[-2:])}: its maps are blank (all zero);"
+                        f"layer {self.target_layer!r} is 1x1 for inputs of {tuple(x.shape[-2:])}: "
+                        "its maps are blank (all zero);"
                         " choose an earlier layer or a larger input",
                     )
                 context = BatchContext(x, forward, resolve_targets(targets, forward.logits))
@@ -311,7 +318,9 @@ class BaseCAM:
         return split
 
     def tail_for(self, context: BatchContext) -> Tail:
-        """The engine that runs masked tail passes for the context's split: torch, or an ONNX Runtime session (fdcam.runtime).
+        """The engine that runs masked tail passes for the context's split.
+
+        Torch, or an ONNX Runtime session (fdcam.runtime).
 
         Tails are kept per split object (weakly: a split that is gone takes its tail with it), so a
         new split never gets the tail of an earlier one. An ONNX Runtime tail is checked against a

@@ -1,4 +1,6 @@
-"""What a served model does with a dynamic batch: check each request, explain the good ones together, report the bad ones.
+"""What a served model does with a dynamic batch.
+
+It checks each request, explains the good ones together and reports the bad ones.
 
 Nothing here imports Triton: the Triton Python-backend model (fdcam.serving.triton_model) turns Triton
 requests into dicts of numpy arrays, calls `handle_tensor_requests` / `handle_image_requests`, and turns
@@ -79,7 +81,10 @@ class ServingConfig:
 
 
 class Explainer(Protocol):
-    """Explains a batch: images [N,3,H,W] float32 and classes [N,T] int64 or None (top-1) → logits, targets, saliency."""
+    """Explains a batch.
+
+    Images [N,3,H,W] float32 and classes [N,T] int64 or None (top-1) → logits, targets, saliency.
+    """
 
     num_classes: int
     input_size: tuple[int, int]

@@ -68,7 +68,10 @@ def _pytriton_paths() -> tuple[Path, Path, Path, Path]:
 
 
 def search_path() -> list[str]:
-    """This interpreter's module search path (site-packages added by .pth files included), without the working directory."""
+    """This interpreter's module search path, without the working directory.
+
+    Site-packages added by .pth files are included.
+    """
     cwd = os.getcwd()
     return [entry for entry in sys.path if entry and os.path.abspath(entry) != cwd and os.path.isdir(entry)]
 
@@ -242,7 +245,8 @@ class TritonProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=triton_environment(),
-                start_new_session=True,  # its own process group: a Ctrl-C meant for fdcam reaches it only through stop()
+                # its own process group: a Ctrl-C meant for fdcam reaches it only through stop()
+                start_new_session=True,
                 preexec_fn=_exit_with_parent,
             )
 
@@ -254,7 +258,10 @@ class TritonProcess:
         return self.process is not None and self.process.poll() is None
 
     def _ready(self) -> bool:
-        base = f"http://{'127.0.0.1' if self.options.address in ('0.0.0.0', '') else self.options.address}:{self.options.http_port}"
+        base = (
+            f"http://{'127.0.0.1' if self.options.address in ('0.0.0.0', '') else self.options.address}"
+            f":{self.options.http_port}"
+        )
         try:
             for path in ["/v2/health/ready"] + [f"/v2/models/{name}/ready" for name in MODEL_NAMES]:
                 with urllib.request.urlopen(base + path, timeout=2) as response:
@@ -308,7 +315,10 @@ class TritonProcess:
         return lines[-1][:400] if lines else f"no output (log: {self.log_path})"
 
     def stop(self, timeout_s: float | None = None) -> int | None:
-        """SIGTERM tritonserver (it unloads the models and their stubs exit); SIGKILL whatever is left after the timeout."""
+        """SIGTERM tritonserver (it unloads the models and their stubs exit).
+
+        SIGKILL whatever is left after the timeout.
+        """
         if self.process is None:
             return None
         timeout_s = self.options.exit_timeout_s + 5 if timeout_s is None else timeout_s
