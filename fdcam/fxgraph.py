@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-__all__ = ["fetch_attr", "is_batch_size", "node_arg", "record_shapes", "subgraph"]
+__all__ = ["fetch_attr", "is_batch_size", "is_traced", "node_arg", "record_shapes", "subgraph"]
 
 
 def is_batch_size(node: fx.Node) -> bool:
@@ -104,3 +104,12 @@ def subgraph(
     module.graph.eliminate_dead_code()
     module.recompile()
     return module
+
+
+def is_traced(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is symbolic (export tracing), so that checks of its values cannot run."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    # Not torch.fx's is_fx_tracing(): that one logs a deprecation warning on its first call in a process,
+    # which every CLI run printed; these two are what it combines.
+    return is_fake(tensor) or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()

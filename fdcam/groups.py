@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .fxgraph import is_traced
+
 __all__ = [
     "QUANTILE_LIMIT",
     "cosine_similarity_matrix",
@@ -40,7 +42,8 @@ def channel_groups(
     if activations.dim() == 4 and activations.shape[0] * activations.shape[1] ** 2 > quantile_limit:
         return torch.stack([channel_groups(image, theta) for image in activations])
     fast = activations.dtype == torch.float32 and activations.shape[-3] >= FLOAT32_MIN_CHANNELS and 0.0 <= theta <= 1.0
-    if fast and _float32_safe(activations):
+    # The float32 path settles some rows in float64, a choice that depends on the values: eager runs only.
+    if fast and not is_traced(activations) and _float32_safe(activations):
         return _float32_groups(activations, theta)
     similarity = cosine_similarity_matrix(activations)
     return similarity > quantile_threshold(similarity, theta)

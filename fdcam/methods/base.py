@@ -13,6 +13,7 @@ from ..backends import tail_backend
 from ..concurrency import running, tracing
 from ..errors import ClosedError, NonFiniteError, first_line
 from ..forward import ForwardPass
+from ..fxgraph import is_traced
 from ..maps import to_input_size, weighted_sum
 from ..model_state import preserved_model_state
 from ..options import EngineOptions, check_positive_int, engine_changes
@@ -284,7 +285,7 @@ class BaseCAM:
         """ReLU of the weighted sum of activations, upsampled to the input and min-max normalised."""
         cams = weighted_sum(context.activations, weights.to(context.activations.dtype))
         # min-max normalisation would turn NaN into zeros; not while tracing to a graph (no data to look at)
-        if not _is_traced(cams) and not torch.isfinite(cams).all():
+        if not is_traced(cams) and not torch.isfinite(cams).all():
             raise NonFiniteError(f"{type(self).__name__}'s map is NaN or infinite before normalisation")
         return to_input_size(cams, tuple(context.x.shape[-2:]))
 
@@ -416,12 +417,3 @@ def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
         stacklevel=3,
     )
     return chosen.name
-
-
-def _is_traced(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is symbolic (export tracing), so that checks of its values cannot run."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    # Not torch.fx's is_fx_tracing(): that one logs a deprecation warning on its first call in a process,
-    # which every CLI run printed; these two are what it combines.
-    return is_fake(tensor) or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()
