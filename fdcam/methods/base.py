@@ -23,6 +23,7 @@ from ..targets import OutputSelector, Targets, resolve_targets
 from ..timing import stage
 from .context import BatchContext, Explanation
 from .inputs import check_input
+from .layer import default_layer
 
 __all__ = [
     "BaseCAM",
@@ -113,7 +114,7 @@ class BaseCAM:
         self.model = model
         self.tracer_kwargs = tracer_kwargs
         self.output = output
-        layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
+        layer = target_layer if target_layer is not None else default_layer(model, tracer_kwargs)
         self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
         self.forward_batch_size = forward_batch_size
         self.progress = progress
@@ -392,28 +393,3 @@ def _one_line_errors(function, x: torch.Tensor):
         raise
     except RuntimeError as error:
         raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line(error)})") from error
-
-
-def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
-    """The spec's layer for fdcam's models, else the last layer with a spatial 4-D output (named in a warning)."""
-    from ..models import spec_of
-    from ..nodes import last_spatial_layer
-
-    spec = spec_of(model)
-    if spec is not None:
-        return spec.default_layer
-    try:
-        chosen = last_spatial_layer(model, tracer_kwargs)
-    except Exception as error:  # fx and the model raise many types; the user needs one line
-        raise ValueError(
-            f"give target_layer: no layer could be found for this model ({first_line(error, None)})"
-        ) from error
-    if chosen is None:
-        raise ValueError("give target_layer: the model has no layer with a spatial 4-D output")
-    warnings.warn(
-        f"no target_layer given: explaining {chosen.name!r} ({chosen.type}, output {list(chosen.shape)}),"
-        " the last layer with a spatial 4-D output",
-        UserWarning,
-        stacklevel=3,
-    )
-    return chosen.name
