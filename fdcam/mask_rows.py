@@ -1,4 +1,5 @@
-"""The rows of the torch tail's masked passes: a chunk's image segments and the chunks of an image's channel sets."""
+"""The rows of masked tail passes: masks as [N,M,K], how many rows a call runs, a chunk's image segments and the
+chunks of an image's channel sets."""
 
 from __future__ import annotations
 
@@ -6,7 +7,47 @@ import torch
 
 from .targets import BatchTargets
 
-__all__ = ["concat", "pick_sets", "segment_rows", "set_chunks", "split_rows"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "chunk_size",
+    "concat",
+    "expand_masks",
+    "pick_sets",
+    "segment_rows",
+    "set_chunks",
+    "split_rows",
+]
+
+DEFAULT_MEMORY_BUDGET = 1024**3
+
+
+def expand_masks(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Masks as [N,M,K] in the features' dtype (a [M,K] batch is shared by all N images).
+
+    ValueError if they do not fit.
+    """
+    n = features.shape[0]
+    masks = masks.to(features.dtype)
+    masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks
+    if masks.dim() != 3 or masks.shape[0] != n or masks.shape[2] != features.shape[1]:
+        raise ValueError(f"masks {tuple(masks.shape)} do not fit features {tuple(features.shape)}")
+    return masks
+
+
+def chunk_size(
+    features: torch.Tensor, memory_budget: int | None, batch_size: int | None, total: int, output_numel: int = 0
+) -> int:
+    """How many masks to run per tail call: `batch_size` if given, else what fits `memory_budget` bytes.
+
+    The budget is split over the masked copies of the features, with a factor of 4 for the tail's
+    own intermediate activations; passes whose whole outputs are scored (`output_numel` elements a
+    row, a segmentation map) also hold the output and its scoring's temporaries, counted twice.
+    """
+    if batch_size is not None:
+        return max(1, min(int(batch_size), total))
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    per_mask = (4 * features[0].numel() + 2 * output_numel) * features.element_size()
+    return max(1, min(total, budget // max(per_mask, 1)))
 
 
 def set_chunks(inverse: list[int], complement: list[bool], step: int) -> list[tuple]:

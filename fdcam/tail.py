@@ -20,14 +20,22 @@ from torch import nn
 
 from .cuda_graphs import GraphedCall
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
-from .mask_rows import concat, pick_sets, segment_rows, set_chunks, split_rows
+from .mask_rows import (
+    DEFAULT_MEMORY_BUDGET,
+    chunk_size,
+    concat,
+    expand_masks,
+    pick_sets,
+    segment_rows,
+    set_chunks,
+    split_rows,
+)
 from .options import TORCH_PRECISIONS
 from .precision import check_torch_precision, tail_precision
 from .targets import BatchTargets
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
-DEFAULT_MEMORY_BUDGET = 1024**3
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
 CPU_SET_CHUNK_BYTES = 2 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
@@ -61,19 +69,6 @@ class Tail(Protocol):
         ...
 
 
-def expand_masks(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Masks as [N,M,K] in the features' dtype (a [M,K] batch is shared by all N images).
-
-    ValueError if they do not fit.
-    """
-    n = features.shape[0]
-    masks = masks.to(features.dtype)
-    masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks
-    if masks.dim() != 3 or masks.shape[0] != n or masks.shape[2] != features.shape[1]:
-        raise ValueError(f"masks {tuple(masks.shape)} do not fit features {tuple(features.shape)}")
-    return masks
-
-
 class MaskedTail(nn.Module):
     """`tail(features[n] ⊙ masks[n, m, :, None, None], *extras[n])` for every image n and mask m: logits [N,M,C].
 
@@ -91,22 +86,6 @@ class MaskedTail(nn.Module):
         masked = (features[:, None] * masks[..., None, None]).reshape(n * m, *features.shape[1:])
         logits = self.tail(masked, *expand_rows(extras, n, m))
         return logits.reshape(n, m, *logits.shape[1:])
-
-
-def chunk_size(
-    features: torch.Tensor, memory_budget: int | None, batch_size: int | None, total: int, output_numel: int = 0
-) -> int:
-    """How many masks to run per tail call: `batch_size` if given, else what fits `memory_budget` bytes.
-
-    The budget is split over the masked copies of the features, with a factor of 4 for the tail's
-    own intermediate activations; passes whose whole outputs are scored (`output_numel` elements a
-    row, a segmentation map) also hold the output and its scoring's temporaries, counted twice.
-    """
-    if batch_size is not None:
-        return max(1, min(int(batch_size), total))
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    per_mask = (4 * features[0].numel() + 2 * output_numel) * features.element_size()
-    return max(1, min(total, budget // max(per_mask, 1)))
 
 
 class TorchTail:
