@@ -11,7 +11,7 @@ from torch import nn
 
 from ..backends import tail_backend
 from ..concurrency import running, tracing
-from ..errors import ClosedError, NonFiniteError, first_line
+from ..errors import ClosedError, NonFiniteError
 from ..forward import ForwardPass
 from ..fxgraph import is_traced
 from ..maps import to_input_size, weighted_sum
@@ -22,7 +22,7 @@ from ..tail import Tail, TorchTail
 from ..targets import OutputSelector, Targets, resolve_targets
 from ..timing import stage
 from .context import BatchContext, Explanation
-from .inputs import check_input
+from .inputs import check_input, one_line_errors
 from .layer import default_layer
 
 __all__ = [
@@ -227,7 +227,7 @@ class BaseCAM:
             split = self.split_for(x)
             with running():
                 with stage("head"):
-                    forward = _one_line_errors(lambda: ForwardPass.run(split, x), x)
+                    forward = one_line_errors(lambda: ForwardPass.run(split, x), x)
                 if not torch.isfinite(forward.logits).all():
                     raise NonFiniteError(NON_FINITE_LOGITS)
                 if min(forward.activations.shape[-2:]) == 1 and max(forward.activations.shape[-2:]) == 1:
@@ -313,7 +313,7 @@ class BaseCAM:
                 split = self._splits.get(key)  # another thread may have built it meanwhile
                 if split is None:
                     example = x[:1].detach()
-                    split = _one_line_errors(
+                    split = one_line_errors(
                         lambda: split_model(self.model, self.target_layer, example, self.tracer_kwargs, self.output), x
                     )
                     self._splits[key] = split
@@ -383,13 +383,3 @@ def _short_repr(value: object) -> str:
 def _structure_of(model: nn.Module) -> tuple:
     """Which module objects make up the model: a split built before a submodule was replaced is stale."""
     return tuple(id(module) for module in model.modules())
-
-
-def _one_line_errors(function, x: torch.Tensor):
-    """Run `function`; a RuntimeError of the model on this input becomes a one-line ValueError (out of memory stays)."""
-    try:
-        return function()
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as error:
-        raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line(error)})") from error
