@@ -11,22 +11,31 @@ The ONNX Runtime backend (`fdcam.runtime`) implements the same protocol over an 
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from .cuda_graphs import GraphedCall
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
-from .options import TORCH_PRECISIONS, check_precision
+from .mask_rows import (
+    DEFAULT_MEMORY_BUDGET,
+    chunk_size,
+    concat,
+    expand_masks,
+    pick_sets,
+    segment_rows,
+    set_chunks,
+    split_rows,
+)
+from .options import TORCH_PRECISIONS
+from .precision import check_torch_precision, tail_precision
 from .targets import BatchTargets
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
-DEFAULT_MEMORY_BUDGET = 1024**3
 _MAX_GRAPHS = 4
 CPU_CHUNK_BYTES = 16 * 1024**2
 CPU_SET_CHUNK_BYTES = 2 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
@@ -60,19 +69,6 @@ class Tail(Protocol):
         ...
 
 
-def expand_masks(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Masks as [N,M,K] in the features' dtype (a [M,K] batch is shared by all N images).
-
-    ValueError if they do not fit.
-    """
-    n = features.shape[0]
-    masks = masks.to(features.dtype)
-    masks = masks.expand(n, *masks.shape) if masks.dim() == 2 else masks
-    if masks.dim() != 3 or masks.shape[0] != n or masks.shape[2] != features.shape[1]:
-        raise ValueError(f"masks {tuple(masks.shape)} do not fit features {tuple(features.shape)}")
-    return masks
-
-
 class MaskedTail(nn.Module):
     """`tail(features[n] ⊙ masks[n, m, :, None, None], *extras[n])` for every image n and mask m: logits [N,M,C].
 
@@ -90,120 +86,6 @@ class MaskedTail(nn.Module):
         masked = (features[:, None] * masks[..., None, None]).reshape(n * m, *features.shape[1:])
         logits = self.tail(masked, *expand_rows(extras, n, m))
         return logits.reshape(n, m, *logits.shape[1:])
-
-
-def chunk_size(
-    features: torch.Tensor, memory_budget: int | None, batch_size: int | None, total: int, output_numel: int = 0
-) -> int:
-    """How many masks to run per tail call: `batch_size` if given, else what fits `memory_budget` bytes.
-
-    The budget is split over the masked copies of the features, with a factor of 4 for the tail's
-    own intermediate activations; passes whose whole outputs are scored (`output_numel` elements a
-    row, a segmentation map) also hold the output and its scoring's temporaries, counted twice.
-    """
-    if batch_size is not None:
-        return max(1, min(int(batch_size), total))
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    per_mask = (4 * features[0].numel() + 2 * output_numel) * features.element_size()
-    return max(1, min(total, budget // max(per_mask, 1)))
-
-
-def check_torch_precision(precision: str) -> str:
-    """The precision if the torch backend knows it, else ValueError."""
-    return check_precision("torch", precision)
-
-
-class _Tf32Flags:
-    """torch's process-wide TF32 flags, set for as long as any thread computes with a setting.
-
-    Threads asking for the same setting share it; a thread asking for the other one waits until the
-    others are done (or, if it is the only holder, switches and switches back). The flags the
-    process had are restored when the last holder leaves, so concurrent explanations neither
-    compute with the wrong math nor leave the flags changed.
-    """
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition(threading.Lock())
-        self._holders = 0
-        self._allow: bool | None = None
-        self._saved: tuple[bool, bool] | None = None
-        self._local = threading.local()
-
-    @staticmethod
-    def _set(allow: bool) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
-
-    @contextlib.contextmanager
-    def held(self, allow: bool) -> Iterator[None]:
-        stack = self._local.__dict__.setdefault("stack", [])
-        with self._condition:
-            while self._holders > len(stack) and self._allow != allow:
-                self._condition.wait()
-            if self._holders == 0:
-                self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            stack.append(self._allow)
-            if self._allow != allow:
-                self._set(allow)
-                self._allow = allow
-            self._holders += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                previous = stack.pop()
-                self._holders -= 1
-                if self._holders == 0:
-                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
-                    self._allow = self._saved = None
-                elif previous is not None and previous != self._allow:
-                    # This thread switched the setting inside its own outer hold: switch back once
-                    # the threads that joined under the inner setting are gone.
-                    while self._holders > len(stack):
-                        self._condition.wait()
-                    self._set(previous)
-                    self._allow = previous
-                self._condition.notify_all()
-
-
-_TF32 = _Tf32Flags()
-
-
-@contextlib.contextmanager
-def tail_precision(precision: str, device: torch.device) -> Iterator[None]:
-    """Math of the switch passes: "fp32" exact (TF32 off), "tf32" TF32 matmuls and convolutions on CUDA,
-    "bf16"/"fp16" autocast. torch's global TF32 flags are set under a process-wide lock shared by the
-    threads that want the same setting, and restored when the last of them leaves."""
-    check_torch_precision(precision)
-    with _TF32.held(precision == "tf32"):
-        if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            # No cast cache: a CUDA graph captured under autocast must not keep casts of the capture's inputs.
-            with torch.autocast(device.type, dtype=dtype, cache_enabled=False):
-                yield
-        else:
-            yield
-
-
-class _GraphedCall:
-    """A function of fixed-shape CUDA tensors captured once as a CUDA graph, then replayed on copies of new inputs."""
-
-    def __init__(self, function: Callable[..., torch.Tensor], example: Sequence[torch.Tensor]):
-        self.inputs = [tensor.clone() for tensor in example]
-        side = torch.cuda.Stream(example[0].device)
-        side.wait_stream(torch.cuda.current_stream(example[0].device))
-        with torch.cuda.stream(side):  # warm-up off the capture: cuBLAS handles, lazy inits
-            for _ in range(2):
-                function(*self.inputs)
-        torch.cuda.current_stream(example[0].device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = function(*self.inputs)
-
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        for static, tensor in zip(self.inputs, tensors):
-            static.copy_(tensor)
-        self.graph.replay()
-        return self.output.clone()
 
 
 class TorchTail:
@@ -237,7 +119,7 @@ class TorchTail:
         self.sparse_calls = 0
         self.graph_replays = 0
         self._shortcuts: dict[tuple, TailShortcut | None] = {}
-        self._graphs: OrderedDict[tuple, _GraphedCall] = OrderedDict()
+        self._graphs: OrderedDict[tuple, GraphedCall] = OrderedDict()
 
     @property
     def captured_graphs(self) -> int:
@@ -340,7 +222,7 @@ class TorchTail:
                 return self._compute(shortcut, bound, features, masks, list(rest[:count]), chosen).float()
 
             with tail_precision(self.precision, features.device):
-                graphed = _GraphedCall(function, tensors)
+                graphed = GraphedCall(function, tensors)
             self._graphs[key] = graphed
             while len(self._graphs) > _MAX_GRAPHS:
                 self._graphs.popitem(last=False)
@@ -387,9 +269,9 @@ class TorchTail:
                         features[i : i + 1], masks[i, lo:hi, :, None, None], out=masked[offset : offset + hi - lo]
                     )
                     offset += hi - lo
-                logits = self.masked_tail.tail(masked, *_rows(extras, segments))
+                logits = self.masked_tail.tail(masked, *segment_rows(extras, segments))
                 del masked
-                outputs.extend(_split_rows(logits, segments, classes, score))
+                outputs.extend(split_rows(logits, segments, classes, score))
                 continue
             starts = [
                 shortcut.pre_activation(
@@ -399,7 +281,7 @@ class TorchTail:
                 )
                 for i, lo, hi in segments
             ]
-            hidden = shortcut.body(_cat(starts), *_rows(extras, segments))
+            hidden = shortcut.body(concat(starts), *segment_rows(extras, segments))
             offset = 0
             for i, lo, hi in segments:
                 part = hidden[offset : offset + hi - lo]
@@ -407,7 +289,7 @@ class TorchTail:
                 logits = shortcut.logits(part.reshape(1, hi - lo, *part.shape[1:]), chosen)[0]
                 outputs.append(logits if score is None else score.score_rows(logits, i))
                 offset += hi - lo
-        return _cat(outputs).reshape(n, m, *outputs[0].shape[1:])
+        return concat(outputs).reshape(n, m, *outputs[0].shape[1:])
 
     def _takes_sets(self, sparse, features: torch.Tensor) -> bool:
         """Whether the gathered passes run per channel set (`_compute_sets`): CPU, full precision."""
@@ -447,7 +329,7 @@ class TorchTail:
             first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
             set_index, set_gate = index[i, first], gate[i, first]
             result = None
-            for a, b, on, on_sets, off, off_sets in _set_chunks(inverse.tolist(), complement[i, :, 0].tolist(), step):
+            for a, b, on, on_sets, off, off_sets in set_chunks(inverse.tolist(), complement[i, :, 0].tolist(), step):
                 self.calls += 1
                 sums = shortcut.gathered_sums(image, set_index[a:b], set_gate[a:b], rows)
                 if on_sets == off_sets == list(range(len(sums))):  # one switch-on and one switch-off row per set
@@ -458,8 +340,8 @@ class TorchTail:
                     torch.sub(full, sums, out=start[len(sums) :])  # full − Σ
                 else:
                     start = torch.empty((len(on) + len(off), *full.shape), dtype=sums.dtype)
-                    torch.add(_pick(sums, on_sets), bias, out=start[: len(on)])
-                    torch.sub(full, _pick(sums, off_sets), out=start[len(on) :])
+                    torch.add(pick_sets(sums, on_sets), bias, out=start[: len(on)])
+                    torch.sub(full, pick_sets(sums, off_sets), out=start[len(on) :])
                 hidden = shortcut.body(
                     start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras)
                 )
@@ -471,33 +353,6 @@ class TorchTail:
                 result[on + off] = logits
             results.append(result)
         return torch.stack(results)
-
-
-def _set_chunks(inverse: list[int], complement: list[bool], step: int) -> list[tuple]:
-    """Chunks of consecutive sets holding about `step` rows: (first set, end set, switch-on rows, their
-    sets counted from the first, switch-off rows, their sets). A chunk has at least one set."""
-    count = max(inverse) + 1 if inverse else 0
-    members: list[tuple[list[int], list[int]]] = [([], []) for _ in range(count)]
-    for row, (which, off) in enumerate(zip(inverse, complement)):
-        members[which][off].append(row)
-    chunks, a = [], 0
-    while a < count:
-        b, size = a, 0
-        while b < count and (b == a or size + len(members[b][0]) + len(members[b][1]) <= step):
-            size += len(members[b][0]) + len(members[b][1])
-            b += 1
-        on = [(row, j - a) for j in range(a, b) for row in members[j][0]]
-        off = [(row, j - a) for j in range(a, b) for row in members[j][1]]
-        chunks.append((a, b, [r for r, _ in on], [j for _, j in on], [r for r, _ in off], [j for _, j in off]))
-        a = b
-    return chunks
-
-
-def _pick(sums: torch.Tensor, sets: list[int]) -> torch.Tensor:
-    """The sums of the given sets, in order (the tensor itself when that is all of them)."""
-    if sets == list(range(sums.shape[0])):
-        return sums
-    return sums.index_select(0, torch.tensor(sets, dtype=torch.long, device=sums.device))
 
 
 def _sparse_bound(
@@ -520,26 +375,3 @@ def _sparse_bound(
     bound = sparsity if sparsity is not None and largest <= sparsity else int(largest)
     share = LINEAR_SETS_SHARE if per_set and shortcut.kind == "linear" else _SPARSE_SHARE[shortcut.kind]
     return max(1, bound) if bound <= share * k else None
-
-
-def _split_rows(
-    logits: torch.Tensor, segments, classes: torch.Tensor | None, score: BatchTargets | None = None
-) -> list[torch.Tensor]:
-    """The logits of each segment's rows, reduced to its image's classes, or scored by its image's targets."""
-    if classes is None and score is None:
-        return [logits]
-    parts, offset = [], 0
-    for i, lo, hi in segments:
-        rows = logits[offset : offset + hi - lo]
-        parts.append(rows.index_select(1, classes[i]) if score is None else score.score_rows(rows, i))
-        offset += hi - lo
-    return parts
-
-
-def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-
-
-def _rows(extras: list[torch.Tensor], segments: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-    """Each extra repeated for the rows of each image segment (a broadcast view when there is one segment)."""
-    return [_cat([extra[i : i + 1].expand(hi - lo, *extra.shape[1:]) for i, lo, hi in segments]) for extra in extras]

@@ -17,15 +17,11 @@ together with its record is used as it is.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import logging
 import operator
 import os
-import shutil
-import tempfile
 import threading
-import warnings
 import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +41,7 @@ from fdcam.factorise import tail_shortcut
 from fdcam.memory import row_bytes
 from fdcam.split import SplitModel
 
+from .graph_files import default_cache_dir, fallback_dir, record_hash, remove_graph, verified, writable_dir
 from .providers import check_precision, create_session, resolve_provider, session_options
 from .session import OrtTail
 
@@ -95,14 +92,6 @@ class _Entry:
 # model → {(layer, shapes, provider, precision, device, form): entry}; entries go with the model, or when released.
 _sessions: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Entry]] = weakref.WeakKeyDictionary()
 _sessions_lock = threading.Lock()
-
-
-def default_cache_dir() -> Path:
-    """$FDCAM_CACHE, else $XDG_CACHE_HOME/fdcam, else ~/.cache/fdcam."""
-    if os.environ.get("FDCAM_CACHE"):
-        return Path(os.environ["FDCAM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fdcam"
 
 
 def clear_sessions() -> None:
@@ -167,7 +156,7 @@ def ort_tail(
     fingerprint = tail_fingerprint(split.tail)
     example = features[:1].detach()
     example_extras = [extra[:1].detach() for extra in extras]
-    directory = _writable(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    directory = writable_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     # TensorRT engines are built for the plain form's inputs only; other providers get the shortcut forms.
     shortcut = None if resolved == "tensorrt" else tail_shortcut(split.tail, example, example_extras)
     num_channels = features.shape[1]
@@ -220,7 +209,7 @@ def _build(
     def graph(fp16: bool, where: Path = directory) -> Path:
         path = where / "tails" / f"{digest}{'-fp16' if fp16 else ''}.onnx"
         if path.is_file():
-            if _verified(path):
+            if verified(path):
                 stats.graph_reuses += 1
                 reused.append(path)
                 return path
@@ -228,7 +217,7 @@ def _build(
                 "cached tail graph %s does not match its recorded sha256 (altered or incomplete); exporting it again",
                 path,
             )
-            _remove_graph(path)
+            remove_graph(path)
         try:
             exported = export_split(
                 split,
@@ -240,15 +229,15 @@ def _build(
                 session_options=session_options(),
                 form=form,
             )
-            _record_hash(path)
+            record_hash(path)
         except OSError as error:
-            _remove_graph(path)
+            remove_graph(path)
             if where != directory:
                 raise ExportError(
                     f"cannot write the tail graph in {where} either ({error}); set FDCAM_CACHE to a writable directory"
                 ) from error
             # A cache that fills up (ENOSPC) or turns read-only after the check falls back as an unwritable one does.
-            return graph(fp16, _fallback_dir(directory, error))
+            return graph(fp16, fallback_dir(directory, error))
         stats.exports += 1
         validated[path] = exported.session
         return path
@@ -281,90 +270,11 @@ def _build(
         # A damaged cached graph (interrupted copy, disk error): export it again, once.
         log.warning("cached tail graph %s is unreadable (%s); exporting it again", reused[0], first_line(error, 200))
         for path in reused:
-            _remove_graph(path)
+            remove_graph(path)
         session, used = open_session()
     stats.sessions += 1
     stream = torch.cuda.current_stream(features.device).cuda_stream if used != "cpu" and features.is_cuda else None
     return _Entry(session, used, stream, fingerprint)
-
-
-_fallback_lock = threading.Lock()
-_fallback: dict[Path, Path] = {}
-
-
-def _writable(directory: Path) -> Path:
-    """`directory` if graphs can be written there, else (with a warning, once) a temporary directory for this process.
-
-    The cache directory and its `tails` folder are created owner-only (0o700): a cached graph is run as
-    trusted code, like the model file itself (a graph replaced together with its .sha256 record is used).
-    """
-    with _fallback_lock:
-        if directory in _fallback:  # found unwritable (read-only, full) earlier in this process
-            return _fallback[directory]
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (directory / "tails").mkdir(mode=0o700, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory / "tails", prefix=".fdcam-write-check-"):
-            pass
-        return directory
-    except OSError as error:
-        return _fallback_dir(directory, error)
-
-
-def _fallback_dir(directory: Path, error: OSError) -> Path:
-    """The temporary directory (owner-only, removed at exit) that stands in for an unwritable cache `directory`."""
-    with _fallback_lock:
-        if directory not in _fallback:
-            _fallback[directory] = Path(tempfile.mkdtemp(prefix="fdcam-cache-"))
-            atexit.register(shutil.rmtree, _fallback[directory], True)
-            warnings.warn(
-                f"cannot write the tail graph cache in {directory} ({error.strerror or error}); using the temporary "
-                f"directory {_fallback[directory]} for this process "
-                "(set FDCAM_CACHE to a writable directory to keep graphs)",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return _fallback[directory]
-
-
-def _hash_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
-
-
-def _file_hash(path: Path) -> str:
-    """sha256 of a graph file and its external data file, if any."""
-    digest = hashlib.sha256()
-    for part in (path, path.with_name(path.name + ".data")):
-        if part == path or part.is_file():
-            with open(part, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
-def _record_hash(path: Path) -> None:
-    """Write the graph's sha256 next to it, atomically."""
-    record = _hash_path(path)
-    staged = record.with_name(f".{record.name}.{os.getpid()}.{threading.get_ident()}")
-    staged.write_text(_file_hash(path) + "\n")
-    os.replace(staged, record)
-
-
-def _verified(path: Path) -> bool:
-    """Whether the graph file matches the sha256 recorded when it was exported."""
-    try:
-        recorded = _hash_path(path).read_text().strip()
-        return bool(recorded) and path.stat().st_size > 0 and _file_hash(path) == recorded
-    except OSError:
-        return False
-
-
-def _remove_graph(path: Path) -> None:
-    for part in (path, path.with_name(path.name + ".data"), _hash_path(path)):
-        try:
-            part.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def _metadata(model: nn.Module) -> dict[str, str]:

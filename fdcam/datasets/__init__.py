@@ -1,9 +1,9 @@
 """Whole datasets on Ray Data: explain_dataset and evaluate_dataset write Parquet rows and run.json.
 
 Modules: `sources` (images and the model spec that travels to workers), `workers` (decode tasks and actors),
-`output` (staged Parquet files, resume), `pipeline` (the Ray Data pipeline, the actor pool's size), `command`
-(`fdcam explain-dataset`, `fdcam evaluate --ray`). Ray and pyarrow (the `[ray]` extra) are imported on first
-use of these names, so the CLI and the rest of fdcam work without them.
+`output` (staged Parquet files, resume), `pipeline` (the Ray Data pipeline), `cluster` (the Ray session, the
+actor pool's size), `command` (`fdcam explain-dataset`, `fdcam evaluate --ray`). Ray and pyarrow (the `[ray]`
+extra) are imported on first use of these names, so the CLI and the rest of fdcam work without them.
 """
 
 from importlib import import_module

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..backends import tail_backend
 from ..concurrency import running, tracing
-from ..errors import ClosedError, NonFiniteError, first_line
+from ..errors import ClosedError, NonFiniteError
 from ..forward import ForwardPass
 from ..fxgraph import is_traced
 from ..maps import to_input_size, weighted_sum
@@ -22,7 +22,8 @@ from ..tail import Tail, TorchTail
 from ..targets import OutputSelector, Targets, resolve_targets
 from ..timing import stage
 from .context import BatchContext, Explanation
-from .inputs import check_input
+from .inputs import check_input, one_line_errors
+from .layer import default_layer
 
 __all__ = [
     "BaseCAM",
@@ -113,7 +114,7 @@ class BaseCAM:
         self.model = model
         self.tracer_kwargs = tracer_kwargs
         self.output = output
-        layer = target_layer if target_layer is not None else _default_layer(model, tracer_kwargs)
+        layer = target_layer if target_layer is not None else default_layer(model, tracer_kwargs)
         self.target_layer = resolve_layer_name(model, layer, tracer_kwargs)
         self.forward_batch_size = forward_batch_size
         self.progress = progress
@@ -226,7 +227,7 @@ class BaseCAM:
             split = self.split_for(x)
             with running():
                 with stage("head"):
-                    forward = _one_line_errors(lambda: ForwardPass.run(split, x), x)
+                    forward = one_line_errors(lambda: ForwardPass.run(split, x), x)
                 if not torch.isfinite(forward.logits).all():
                     raise NonFiniteError(NON_FINITE_LOGITS)
                 if min(forward.activations.shape[-2:]) == 1 and max(forward.activations.shape[-2:]) == 1:
@@ -312,7 +313,7 @@ class BaseCAM:
                 split = self._splits.get(key)  # another thread may have built it meanwhile
                 if split is None:
                     example = x[:1].detach()
-                    split = _one_line_errors(
+                    split = one_line_errors(
                         lambda: split_model(self.model, self.target_layer, example, self.tracer_kwargs, self.output), x
                     )
                     self._splits[key] = split
@@ -382,38 +383,3 @@ def _short_repr(value: object) -> str:
 def _structure_of(model: nn.Module) -> tuple:
     """Which module objects make up the model: a split built before a submodule was replaced is stale."""
     return tuple(id(module) for module in model.modules())
-
-
-def _one_line_errors(function, x: torch.Tensor):
-    """Run `function`; a RuntimeError of the model on this input becomes a one-line ValueError (out of memory stays)."""
-    try:
-        return function()
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as error:
-        raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line(error)})") from error
-
-
-def _default_layer(model: nn.Module, tracer_kwargs: dict | None = None) -> str:
-    """The spec's layer for fdcam's models, else the last layer with a spatial 4-D output (named in a warning)."""
-    from ..models import spec_of
-    from ..nodes import last_spatial_layer
-
-    spec = spec_of(model)
-    if spec is not None:
-        return spec.default_layer
-    try:
-        chosen = last_spatial_layer(model, tracer_kwargs)
-    except Exception as error:  # fx and the model raise many types; the user needs one line
-        raise ValueError(
-            f"give target_layer: no layer could be found for this model ({first_line(error, None)})"
-        ) from error
-    if chosen is None:
-        raise ValueError("give target_layer: the model has no layer with a spatial 4-D output")
-    warnings.warn(
-        f"no target_layer given: explaining {chosen.name!r} ({chosen.type}, output {list(chosen.shape)}),"
-        " the last layer with a spatial 4-D output",
-        UserWarning,
-        stacklevel=3,
-    )
-    return chosen.name

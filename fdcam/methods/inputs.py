@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["check_input"]
+from ..errors import first_line
+
+__all__ = ["check_input", "one_line_errors"]
 
 
 def _model_dtype_and_channels(model: nn.Module) -> tuple[torch.dtype | None, int | None]:
@@ -35,3 +37,13 @@ def check_input(x: torch.Tensor, model: nn.Module | None = None) -> None:
             raise ValueError(f"input has {x.shape[1]} channels but the model's first convolution takes {channels}")
     if not torch.isfinite(x).all():
         raise ValueError("input contains NaN or infinite values")
+
+
+def one_line_errors(function, x: torch.Tensor):
+    """Run `function`; a RuntimeError of the model on this input becomes a one-line ValueError (out of memory stays)."""
+    try:
+        return function()
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:
+        raise ValueError(f"the model cannot run on an input of shape {tuple(x.shape)} ({first_line(error)})") from error

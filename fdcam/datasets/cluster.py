@@ -1,0 +1,91 @@
+"""The Ray cluster of a dataset run: the Ray session it runs in and the actor pool it fits on the cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PoolPlan", "plan_pool", "ray_session"]
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many actors, and what each reserves from the cluster."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+
+
+def plan_pool(resources: dict[str, float], actors: int | None = None, gpus_per_actor: float = 0) -> PoolPlan:
+    """The actor pool for a cluster with `resources` (ray.cluster_resources()).
+
+    CPU actors reserve half a CPU on machines of up to 4 CPUs, one CPU above, and a quarter of the CPUs (at
+    least half of one) is left for reading and decoding: an actor pool that takes every CPU starves the decode
+    tasks and the pipeline stalls. By default, one actor per free whole CPU (at least one). GPU actors:
+    one per `gpus_per_actor` GPUs. Asking for more actors than fit is a ValueError (Ray would wait forever).
+    """
+    cpus = float(resources.get("CPU", 0))
+    gpus = float(resources.get("GPU", 0))
+    if actors is not None and actors < 1:
+        raise ValueError(f"actors must be at least 1, got {actors}")
+    if gpus_per_actor < 0:
+        raise ValueError(f"gpus_per_actor must be 0 or more, got {gpus_per_actor}")
+    if gpus_per_actor > 0:
+        fit = int(gpus // gpus_per_actor)
+        if fit < 1:
+            raise ValueError(f"gpus_per_actor={gpus_per_actor} but the Ray cluster has {gpus:g} GPU(s)")
+        chosen = actors or fit
+        if chosen > fit:
+            raise ValueError(
+                f"{chosen} actors at {gpus_per_actor:g} GPU each need {chosen * gpus_per_actor:g} GPUs;"
+                f" the Ray cluster has {gpus:g}"
+            )
+        return PoolPlan(chosen, min(1.0, max(0.25, (cpus - 0.5) / chosen)), gpus_per_actor)
+    per_actor = 0.5 if cpus <= 4 else 1.0
+    reserve = max(0.5, cpus / 4)
+    fit = int((cpus - reserve) // per_actor)
+    if fit < 1:
+        raise ValueError(f"the Ray cluster has {cpus:g} CPU(s): too few for an actor and the decode tasks")
+    chosen = actors or max(1, int(cpus - reserve))
+    if chosen > fit:
+        raise ValueError(
+            f"{chosen} actors at {per_actor:g} CPU each leave no CPU for decoding on a Ray cluster of"
+            f" {cpus:g} CPUs; use at most {fit}"
+        )
+    return PoolPlan(chosen, per_actor, 0)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, quiet: bool = False) -> Iterator[Any]:
+    """Ray for the run: the running one, an existing cluster at `address` ("auto", "ray://host:10001"), or a local
+    instance started here (shut down afterwards) that uses this machine's CPUs and GPUs."""
+    try:
+        import ray
+    except ImportError:
+        raise ImportError('Ray is not installed: pip install "fdcam[ray]"') from None
+    import logging
+
+    started = False
+    if not ray.is_initialized():
+        options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": not quiet}
+        if address is not None and address.startswith("ray://"):
+            options = {}  # Ray Client takes the cluster's settings
+        if address is None:
+            options["include_dashboard"] = False
+            # Workers import what the driver imports (a model factory in the caller's package).
+            options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+        try:
+            ray.init(address=address, **options)
+        except ConnectionError as error:
+            raise ValueError(f"cannot connect to the Ray cluster at {address}: {error}") from None
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
