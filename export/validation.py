@@ -17,7 +17,7 @@ from fdcam.targets import OutputSelector, select_output
 from .explainer_io import run_explainer
 from .region import library_targets, region_cases
 
-__all__ = ["example_images", "max_abs", "reference_logits", "reference_output", "validate", "default_validation_images"]
+__all__ = ["default_validation_images", "example_images", "max_abs", "reference_logits", "reference_output", "validate"]
 
 
 def example_images(batch: int, input_size: tuple[int, int], seed: int) -> torch.Tensor:
