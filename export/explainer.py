@@ -3,8 +3,8 @@
 `export_explainer` builds a torch function that runs the library's own pipeline for one method —
 head forward, the gradient of each target logit through the tail, the method's channel weights
 (FD-CAM's grouping, masks and switch passes included) and the map — traces it with `make_fx` in
-symbolic mode into plain ATen ops (the gradient becomes explicit backward ops, rewritten below into
-ops every ONNX translator knows), exports that trace with `torch.onnx.export(dynamo=True)` and a
+symbolic mode into plain ATen ops (the gradient becomes explicit backward ops, rewritten in
+export/tracing.py into ops every ONNX translator knows), exports that trace with `torch.onnx.export(dynamo=True)` and a
 symbolic batch, and saves the file only after ONNX Runtime reproduced the library's logits and
 maps at batch 1 and 3 (T = 2 with the classes input).
 
@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,32 +31,28 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fdcam._version import __version__
-from fdcam.concurrency import running, tracing
+from fdcam.concurrency import tracing
 from fdcam.errors import first_line
-from fdcam.factorise import max_group_size
 from fdcam.forward import ForwardPass
 from fdcam.methods import METHODS
 from fdcam.methods.base import BatchContext
-from fdcam.model_state import preserved_model_state
 from fdcam.split import SplitModel, resolve_layer_name, split_model
-from fdcam.switch import switch_scores
-from fdcam.targets import OutputSelector, select_output
+from fdcam.targets import OutputSelector
 
 from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — the rule, named here too
-from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportError, model_metadata
-from .graph_tail import DEFAULT_TAIL_BYTES, GraphTail, drop_unused_initializers
-from .region import (
-    REGION_INPUT,
-    RegionExplainerModule,
-    RegionGraphTail,
-    check_target,
-    example_regions,
-    library_targets,
-    region_cases,
-    region_input,
-    region_metadata,
+from .explainer_io import (
+    OUTPUT_NAMES,  # noqa: F401 — importable from here as before
+    describe_explainer,
+    explainer_inputs,
+    explainer_metadata,
+    run_explainer,
 )
+from .graph import DEFAULT_OPSET, ExportError, model_metadata
+from .graph_tail import DEFAULT_TAIL_BYTES, GraphTail, graph_method_for
+from .onnx_io import EXTERNAL_DATA_BYTES, all_nodes, move_into_place, save, set_props
+from .region import RegionExplainerModule, RegionGraphTail, check_target, example_regions, region_metadata
+from .tracing import Traced, export_onnx, op_message, trace
+from .validation import default_validation_images, example_images, reference_output, validate
 
 __all__ = [
     "EXPLAINER_METHODS",
@@ -92,34 +87,6 @@ class ExportedExplainer:
     saliency_error: float
     logits_error: float
     session: ort.InferenceSession | None = field(default=None, repr=False)
-
-
-def _graph_method(method: str, model: nn.Module, layer: str, options: dict, tail: GraphTail):
-    """The library's method object, its masked tail passes run by `tail` (the traceable engine)."""
-    base = METHODS[method]
-
-    class GraphMethod(base):
-        def tail_for(self, context):  # noqa: D102 - the engine swap is the whole point
-            return tail
-
-    if method == "fdcam":
-        GraphMethod.switch_scores = _group_switch_scores
-    GraphMethod.__name__ = f"Graph{base.__name__}"
-    return GraphMethod(model, layer, **options)
-
-
-def _group_switch_scores(self, context):
-    """FD-CAM's switch scores with the passes made from the groups themselves (`GraphTail.group_passes`:
-    one gathered sum per group serves its switch-on and switch-off rows)."""
-    classes = context.targets.classes
-    if classes is None:
-        return type(self).__mro__[1].switch_scores(self, context)
-    activations = context.activations
-    sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
-    logits = self.tail_for(context).group_passes(
-        activations, self.groups(activations), context.extras, classes, sparsity=sparsity, switch=self.switch
-    )
-    return switch_scores(logits, context.scores, None, self.switch)
 
 
 class ExplainerModule(nn.Module):
@@ -198,178 +165,6 @@ def _refused_rows(
     logits = torch.where(finite[:, None], logits, torch.full_like(logits, float("nan")))
     targets = asked if asked is not None else torch.where(valid[:, None], targets, torch.full_like(targets, -1))
     return logits, targets, saliency
-
-
-# --- tracing: autograd → plain ATen ops ----------------------------------------------------------
-
-
-def _decompositions() -> dict:
-    """Core ATen decompositions, plus backward ops the ONNX translator lacks written as forward ops."""
-    from torch._decomp import core_aten_decompositions
-
-    aten = torch.ops.aten
-    table = dict(core_aten_decompositions())
-
-    def convolution_backward(
-        grad_output,
-        input,
-        weight,
-        bias_sizes,
-        stride,
-        padding,
-        dilation,
-        transposed,
-        output_padding,
-        groups,
-        output_mask,
-    ):
-        if transposed:
-            raise ExportError(
-                "the tail's gradient needs aten.convolution_backward of a transposed convolution, which is not exported"
-            )
-        grad_input = grad_weight = grad_bias = None
-        if output_mask[0]:
-            # ∂/∂input of a convolution is the transposed convolution with the same weights; output_padding
-            # restores the rows a strided forward dropped.
-            spatial = input.dim() - 2
-            extra = [
-                input.shape[2 + i]
-                - (
-                    (grad_output.shape[2 + i] - 1) * stride[i]
-                    - 2 * padding[i]
-                    + dilation[i] * (weight.shape[2 + i] - 1)
-                    + 1
-                )
-                for i in range(spatial)
-            ]
-            grad_input = aten.convolution.default(
-                grad_output, weight, None, stride, padding, dilation, True, extra, groups
-            )
-        if output_mask[1] or output_mask[2]:
-            raise ExportError("the tail's gradient needs aten.convolution_backward for weights, which is not exported")
-        return grad_input, grad_weight, grad_bias
-
-    def adaptive_avg_pool2d_backward(grad_output, input):
-        # The adjoint of adaptive average pooling: each input pixel gets the mean-weights of every window it lies in.
-        h, w = input.shape[-2], input.shape[-1]
-        oh, ow = grad_output.shape[-2], grad_output.shape[-1]
-        rows = _pool_matrix(h, oh, input)
-        cols = _pool_matrix(w, ow, input)
-        return torch.einsum("...ij,ia,jb->...ab", grad_output, rows, cols).to(input.dtype)
-
-    table[aten.convolution_backward.default] = convolution_backward
-    table[aten._adaptive_avg_pool2d_backward.default] = adaptive_avg_pool2d_backward
-    return table
-
-
-def _pool_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
-    """[out, size] weights of adaptive average pooling along one axis (static sizes; built in Python so
-    the trace stores it as one constant)."""
-    size, out = int(size), int(out)
-    rows = []
-    for i in range(out):
-        start, end = (i * size) // out, -((-(i + 1) * size) // out)
-        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
-    return torch.tensor(rows, dtype=like.dtype, device=like.device)
-
-
-def _trace(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, region: torch.Tensor | None = None):
-    """make_fx (symbolic) of the whole explanation with parameters as inputs: a graph of ATen ops."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    params = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
-    names = list(params) + list(buffers)
-
-    def explain(tensors, image, classes, region):
-        state = dict(zip(names, tensors))
-        args = tuple(t for t in (image, classes, region) if t is not None)
-        return torch.func.functional_call(module, state, args)
-
-    tensors = [*params.values(), *buffers.values()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fake = _batch_symbolic_inputs(tensors, image, classes, region)
-        graph = make_fx(explain, decomposition_table=_decompositions(), tracing_mode="symbolic")(*fake)
-    return graph, names, tensors
-
-
-def _batch_symbolic_inputs(
-    tensors: list[torch.Tensor], image: torch.Tensor, classes: torch.Tensor | None, region: torch.Tensor | None = None
-):
-    """Fake inputs whose only symbolic sizes are the batch N (and the class count T): every other size
-    stays a number, which keeps the shape reasoning (sympy) of the trace small."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
-
-    def fake(tensor: torch.Tensor, dynamic: Sequence[int] = ()):
-        sizes = [DimDynamic.DYNAMIC if dim in dynamic else DimDynamic.STATIC for dim in range(tensor.dim())]
-        return mode.from_tensor(tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
-
-    fake_tensors = [fake(tensor) for tensor in tensors]
-    fake_region = None if region is None else fake(region, (0, 1))
-    return fake_tensors, fake(image, (0,)), None if classes is None else fake(classes, (0, 1)), fake_region
-
-
-class _Traced(nn.Module):
-    """The traced graph with the weights held as buffers, so the exported file carries them inside."""
-
-    def __init__(self, graph, names: list[str], tensors: list[torch.Tensor], classes_input: bool):
-        super().__init__()
-        self.graph_module = graph
-        self.count = len(tensors)
-        self.classes_input = classes_input
-        for index, tensor in enumerate(tensors):
-            self.register_buffer(f"w{index}", tensor.detach(), persistent=True)
-
-    def forward(self, image: torch.Tensor, classes: torch.Tensor | None = None, region: torch.Tensor | None = None):
-        tensors = [getattr(self, f"w{index}") for index in range(self.count)]
-        return self.graph_module(tensors, image, classes, region)
-
-
-def explainer_inputs(classes_input: bool, region: bool = False) -> list[str]:
-    return ["image", "classes"] + ([REGION_INPUT] if region else []) if classes_input else ["image"]
-
-
-OUTPUT_NAMES = ["logits", "targets", "saliency"]
-
-
-def _export_onnx(
-    module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, opset: int, region: torch.Tensor | None = None
-) -> onnx.ModelProto:
-    batch = torch.export.Dim("N", min=1)
-    if classes is None:
-        args, dynamic = (image,), ({0: batch},)
-    else:
-        rows = {0: batch, 1: torch.export.Dim("T", min=1)}
-        args, dynamic = (image, classes), ({0: batch}, rows)
-        if region is not None:
-            args, dynamic = (*args, region), (*dynamic, rows)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            input_names=explainer_inputs(classes is not None, region is not None),
-            output_names=OUTPUT_NAMES,
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes=dynamic,
-            optimize=True,
-            verbose=False,
-        )
-    try:
-        import onnxscript.optimizer
-
-        largest = max((t.numel() for t in module.buffers()), default=0)
-        onnxscript.optimizer.fold_constants(program.model, input_size_limit=max(largest, 8192))
-    except Exception as error:  # folding is an optimisation only
-        log.info("constant folding skipped: %s", error)
-    proto = program.model_proto
-    drop_unused_initializers(proto.graph)
-    return proto
 
 
 # --- export, validation, files -------------------------------------------------------------------
@@ -464,9 +259,9 @@ def export_explainer_full(
 
     # The reference method on the user's model validates the options before any tracing.
     reference = METHODS[method](model, layer, output=output, **method_options)
-    example = _example_images(_EXAMPLE_BATCH, input_size, seed=1)
+    example = example_images(_EXAMPLE_BATCH, input_size, seed=1)
     try:
-        map_output, output_key = _reference_output(model, example[:1], output)
+        map_output, output_key = reference_output(model, example[:1], output)
     except ValueError as error:
         raise ExportError(first_line(error)) from None
     check_target(target, map_output)
@@ -487,23 +282,23 @@ def export_explainer_full(
         engine = GraphTail(split.tail, features, extras)
         if region:
             engine = RegionGraphTail(engine, map_output[0].numel(), features, DEFAULT_TAIL_BYTES)
-        graph_method = _graph_method(method, private, layer, method_options, engine)
+        graph_method = graph_method_for(method, private, layer, method_options, engine)
         if region:
             module = RegionExplainerModule(split, graph_method, _refused_rows).eval()
         else:
             module = ExplainerModule(split, graph_method, classes_input).eval()
         try:
-            traced, names, tensors = _trace(module, example, example_classes, example_region)
-            traced_module = _Traced(traced, names, tensors, classes_input)
-            proto = _export_onnx(traced_module, example, example_classes, opset, example_region)
+            traced, names, tensors = trace(module, example, example_classes, example_region)
+            traced_module = Traced(traced, names, tensors, classes_input)
+            proto = export_onnx(traced_module, example, example_classes, opset, example_region)
         except ExportError:
             raise
         except Exception as error:  # tracing and translation raise many types; the user needs the op
             raise ExportError(
-                f"the {method} explanation at {layer!r} cannot be exported ({_op_message(error)})"
+                f"the {method} explanation at {layer!r} cannot be exported ({op_message(error)})"
             ) from None
     foreign = sorted(
-        {f"{node.domain}::{node.op_type}" for node in _all_nodes(proto.graph) if node.domain not in ("", "ai.onnx")}
+        {f"{node.domain}::{node.op_type}" for node in all_nodes(proto.graph) if node.domain not in ("", "ai.onnx")}
     )
     if foreign:
         raise ExportError(f"the exported graph uses non-standard operators ({', '.join(foreign)}); nothing was saved")
@@ -513,18 +308,18 @@ def export_explainer_full(
         class_names = imagenet_names()
     metadata = {
         **model_metadata(model_name(model), input_size, mean or None, std or None),
-        **_explainer_metadata(layer, method, reference, method_options, classes_input, num_classes, opset),
+        **explainer_metadata(layer, method, reference, method_options, classes_input, num_classes, opset),
         **(region_metadata(output_key, map_output.shape[-2:]) if region else {"target": "class"}),
     }
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names), ensure_ascii=False)
-    _set_props(proto, metadata)
+    set_props(proto, metadata)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fdcam-explainer-") as staging:
         staged = Path(staging) / path.name
-        _save(proto, staged, external=weight_bytes > EXTERNAL_DATA_BYTES)
+        save(proto, staged, external=weight_bytes > EXTERNAL_DATA_BYTES, convert_attribute=False)
         del proto
         try:
             onnx.checker.check_model(str(staged))
@@ -535,8 +330,10 @@ def export_explainer_full(
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
-        images = validation_images if validation_images is not None else _validation_images(input_size, mean, std)
-        saliency_error, logits_error, scale, cases = _validate(
+        images = (
+            validation_images if validation_images is not None else default_validation_images(input_size, mean, std)
+        )
+        saliency_error, logits_error, scale, cases = validate(
             session, reference, model, images, classes_input, num_classes, output, region
         )
         options = {**method_options, "output": output}
@@ -583,221 +380,7 @@ def export_explainer_full(
         staged_json.write_text(
             json.dumps(describe_explainer(metadata), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        data = staged.with_name(staged.name + ".data")
-        if data.exists():
-            os.replace(data, path.with_name(path.name + ".data"))
-        os.replace(staged, path)
+        move_into_place(staged, path)
         os.replace(staged_json, description)
     log.info("exported %s (saliency max |Δ| %.3g, logits max |Δ| %.3g)", path, saliency_error, logits_error)
     return ExportedExplainer(path, metadata, saliency_error, logits_error, session)
-
-
-def describe_explainer(metadata: dict[str, str]) -> dict:
-    """The JSON written beside the graph: the metadata typed (JSON-valued entries decoded, booleans and
-    integers as JSON's own; ONNX's metadata_props can hold only strings), and the I/O."""
-    described = {}
-    for key, value in metadata.items():
-        try:
-            if key in _JSON_KEYS:
-                described[key] = json.loads(value)
-            elif key in _BOOLEAN_KEYS:
-                described[key] = {"true": True, "false": False}[value]
-            elif key in _INTEGER_KEYS:
-                described[key] = int(value)
-            else:
-                described[key] = value
-        except (ValueError, KeyError):
-            described[key] = value
-    classes_input = metadata.get("classes_input") == "true"
-    h, w = (int(v) for v in metadata["input_size"].split("x"))
-    described["inputs"] = [{"name": "image", "dtype": "float32", "shape": ["N", 3, h, w]}]
-    if classes_input:
-        described["inputs"].append({"name": "classes", "dtype": "int64", "shape": ["N", "T"]})
-    described["inputs"].extend(region_input(metadata))
-    t = "T" if classes_input else 1
-    described["outputs"] = [
-        {"name": "logits", "dtype": "float32", "shape": ["N", int(metadata["num_classes"])]},
-        {"name": "targets", "dtype": "int64", "shape": ["N", t]},
-        {"name": "saliency", "dtype": "float32", "shape": ["N", t, h, w]},
-    ]
-    return described
-
-
-_JSON_KEYS = {"mean", "std", "method_options", "class_names", "validation"}
-_BOOLEAN_KEYS = {"classes_input"}
-_INTEGER_KEYS = {"num_classes", "opset"}
-
-
-def run_explainer(
-    session: ort.InferenceSession,
-    image: np.ndarray,
-    classes: np.ndarray | None = None,
-    region: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, targets, saliency) of an explainer session on a float32 image batch (and int64 classes, and
-    for a region graph float32 region masks [N,T,h,w])."""
-    feed = {"image": np.ascontiguousarray(image, dtype=np.float32)}
-    if classes is not None:
-        feed["classes"] = np.ascontiguousarray(classes, dtype=np.int64)
-    if region is not None:
-        feed[REGION_INPUT] = np.ascontiguousarray(region, dtype=np.float32)
-    logits, targets, saliency = session.run(OUTPUT_NAMES, feed)
-    return logits, targets, saliency
-
-
-def _explainer_metadata(layer, method, reference, options, classes_input, num_classes, opset) -> dict[str, str]:
-    import onnxruntime
-
-    resolved = {}
-    if method == "fdcam":
-        resolved = {name: getattr(reference, name) for name in ("theta", "bias", "combine", "switch", "grouping")}
-    resolved.update({k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))})
-    return {
-        "target_layer": layer,
-        "method": method,
-        "method_options": json.dumps(resolved, sort_keys=True),
-        "classes_input": "true" if classes_input else "false",
-        "num_classes": str(num_classes),
-        "inputs": ",".join(explainer_inputs(classes_input)),
-        "outputs": ",".join(OUTPUT_NAMES),
-        "opset": str(opset),
-        "torch_version": torch.__version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": onnxruntime.__version__,
-        "fdcam_version": __version__,
-    }
-
-
-def _example_images(batch: int, input_size: tuple[int, int], seed: int) -> torch.Tensor:
-    return torch.randn(batch, 3, *input_size, generator=torch.Generator().manual_seed(seed))
-
-
-def _validation_images(input_size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Three images: the shipped photo (normalised with the model's mean/std), a flipped copy and noise."""
-    try:
-        from importlib.resources import files
-
-        from PIL import Image
-
-        with Image.open(files("fdcam") / "data" / "afghan_hound.jpg") as picture:
-            picture = picture.convert("RGB").resize((input_size[1], input_size[0]), Image.BILINEAR)
-            photo = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        if mean and std:
-            photo = (photo - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    except Exception:  # no picture: random images still check the graph
-        photo = _example_images(1, input_size, seed=2)[0]
-    noise = _example_images(1, input_size, seed=3)[0]
-    return torch.stack([photo, photo.flip(-1), noise])
-
-
-def _reference_logits(model: nn.Module, image: torch.Tensor, output: OutputSelector = None) -> torch.Tensor:
-    """The model's output for `image` (the entry `output` selects of a dict or tuple), float32 on the CPU."""
-    return _reference_output(model, image, output)[0]
-
-
-@torch.no_grad()
-def _reference_output(
-    model: nn.Module, image: torch.Tensor, output: OutputSelector = None
-) -> tuple[torch.Tensor, OutputSelector]:
-    """(`_reference_logits`, the key or index of the entry explained: "out" of a dict by default, None for a tensor)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with preserved_model_state(model), running():  # no other thread's trace captures these module calls
-        raw = model(image.to(device))
-    key = "out" if output is None and isinstance(raw, dict) else output
-    return select_output(raw, output).float().cpu(), key
-
-
-def _validate(
-    session,
-    reference,
-    model,
-    images: torch.Tensor,
-    classes_input: bool,
-    num_classes: int,
-    output: OutputSelector = None,
-    region: bool = False,
-):
-    """(saliency max |Δ|, logits max |Δ|, max |logit|, cases) of the graph against the library at batch 1 and 3.
-
-    `cases` are the (images, targets, library maps, graph maps) compared, for the conditioning rule (`agreement`).
-    A region graph is compared with the library's RegionLogit targets (`region_cases`) and its logits with
-    the output map's mean over the pixels.
-    """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    saliency_error = logits_error = scale = 0.0
-    cases = []
-    generator = torch.Generator().manual_seed(0)
-    for batch in (images[:1], images[:3]):
-        expected_logits = _reference_logits(model, batch, output)
-        regions = None
-        if region:
-            classes, regions = region_cases(expected_logits, generator)
-            targets, expected_logits = library_targets(classes, regions), expected_logits.mean((-2, -1))
-        else:
-            targets = expected_logits.argmax(1, keepdim=True)
-            classes = None
-            if classes_input:
-                other = torch.randint(0, num_classes, (batch.shape[0], 1), generator=generator)
-                classes = targets = torch.cat([targets, other], 1)
-        expected = reference(batch.to(device), targets if region else targets.to(device)).float().cpu()
-        echoed = classes if region else targets  # what the graph's `targets` output holds
-        try:
-            logits, got_targets, saliency = run_explainer(
-                session,
-                batch.numpy(),
-                None if classes is None else classes.numpy(),
-                None if regions is None else regions.numpy(),
-            )
-        except Exception as error:  # ONNX Runtime raises its own types
-            raise ExportError(
-                f"ONNX Runtime cannot run the explainer graph ({first_line(error)}); nothing was saved"
-            ) from None
-        if saliency.shape != tuple(expected.shape) or not np.array_equal(got_targets, echoed.numpy()):
-            return float("inf"), float("inf"), 0.0, cases
-        saliency_error = max(saliency_error, _max_abs(saliency, expected))
-        logits_error = max(logits_error, _max_abs(logits, expected_logits))
-        scale = max(scale, float(expected_logits.abs().max()))
-        cases.append((batch, targets, expected, saliency))
-    return saliency_error, logits_error, scale, cases
-
-
-def _max_abs(got: np.ndarray, expected: torch.Tensor) -> float:
-    difference = np.abs(got.astype(np.float64) - expected.double().numpy()).max()
-    return float(difference) if np.isfinite(difference) else float("inf")
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)
-            for sub in attribute.graphs:
-                yield from _all_nodes(sub)
-
-
-def _set_props(proto: onnx.ModelProto, props: dict[str, str]) -> None:
-    proto.producer_name = "fdcam"
-    del proto.metadata_props[:]
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-
-
-def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
-    if external:
-        onnx.save_model(
-            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
-        )
-    else:
-        onnx.save_model(proto, str(path))
-
-
-def _op_message(error: BaseException) -> str:
-    """The first line of an export error, naming the ATen op when the message carries one."""
-    import re
-
-    text = str(error)
-    found = re.search(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text)
-    first = first_line(error)
-    return f"no ONNX translation for {found.group(1)}: {first}" if found and found.group(1) not in first else first

@@ -17,14 +17,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fdcam.factorise import shortcut_passes, sparse_rows, tail_shortcut
+from fdcam.factorise import max_group_size, shortcut_passes, sparse_rows, tail_shortcut
 from fdcam.factorise.shortcut import TailShortcut, _is_pointwise, _linear_bases
-from fdcam.switch import switch_masks
+from fdcam.methods import METHODS
+from fdcam.switch import switch_masks, switch_scores
 from fdcam.tail import MaskedTail, expand_masks
 
 from .graph import gathers
 
-__all__ = ["DEFAULT_TAIL_BYTES", "GATHER_CHUNK_BYTES", "GraphTail", "per_image"]
+__all__ = ["DEFAULT_TAIL_BYTES", "GATHER_CHUNK_BYTES", "GraphTail", "graph_method_for", "per_image"]
 
 # Mask rows per tail call inside the graph: bounds the masked copies alive at once (one image's rows).
 DEFAULT_TAIL_BYTES = 256 * 1024**2
@@ -276,3 +277,34 @@ def drop_unused_initializers(graph) -> None:
     for node in graph.node:
         for sub in subgraphs(node):
             drop_unused_initializers(sub)
+
+
+# --- the library's method over the graph engine ----------------------------------------------
+
+
+def graph_method_for(method: str, model: nn.Module, layer: str, options: dict, tail: GraphTail):
+    """The library's method object, its masked tail passes run by `tail` (the traceable engine)."""
+    base = METHODS[method]
+
+    class GraphMethod(base):
+        def tail_for(self, context):  # noqa: D102 - the engine swap is the whole point
+            return tail
+
+    if method == "fdcam":
+        GraphMethod.switch_scores = _group_switch_scores
+    GraphMethod.__name__ = f"Graph{base.__name__}"
+    return GraphMethod(model, layer, **options)
+
+
+def _group_switch_scores(self, context):
+    """FD-CAM's switch scores with the passes made from the groups themselves (`GraphTail.group_passes`:
+    one gathered sum per group serves its switch-on and switch-off rows)."""
+    classes = context.targets.classes
+    if classes is None:
+        return type(self).__mro__[1].switch_scores(self, context)
+    activations = context.activations
+    sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
+    logits = self.tail_for(context).group_passes(
+        activations, self.groups(activations), context.extras, classes, sparsity=sparsity, switch=self.switch
+    )
+    return switch_scores(logits, context.scores, None, self.switch)

@@ -1,0 +1,185 @@
+"""The explainer module traced into plain ATen ops (`make_fx`, symbolic batch; backward ops the ONNX translator
+lacks rewritten as forward ops) and exported with torch.onnx.export(dynamo=True)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from fdcam.errors import ExportError, first_line
+
+from .explainer_io import OUTPUT_NAMES, explainer_inputs
+from .graph_tail import drop_unused_initializers
+from .onnx_io import fold_weight_constants
+
+__all__ = ["Traced", "export_onnx", "op_message", "trace"]
+
+
+def _decompositions() -> dict:
+    """Core ATen decompositions, plus backward ops the ONNX translator lacks written as forward ops."""
+    from torch._decomp import core_aten_decompositions
+
+    aten = torch.ops.aten
+    table = dict(core_aten_decompositions())
+
+    def convolution_backward(
+        grad_output,
+        input,
+        weight,
+        bias_sizes,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+        output_mask,
+    ):
+        if transposed:
+            raise ExportError(
+                "the tail's gradient needs aten.convolution_backward of a transposed convolution, which is not exported"
+            )
+        grad_input = grad_weight = grad_bias = None
+        if output_mask[0]:
+            # ∂/∂input of a convolution is the transposed convolution with the same weights; output_padding
+            # restores the rows a strided forward dropped.
+            spatial = input.dim() - 2
+            extra = [
+                input.shape[2 + i]
+                - (
+                    (grad_output.shape[2 + i] - 1) * stride[i]
+                    - 2 * padding[i]
+                    + dilation[i] * (weight.shape[2 + i] - 1)
+                    + 1
+                )
+                for i in range(spatial)
+            ]
+            grad_input = aten.convolution.default(
+                grad_output, weight, None, stride, padding, dilation, True, extra, groups
+            )
+        if output_mask[1] or output_mask[2]:
+            raise ExportError("the tail's gradient needs aten.convolution_backward for weights, which is not exported")
+        return grad_input, grad_weight, grad_bias
+
+    def adaptive_avg_pool2d_backward(grad_output, input):
+        # The adjoint of adaptive average pooling: each input pixel gets the mean-weights of every window it lies in.
+        h, w = input.shape[-2], input.shape[-1]
+        oh, ow = grad_output.shape[-2], grad_output.shape[-1]
+        rows = _pool_matrix(h, oh, input)
+        cols = _pool_matrix(w, ow, input)
+        return torch.einsum("...ij,ia,jb->...ab", grad_output, rows, cols).to(input.dtype)
+
+    table[aten.convolution_backward.default] = convolution_backward
+    table[aten._adaptive_avg_pool2d_backward.default] = adaptive_avg_pool2d_backward
+    return table
+
+
+def _pool_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """[out, size] weights of adaptive average pooling along one axis (static sizes; built in Python so
+    the trace stores it as one constant)."""
+    size, out = int(size), int(out)
+    rows = []
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def trace(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, region: torch.Tensor | None = None):
+    """make_fx (symbolic) of the whole explanation with parameters as inputs: a graph of ATen ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    names = list(params) + list(buffers)
+
+    def explain(tensors, image, classes, region):
+        state = dict(zip(names, tensors))
+        args = tuple(t for t in (image, classes, region) if t is not None)
+        return torch.func.functional_call(module, state, args)
+
+    tensors = [*params.values(), *buffers.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fake = _batch_symbolic_inputs(tensors, image, classes, region)
+        graph = make_fx(explain, decomposition_table=_decompositions(), tracing_mode="symbolic")(*fake)
+    return graph, names, tensors
+
+
+def _batch_symbolic_inputs(
+    tensors: list[torch.Tensor], image: torch.Tensor, classes: torch.Tensor | None, region: torch.Tensor | None = None
+):
+    """Fake inputs whose only symbolic sizes are the batch N (and the class count T): every other size
+    stays a number, which keeps the shape reasoning (sympy) of the trace small."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
+
+    def fake(tensor: torch.Tensor, dynamic: Sequence[int] = ()):
+        sizes = [DimDynamic.DYNAMIC if dim in dynamic else DimDynamic.STATIC for dim in range(tensor.dim())]
+        return mode.from_tensor(tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+
+    fake_tensors = [fake(tensor) for tensor in tensors]
+    fake_region = None if region is None else fake(region, (0, 1))
+    return fake_tensors, fake(image, (0,)), None if classes is None else fake(classes, (0, 1)), fake_region
+
+
+class Traced(nn.Module):
+    """The traced graph with the weights held as buffers, so the exported file carries them inside."""
+
+    def __init__(self, graph, names: list[str], tensors: list[torch.Tensor], classes_input: bool):
+        super().__init__()
+        self.graph_module = graph
+        self.count = len(tensors)
+        self.classes_input = classes_input
+        for index, tensor in enumerate(tensors):
+            self.register_buffer(f"w{index}", tensor.detach(), persistent=True)
+
+    def forward(self, image: torch.Tensor, classes: torch.Tensor | None = None, region: torch.Tensor | None = None):
+        tensors = [getattr(self, f"w{index}") for index in range(self.count)]
+        return self.graph_module(tensors, image, classes, region)
+
+
+def export_onnx(
+    module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, opset: int, region: torch.Tensor | None = None
+) -> onnx.ModelProto:
+    batch = torch.export.Dim("N", min=1)
+    if classes is None:
+        args, dynamic = (image,), ({0: batch},)
+    else:
+        rows = {0: batch, 1: torch.export.Dim("T", min=1)}
+        args, dynamic = (image, classes), ({0: batch}, rows)
+        if region is not None:
+            args, dynamic = (*args, region), (*dynamic, rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            input_names=explainer_inputs(classes is not None, region is not None),
+            output_names=OUTPUT_NAMES,
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            optimize=True,
+            verbose=False,
+        )
+    fold_weight_constants(program.model, max((t.numel() for t in module.buffers()), default=0))
+    proto = program.model_proto
+    drop_unused_initializers(proto.graph)
+    return proto
+
+
+def op_message(error: BaseException) -> str:
+    """The first line of an export error, naming the ATen op when the message carries one."""
+    import re
+
+    text = str(error)
+    found = re.search(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text)
+    first = first_line(error)
+    return f"no ONNX translation for {found.group(1)}: {first}" if found and found.group(1) not in first else first
