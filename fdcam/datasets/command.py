@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .. import models
 from ..arguments import non_negative_float, positive_int
@@ -15,6 +17,7 @@ from .sources import MAP_SIZES
 __all__ = ["add_arguments", "add_ray_arguments", "run", "run_evaluate"]
 
 EXIT_OK, EXIT_SOME_ERRORS, EXIT_BAD_OPTIONS, EXIT_INTERRUPTED = 0, 1, 2, 130
+_Result = TypeVar("_Result")
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -118,7 +121,7 @@ def _ray_failure(error: Exception) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     """Run `fdcam explain-dataset`: exit 0 when every image was explained, 1 when some are error rows."""
-    from .pipeline import DatasetInterrupted, explain_dataset
+    from .pipeline import explain_dataset
 
     targets = args.topk if args.topk else [args.class_index] if args.class_index is not None else args.target
     options = {"backend": args.backend} if args.backend else {}
@@ -126,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--backend applies to fdcam and ablationcam, not {args.method}")
     if args.overlays < 0:
         raise ValueError(f"--overlays must be 0 or more, got {args.overlays}")
-    try:
-        result = explain_dataset(
+    result = _ray_run(
+        lambda: explain_dataset(
             args.source,
             out=args.out,
             model=args.model,
@@ -146,14 +149,9 @@ def run(args: argparse.Namespace) -> int:
             rows_per_file=args.rows_per_file,
             **options,
         )
-    except DatasetInterrupted as interrupted:
-        _print_summary(interrupted.run, "interrupted")
-        print("fdcam: interrupted; the same command resumes", file=sys.stderr)
+    )
+    if result is None:
         return EXIT_INTERRUPTED
-    except Exception as error:
-        if not _ray_failure(error):
-            raise
-        raise RuntimeError(f"the Ray run failed: {first_line(error)}") from None
     if args.overlays:
         for path in write_overlays(Path(args.out), args.overlays):
             print(f"overlay: {path}")
@@ -162,6 +160,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"fdcam: {result.errors} image(s) could not be explained; see the 'error' column", file=sys.stderr)
         return EXIT_SOME_ERRORS
     return EXIT_OK
+
+
+def _ray_run(start: Callable[[], _Result]) -> _Result | None:
+    """What `start()` returns, or None when the user interrupted the run (its summary printed with the hint
+    to resume); a failure of Ray itself becomes one line."""
+    from .pipeline import DatasetInterrupted
+
+    try:
+        return start()
+    except DatasetInterrupted as interrupted:
+        _print_summary(interrupted.run, "interrupted")
+        print("fdcam: interrupted; the same command resumes", file=sys.stderr)
+        return None
+    except Exception as error:
+        if not _ray_failure(error):
+            raise
+        raise RuntimeError(f"the Ray run failed: {first_line(error)}") from None
 
 
 def write_overlays(out: Path, count: int) -> list[Path]:
@@ -198,11 +213,11 @@ def run_evaluate(args: argparse.Namespace, specs) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from .pipeline import DatasetInterrupted, evaluate_dataset
+    from .pipeline import evaluate_dataset
 
     out = Path(args.out) if args.out else Path("fdcam-out") / args.metric
-    try:
-        result = evaluate_dataset(
+    result = _ray_run(
+        lambda: evaluate_dataset(
             args.images,
             out=out,
             model=args.model,
@@ -220,14 +235,9 @@ def run_evaluate(args: argparse.Namespace, specs) -> int:
             ray_address=args.ray_address,
             progress=not args.quiet,
         )
-    except DatasetInterrupted as interrupted:
-        _print_summary(interrupted.run, "interrupted")
-        print("fdcam: interrupted; the same command resumes", file=sys.stderr)
+    )
+    if result is None:
         return EXIT_INTERRUPTED
-    except Exception as error:
-        if not _ray_failure(error):
-            raise
-        raise RuntimeError(f"the Ray run failed: {first_line(error)}") from None
     table = pq.read_table(out / "rows", columns=["method", "insertion", "deletion", "error"]).to_pylist()
     print(f"{'method':<24} {'insertion':>10} {'deletion':>10} {'overall':>10}")
     for method in result.summary["config"]["methods"]:
