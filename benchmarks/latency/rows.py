@@ -152,6 +152,13 @@ def _authors_row(bm: BenchModel) -> Runner:
     return Runner(lambda x: cam(x))
 
 
+def _ort_row(precision: str, devices: tuple[str, ...] = ("cpu", "cuda")) -> Row:
+    """FD-CAM with its switch passes on the ONNX Runtime tail at `precision`."""
+    options = {"backend": "onnxruntime", "precision": precision}
+    build = _fdcam_row("FDCAM", **options)
+    return Row(f"fdcam-ort-{precision}", "fdcam", "FD-CAM", build, **options, devices=devices, needs="ort")
+
+
 ROWS: list[Row] = [
     Row("fdcam", "fdcam", "FD-CAM", _fdcam_row("FDCAM")),
     Row("fdcam-tf32", "fdcam", "FD-CAM", _fdcam_row("FDCAM", precision="tf32"), precision="tf32", devices=("cuda",)),
@@ -165,34 +172,9 @@ ROWS: list[Row] = [
         precision="tf32",
         devices=("cuda",),
     ),
-    Row(
-        "fdcam-ort-fp32",
-        "fdcam",
-        "FD-CAM",
-        _fdcam_row("FDCAM", backend="onnxruntime", precision="fp32"),
-        backend="onnxruntime",
-        needs="ort",
-    ),
-    Row(
-        "fdcam-ort-tf32",
-        "fdcam",
-        "FD-CAM",
-        _fdcam_row("FDCAM", backend="onnxruntime", precision="tf32"),
-        backend="onnxruntime",
-        precision="tf32",
-        devices=("cuda",),
-        needs="ort",
-    ),
-    Row(
-        "fdcam-ort-fp16",
-        "fdcam",
-        "FD-CAM",
-        _fdcam_row("FDCAM", backend="onnxruntime", precision="fp16"),
-        backend="onnxruntime",
-        precision="fp16",
-        devices=("cuda",),
-        needs="ort",
-    ),
+    _ort_row("fp32"),
+    _ort_row("tf32", devices=("cuda",)),
+    _ort_row("fp16", devices=("cuda",)),
     Row("gradcam", "fdcam", "Grad-CAM", _fdcam_row("GradCAM")),
     Row("ablationcam", "fdcam", "Ablation-CAM", _fdcam_row("AblationCAM")),
     Row("scorecam", "fdcam", "Score-CAM", _fdcam_row("ScoreCAM"), slow=True),
