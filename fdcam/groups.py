@@ -154,9 +154,9 @@ def _settle_rows(groups, similarity, activations, theta, near, values=None, inde
     """Rows `near` [...,K] of `groups` set to those of the float64 similarities.
 
     With the selection (`values`, `index` of each row's largest float32 similarities, reaching
-    `_CHECK_EXTRA` values below its lower order statistic), a row needs float64 only for its values in
-    the band |s' − threshold'| ≤ 2m (`_settle_from_band`); rows that check fails, and every near row
-    without a selection, take the whole float64 row.
+    `_CHECK_EXTRA` values below its lower order statistic), a row needs float64 only for the few selected
+    values near its threshold and order statistics (`_settle_from_band`); rows whose check fails, and
+    every near row without a selection, take the whole float64 row.
     """
     unit64 = _unit_maps(activations.flatten(-2).double())
     if groups.dim() == 2:
