@@ -77,20 +77,19 @@ def _threshold_and_top(
     below = int(position)
     count = min(k, k - below + extra)
     if non_negative and similarity.dtype == torch.float32:
-        index = similarity.view(torch.int32).topk(count, dim=-1, sorted=False).indices
-        values = similarity.gather(-1, index)
+        bits, index = similarity.view(torch.int32).topk(count, dim=-1, sorted=False)
+        values = bits.view(torch.float32)
     else:
         values, index = similarity.topk(count, dim=-1, sorted=False)
-    # the sorted row from `below` on
-    top = values if count == k - below else values.topk(k - below, dim=-1, sorted=False).values
-    if k - below == 1:
-        low = high = top
-    else:
-        low, high = top.topk(2, dim=-1, largest=False).values.split(1, dim=-1)
-        high = high if position > below else low
+    # The sorted row's values at `below` and `below + 1` are the selection's values at `lowest` and `lowest + 1`,
+    # counted from its smallest: a selection from a few dozen values, not a second one from the whole top.
+    lowest = count - (k - below)
+    smallest = values.topk(min(count, lowest + 2), dim=-1, largest=False, sorted=True).values
+    low = smallest[..., lowest : lowest + 1]
+    high = smallest[..., lowest + 1 : lowest + 2] if position > below and k - below > 1 else low
     threshold = _lerp(low, high, position - below)
     # topk ranks NaN above every number: a row holding NaN has one among its top values.
-    return threshold.masked_fill_(top.isnan().any(-1, keepdim=True), float("nan")), values, index
+    return threshold.masked_fill_(values.isnan().any(-1, keepdim=True), float("nan")), values, index
 
 
 def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
