@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .fxgraph import is_traced
 
 __all__ = [
+    "GroupMembers",
     "QUANTILE_LIMIT",
+    "channel_groups_and_members",
     "cosine_similarity_matrix",
     "channel_groups",
     "quantile_threshold",
@@ -28,6 +32,36 @@ def cosine_similarity_matrix(activations: torch.Tensor) -> torch.Tensor:
     return (unit @ unit.transpose(-1, -2)).to(activations.dtype)
 
 
+class GroupMembers(NamedTuple):
+    """Each group's channels as rows of candidates: group k of image n holds `index[n, k, j]` where
+    `member[n, k, j]` ([N,K,c] both); every channel of the group is among its row's candidates."""
+
+    index: torch.Tensor
+    member: torch.Tensor
+
+
+def channel_groups_and_members(
+    activations: torch.Tensor, theta: float = 0.95
+) -> tuple[torch.Tensor, GroupMembers | None]:
+    """`channel_groups` of activations [N,K,h,w], and the same groups as `GroupMembers` where the selection
+    that found them holds every member (the float32 path), else None.
+
+    A group of c ≪ K channels then costs c per row, not K: what a tail that sums channels needs
+    (`fdcam.tail.TorchTail.group_passes`).
+    """
+    if activations.dim() != 4 or not _takes_float32(activations, theta):
+        return channel_groups(activations, theta), None
+    step = max(1, QUANTILE_LIMIT // activations.shape[1] ** 2)  # images at once, as channel_groups takes them
+    parts = [
+        _float32_groups(activations[start : start + step], theta, members=True)
+        for start in range(0, len(activations), step)
+    ]
+    groups = torch.cat([part[0] for part in parts])
+    if any(part[1] is None for part in parts):
+        return groups, None
+    return groups, GroupMembers(*(torch.cat([part[1][i] for part in parts]) for i in range(2)))
+
+
 def channel_groups(
     activations: torch.Tensor, theta: float = 0.95, *, quantile_limit: int = QUANTILE_LIMIT
 ) -> torch.Tensor:
@@ -41,12 +75,17 @@ def channel_groups(
     """
     if activations.dim() == 4 and activations.shape[0] * activations.shape[1] ** 2 > quantile_limit:
         return torch.stack([channel_groups(image, theta) for image in activations])
-    fast = activations.dtype == torch.float32 and activations.shape[-3] >= FLOAT32_MIN_CHANNELS and 0.0 <= theta <= 1.0
-    # The float32 path settles some rows in float64, a choice that depends on the values: eager runs only.
-    if fast and not is_traced(activations) and _float32_safe(activations):
+    if _takes_float32(activations, theta):
         return _float32_groups(activations, theta)
     similarity = cosine_similarity_matrix(activations)
     return similarity > quantile_threshold(similarity, theta)
+
+
+def _takes_float32(activations: torch.Tensor, theta: float) -> bool:
+    """Whether `channel_groups` takes the float32 similarities checked against float64 (`_float32_groups`)."""
+    fast = activations.dtype == torch.float32 and activations.shape[-3] >= FLOAT32_MIN_CHANNELS and 0.0 <= theta <= 1.0
+    # The float32 path settles some rows in float64, a choice that depends on the values: eager runs only.
+    return fast and not is_traced(activations) and _float32_safe(activations)
 
 
 def quantile_threshold(similarity: torch.Tensor, theta: float) -> torch.Tensor:
@@ -121,7 +160,7 @@ def _order_statistics(ordered: torch.Tensor, theta: float, k: int) -> tuple[torc
 _CHECK_EXTRA = 16
 
 
-def _float32_groups(activations: torch.Tensor, theta: float) -> torch.Tensor:
+def _float32_groups(activations: torch.Tensor, theta: float, members: bool = False):
     """`channel_groups` of finite float32 activations from float32 similarities, checked against float64.
 
     float32 similarities s' of unit maps of n pixels lie within e = (3n + 10)·u (u = 2⁻²⁴: the dot
@@ -129,6 +168,8 @@ def _float32_groups(activations: torch.Tensor, theta: float) -> torch.Tensor:
     `cosine_similarity_matrix`'s s. A row's order statistics then move by at most e and its lerped
     threshold by e + 6u, so a channel can change sides only where |s' − threshold'| ≤ m = 2e + 6u.
     Rows with such a value are settled in float64 (`_settle_rows`); every other row is already exact.
+    With `members`, it returns (groups, `GroupMembers` from the selection, or None where a row had to be
+    settled whole: its members may lie outside the selection).
     """
     flat = activations.flatten(-2)
     unit = _unit_maps(flat)
@@ -139,18 +180,24 @@ def _float32_groups(activations: torch.Tensor, theta: float) -> torch.Tensor:
     threshold, values, index = _threshold_and_top(similarity, theta, non_negative, extra=_CHECK_EXTRA)
     groups = similarity > threshold
     if values is None:  # torch.quantile ran (another device): settle every row
-        return _settle_rows(groups, similarity, activations, theta, torch.ones_like(groups[..., 0]))
+        groups, _ = _settle_rows(groups, similarity, activations, theta, torch.ones_like(groups[..., 0]))
+        return (groups, None) if members else groups
     # Every value within m of the threshold is among the selected ones: the threshold is at least the
     # lower order statistic, and the selection reaches below it (`_settle_rows` checks how far).
     near = (values - threshold).abs_().le_(margin).any(-1)
     near &= flat.abs().amax(-1) > 0  # an all-zero map's row is exact zeros in both
-    if not bool(near.any()):
+    whole = False
+    if bool(near.any()):
+        groups, whole = _settle_rows(groups, similarity, activations, theta, near, values, index, threshold, margin)
+    if not members:
         return groups
-    return _settle_rows(groups, similarity, activations, theta, near, values, index, threshold, margin)
+    # A channel above the threshold ranks above the lower order statistic: it is among the selected ones.
+    return groups, None if whole else GroupMembers(index, groups.gather(-1, index))
 
 
 def _settle_rows(groups, similarity, activations, theta, near, values=None, index=None, threshold=None, margin=0.0):
-    """Rows `near` [...,K] of `groups` set to those of the float64 similarities.
+    """Rows `near` [...,K] of `groups` set to those of the float64 similarities, and whether some row was
+    taken whole.
 
     With the selection (`values`, `index` of each row's largest float32 similarities, reaching
     `_CHECK_EXTRA` values below its lower order statistic), a row needs float64 only for the few selected
@@ -162,6 +209,7 @@ def _settle_rows(groups, similarity, activations, theta, near, values=None, inde
         groups, near, unit64 = groups[None], near[None], unit64[None]
         if values is not None:
             values, index, threshold = values[None], index[None], threshold[None]
+    any_whole = False
     for image in near.any(-1).nonzero().flatten().tolist():
         rows = near[image].nonzero().flatten()
         whole = torch.ones_like(rows, dtype=torch.bool)
@@ -171,10 +219,11 @@ def _settle_rows(groups, similarity, activations, theta, near, values=None, inde
             )
             groups[image, rows[~whole]] = settled[~whole]
         if bool(whole.any()):
+            any_whole = True
             far = rows[whole]
             exact = (unit64[image, far] @ unit64[image].transpose(-1, -2)).float()  # [R',K]
             groups[image, far] = exact > quantile_threshold(exact, theta)
-    return groups[0] if activations.dim() == 3 else groups
+    return (groups[0] if activations.dim() == 3 else groups), any_whole
 
 
 def _settle_from_band(unit64, rows, values, columns, threshold, theta, margin):

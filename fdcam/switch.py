@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .groups import GroupMembers
 from .options import SWITCHES, invalid_choice
 from .tail import Tail
 from .targets import BatchTargets
@@ -58,17 +59,20 @@ def group_switch_logits(
     extras: Sequence[torch.Tensor] = (),
     classes: torch.Tensor | BatchTargets | None = None,
     sparsity: int | None = None,
+    members: GroupMembers | None = None,
 ) -> torch.Tensor:
     """`switch_logits` of `switch_masks(groups, switch)` for groups [N,K,K]: [N,M,T] (or [N,M,C]).
 
     A tail that scores groups directly (`TorchTail.group_passes`: its first op is its last Linear)
-    does so for class-logit targets, without building the N·2K·K mask rows; others run the masks.
+    does so for class-logit targets, without building the N·2K·K mask rows (from the groups'
+    `members`, when given, at the cost of their sizes); others run the masks.
     """
     if switch not in SWITCHES:
         raise invalid_choice("switch", switch, SWITCHES)
     chosen = classes.classes if isinstance(classes, BatchTargets) else classes
     passes = getattr(tail, "group_passes", None)
-    direct = None if passes is None or chosen is None else passes(features, groups, extras, chosen)
+    extra = {} if members is None else {"members": members}
+    direct = None if passes is None or chosen is None else passes(features, groups, extras, chosen, **extra)
     if direct is None:
         return switch_logits(tail, features, switch_masks(groups, switch), extras, classes, sparsity)
     on, off = direct

@@ -20,6 +20,7 @@ from torch import nn
 
 from .cuda_graphs import GraphedCall
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
+from .groups import GroupMembers
 from .mask_rows import (
     DEFAULT_MEMORY_BUDGET,
     chunk_size,
@@ -175,14 +176,16 @@ class TorchTail:
         groups: torch.Tensor,
         extras: Sequence[torch.Tensor] = (),
         classes: torch.Tensor | None = None,
+        members: GroupMembers | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Float32 logits [N,K,T] of the classes [N,T] with each channel group of boolean `groups` [N,K,K]
         switched on alone, and switched off, or None where this tail has no such shortcut.
 
         A tail whose first op is its last Linear (pooling then the classifier, ResNet-50 at `layer4`)
         scores a group as a sum of per-channel class contributions: on = bias + Σ_G C, off = full − Σ_G C,
-        one product of the groups with the contributions, no mask rows at all. A `batch_size` given
-        asks for mask rows in chunks of that size: None, so they run.
+        one product of the groups with the contributions, no mask rows at all; with the groups'
+        `members` (fdcam.groups.GroupMembers), a sum over each row's few candidates. A `batch_size`
+        given asks for mask rows in chunks of that size: None, so they run.
         """
         if classes is None or self.batch_size is not None:
             return None
@@ -191,15 +194,11 @@ class TorchTail:
             return None
         with tail_precision(self.precision, features.device):
             contributions, bias = shortcut.prepare(features, classes)  # [N,K,T], [N,T]
-            n, k = groups.shape[0], groups.shape[-1]
-            summed = contributions.new_empty(contributions.shape)
-            # the groups as floats, a cache-sized chunk of rows at a time
-            step = max(1, CPU_SET_CHUNK_BYTES // (k * contributions.element_size()))
             self.calls += 1  # one call of the tail's shortcut for the batch
-            for i in range(n):
-                for start in range(0, k, step):
-                    rows = groups[i, start : start + step].to(contributions.dtype)
-                    torch.mm(rows, contributions[i], out=summed[i, start : start + step])
+            if members is not None:
+                summed = _member_sums(contributions, members)
+            else:
+                summed = _group_sums(contributions, groups)
             base = torch.zeros_like(contributions[:, :1]) if bias is None else bias[:, None]
             full = contributions.sum(1, keepdim=True) + base
             return (summed + base).float(), (full - summed).float()
@@ -353,6 +352,27 @@ class TorchTail:
                 result[on + off] = logits
             results.append(result)
         return torch.stack(results)
+
+
+def _group_sums(contributions: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Σ over each group of boolean `groups` [N,K,K] of the contributions [N,K,T]: [N,K,T]."""
+    n, k = groups.shape[0], groups.shape[-1]
+    summed = contributions.new_empty(contributions.shape)
+    # the groups as floats, a cache-sized chunk of rows at a time
+    step = max(1, CPU_SET_CHUNK_BYTES // (k * contributions.element_size()))
+    for i in range(n):
+        for start in range(0, k, step):
+            rows = groups[i, start : start + step].to(contributions.dtype)
+            torch.mm(rows, contributions[i], out=summed[i, start : start + step])
+    return summed
+
+
+def _member_sums(contributions: torch.Tensor, members: GroupMembers) -> torch.Tensor:
+    """Σ over each group's members ([N,K,c] candidates) of the contributions [N,K,T]: [N,K,T]."""
+    n, k, c = members.index.shape
+    t = contributions.shape[-1]
+    gathered = contributions.gather(1, members.index.reshape(n, k * c, 1).expand(n, k * c, t)).view(n, k, c, t)
+    return (gathered * members.member[..., None].to(gathered.dtype)).sum(2)
 
 
 def _sparse_bound(

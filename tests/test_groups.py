@@ -225,3 +225,26 @@ def test_near_rows_are_settled_from_their_band_alone_and_equal_the_float64_rows(
     )
     assert len(near) > 500 and int((~whole).sum()) > (0.9 if theta == 0.95 else 0.2) * len(near)
     assert torch.equal(settled[~whole], float64_groups(activations, theta)[near[~whole]])
+
+
+def test_members_hold_exactly_the_groups_and_are_none_where_a_row_was_settled_whole(monkeypatch):
+    import fdcam.groups as groups_module
+
+    generator = torch.Generator().manual_seed(17)
+    pattern = torch.rand(1, 7, 7, generator=generator)
+    activations = torch.relu(pattern + 0.2 * torch.randn(2, 1100, 7, 7, generator=generator))
+    groups, members = groups_module.channel_groups_and_members(activations, 0.95)
+    assert torch.equal(groups, torch.stack([float64_groups(image, 0.95) for image in activations]))
+    rebuilt = torch.zeros_like(groups).scatter_(-1, members.index, members.member)
+    assert torch.equal(rebuilt, groups)
+    assert members.index.shape[-1] < 100  # a few candidates per row, not K
+    monkeypatch.setattr(groups_module, "_CHECK_EXTRA", 0)  # near rows are taken whole: members unknown
+    groups_whole, none = groups_module.channel_groups_and_members(activations, 0.95)
+    assert none is None and torch.equal(groups_whole, groups)
+    small = torch.rand(2, 64, 7, 7, generator=generator)  # the float64 path gives no members
+    assert channel_groups_and_members_pair_equal(groups_module, small)
+
+
+def channel_groups_and_members_pair_equal(groups_module, activations) -> bool:
+    groups, members = groups_module.channel_groups_and_members(activations, 0.95)
+    return members is None and torch.equal(groups, groups_module.channel_groups(activations, 0.95))

@@ -6,7 +6,7 @@ s⁺_k = f_c(tail(A ⊙ 1_G(k))), s⁻_k = f_c(X) − f_c(tail(A ⊙ (1 − 1_G(
 import pytest
 import torch
 
-from fdcam.groups import channel_groups
+from fdcam.groups import GroupMembers, channel_groups
 from fdcam.switch import switch_logits, switch_masks, switch_scores
 from fdcam.tail import TorchTail
 from nets import Mlp, Residual, split_at
@@ -174,5 +174,10 @@ def test_group_switch_logits_are_the_tail_on_each_masked_copy(model_class, layer
         got = group_switch_logits(torch_tail, activations, groups, switch, extras, targets)
         assert got.dtype == torch.float32 and got.shape == expected.shape
         assert_same_up_to_rounding(got, expected)
+    # The groups as rows of candidates (fdcam.groups.GroupMembers): each row's members, then non-members.
+    index = groups.float().topk(min(k, int(groups.sum(-1).max()) + 1), dim=-1).indices
+    members = GroupMembers(index, groups.gather(-1, index))
+    got = group_switch_logits(torch_tail, activations, groups, switch, extras, classes, members=members)
+    assert_same_up_to_rounding(got, expected)
     all_classes = group_switch_logits(torch_tail, activations, groups, switch, extras)  # no classes: the masks' run
     assert_same_up_to_rounding(all_classes.gather(2, classes[:, None, :].expand(-1, expected.shape[1], -1)), expected)

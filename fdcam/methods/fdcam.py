@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..factorise import max_group_size
-from ..groups import channel_groups, single_channel_groups
+from ..groups import GroupMembers, channel_groups, channel_groups_and_members, single_channel_groups
 from ..options import FDCAM_DEFAULTS, check_fdcam_options
 from ..switch import group_switch_logits, switch_scores
 from ..timing import timed_stage
@@ -42,13 +42,25 @@ class FDCAM(BaseCAM):
         options = check_fdcam_options(theta=theta, bias=bias, combine=combine, switch=switch, grouping=grouping)
         self.theta, self.bias, self.combine, self.switch, self.grouping = options.values()
 
-    @timed_stage("grouping")
     def groups(self, activations: torch.Tensor) -> torch.Tensor:
         """Boolean channel groups: [K,K] for one image's activations [K,h,w], [N,K,K] for [N,K,h,w]."""
+        if activations.dim() == 4:
+            return self.groups_and_members(activations)[0]
+        if not self.grouping:
+            return single_channel_groups(activations.shape[-3], activations.device)
+        return channel_groups(activations, self.theta)
+
+    @timed_stage("grouping")
+    def groups_and_members(self, activations: torch.Tensor) -> tuple[torch.Tensor, GroupMembers | None]:
+        """Groups [N,K,K] of activations [N,K,h,w], and their members where the grouping gives them
+        (fdcam.groups.channel_groups_and_members)."""
         if not self.grouping:
             eye = single_channel_groups(activations.shape[-3], activations.device)
-            return eye.expand(*activations.shape[:-3], *eye.shape)
-        return channel_groups(activations, self.theta)
+            index = torch.arange(eye.shape[0], device=eye.device)[:, None].expand(len(activations), -1, 1)
+            return eye.expand(len(activations), *eye.shape), GroupMembers(
+                index, torch.ones_like(index, dtype=torch.bool)
+            )
+        return channel_groups_and_members(activations, self.theta)
 
     @timed_stage("switch")
     def switch_scores(self, context: BatchContext) -> torch.Tensor:
@@ -56,11 +68,11 @@ class FDCAM(BaseCAM):
         scored by the targets."""
         tail = self.tail_for(context)
         activations = context.activations
-        groups = self.groups(activations)
+        groups, members = self.groups_and_members(activations)
         # Every group has at most this many channels: rows have few ones (on) or few zeros (off).
         sparsity = max_group_size(activations.shape[1], self.theta) if self.grouping else 1
         scores = group_switch_logits(  # [N,M,T]
-            tail, activations, groups, self.switch, context.extras, context.targets, sparsity
+            tail, activations, groups, self.switch, context.extras, context.targets, sparsity, members
         )
         return switch_scores(scores, context.scores, None, self.switch)
 
