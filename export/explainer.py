@@ -93,7 +93,7 @@ class ExportedExplainer:
 class ExplainerModule(nn.Module):
     """image [N,3,H,W] (and classes [N,T]) → (logits [N,C], targets [N,T], saliency [N,T,H,W]).
 
-    Runs the library's pipeline in plain torch: head, tail, gradients by autograd, the method's
+    Runs the library's pipeline in plain torch: head, tail and gradients (fdcam.gradients.TailGraph), the method's
     `channel_weights` and `saliency`. Holds its own copy of the split model (CPU, fp32, eval).
     """
 
