@@ -34,10 +34,11 @@ from torch import nn
 from fdcam.concurrency import tracing
 from fdcam.errors import first_line
 from fdcam.forward import ForwardPass
+from fdcam.gradients import TailGraph
 from fdcam.methods import METHODS
 from fdcam.methods.base import BatchContext
 from fdcam.split import SplitModel, resolve_layer_name, split_model
-from fdcam.targets import OutputSelector
+from fdcam.targets import BatchTargets, OutputSelector
 
 from .agreement import ILL_CONDITIONED_FACTOR, SALIENCY_TOLERANCE, agreement  # noqa: F401 — the rule, named here too
 from .explainer_io import (
@@ -92,7 +93,7 @@ class ExportedExplainer:
 class ExplainerModule(nn.Module):
     """image [N,3,H,W] (and classes [N,T]) → (logits [N,C], targets [N,T], saliency [N,T,H,W]).
 
-    Runs the library's pipeline in plain torch: head, tail, gradients by autograd, the method's
+    Runs the library's pipeline in plain torch: head, tail and gradients (fdcam.gradients.TailGraph), the method's
     `channel_weights` and `saliency`. Holds its own copy of the split model (CPU, fp32, eval).
     """
 
@@ -111,29 +112,17 @@ class ExplainerModule(nn.Module):
         image = torch.where(finite[:, None, None, None], image, torch.zeros_like(image))
         asked = classes
         features, *extras = self.head(image)
-        extras = tuple(extras)
-        with torch.enable_grad():
-            if classes is None:
-                leaf = features.detach().requires_grad_(True)
-                logits = self.tail(leaf, *extras)
-                targets = logits.argmax(1, keepdim=True)
-                (gradients,) = torch.autograd.grad(logits.gather(1, targets).sum(), leaf)
-                gradients = gradients[:, None]
-                logits = logits.detach()
-            else:
-                n, t = classes.shape
-                repeated = features[:, None].expand(n, t, *features.shape[1:]).reshape(n * t, *features.shape[1:])
-                leaf = repeated.detach().requires_grad_(True)
-                rows = [e[:, None].expand(n, t, *e.shape[1:]).reshape(n * t, *e.shape[1:]) for e in extras]
-                all_logits = self.tail(leaf, *rows)
-                classes = torch.where(_in_range(classes, all_logits.shape[1]), classes, torch.zeros_like(classes))
-                targets = classes
-                selected = all_logits.gather(1, classes.reshape(n * t, 1)).sum()
-                (gradients,) = torch.autograd.grad(selected, leaf)
-                gradients = gradients.reshape(n, t, *features.shape[1:])
-                logits = all_logits.detach().reshape(n, t, -1)[:, 0]
-        features = features.detach()
-        forward = ForwardPass(self.split, features, tuple(e.detach() for e in extras), logits)
+        features, extras = features.detach(), tuple(e.detach() for e in extras)
+        if classes is None:
+            graph = TailGraph(self.tail, features, extras)  # the forward's own graph for each image's top class
+            logits = graph.image_outputs()
+            targets = logits.argmax(1, keepdim=True)
+        else:
+            graph = TailGraph(self.tail, features, extras, copies=classes.shape[1])
+            logits = graph.image_outputs()
+            targets = torch.where(_in_range(classes, logits.shape[1]), classes, torch.zeros_like(classes))
+        gradients = graph.gradients(BatchTargets.from_classes(targets, logits.shape[1:]))
+        forward = ForwardPass(self.split, features, extras, logits)
         context = BatchContext(image, forward, targets, gradients=gradients.detach())
         with torch.no_grad():
             weights = self.method.channel_weights(context)

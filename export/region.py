@@ -19,6 +19,7 @@ from torch import nn
 
 from fdcam.factorise import shortcut_passes, sparse_rows
 from fdcam.forward import ForwardPass
+from fdcam.gradients import TailGraph
 from fdcam.methods.base import BatchContext
 from fdcam.split import SplitModel
 from fdcam.tail import MaskedTail, expand_masks
@@ -133,18 +134,13 @@ class RegionExplainerModule(nn.Module):
         region_ok = torch.isfinite(region).flatten(2).all(2)  # [N,T]
         region = torch.where(torch.isfinite(region), region, torch.zeros_like(region))
         features, *extras = self.head(image)
-        n, t = classes.shape
-        with torch.enable_grad():
-            repeated = features[:, None].expand(n, t, *features.shape[1:]).reshape(n * t, *features.shape[1:])
-            leaf = repeated.detach().requires_grad_(True)
-            rows = [e[:, None].expand(n, t, *e.shape[1:]).reshape(n * t, *e.shape[1:]) for e in extras]
-            outputs = self.tail(leaf, *rows)  # [N·T,C,h,w]
-            known = (classes >= 0) & (classes < outputs.shape[1])
-            targets = RegionTargets(torch.where(known, classes, torch.zeros_like(classes)), region, outputs.shape[1:])
-            (gradients,) = torch.autograd.grad(targets.objective(outputs), leaf)
-        output = outputs.detach().reshape(n, t, *outputs.shape[1:])[:, 0]
-        gradients = gradients.reshape(n, t, *features.shape[1:])
-        forward = ForwardPass(self.split, features.detach(), tuple(e.detach() for e in extras), output)
+        features, extras = features.detach(), tuple(e.detach() for e in extras)
+        graph = TailGraph(self.tail, features, extras, copies=classes.shape[1])
+        output = graph.image_outputs()  # [N,C,h,w]
+        known = (classes >= 0) & (classes < output.shape[1])
+        targets = RegionTargets(torch.where(known, classes, torch.zeros_like(classes)), region, output.shape[1:])
+        gradients = graph.gradients(targets)
+        forward = ForwardPass(self.split, features, extras, output)
         context = BatchContext(image, forward, targets, gradients=gradients.detach())
         with torch.no_grad():
             weights = self.method.channel_weights(context)

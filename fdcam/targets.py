@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .gradients import graph_input
+
 __all__ = [
     "Target",
     "ClassLogit",
@@ -94,7 +96,7 @@ class RegionLogit(Target):
             raise ValueError(f"a region mask must be [H,W], got shape {tuple(mask.shape)}")
         if mask.is_complex():
             raise ValueError(f"a region mask must be bool or float, not {mask.dtype}")
-        self.mask = mask.detach()
+        self.mask = graph_input(mask)  # a mask made under inference mode is copied: autograd saves it for backward
 
     def score(self, output: torch.Tensor) -> torch.Tensor:
         return (output[:, self.c] * self.mask.to(output.device, output.dtype)).sum((-2, -1))
