@@ -24,7 +24,7 @@ from fdcam.split import SplitModel
 from fdcam.tail import MaskedTail, expand_masks
 from fdcam.targets import BatchTargets, OutputSelector, RegionLogit
 
-from .graph import ExportError, gathers
+from .graph import ExportError
 
 __all__ = [
     "REGION_INPUT",
@@ -94,12 +94,12 @@ class RegionGraphTail:
         if score is None:
             return self.engine.run(features, masks, extras, classes, sparsity=sparsity)
         masks = expand_masks(features, masks)
-        m, k = masks.shape[1], masks.shape[2]
+        m = masks.shape[1]
         shortcut = self.engine.shortcut
         state = sparse = None
         if shortcut is not None:
             state = shortcut.prepare(features, None)
-            sparse = sparse_rows(masks, sparsity) if gathers(shortcut, k, sparsity) else None
+            sparse = sparse_rows(masks, sparsity) if self.engine.plan(features, m, sparsity).gathers else None
         scores = []
         for lo in range(0, m, self.rows):
             chunk = masks[:, lo : lo + self.rows]
