@@ -46,8 +46,10 @@ class GraphTail:
         extras: Sequence[torch.Tensor],
         budget: int = DEFAULT_TAIL_BYTES,
         gather_bytes: int = GATHER_CHUNK_BYTES,
+        batch_size: int | None = None,
     ):
         self.tail = tail
+        self.batch_size = batch_size  # mask rows per chunk (tail_batch_size), else from the budgets
         self.shortcut = tail_shortcut(tail, features[:1], tuple(e[:1] for e in extras))
         self.budget, self.gather_bytes = budget, gather_bytes
         if self.shortcut is not None and self.shortcut.kind == "conv":
@@ -65,6 +67,7 @@ class GraphTail:
             num_rows=num_rows,
             sparsity=sparsity,
             groups=groups,
+            batch_size=self.batch_size,
             memory_budget=self.budget,
             cache_bytes=self.gather_bytes,
             engine="graph",

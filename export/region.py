@@ -88,6 +88,7 @@ class RegionGraphTail:
         if engine.shortcut is not None and engine.shortcut.kind == "conv":
             row = max(row, engine.shortcut.row_numel)
         self.rows = max(1, budget // max((4 * row + 2 * output_numel) * features.element_size(), 1))
+        self.rows = engine.batch_size or self.rows  # tail_batch_size: mask rows per chunk
 
     def run(self, features, masks, extras=(), classes=None, *, sparsity=None, score=None) -> torch.Tensor:
         """The `Tail` protocol: with `score` (RegionTargets) the passes' scores [N,M,T], else the engine's logits."""

@@ -206,3 +206,33 @@ def test_the_onnxruntime_tail_and_the_graph_tail_take_their_form_from_the_same_p
     # the ONNX Runtime tail checks the bound on the masks, the graph (traced masks) trusts it
     assert TailForm.of(ort_tail.plan(features, masks, classes, 2)).bound is None
     assert graph_tail.plan(features, masks.shape[1], 2).bound == 2
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_the_graph_engine_executes_its_plans_as_the_plain_tail(batch_size):
+    from fdcam.export.graph_tail import GraphTail
+
+    for model, layer, group_form in ((ConvStart(kernel=1), "stem", "sets"), (Mlp(), "features.1", "group-sums")):
+        split, features, extras = _tail(model, layer)
+        k = features.shape[1]
+        graph = GraphTail(split.tail, features, extras, batch_size=batch_size)
+        assert batch_size is None or graph.rows == graph.gather_rows == batch_size  # tail_batch_size: rows a chunk
+        groups = _sparse_masks(2, k, k, 1)[:, :k].bool()
+        masks = switch_masks(groups, "on_off")
+        classes = torch.tensor([[1, 0], [2, 2]])
+        expected = plain_passes(split.tail, features, masks, extras).gather(2, classes[:, None].expand(-1, 2 * k, -1))
+        sparsity = max(1, k // 4)
+        assert graph.plan(features, 2 * k, sparsity, groups=True).form == group_form
+        with torch.no_grad():
+            rows = [
+                graph.image_passes(features[i : i + 1], masks[i : i + 1], (), classes[i : i + 1], sparsity)
+                for i in range(2)
+            ]
+            sums = [
+                graph.image_group_passes(
+                    features[i : i + 1], groups[i : i + 1], (), classes[i : i + 1], sparsity, "on_off"
+                )
+                for i in range(2)
+            ]
+        assert_same_up_to_rounding(torch.cat(rows), expected)
+        assert_same_up_to_rounding(torch.cat(sums), expected)

@@ -146,7 +146,9 @@ def plan_passes(
     cannot measure traced masks and trusts `sparsity`, the promised most ones or zeros per 0/1 row);
     `groups`: the passes are FD-CAM's switch rows of boolean channel groups (`group_passes`), which a
     "group-sums" or graph "sets" plan computes from the groups themselves; other plans build the mask
-    rows. `batch_size` rows per call, else what `memory_budget` bytes hold (`row_bytes` a row on ONNX
+    rows. `batch_size` mask rows per tail call at most (every engine: the torch tail's chunks span images, the
+    ONNX Runtime tail's runs hold whole images when they fit, the graph runs one image's rows at a time),
+    else what `memory_budget` bytes hold (`row_bytes` a row on ONNX
     Runtime, measured once per tail; `cache_bytes` the graph's gathered chunks); `output_numel`: elements of
     each pass's output scored whole (a segmentation map). `precision` "fp32" on a CPU runs channel sets.
     """
@@ -244,6 +246,8 @@ def _rows(
         budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
         return max(1, min(total, budget // max(1, row_bytes)))
     if engine == "graph":
+        if batch_size is not None:  # one image's rows per chunk: batch_size is never more than that
+            return max(1, int(batch_size))
         budget = DEFAULT_TAIL_BYTES if memory_budget is None else int(memory_budget)
         row = features[0].numel()
         if shortcut is not None and shortcut.kind == "linear":
