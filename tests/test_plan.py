@@ -13,7 +13,7 @@ from fdcam.engine import FORMS, PassPlan, TailForm, plan_passes, sparse_side
 from fdcam.factorise import tail_shortcut
 from fdcam.switch import switch_masks
 from fdcam.tail import TorchTail
-from nets import ConvStart, Mlp, split_at
+from nets import ConvStart, Mlp, Residual, split_at
 from reference import assert_same_up_to_rounding
 
 
@@ -236,3 +236,18 @@ def test_the_graph_engine_executes_its_plans_as_the_plain_tail(batch_size):
             ]
         assert_same_up_to_rounding(torch.cat(rows), expected)
         assert_same_up_to_rounding(torch.cat(sums), expected)
+
+
+def test_a_tail_only_ending_in_a_linear_runs_dense_with_the_class_rows(monkeypatch):
+    from fdcam.export.graph_tail import GraphTail
+
+    split, features, extras = _tail(Residual(), "conv1")  # the skip tensor crosses the split
+    shortcut = tail_shortcut(split.tail, features, extras)
+    assert shortcut is not None and shortcut.kind == "plain"
+    masks = _sparse_masks(2, 3, 8, 1)
+    plan, _ = _check_form(
+        monkeypatch, split, features, extras, masks, "shortcut-dense", sparsity=1, classes=torch.tensor([[4], [0]])
+    )
+    assert plan.classes
+    graph = GraphTail(split.tail, features, extras)  # no group sums: its groups become mask rows
+    assert graph.plan(features, 16, 2, groups=True).form == "shortcut-dense"

@@ -187,7 +187,8 @@ def _group_form(shortcut: TailShortcut, k: int, classes: bool, sparsity: int | N
         # sum per group (the group bound is static) serves both of its rows.
         if shortcut.kind == "linear":
             return "group-sums"
-        if _is_pointwise(shortcut.conv) and _trusted_bound(shortcut, k, sparsity) is not None:
+        pointwise = shortcut.kind == "conv" and _is_pointwise(shortcut.conv)
+        if pointwise and _trusted_bound(shortcut, k, sparsity) is not None:
             return "sets"
     return None
 
