@@ -19,14 +19,15 @@ __all__ = ["OrtTail"]
 class OrtTail:
     """The `Tail` protocol over sessions of a tail's graph forms: N images' masked passes in as few
     `session.run`s as the memory budget allows (`row_bytes` per mask row; default budget
-    `DEFAULT_MEMORY_BUDGET`), in chunks of (nearly) equal size, so ONNX Runtime reuses its memory plans.
+    `fdcam.engine.DEFAULT_MEMORY_BUDGET`), in chunks of (nearly) equal size, so ONNX Runtime reuses its memory plans.
 
     Torch tensors in, float32 logits out on the features' device. Each call's graph form is its pass
     plan's (fdcam.engine.plan_passes with the tail's `shortcut`, `TailForm.of`): like the torch tail, a
     call with classes runs the graph that computes only those rows of a last Linear (`selects_rows`), and
     a call whose `sparsity` bound fits every mask row runs the graph of gathered sums under that bound;
     every other call runs the dense all-classes graph (so a wrong bound costs speed, never exactness).
-    `batch_size` is mask rows per session run, as in the torch tail.
+    `batch_size` (tail_batch_size) is at most that many mask rows per session run, as in the torch tail; a run
+    holds whole images when they fit.
     `sessions(form)` gives (session, provider, stream) of a `TailForm`, exported on first use. On a
     CUDA session with CUDA tensors, inputs and the preallocated output are bound by pointer
     (IOBinding): nothing goes through the host. `runs` counts session runs; `bound_runs` the ones
