@@ -78,7 +78,9 @@ class TorchTail:
     a tail starting with pooling and a Linear or with a convolution computes the masked
     pre-activations from per-channel contributions (0/1 masks with few ones or few zeros as
     gathered sums), and a tail ending in a Linear computes only the rows of the requested classes.
-    Tails it does not recognise run as they are. The choice is made once per feature shape.
+    Tails it does not recognise run as they are. The shortcut is found once per feature shape; each call's
+    form (plain, dense, gathered, per channel set, group sums) and rows per chunk are its pass plan's
+    (`plan`, fdcam.engine.plan_passes). `batch_size` is at most that many mask rows per tail call.
     `precision` sets the switch passes' math (see `tail_precision`). With `cuda_graph`, CUDA inputs
     run as a CUDA graph captured once per input shape (the last few shapes are kept).
     """
