@@ -59,8 +59,19 @@ class GraphTail:
         self.rows = self.plan(features, 1).rows
         self.gather_rows = self.plan(features, 1, sparsity=1).rows  # a conv's gathered chunks (if it gathers)
 
-    def plan(self, features: torch.Tensor, num_rows: int, sparsity: int | None = None, *, groups=False) -> PassPlan:
-        """The pass plan (fdcam.engine.plan_passes) of one image's rows: the bound is `sparsity`, trusted."""
+    def plan(
+        self,
+        features: torch.Tensor,
+        num_rows: int,
+        sparsity: int | None = None,
+        *,
+        groups: bool = False,
+        output_numel: int = 0,
+        budget: int | None = None,
+    ) -> PassPlan:
+        """The pass plan (fdcam.engine.plan_passes) of one image's rows: the bound is `sparsity`, trusted;
+        `output_numel`: elements of each pass's output scored whole (a region graph's output map); `budget`:
+        bytes of a chunk, if not this tail's."""
         return plan_passes(
             self.shortcut,
             features[:1],
@@ -68,7 +79,8 @@ class GraphTail:
             sparsity=sparsity,
             groups=groups,
             batch_size=self.batch_size,
-            memory_budget=self.budget,
+            memory_budget=self.budget if budget is None else budget,
+            output_numel=output_numel,
             cache_bytes=self.gather_bytes,
             engine="graph",
         )

@@ -83,12 +83,8 @@ class RegionGraphTail:
 
     def __init__(self, engine, output_numel: int, features: torch.Tensor, budget: int):
         self.engine = engine
-        # Each pass also holds its output map and the scoring's product, as fdcam.tail.chunk_size counts them.
-        row = features[0].numel()
-        if engine.shortcut is not None and engine.shortcut.kind == "conv":
-            row = max(row, engine.shortcut.row_numel)
-        self.rows = max(1, budget // max((4 * row + 2 * output_numel) * features.element_size(), 1))
-        self.rows = engine.batch_size or self.rows  # tail_batch_size: mask rows per chunk
+        # Each pass also holds its output map and the scoring's product: the planner's rows (dense passes).
+        self.rows = engine.plan(features, 1, output_numel=output_numel, budget=budget).rows
 
     def run(self, features, masks, extras=(), classes=None, *, sparsity=None, score=None) -> torch.Tensor:
         """The `Tail` protocol: with `score` (RegionTargets) the passes' scores [N,M,T], else the engine's logits."""
