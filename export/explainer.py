@@ -268,7 +268,7 @@ def export_explainer_full(
             features, *extras = split.head(example[:1])
         if features.dim() != 4:
             raise ExportError(f"layer {layer!r} outputs a {features.dim()}-D tensor; CAM methods need [N,K,h,w]")
-        engine = GraphTail(split.tail, features, extras)
+        engine = GraphTail(split.tail, features, extras, batch_size=reference.tail_batch_size)
         if region:
             engine = RegionGraphTail(engine, map_output[0].numel(), features, DEFAULT_TAIL_BYTES)
         graph_method = graph_method_for(method, private, layer, method_options, engine)

@@ -17,20 +17,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fdcam.engine.plan import DEFAULT_TAIL_BYTES, GATHER_CHUNK_BYTES, PassPlan, plan_passes
 from fdcam.factorise import max_group_size, shortcut_passes, sparse_rows, tail_shortcut
 from fdcam.factorise.shortcut import TailShortcut, _is_pointwise, _linear_bases
 from fdcam.methods import METHODS
 from fdcam.switch import switch_masks, switch_scores
 from fdcam.tail import MaskedTail, expand_masks
 
-from .graph import gathers
-
 __all__ = ["DEFAULT_TAIL_BYTES", "GATHER_CHUNK_BYTES", "GraphTail", "graph_method_for", "per_image"]
 
-# Mask rows per tail call inside the graph: bounds the masked copies alive at once (one image's rows).
-DEFAULT_TAIL_BYTES = 256 * 1024**2
-# Rows of gathered convolution sums per chunk: about what a CPU's caches hold (see the module docstring).
-GATHER_CHUNK_BYTES = 4 * 1024**2
 _COMPILES = 1 << 20  # torch.compile cache entries of the scan body allowed in one process (one per export)
 
 
@@ -51,21 +46,44 @@ class GraphTail:
         extras: Sequence[torch.Tensor],
         budget: int = DEFAULT_TAIL_BYTES,
         gather_bytes: int = GATHER_CHUNK_BYTES,
+        batch_size: int | None = None,
     ):
         self.tail = tail
+        self.batch_size = batch_size  # mask rows per chunk (tail_batch_size), else from the budgets
         self.shortcut = tail_shortcut(tail, features[:1], tuple(e[:1] for e in extras))
-        row = features[0].numel()
-        self.gather_rows = self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
-        if self.shortcut is not None and self.shortcut.kind == "linear":
-            # A row costs the first Linear's output (and the masks' row), not a masked copy of the features.
-            row = self.shortcut.out_features + features.shape[1]
-            self.gather_rows = self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
+        self.budget, self.gather_bytes = budget, gather_bytes
         if self.shortcut is not None and self.shortcut.kind == "conv":
             with torch.no_grad():
                 self.shortcut.prepare(features[:1])  # sets row_numel
-            row = max(row, self.shortcut.row_numel)
-            self.rows = max(1, budget // max(4 * row * features.element_size(), 1))
-            self.gather_rows = max(1, gather_bytes // max(self.shortcut.row_numel * features.element_size(), 1))
+        # Rows per chunk (the planner's): of mask rows, and of gathered convolution sums.
+        self.rows = self.plan(features, 1).rows
+        self.gather_rows = self.plan(features, 1, sparsity=1).rows  # a conv's gathered chunks (if it gathers)
+
+    def plan(
+        self,
+        features: torch.Tensor,
+        num_rows: int,
+        sparsity: int | None = None,
+        *,
+        groups: bool = False,
+        output_numel: int = 0,
+        budget: int | None = None,
+    ) -> PassPlan:
+        """The pass plan (fdcam.engine.plan_passes) of one image's rows: the bound is `sparsity`, trusted;
+        `output_numel`: elements of each pass's output scored whole (a region graph's output map); `budget`:
+        bytes of a chunk, if not this tail's."""
+        return plan_passes(
+            self.shortcut,
+            features[:1],
+            num_rows=num_rows,
+            sparsity=sparsity,
+            groups=groups,
+            batch_size=self.batch_size,
+            memory_budget=self.budget if budget is None else budget,
+            output_numel=output_numel,
+            cache_bytes=self.gather_bytes,
+            engine="graph",
+        )
 
     def run(
         self,
@@ -96,14 +114,14 @@ class GraphTail:
         sparsity: int | None = None,
     ) -> torch.Tensor:
         """`run` on one image (features [1,...], masks [1,M,K]) as a static unrolled loop of row chunks."""
-        m, k = masks.shape[1], masks.shape[2]
+        m = masks.shape[1]
         shortcut = self.shortcut
         if shortcut is None:
             masked = MaskedTail(self.tail)
             logits = _cat([masked(features, masks[:, lo : lo + self.rows], *extras) for lo in range(0, m, self.rows)])
             return logits if classes is None else logits.gather(2, classes[:, None, :].expand(-1, m, -1))
         state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
-        if not gathers(shortcut, k, sparsity):
+        if not self.plan(features, m, sparsity).gathers:
             return _cat(
                 [
                     shortcut_passes(shortcut, state, masks[:, lo : lo + self.rows], extras, classes)
@@ -158,13 +176,12 @@ class GraphTail:
         """`group_passes` on one image (features [1,...], groups [1,K,K])."""
         shortcut = self.shortcut
         k = groups.shape[-1]
-        pointwise = shortcut is not None and shortcut.kind == "conv" and _is_pointwise(shortcut.conv)
-        linear = shortcut is not None and shortcut.kind == "linear"
-        if not (linear or (pointwise and gathers(shortcut, k, sparsity))):
+        form = self.plan(features, k, sparsity, groups=True).form
+        if form not in ("group-sums", "sets"):
             return self.image_passes(features, switch_masks(groups, switch), extras, classes, sparsity)
         state = shortcut.prepare(features, classes if shortcut.first_is_final else None)
         on = groups.to(features.dtype)
-        if linear:
+        if form == "group-sums":
             contributions, bias = state
             summed = torch.bmm(on, contributions)  # [1,K,out]: Σ_G(k) C_l
             base, full = _linear_bases(contributions, bias)

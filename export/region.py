@@ -25,7 +25,7 @@ from fdcam.split import SplitModel
 from fdcam.tail import MaskedTail, expand_masks
 from fdcam.targets import BatchTargets, OutputSelector, RegionLogit
 
-from .graph import ExportError, gathers
+from .graph import ExportError
 
 __all__ = [
     "REGION_INPUT",
@@ -84,23 +84,20 @@ class RegionGraphTail:
 
     def __init__(self, engine, output_numel: int, features: torch.Tensor, budget: int):
         self.engine = engine
-        # Each pass also holds its output map and the scoring's product, as fdcam.tail.chunk_size counts them.
-        row = features[0].numel()
-        if engine.shortcut is not None and engine.shortcut.kind == "conv":
-            row = max(row, engine.shortcut.row_numel)
-        self.rows = max(1, budget // max((4 * row + 2 * output_numel) * features.element_size(), 1))
+        # Each pass also holds its output map and the scoring's product: the planner's rows (dense passes).
+        self.rows = engine.plan(features, 1, output_numel=output_numel, budget=budget).rows
 
     def run(self, features, masks, extras=(), classes=None, *, sparsity=None, score=None) -> torch.Tensor:
         """The `Tail` protocol: with `score` (RegionTargets) the passes' scores [N,M,T], else the engine's logits."""
         if score is None:
             return self.engine.run(features, masks, extras, classes, sparsity=sparsity)
         masks = expand_masks(features, masks)
-        m, k = masks.shape[1], masks.shape[2]
+        m = masks.shape[1]
         shortcut = self.engine.shortcut
         state = sparse = None
         if shortcut is not None:
             state = shortcut.prepare(features, None)
-            sparse = sparse_rows(masks, sparsity) if gathers(shortcut, k, sparsity) else None
+            sparse = sparse_rows(masks, sparsity) if self.engine.plan(features, m, sparsity).gathers else None
         scores = []
         for lo in range(0, m, self.rows):
             chunk = masks[:, lo : lo + self.rows]

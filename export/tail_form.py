@@ -1,41 +1,19 @@
-"""What a tail graph computes (`TailForm`: the classes input, gathered sums under a bound) and its input
-names; shared by the tail exporter, its checks and fdcam.runtime."""
+"""What a tail graph computes (`TailForm`, fdcam.engine's: derived from the pass plan) and its input names;
+shared by the tail exporter, its checks and fdcam.runtime."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from fdcam.engine import plan_passes
+from fdcam.engine.forms import TailForm, input_names
 from fdcam.factorise import TailShortcut
-from fdcam.tail import CONV_SPARSE_SHARE
 
 __all__ = ["TailForm", "gathers", "input_names"]
 
 
-@dataclass(frozen=True)
-class TailForm:
-    """What a tail graph computes: with `classes`, it takes classes [N,T] and returns [N,M,T]; with `bound`,
-    a first convolution's pre-activations are gathered sums over `bound` channels per 0/1 mask row."""
-
-    classes: bool = False
-    bound: int | None = None
-
-    @property
-    def suffix(self) -> str:
-        """The form in a graph's file name: "" for the plain form."""
-        return ("-classes" if self.classes else "") + (f"-sparse{self.bound}" if self.bound is not None else "")
-
-
 def gathers(shortcut: TailShortcut | None, num_channels: int, sparsity: int | None) -> bool:
-    """Whether masks whose rows have at most `sparsity` ones or zeros take the gathered sums of a first
-    convolution (as fdcam.tail.TorchTail does for a convolution) rather than its dense product."""
-    return (
-        shortcut is not None
-        and shortcut.kind == "conv"
-        and sparsity is not None
-        and 1 <= sparsity <= CONV_SPARSE_SHARE * num_channels
-    )
+    """Whether a graph of a tail with `shortcut` gathers a first convolution's channels under the bound
+    `sparsity` (the planner's choice, fdcam.engine.plan_passes, for exported graphs)."""
+    import torch
 
-
-def input_names(num_extras: int, classes: bool = False) -> list[str]:
-    """Graph input names: features, masks, classes (when the graph takes them), then extra_0 … extra_{n-1}."""
-    return ["features", "masks", *(["classes"] if classes else []), *(f"extra_{index}" for index in range(num_extras))]
+    features = torch.empty(1, num_channels, 1, 1, device="meta")
+    return plan_passes(shortcut, features, num_rows=1, sparsity=sparsity, engine="graph").gathers

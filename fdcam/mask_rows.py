@@ -1,10 +1,11 @@
-"""The rows of masked tail passes: masks as [N,M,K], how many rows a call runs, a chunk's image segments and the
-chunks of an image's channel sets."""
+"""The rows of masked tail passes: masks as [N,M,K], a chunk's image segments and the chunks of an image's channel
+sets (how many rows a call runs is the planner's: fdcam.engine.plan, re-exported here)."""
 
 from __future__ import annotations
 
 import torch
 
+from .engine.plan import DEFAULT_MEMORY_BUDGET, chunk_size
 from .targets import BatchTargets
 
 __all__ = [
@@ -18,8 +19,6 @@ __all__ = [
     "split_rows",
 ]
 
-DEFAULT_MEMORY_BUDGET = 1024**3
-
 
 def expand_masks(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Masks as [N,M,K] in the features' dtype (a [M,K] batch is shared by all N images).
@@ -32,22 +31,6 @@ def expand_masks(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     if masks.dim() != 3 or masks.shape[0] != n or masks.shape[2] != features.shape[1]:
         raise ValueError(f"masks {tuple(masks.shape)} do not fit features {tuple(features.shape)}")
     return masks
-
-
-def chunk_size(
-    features: torch.Tensor, memory_budget: int | None, batch_size: int | None, total: int, output_numel: int = 0
-) -> int:
-    """How many masks to run per tail call: `batch_size` if given, else what fits `memory_budget` bytes.
-
-    The budget is split over the masked copies of the features, with a factor of 4 for the tail's
-    own intermediate activations; passes whose whole outputs are scored (`output_numel` elements a
-    row, a segmentation map) also hold the output and its scoring's temporaries, counted twice.
-    """
-    if batch_size is not None:
-        return max(1, min(int(batch_size), total))
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    per_mask = (4 * features[0].numel() + 2 * output_numel) * features.element_size()
-    return max(1, min(total, budget // max(per_mask, 1)))
 
 
 def set_chunks(inverse: list[int], complement: list[bool], step: int) -> list[tuple]:

@@ -42,9 +42,11 @@ class EngineOptions:
 
     `backend` "torch" or "onnxruntime"; `provider` (onnxruntime only) None/"auto", "cpu", "cuda" or
     "tensorrt"; `precision` of the passes, "fp32", "tf32", "fp16", or "bf16" on torch; `cuda_graph`
-    (torch only) replays the passes as a CUDA graph on CUDA inputs; `tail_batch_size` mask rows per
-    pass, else as many as `memory_budget` bytes hold (None: the engine's default). A bad value is a
-    one-line ValueError.
+    (torch only) replays the passes as a CUDA graph on CUDA inputs; `tail_batch_size`: at most this
+    many mask rows per tail call in every engine (torch chunks span images, ONNX Runtime runs whole
+    images when they fit, the exported explainer graph one image's rows per chunk), else as many as
+    `memory_budget` bytes hold (None: the engine's default). A bad value is a one-line ValueError.
+    Checked here once; the engines take the checked values (fdcam.engine.plan_passes).
     """
 
     tail_batch_size: int | None = None

@@ -77,8 +77,8 @@ _TF32 = _Tf32Flags()
 def tail_precision(precision: str, device: torch.device) -> Iterator[None]:
     """Math of the switch passes: "fp32" exact (TF32 off), "tf32" TF32 matmuls and convolutions on CUDA,
     "bf16"/"fp16" autocast. torch's global TF32 flags are set under a process-wide lock shared by the
-    threads that want the same setting, and restored when the last of them leaves."""
-    check_torch_precision(precision)
+    threads that want the same setting, and restored when the last of them leaves. `precision` is checked once,
+    where the engine is made (fdcam.EngineOptions, TorchTail), not on every call."""
     with _TF32.held(precision == "tf32"):
         if precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16

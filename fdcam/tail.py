@@ -19,18 +19,10 @@ import torch
 from torch import nn
 
 from .cuda_graphs import GraphedCall
+from .engine.plan import PassPlan, plan_passes
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
 from .groups import GroupMembers
-from .mask_rows import (
-    DEFAULT_MEMORY_BUDGET,
-    chunk_size,
-    concat,
-    expand_masks,
-    pick_sets,
-    segment_rows,
-    set_chunks,
-    split_rows,
-)
+from .mask_rows import chunk_size, concat, expand_masks, pick_sets, segment_rows, set_chunks, split_rows
 from .options import TORCH_PRECISIONS
 from .precision import check_torch_precision, tail_precision
 from .targets import BatchTargets
@@ -38,15 +30,6 @@ from .targets import BatchTargets
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
 
 _MAX_GRAPHS = 4
-CPU_CHUNK_BYTES = 16 * 1024**2
-CPU_SET_CHUNK_BYTES = 2 * 1024**2  # rows of a chunk of channel sets: about what the CPU's caches hold
-# A gathered sum over g of K channels replaces a dense product when g is at most this share of K
-# (for a first Linear the dense product is one efficient GEMM, so gathering pays only when very sparse).
-CONV_SPARSE_SHARE = 0.25
-_SPARSE_SHARE = {"conv": CONV_SPARSE_SHARE, "linear": 0.05}
-# Per channel set on CPUs, a first Linear's rows take one sum per set whatever its size (a row is never
-# more than half on its sparse side), and the sums of the denser sets one product (`gathered_sums`).
-LINEAR_SETS_SHARE = 0.5
 
 
 @runtime_checkable
@@ -96,7 +79,9 @@ class TorchTail:
     a tail starting with pooling and a Linear or with a convolution computes the masked
     pre-activations from per-channel contributions (0/1 masks with few ones or few zeros as
     gathered sums), and a tail ending in a Linear computes only the rows of the requested classes.
-    Tails it does not recognise run as they are. The choice is made once per feature shape.
+    Tails it does not recognise run as they are. The shortcut is found once per feature shape; each call's
+    form (plain, dense, gathered, per channel set, group sums) and rows per chunk are its pass plan's
+    (`plan`, fdcam.engine.plan_passes). `batch_size` is at most that many mask rows per tail call.
     `precision` sets the switch passes' math (see `tail_precision`). With `cuda_graph`, CUDA inputs
     run as a CUDA graph captured once per input shape (the last few shapes are kept).
     """
@@ -163,11 +148,39 @@ class TorchTail:
         masks = expand_masks(features, masks)
         extras = list(extras)
         shortcut = self.shortcut_for(features, extras)
-        bound = _sparse_bound(shortcut, masks, sparsity, per_set=self._runs_sets(features))
+        plan = self.plan(shortcut, features, masks, classes, sparsity, score)
         if self.cuda_graph and features.is_cuda and score is None:  # a target's Python scoring is not captured
-            return self._graphed(shortcut, bound, features, masks, extras, classes)
+            return self._graphed(shortcut, plan, features, masks, extras, classes)
         with tail_precision(self.precision, features.device):
-            return self._compute(shortcut, bound, features, masks, extras, classes, score).float()
+            return self._compute(shortcut, plan, features, masks, extras, classes, score).float()
+
+    def plan(
+        self,
+        shortcut: TailShortcut | None,
+        features: torch.Tensor,
+        masks: torch.Tensor | None,
+        classes: torch.Tensor | None = None,
+        sparsity: int | None = None,
+        score: BatchTargets | None = None,
+        *,
+        groups: bool = False,
+    ) -> PassPlan:
+        """The plan (fdcam.engine.plan) of masks [N,M,K] (or, with `groups`, of [N,K,K] channel groups' switch
+        rows) on these features: measures the masks' sparse side when gathering could apply (one host sync)."""
+        return plan_passes(
+            shortcut,
+            features,
+            num_rows=features.shape[1] if masks is None else masks.shape[1],
+            classes=classes is not None,
+            masks=masks,
+            sparsity=sparsity,
+            groups=groups,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            memory_budget=self.memory_budget,
+            output_numel=0 if score is None else score.output_numel,
+            engine="torch",
+        )
 
     @torch.no_grad()
     def group_passes(
@@ -187,10 +200,9 @@ class TorchTail:
         `members` (fdcam.groups.GroupMembers), a sum over each row's few candidates. A `batch_size`
         given asks for mask rows in chunks of that size: None, so they run.
         """
-        if classes is None or self.batch_size is not None:
-            return None
         shortcut = self.shortcut_for(features, extras)
-        if shortcut is None or shortcut.kind != "linear" or not shortcut.first_is_final:
+        plan = self.plan(shortcut, features, None, classes, groups=True)
+        if plan.form != "group-sums":
             return None
         with tail_precision(self.precision, features.device):
             contributions, bias = shortcut.prepare(features, classes)  # [N,K,T], [N,T]
@@ -198,27 +210,21 @@ class TorchTail:
             if members is not None:
                 summed = _member_sums(contributions, members)
             else:
-                summed = _group_sums(contributions, groups)
+                summed = _group_sums(contributions, groups, plan.rows)
             base = torch.zeros_like(contributions[:, :1]) if bias is None else bias[:, None]
             full = contributions.sum(1, keepdim=True) + base
             return (summed + base).float(), (full - summed).float()
 
-    def _graphed(self, shortcut, bound, features, masks, extras: list, classes) -> torch.Tensor:
+    def _graphed(self, shortcut, plan: PassPlan, features, masks, extras: list, classes) -> torch.Tensor:
         tensors = [features, masks.contiguous(), *extras] + ([] if classes is None else [classes])
-        key = (
-            tuple((tuple(t.shape), t.dtype) for t in tensors),
-            features.device,
-            shortcut is not None,
-            bound,
-            classes is None,
-        )
+        key = (tuple((tuple(t.shape), t.dtype) for t in tensors), features.device, plan, classes is None)
         graphed = self._graphs.get(key)
         if graphed is None:
             count = len(extras)
 
             def function(features, masks, *rest):
                 chosen = None if classes is None else rest[count]
-                return self._compute(shortcut, bound, features, masks, list(rest[:count]), chosen).float()
+                return self._compute(shortcut, plan, features, masks, list(rest[:count]), chosen).float()
 
             with tail_precision(self.precision, features.device):
                 graphed = GraphedCall(function, tensors)
@@ -229,29 +235,18 @@ class TorchTail:
         self.graph_replays += 1
         return graphed(*tensors)
 
-    def _rows_per_chunk(self, shortcut, features: torch.Tensor, total: int, output_numel: int = 0) -> int:
-        if shortcut is not None and shortcut.kind == "linear" and self.batch_size is None:
-            budget = DEFAULT_MEMORY_BUDGET if self.memory_budget is None else int(self.memory_budget)
-            per_row = (4 * shortcut.out_features + 2 * output_numel) * features.element_size()
-            return max(1, min(total, budget // per_row))
-        step = chunk_size(features, self.memory_budget, self.batch_size, total, output_numel)
-        if shortcut is not None and shortcut.kind == "conv" and self.batch_size is None and not features.is_cuda:
-            # On CPUs, chunks whose rows fit the allocator's reused blocks beat one huge fresh buffer.
-            step = min(step, max(1, CPU_CHUNK_BYTES // (shortcut.row_numel * features.element_size())))
-        return step
-
-    def _compute(self, shortcut, bound, features, masks, extras: list, classes, score=None) -> torch.Tensor:
-        """Logits [N,M,C|T] (scores [N,M,T] with `score`): the N·M masked passes in chunks of rows, each
-        chunk one body forward."""
+    def _compute(self, shortcut, plan: PassPlan, features, masks, extras: list, classes, score=None) -> torch.Tensor:
+        """Logits [N,M,C|T] (scores [N,M,T] with `score`): the N·M masked passes in chunks of `plan.rows` rows,
+        each chunk one body forward (or per channel set, `_compute_sets`)."""
         n, m, _ = masks.shape
         total = n * m
-        step = self._rows_per_chunk(shortcut, features, total, 0 if score is None else score.output_numel)
+        step = plan.rows
         if shortcut is not None:
             state = shortcut.prepare(features, classes if shortcut.first_is_final else None)  # once per batch
-            sparse = sparse_rows(masks, bound) if bound is not None else None
+            sparse = sparse_rows(masks, plan.bound) if plan.gathers else None
             self.sparse_calls += sparse is not None
-            if self._takes_sets(sparse, features):
-                return self._compute_sets(shortcut, state, sparse, features, masks, extras, classes, score)
+            if plan.form == "sets":
+                return self._compute_sets(shortcut, plan, state, sparse, features, masks, extras, classes, score)
         outputs = []
         for start in range(0, total, step):
             end = min(total, start + step)
@@ -290,16 +285,8 @@ class TorchTail:
                 offset += hi - lo
         return concat(outputs).reshape(n, m, *outputs[0].shape[1:])
 
-    def _takes_sets(self, sparse, features: torch.Tensor) -> bool:
-        """Whether the gathered passes run per channel set (`_compute_sets`): CPU, full precision."""
-        return sparse is not None and self._runs_sets(features)
-
-    def _runs_sets(self, features: torch.Tensor) -> bool:
-        """Whether gathered passes on these features would run per channel set: CPU, full precision."""
-        return features.device.type == "cpu" and self.precision == "fp32"
-
     def _compute_sets(
-        self, shortcut, state, sparse, features, masks, extras: list, classes, score=None
+        self, shortcut, plan: PassPlan, state, sparse, features, masks, extras: list, classes, score=None
     ) -> torch.Tensor:
         """The gathered passes with one gathered sum per distinct channel set of an image.
 
@@ -311,13 +298,7 @@ class TorchTail:
         n, m, _ = masks.shape
         index, gate, complement = sparse
         rows = shortcut.input_rows(state)
-        output_numel = 0 if score is None else score.output_numel
-        if shortcut.kind == "linear":
-            step = self._rows_per_chunk(shortcut, features, m, output_numel)
-        else:
-            step = self.batch_size or max(1, CPU_SET_CHUNK_BYTES // (shortcut.row_numel * features.element_size()))
-            if output_numel:
-                step = min(step, self._rows_per_chunk(shortcut, features, m, output_numel))
+        step = plan.rows
         results = []
         for i in range(n):
             image = shortcut.select(state, i)
@@ -354,12 +335,11 @@ class TorchTail:
         return torch.stack(results)
 
 
-def _group_sums(contributions: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Σ over each group of boolean `groups` [N,K,K] of the contributions [N,K,T]: [N,K,T]."""
+def _group_sums(contributions: torch.Tensor, groups: torch.Tensor, step: int) -> torch.Tensor:
+    """Σ over each group of boolean `groups` [N,K,K] of the contributions [N,K,T]: [N,K,T], the groups
+    as floats `step` rows at a time."""
     n, k = groups.shape[0], groups.shape[-1]
     summed = contributions.new_empty(contributions.shape)
-    # the groups as floats, a cache-sized chunk of rows at a time
-    step = max(1, CPU_SET_CHUNK_BYTES // (k * contributions.element_size()))
     for i in range(n):
         for start in range(0, k, step):
             rows = groups[i, start : start + step].to(contributions.dtype)
@@ -373,25 +353,3 @@ def _member_sums(contributions: torch.Tensor, members: GroupMembers) -> torch.Te
     t = contributions.shape[-1]
     gathered = contributions.gather(1, members.index.reshape(n, k * c, 1).expand(n, k * c, t)).view(n, k, c, t)
     return (gathered * members.member[..., None].to(gathered.dtype)).sum(2)
-
-
-def _sparse_bound(
-    shortcut: TailShortcut | None, masks: torch.Tensor, sparsity: int | None, per_set: bool = False
-) -> int | None:
-    """How many entries per row the gathered sums take, or None for the dense product (one host sync).
-
-    `per_set`: the passes run per channel set (`TorchTail._compute_sets`), which takes a first Linear's
-    0/1 masks of any density.
-    """
-    if shortcut is None or not shortcut.sparse_capable or masks.numel() == 0:
-        return None
-    k = masks.shape[-1]
-    ones = masks.sum(-1)
-    largest = torch.minimum(ones, k - ones).max()
-    binary = ((masks == 0) | (masks == 1)).all()
-    is_binary, largest = torch.stack([binary.to(largest.dtype), largest]).tolist()
-    if not is_binary:
-        return None
-    bound = sparsity if sparsity is not None and largest <= sparsity else int(largest)
-    share = LINEAR_SETS_SHARE if per_set and shortcut.kind == "linear" else _SPARSE_SHARE[shortcut.kind]
-    return max(1, bound) if bound <= share * k else None

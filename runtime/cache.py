@@ -34,8 +34,9 @@ from torch import nn
 
 from fdcam._version import __version__
 from fdcam.concurrency import running, tracing
+from fdcam.engine import TailForm, input_names
 from fdcam.errors import first_line
-from fdcam.export.graph import DEFAULT_OPSET, ExportError, TailForm, export_split, gathers, input_names, model_metadata
+from fdcam.export.graph import DEFAULT_OPSET, ExportError, export_split, model_metadata
 from fdcam.export.model import model_name
 from fdcam.factorise import tail_shortcut
 from fdcam.memory import row_bytes
@@ -137,7 +138,7 @@ def ort_tail(
 
     provider: None/"auto", "cpu", "cuda" or "tensorrt"; precision: "fp32" (no TF32), "tf32" or
     "fp16" (see fdcam.runtime.providers). The masks of a call go in as few session runs as
-    `memory_budget` (bytes; default fdcam.tail.DEFAULT_MEMORY_BUDGET) allows, or `batch_size` rows a run.
+    `memory_budget` (bytes; default fdcam.engine.DEFAULT_MEMORY_BUDGET) allows, or `batch_size` rows a run.
     Each graph form the calls need (all classes or a classes input; dense or gathered sums under a bound)
     is exported once per model state and its session built once per key, on first use; later calls reuse
     both. `owner` (an explainer's token) is recorded on each session it uses, for `release_sessions(owner)`;
@@ -159,7 +160,6 @@ def ort_tail(
     directory = writable_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir())
     # TensorRT engines are built for the plain form's inputs only; other providers get the shortcut forms.
     shortcut = None if resolved == "tensorrt" else tail_shortcut(split.tail, example, example_extras)
-    num_channels = features.shape[1]
     with running():
         bytes_per_row = row_bytes(split.tail, example, example_extras)
 
@@ -183,8 +183,7 @@ def ort_tail(
         sessions,
         resolved,
         num_extras=len(extras),
-        selects_rows=shortcut is not None and shortcut.selects_rows,
-        gathers=lambda sparsity: gathers(shortcut, num_channels, sparsity),
+        shortcut=shortcut,
         batch_size=batch_size,
         memory_budget=memory_budget,
         row_bytes=bytes_per_row,

@@ -9,10 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fdcam.export.graph import TailForm, input_names
-from fdcam.factorise import fits_sparse
-from fdcam.memory import rows_within
-from fdcam.tail import DEFAULT_MEMORY_BUDGET, chunk_size, expand_masks
+from fdcam.engine import PassPlan, TailForm, input_names, plan_passes
+from fdcam.factorise import TailShortcut
+from fdcam.mask_rows import expand_masks
 
 __all__ = ["OrtTail"]
 
@@ -20,12 +19,15 @@ __all__ = ["OrtTail"]
 class OrtTail:
     """The `Tail` protocol over sessions of a tail's graph forms: N images' masked passes in as few
     `session.run`s as the memory budget allows (`row_bytes` per mask row; default budget
-    `DEFAULT_MEMORY_BUDGET`), in chunks of (nearly) equal size, so ONNX Runtime reuses its memory plans.
+    `fdcam.engine.DEFAULT_MEMORY_BUDGET`), in chunks of (nearly) equal size, so ONNX Runtime reuses its memory plans.
 
-    Torch tensors in, float32 logits out on the features' device. Like the torch tail, a call with
-    classes runs the graph that computes only those rows of a last Linear (`selects_rows`), and a call
-    whose `sparsity` bound fits every mask row runs the graph of gathered sums under that bound; every
-    other call runs the dense all-classes graph (so a wrong bound costs speed, never exactness).
+    Torch tensors in, float32 logits out on the features' device. Each call's graph form is its pass
+    plan's (fdcam.engine.plan_passes with the tail's `shortcut`, `TailForm.of`): like the torch tail, a
+    call with classes runs the graph that computes only those rows of a last Linear (`selects_rows`), and
+    a call whose `sparsity` bound fits every mask row runs the graph of gathered sums under that bound;
+    every other call runs the dense all-classes graph (so a wrong bound costs speed, never exactness).
+    `batch_size` (tail_batch_size) is at most that many mask rows per session run, as in the torch tail; a run
+    holds whole images when they fit.
     `sessions(form)` gives (session, provider, stream) of a `TailForm`, exported on first use. On a
     CUDA session with CUDA tensors, inputs and the preallocated output are bound by pointer
     (IOBinding): nothing goes through the host. `runs` counts session runs; `bound_runs` the ones
@@ -38,8 +40,7 @@ class OrtTail:
         provider: str,
         *,
         num_extras: int = 0,
-        selects_rows: bool = False,
-        gathers: Callable[[int | None], bool] = lambda sparsity: False,
+        shortcut: TailShortcut | None = None,
         batch_size: int | None = None,
         memory_budget: int | None = None,
         row_bytes: int | None = None,
@@ -48,8 +49,7 @@ class OrtTail:
         self._opened: dict[TailForm, tuple[ort.InferenceSession, str, int | None]] = {}
         self._provider = provider  # the requested one, until a session says which one it runs on
         self.num_extras = num_extras
-        self.selects_rows = selects_rows
-        self.gathers = gathers
+        self.shortcut = shortcut  # the tail's shortcut the graphs may take (None: the plain graph only)
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.row_bytes = row_bytes  # memory one mask row's pass holds (fdcam.memory.row_bytes); None: 4× its features
@@ -84,11 +84,35 @@ class OrtTail:
     def on_gpu(self) -> bool:
         return self.provider in ("cuda", "tensorrt")
 
-    def form_for(self, masks: torch.Tensor, classes: torch.Tensor | None, sparsity: int | None) -> TailForm:
+    @property
+    def selects_rows(self) -> bool:
+        """Whether a call with classes runs a graph that computes only those rows of a last Linear."""
+        return self.shortcut is not None and self.shortcut.selects_rows
+
+    def plan(
+        self, features: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None, sparsity: int | None
+    ) -> PassPlan:
+        """The pass plan (fdcam.engine) of masks [N,M,K] on these features: its graph form is `TailForm.of(plan)`,
+        its rows per session run `plan.rows` (the sparsity bound is checked on the masks: one host sync)."""
+        return plan_passes(
+            self.shortcut,
+            features,
+            num_rows=masks.shape[1],
+            classes=classes is not None,
+            masks=masks,
+            sparsity=sparsity,
+            batch_size=self.batch_size,
+            memory_budget=self.memory_budget,
+            row_bytes=self.row_bytes,
+            engine="ort",
+        )
+
+    def form_for(
+        self, features: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor | None, sparsity: int | None
+    ) -> TailForm:
         """The graph form for masks [N,M,K]: a classes input when the graph can use it, the sparsity bound when
-        every row is 0/1 with at most that many ones or zeros (one host sync)."""
-        bound = sparsity if self.gathers(sparsity) and fits_sparse(masks, sparsity) else None
-        return TailForm(classes=classes is not None and self.selects_rows, bound=bound)
+        every row is 0/1 with at most that many ones or zeros."""
+        return TailForm.of(self.plan(features, masks, classes, sparsity))
 
     @torch.no_grad()
     def run(
@@ -117,7 +141,8 @@ class OrtTail:
             raise ValueError(f"this tail graph takes {self.num_extras} extra tensors, got {len(extras)}")
         masks = expand_masks(features, masks)
         n, m, _ = masks.shape
-        form = self.form_for(masks, classes, sparsity)
+        plan = self.plan(features, masks, classes, sparsity)
+        form = TailForm.of(plan)
         chosen_classes = classes.to(features.device, torch.long) if form.classes else None
 
         def once(images: slice, rows: slice) -> torch.Tensor:
@@ -129,7 +154,7 @@ class OrtTail:
                 None if chosen_classes is None else chosen_classes[images],
             )
 
-        rows = self.rows_per_run(features, n * m)
+        rows = plan.rows
         outputs = []
         if rows >= m:  # whole images per run
             for images in _even_slices(n, rows // m):
@@ -144,10 +169,15 @@ class OrtTail:
 
     def rows_per_run(self, features: torch.Tensor, total: int) -> int:
         """Mask rows per session run: `batch_size` if set, else what the memory budget holds at `row_bytes`."""
-        if self.batch_size is not None or self.row_bytes is None:
-            return chunk_size(features, self.memory_budget, self.batch_size, total)
-        budget = DEFAULT_MEMORY_BUDGET if self.memory_budget is None else self.memory_budget
-        return rows_within(budget, self.row_bytes, total)
+        return plan_passes(
+            None,
+            features[:1],
+            num_rows=total,
+            batch_size=self.batch_size,
+            memory_budget=self.memory_budget,
+            row_bytes=self.row_bytes,
+            engine="ort",
+        ).rows
 
     def _run_once(
         self,

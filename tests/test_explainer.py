@@ -462,3 +462,23 @@ def test_export_while_another_thread_traces_the_model(lite0, tmp_path):
     assert traced and len(set(traced)) == 1  # it traced while the export ran, and always saw the same layers
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(52))
     assert_matches_library(path, lite0, "_blocks.15", "gradcam", images)
+
+
+def test_the_graph_engine_gets_the_tail_batch_size(tmp_path, monkeypatch):
+    # tail_batch_size means mask rows per tail call in every engine: the explainer graph chunks by it too.
+    from nets import ConvStart
+
+    given = []
+
+    class Stop(Exception):
+        pass
+
+    def recording(*args, **kwargs):
+        given.append(kwargs.get("batch_size"))
+        raise Stop
+
+    monkeypatch.setattr(explainer_module, "GraphTail", recording)
+    for options in ({"tail_batch_size": 5}, {}):
+        with pytest.raises(Stop):
+            export_explainer(ConvStart().eval(), tmp_path / "e.onnx", "stem", input_size=(16, 16), **options)
+    assert given == [5, None]

@@ -1,6 +1,7 @@
 """Tests for fdcam.factorise: every shortcut of a tail (factorised first Linear, convolution start, target rows)
 equals the masked tail."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -494,8 +495,15 @@ def test_conv_passes_per_channel_set_equal_the_plain_tail_and_the_row_passes(opt
                 subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5
             )
         rows = TorchTail(split.tail)
-        monkeypatch.setattr(rows, "_takes_sets", lambda *args: False)
+        # the same plan, its gathered sums run per row instead of per channel set
+        monkeypatch.setattr(rows, "plan", functools.partial(_rows_not_sets, rows.plan))
         assert_same_up_to_rounding(rows.run(activations, masks, extras, sparsity=bound), got, rel=1e-5)
+
+
+def _rows_not_sets(plan, *args, **kwargs):
+    chosen = plan(*args, **kwargs)
+    assert chosen.form == "sets"
+    return dataclasses.replace(chosen, form="gathered")
 
 
 @pytest.mark.parametrize(

@@ -361,8 +361,8 @@ def test_a_tail_without_shortcuts_exports_the_plain_graph_for_every_call(tmp_pat
     from reference import assert_same_up_to_rounding
 
     _, split, features, extras, tail = _conv_start_tail(tmp_path, plain=True)
-    assert not tail.selects_rows and not tail.gathers(4)
     masks = _switch_masks(2, 32, 4, seed=8)
+    assert not tail.selects_rows and tail.plan(features, masks, None, 4).form == "plain"
     classes = torch.tensor([[5, 1], [0, 47]])
     got = tail.run(features, masks, extras, classes, sparsity=4)
     assert_same_up_to_rounding(got, _plain(split, features, masks, extras, classes))

@@ -149,7 +149,8 @@ class BaseCAM:
         return engine if engine is not None else EngineOptions(**keywords)
 
     tail_batch_size = property(
-        lambda self: self.engine.tail_batch_size, doc="Mask rows per tail pass (None: from memory_budget)."
+        lambda self: self.engine.tail_batch_size,
+        doc="Mask rows per tail call at most, any engine (None: from memory_budget).",
     )
     memory_budget = property(
         lambda self: self.engine.memory_budget, doc="Bytes a tail pass may use when tail_batch_size is None."
