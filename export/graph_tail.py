@@ -168,16 +168,17 @@ class GraphTail:
             contributions, bias = state
             summed = torch.bmm(on, contributions)[0]  # [K,out]: Σ_G(k) C_l
             base, full = (b[0] for b in _linear_bases(contributions, bias))  # [1,out] each
-            rows = 2 * k if switch == "on_off" else k
+            # Switch-on rows base + Σ_G, then switch-off rows full − Σ_G, each chunk a fresh tensor (never a
+            # view of one block of rows, nor a concatenation): the body may start with an in-place ReLU, which
+            # the exporter writes back into a viewed base as a ScatterElements over all the rows (65 ms of
+            # VGG16's graph with ONNX Runtime, a third of its second Linear's product).
+            starts = [lambda rows: base + rows] if switch == "on_off" else []
+            starts.append(lambda rows: full - rows)
             return _cat(
                 [
-                    _finish(
-                        shortcut,
-                        _linear_starts(summed, base, full, lo, min(rows, lo + self.rows), rows - k),
-                        extras,
-                        classes,
-                    )
-                    for lo in range(0, rows, self.rows)
+                    _finish(shortcut, start(summed[lo : lo + self.rows]), extras, classes)
+                    for start in starts
+                    for lo in range(0, k, self.rows)
                 ]
             )
         features, full, weight, bias = state
@@ -220,23 +221,6 @@ def pointwise_sums(state: tuple, index: torch.Tensor, gate: torch.Tensor, comple
     delta = full.reshape(out, plane) - bias[:, None]  # [out,hw]
     z = summed + bias[:, None] + complement[0].to(features.dtype)[..., None] * delta
     return z.reshape(index.shape[1], *full.shape[1:])
-
-
-def _linear_starts(
-    summed: torch.Tensor, base: torch.Tensor, full: torch.Tensor, lo: int, hi: int, on: int
-) -> torch.Tensor:
-    """Rows lo..hi of the first Linear's switch rows [base + Σ_G (the first `on` rows); full − Σ_G]: [hi−lo,out].
-
-    Each chunk is a fresh tensor, never a view of a larger one: the body may start with an in-place ReLU,
-    which the exporter writes back into a viewed base as a ScatterElements over all rows (65 ms on
-    VGG16's [1024,4096] starts with ONNX Runtime, a third of the second Linear's product).
-    """
-    pieces = []
-    if lo < on:
-        pieces.append(base + summed[lo : min(hi, on)])
-    if hi > on:
-        pieces.append(full - summed[max(lo, on) - on : hi - on])
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def _finish(

@@ -105,8 +105,8 @@ def vgg_shaped():
     return VggShaped().eval()
 
 
-def test_a_first_linear_with_a_body_in_chunks_across_the_switch_on_and_off_rows_equals_the_masked_tail(vgg_shaped):
-    # A row costs 4·(48 + 32)·4 bytes: 20 rows per chunk, so a chunk holds switch-on and switch-off rows.
+def test_a_first_linear_with_a_body_in_several_chunks_equals_the_masked_tail(vgg_shaped):
+    # A row costs 4·(48 + 32)·4 bytes: 20 rows per chunk, so each switch's 32 rows take two chunks.
     engine = check_passes(vgg_shaped, "features.4", 16, budget=20 * 4 * 80 * 4)
     assert engine.shortcut.kind == "linear" and not engine.shortcut.first_is_final and engine.rows == 20
 
