@@ -37,13 +37,13 @@ def plain_logits(split, features, extras, masks, classes):
     return logits.gather(2, classes[:, None, :].expand(-1, masks.shape[1], -1))
 
 
-def check_passes(model, layer, size, theta=0.95, grouping=True):
+def check_passes(model, layer, size, theta=0.95, grouping=True, **engine_options):
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
     split = split_model(model, layer, images[:1])
     classes = torch.tensor([[3, 5], [7, 1]])
     with torch.no_grad():
         features, *extras = split.head(images)
-        engine = GraphTail(split.tail, features, extras)
+        engine = GraphTail(split.tail, features, extras, **engine_options)
         k = features.shape[1]
         groups = channel_groups(features, theta) if grouping else torch.eye(k, dtype=torch.bool).expand(2, k, k)
         sparsity = max_group_size(k, theta) if grouping else 1
@@ -70,6 +70,59 @@ def test_a_pointwise_convolution_tail_in_cache_sized_chunks_equals_the_masked_ta
 def test_a_pool_and_linear_tail_equals_the_masked_tail(resnet50_random):
     engine = check_passes(resnet50_random, "layer4", 96)
     assert engine.shortcut.kind == "linear" and engine.shortcut.first_is_final
+
+
+class VggShaped(torch.nn.Module):
+    """VGG's layout in small: convolutions, a pool, then Linear → in-place ReLU → Linear → in-place ReLU → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        relu = lambda: torch.nn.ReLU(inplace=True)  # noqa: E731
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1),
+            relu(),
+            torch.nn.Conv2d(16, 32, 3, padding=1),
+            relu(),
+            torch.nn.MaxPool2d(2),
+        )
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(2)
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Linear(32 * 4, 48),
+            relu(),
+            torch.nn.Dropout(),
+            torch.nn.Linear(48, 40),
+            relu(),
+            torch.nn.Linear(40, 10),
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+@pytest.fixture(scope="module")
+def vgg_shaped():
+    torch.manual_seed(3)
+    return VggShaped().eval()
+
+
+def test_a_first_linear_with_a_body_in_several_chunks_equals_the_masked_tail(vgg_shaped):
+    # A row costs 4·(48 + 32)·4 bytes: 20 rows per chunk, so each switch's 32 rows take two chunks.
+    engine = check_passes(vgg_shaped, "features.4", 16, budget=20 * 4 * 80 * 4)
+    assert engine.shortcut.kind == "linear" and not engine.shortcut.first_is_final and engine.rows == 20
+
+
+def test_a_first_linear_with_a_body_exports_without_writing_its_rows_back(vgg_shaped, tmp_path):
+    # The body's in-place ReLU on rows viewed from one block was exported as a ScatterElements over all the
+    # rows (65 ms of VGG16's graph); the export's own validation checks the maps against the library's.
+    path = export_explainer(vgg_shaped, tmp_path / "e.onnx", "features.4", "fdcam", True, input_size=(16, 16))
+
+    def subgraphs(node):
+        for attribute in node.attribute:
+            yield from ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else []) + list(attribute.graphs)
+
+    scans = [node for node in onnx.load(str(path)).graph.node if node.op_type == "Scan"]
+    body = {node.op_type for scan in scans for graph in subgraphs(scan) for node in graph.node}
+    assert len(scans) == 1 and {"Gemm", "Relu"} <= body and "ScatterElements" not in body
 
 
 def test_single_channel_groups_and_a_tail_without_shortcut_equal_the_masked_tail(lite0, resnet50_random):
