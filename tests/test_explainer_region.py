@@ -16,7 +16,9 @@ from fdcam.export.agreement import agreement
 from fdcam.export.explainer import describe_explainer
 from fdcam.targets import ClassLogit, RegionLogit
 
-SIZE = 64  # small, to keep the exports quick; the graph's H,W (and the region's) are fixed at export
+# Small, to keep the exports and the float64 references quick (32 px: a 2×2 map at backbone.16, 4×4 at the skip); the
+# graph's H,W (and the region's) are fixed at export. Every region below is a fraction of SIZE.
+SIZE = 32
 LAYER = "backbone.16"
 LOGITS_RTOL = 1e-4
 
@@ -50,7 +52,7 @@ def lraspp_fdcam(lraspp, tmp_path_factory):
 def images() -> torch.Tensor:
     """Unseen by the export's validation: noise with a smooth bright patch."""
     x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(21))
-    x[1, :, 10:40, 20:60] += 2.0
+    x[1, :, 5:20, 10:30] += 2.0
     return x
 
 
@@ -113,9 +115,9 @@ def test_region_graph_equals_the_library_on_unseen_images_and_regions(lraspp, lr
     classes = torch.tensor([[3, 15], [0, 7], [20, 3]])
     regions = torch.stack(
         [
-            torch.stack([rectangle(5, 5, 20, 30), soft]),
-            torch.stack([rectangle(10, 20, 25, 30), rectangle(0, 0, SIZE, SIZE)]),
-            torch.stack([soft, rectangle(40, 30, 1, 1)]),  # one pixel
+            torch.stack([rectangle(2, 2, 10, 15), soft]),
+            torch.stack([rectangle(5, 10, 12, 15), rectangle(0, 0, SIZE, SIZE)]),
+            torch.stack([soft, rectangle(20, 15, 1, 1)]),  # one pixel
         ]
     )
     logits, targets, saliency = run_explainer(session(lraspp_fdcam), images.numpy(), classes.numpy(), regions.numpy())
@@ -132,7 +134,7 @@ def test_a_mixed_batch_equals_the_images_explained_one_by_one(lraspp, lraspp_fdc
     # Image 0: class 3 over the whole map (ClassLogit of a segmentation output), image 1: a region of class 5.
     images = images[:2]
     classes = torch.tensor([[3], [5]])
-    regions = torch.stack([torch.ones(1, SIZE, SIZE), rectangle(15, 10, 20, 25)[None]])
+    regions = torch.stack([torch.ones(1, SIZE, SIZE), rectangle(7, 5, 10, 12)[None]])
     _, _, saliency = run_explainer(session(lraspp_fdcam), images.numpy(), classes.numpy(), regions.numpy())
     _, _, first = run_explainer(session(lraspp_fdcam), images[:1].numpy(), classes[:1].numpy(), regions[:1].numpy())
     _, _, second = run_explainer(session(lraspp_fdcam), images[1:].numpy(), classes[1:].numpy(), regions[1:].numpy())
@@ -145,7 +147,7 @@ def test_a_mixed_batch_equals_the_images_explained_one_by_one(lraspp, lraspp_fdc
 def test_bad_rows_get_nan_maps_and_a_region_of_another_size_is_refused(lraspp_fdcam, images):
     explainer = session(lraspp_fdcam)
     classes = np.array([[3, 5], [3, 21], [3, 5]])  # 21: outside the model's 21 classes
-    regions = np.stack([np.stack([rectangle(5, 5, 20, 20).numpy()] * 2)] * 3)
+    regions = np.stack([np.stack([rectangle(2, 2, 10, 10).numpy()] * 2)] * 3)
     regions[0, 1, 5, 5] = np.nan
     bad_images = images.numpy().copy()
     bad_images[2, 0, 0, 0] = np.inf
@@ -252,7 +254,7 @@ def test_cli_exports_a_region_graph_and_a_triton_repository_listing_the_region_i
     ]
     assert config.parameters["fdcam_target"].string_value == "region"
     classes = torch.tensor([[3, 9], [12, 0]])
-    regions = torch.stack([torch.stack([rectangle(0, 0, 32, 32), rectangle(16, 16, 32, 32)])] * 2)
+    regions = torch.stack([torch.stack([rectangle(0, 0, 16, 16), rectangle(8, 8, 16, 16)])] * 2)
     _, _, saliency = run_explainer(
         session(out / "explainer.onnx"), images[:2].numpy(), classes.numpy(), regions.numpy()
     )

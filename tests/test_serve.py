@@ -1,8 +1,8 @@
 """`fdcam serve`: a real Triton Inference Server on loopback, against the library's own maps.
 
 One server (Grad-CAM on EfficientNet-Lite0, torch backend) serves most of the module, a second one the
-default onnxruntime backend (the exported explainer graph); the Ctrl-C test stops the first and checks
-that no tritonserver or stub process is left.
+default onnxruntime backend (the exported explainer graph); the Ctrl-C test stops the first and the
+SIGKILL test kills the second, each checking that no tritonserver or stub process is left.
 """
 
 from __future__ import annotations
@@ -138,7 +138,10 @@ def server():
 @pytest.fixture(scope="module")
 def onnx_server(tmp_path_factory):
     """The default backend: the exported explainer graph in ONNX Runtime. A long queue delay makes
-    requests sent together wait for each other, so the batching check below does not hang on timing."""
+    requests sent together wait for each other, so the batching check below does not hang on timing.
+    Its workspace and log go to a TMPDIR of their own: the SIGKILL test ends this server after its last
+    other user (the module's tests run in file order) and checks what it left there."""
+    tmpdir = tmp_path_factory.mktemp("onnx-server-tmp")
     running = Server(
         "--explainer-dir",
         str(tmp_path_factory.mktemp("explainer")),
@@ -146,7 +149,9 @@ def onnx_server(tmp_path_factory):
         "300000",
         backend="onnxruntime",
         startup_timeout_s=2 * STARTUP_TIMEOUT_S,
+        env={"TMPDIR": str(tmpdir)},
     )  # exports the graphs first
+    running.tmpdir = tmpdir
     yield running
     running.stop()
 
@@ -608,10 +613,11 @@ def test_serve_refuses_a_negative_bound_in_one_line(capsys):
 
 
 @pytest.mark.slow
-def test_sigkill_leaves_no_server_and_the_next_start_removes_the_workspace(tmp_path):
+def test_sigkill_leaves_no_server_and_the_next_start_removes_the_workspace(onnx_server):
     """`fdcam serve` killed outright: tritonserver and its stubs go (the kernel tells tritonserver);
-    its workspace and log stay until the next `fdcam serve`, which removes them first thing."""
-    killed = Server(env={"TMPDIR": str(tmp_path)})
+    its workspace and log stay until the next `fdcam serve`, which removes them first thing. The server
+    killed is the module's onnxruntime one, after its last other test (one server start fewer)."""
+    killed, tmp_path = onnx_server, onnx_server.tmpdir
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"fdcam-serve-{killed.process.pid}-"))
     assert len(left) == 2  # the workspace and the log
     killed.process.kill()
