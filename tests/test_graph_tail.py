@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fdcam
+from fdcam.export import export_explainer
 from fdcam.export.graph_tail import GraphTail, per_image
 from fdcam.factorise import max_group_size
 from fdcam.groups import channel_groups
