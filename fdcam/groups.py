@@ -141,19 +141,12 @@ def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
 def _threshold_of_top(ordered: torch.Tensor, theta: float, k: int) -> torch.Tensor:
     """`quantile_threshold` [R,1] of rows of length k from their c largest values, sorted ascending [R,c]
     (c ≥ k − floor(θ(k−1)): the order statistics it takes are among them)."""
-    low, high, weight = _order_statistics(ordered, theta, k)
-    return _lerp(low, high, weight)
-
-
-def _order_statistics(ordered: torch.Tensor, theta: float, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The two order statistics [R,1] torch.quantile lerps between, and the weight, from rows of length k
-    given by their c largest values sorted ascending [R,c]."""
     position = float(torch.tensor(theta, dtype=ordered.dtype)) * (k - 1)
     below = int(position)
     offset = k - ordered.shape[-1]  # ordered[:, j − offset] is the sorted row's value j
     low = ordered[:, below - offset : below - offset + 1]
     high = ordered[:, below - offset + 1 : below - offset + 2] if position > below and below + 1 < k else low
-    return low, high, position - below
+    return _lerp(low, high, position - below)
 
 
 #: Values below each row's lower order statistic that `_float32_groups` also selects, to re-check in float64.
@@ -196,68 +189,46 @@ def _float32_groups(activations: torch.Tensor, theta: float, members: bool = Fal
 
 
 def _settle_rows(groups, similarity, activations, theta, near, values=None, index=None, threshold=None, margin=0.0):
-    """Rows `near` [...,K] of `groups` set to those of the float64 similarities, and whether some row was
-    taken whole.
+    """Rows `near` [...,K] of `groups` set to those of the float64 similarities, and whether some row
+    was taken whole (its members may lie outside the selection).
 
     With the selection (`values`, `index` of each row's largest float32 similarities, reaching
-    `_CHECK_EXTRA` values below its lower order statistic), a row needs float64 only for the few selected
-    values near its threshold and order statistics (`_settle_from_band`); rows whose check fails, and
-    every near row without a selection, take the whole float64 row.
+    `_CHECK_EXTRA` values below its lower order statistic) and when the smallest selected value lies
+    more than m below the threshold, every unselected channel is out in float64 too and below the
+    float64 order statistics: the threshold comes from the selected channels alone. Other rows take
+    the whole float64 row's.
     """
     unit64 = _unit_maps(activations.flatten(-2).double())
     if groups.dim() == 2:
         groups, near, unit64 = groups[None], near[None], unit64[None]
         if values is not None:
             values, index, threshold = values[None], index[None], threshold[None]
+    k = groups.shape[-1]
     any_whole = False
     for image in near.any(-1).nonzero().flatten().tolist():
         rows = near[image].nonzero().flatten()
-        whole = torch.ones_like(rows, dtype=torch.bool)
-        if values is not None:
-            settled, whole = _settle_from_band(
-                unit64[image], rows, values[image, rows], index[image, rows], threshold[image, rows], theta, margin
-            )
-            groups[image, rows[~whole]] = settled[~whole]
-        if bool(whole.any()):
+        exact = (unit64[image, rows] @ unit64[image].transpose(-1, -2)).float()  # [R,K]
+        if values is None:
+            groups[image, rows] = exact > quantile_threshold(exact, theta)
             any_whole = True
-            far = rows[whole]
-            exact = (unit64[image, far] @ unit64[image].transpose(-1, -2)).float()  # [R',K]
-            groups[image, far] = exact > quantile_threshold(exact, theta)
+            continue
+        columns = index[image, rows]
+        reaches = values[image, rows].amin(-1) < threshold[image, rows, 0] - margin  # [R]
+        cutoff = torch.empty_like(exact[:, :1])
+        if bool(reaches.any()):
+            # The float64 order statistics are among the selected channels: their values sorted hold
+            # them at the same ranks from the top.
+            ordered = exact[reaches].gather(-1, columns[reaches]).sort(-1).values
+            cutoff[reaches] = _threshold_of_top(ordered, theta, k)
+        if not bool(reaches.all()):
+            cutoff[~reaches] = quantile_threshold(exact[~reaches], theta)
+            any_whole = True
+        settled = exact > cutoff
+        # An unselected channel of a row that reaches far enough is out (it lies below the threshold).
+        selected = torch.zeros_like(settled).scatter_(-1, columns, True)
+        settled &= selected | ~reaches[:, None]
+        groups[image, rows] = settled
     return (groups[0] if activations.dim() == 3 else groups), any_whole
-
-
-def _settle_from_band(unit64, rows, values, columns, threshold, theta, margin):
-    """The float64 groups [R,K] of `rows` from float64 similarities of a few of their selected values, and
-    which rows [R] this cannot settle (True: take the whole row).
-
-    A float32 value s' lies within e = (m − 6u)/2 of its float64 s. Float64 is computed for the values
-    within m of the threshold and within 3e of either order statistic; the others keep s'. Where the
-    order statistics found among those keys are float64 ones, and no float32 key (nor an unselected
-    channel, at most the smallest selected value) lies within e of them or of the threshold they give,
-    every key holds its float64 rank and side: the row is the float64 row.
-    """
-    k = unit64.shape[0]
-    error = (margin - 6 * _UNIT_ROUNDOFF32) / 2
-    slack = 4 * _UNIT_ROUNDOFF32  # the float32 rounding of the bounds themselves
-    low32, high32, _ = _order_statistics(values.sort(-1).values, theta, k)
-    exact = (values - threshold).abs() <= margin
-    exact |= ((values - low32).abs() <= 3 * error) | ((values - high32).abs() <= 3 * error)
-    pairs = exact.nonzero()  # [P,2]: a few values per row
-    key = values.clone()
-    key[pairs[:, 0], pairs[:, 1]] = (
-        (unit64[rows[pairs[:, 0]]] * unit64[columns[pairs[:, 0], pairs[:, 1]]]).sum(-1).float()
-    )
-    ordered, order = key.sort(-1)
-    low, high, weight = _order_statistics(ordered, theta, k)
-    low_exact, high_exact, _ = _order_statistics(exact.gather(-1, order).to(ordered.dtype), theta, k)
-    cutoff = _lerp(low, high, weight)
-    sound = (low_exact > 0) & (high_exact > 0) & (values.amin(-1, keepdim=True) < low - 2 * error - slack)
-    others = key.masked_fill(exact, float("inf"))
-    for point in (low, high, cutoff):
-        sound &= (others - point).abs().amin(-1, keepdim=True) > error + slack
-    settled = torch.zeros((len(rows), k), dtype=torch.bool, device=values.device)
-    settled.scatter_(-1, columns, key > cutoff)
-    return settled, ~sound[:, 0]
 
 
 def _float32_safe(activations: torch.Tensor) -> bool:

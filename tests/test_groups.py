@@ -202,31 +202,6 @@ def test_maps_too_large_or_too_small_for_float32_norms_take_the_float64_path():
         assert torch.equal(channel_groups(scaled), float64_groups(scaled, 0.95))
 
 
-@pytest.mark.parametrize("theta", [0.5, 0.9, 0.95, 0.99])
-def test_near_rows_are_settled_from_their_band_alone_and_equal_the_float64_rows(theta):
-    # A near row is settled from float64 values of the few selected channels near its threshold and order
-    # statistics; the rows so settled are the float64 rows, and on maps like these (a common pattern and
-    # noise: most rows near) nearly all of them are.
-    import fdcam.groups as groups_module
-
-    generator = torch.Generator().manual_seed(16)
-    pattern = torch.rand(1, 7, 7, generator=generator)
-    activations = torch.relu(pattern + 0.2 * torch.randn(1100, 7, 7, generator=generator))
-    flat = activations.flatten(-2)
-    unit = groups_module._unit_maps(flat)
-    margin = (6 * flat.shape[-1] + 26) * groups_module._UNIT_ROUNDOFF32
-    threshold, values, index = groups_module._threshold_and_top(
-        unit @ unit.T, theta, True, extra=groups_module._CHECK_EXTRA
-    )
-    near = (values - threshold).abs().le(margin).any(-1).nonzero().flatten()
-    unit64 = groups_module._unit_maps(flat.double())
-    settled, whole = groups_module._settle_from_band(
-        unit64, near, values[near], index[near], threshold[near], theta, margin
-    )
-    assert len(near) > 500 and int((~whole).sum()) > (0.9 if theta == 0.95 else 0.2) * len(near)
-    assert torch.equal(settled[~whole], float64_groups(activations, theta)[near[~whole]])
-
-
 def test_members_hold_exactly_the_groups_and_are_none_where_a_row_was_settled_whole(monkeypatch):
     import fdcam.groups as groups_module
 
