@@ -118,6 +118,9 @@ def _nudged_quantile(direction: float) -> type:
     """FD-CAM with every row's quantile moved one float ulp towards `direction` (±inf)."""
 
     class NudgedQuantileFDCAM(METHODS["fdcam"]):
+        def groups_and_members(self, activations: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return torch.stack([self.groups(image) for image in activations]), None
+
         def groups(self, activations: torch.Tensor) -> torch.Tensor:
             if activations.dim() == 4:  # per image, as channel_groups does for large batches
                 return torch.stack([self.groups(image) for image in activations])

@@ -53,7 +53,8 @@ class FDCAM(BaseCAM):
     @timed_stage("grouping")
     def groups_and_members(self, activations: torch.Tensor) -> tuple[torch.Tensor, GroupMembers | None]:
         """Groups [N,K,K] of activations [N,K,h,w], and their members where the grouping gives them
-        (fdcam.groups.channel_groups_and_members)."""
+        (fdcam.groups.channel_groups_and_members). The switch passes take their groups from here: a
+        subclass that changes the groups overrides this (and `groups` for single images)."""
         if not self.grouping:
             eye = single_channel_groups(activations.shape[-3], activations.device)
             index = torch.arange(eye.shape[0], device=eye.device)[:, None].expand(len(activations), -1, 1)
