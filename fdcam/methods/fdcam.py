@@ -56,9 +56,11 @@ class FDCAM(BaseCAM):
         (fdcam.groups.channel_groups_and_members). The switch passes take their groups from here: a
         subclass that changes the groups overrides this (and `groups` for single images)."""
         if not self.grouping:
+            # shape[0], not len(): len() fixes a traced graph's batch size to the example's.
+            batch = activations.shape[0]
             eye = single_channel_groups(activations.shape[-3], activations.device)
-            index = torch.arange(eye.shape[0], device=eye.device)[:, None].expand(len(activations), -1, 1)
-            return eye.expand(len(activations), *eye.shape), GroupMembers(
+            index = torch.arange(eye.shape[0], device=eye.device)[:, None].expand(batch, -1, 1)
+            return eye.expand(batch, *eye.shape), GroupMembers(
                 index, torch.ones_like(index, dtype=torch.bool)
             )
         return channel_groups_and_members(activations, self.theta)
