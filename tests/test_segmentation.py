@@ -20,7 +20,13 @@ from fdcam.groups import channel_groups
 from fdcam.switch import switch_logits, switch_masks
 from fdcam.tail import TorchTail
 from fdcam.targets import RegionLogit, resolve_targets
-from reference import agreement, assert_same_up_to_rounding, cosine_groups, minmax
+from reference import (
+    agreement,
+    assert_same_or_within_the_float32_spread,
+    assert_same_up_to_rounding,
+    cosine_groups,
+    minmax,
+)
 
 SIZE = 64
 CLASSES = 6
@@ -159,7 +165,13 @@ def test_fdcam_on_a_region_equals_a_plain_loop_of_whole_model_passes(images, nam
     got = fdcam.FDCAM(model, layer)(x, targets=RegionLogit(3, mask))[0, 0]
     expected = fdcam_region_reference(model, model.get_submodule(layer), x, 3, mask)
     assert expected.std() > 0.05
-    assert_same_up_to_rounding(got, expected)
+
+    def exact():
+        model64 = copy.deepcopy(model).double()
+        return fdcam_region_reference(model64, model64.get_submodule(layer), x.double(), 3, mask.double())
+
+    # FCN's map strays from float64 by ~7e-4 of its scale in either float32 order here (ill-conditioned).
+    assert_same_or_within_the_float32_spread(got, expected, exact)
 
 
 def _peak_tensor_bytes(function) -> int:
