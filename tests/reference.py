@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fdcam.export.agreement import ILL_CONDITIONED_FACTOR
+
 
 def activations_and_gradient(model, layer, x, cls):
     """A [K,h,w] and ∂f_c/∂A via a temporary forward hook on the unsplit model; also the full logits."""
@@ -90,11 +92,11 @@ def scale_of(*tensors) -> float:
 
 
 def assert_same_or_within_the_float32_spread(
-    got, expected, exact, *, rel: float = 4096 * EPS32, factor: float = 4.0, min_correlation: float = 0.9999
+    got, expected, exact, *, rel: float = 4096 * EPS32, min_correlation: float = 0.9999
 ):
     """got ≈ expected as `assert_same_up_to_rounding`; where they differ by more, float32 must be what moves them:
     the float32 reference strays from the float64 one (`exact()`, computed only then) by over rel/2 of the scale,
-    and got stays within rel + factor × that spread of it (the rule of export/agreement.py).
+    and got stays within rel + ILL_CONDITIONED_FACTOR × that spread of it (the rule of export/agreement.py).
 
     Ill-conditioned maps (min-max normalisation, exp and a ReLU over near-cancelling sums) amplify rounding: two
     float32 orders that agree on one CPU may differ by more than rel on another, each a few spreads from float64.
@@ -108,7 +110,7 @@ def assert_same_or_within_the_float32_spread(
     spread = float((expected64 - truth).abs().max())
     assert spread > rel * scale / 2, f"float32 moves the reference by {spread:.3g} only: the difference is not rounding"
     difference = float((got64 - truth).abs().max())
-    allowed = rel * scale + factor * spread
+    allowed = rel * scale + ILL_CONDITIONED_FACTOR * spread
     assert difference <= allowed, f"max|Δ| from float64 = {difference:.3g} > {allowed:.3g} (spread {spread:.3g})"
 
 

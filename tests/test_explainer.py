@@ -471,7 +471,7 @@ def test_the_graph_engine_gets_the_tail_batch_size(tmp_path, monkeypatch):
     given = []
 
     class Stop(Exception):
-        pass
+        """Raised by the stand-in GraphTail: the export stops once the engine's batch size is recorded."""
 
     def recording(*args, **kwargs):
         given.append(kwargs.get("batch_size"))
