@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted(SAMPLE.glob("*.JPEG"))[: args.images]
     names = ["in-process loop", "explain_dataset, 1 actor", "explain_dataset, 2 actors"]
     rounds: dict[str, list[float]] = {name: [] for name in names}
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a Ray already running here
     try:
         for _ in range(max(1, args.repeat)):
             rounds[names[0]].append(in_process(paths, args.method, args.batch_size))

@@ -31,6 +31,7 @@ def local_ray():
     # A Ray started by the user: a model factory's module must be importable on its workers (here, tests/).
     tests = str(Path(__file__).resolve().parent)
     ray.init(
+        address="local",  # a Ray of its own, never one already running on the machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

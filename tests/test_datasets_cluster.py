@@ -52,3 +52,19 @@ def test_two_node_cluster_by_address(tmp_path, cluster, lite0):
         assert abs(row["logit"] - float(logits[row["class"]])) <= 1e-5 * float(logits.abs().max())
         upsampled = to_input_size(saliency_of(row)[None, None], (224, 224))[0, 0]
         assert (upsampled - cam(x, row["class"])[0, 0]).abs().max() <= 4 * MAP_TOLERANCE
+
+
+@pytest.mark.slow
+def test_without_an_address_a_run_starts_its_own_ray_beside_a_running_one(cluster, monkeypatch):
+    # ray.init() alone would join the cluster running on this machine (Ray's rule); a run without an address
+    # gets a one-node Ray of its own, and $RAY_ADDRESS (what `ray job submit` sets) counts as an address given.
+    from fdcam.datasets.cluster import ray_session
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with ray_session(None, quiet=True) as session:
+        assert len(session.nodes()) == 1
+    assert not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    with ray_session(None, quiet=True) as session:
+        assert len([node for node in session.nodes() if node["Alive"]]) == 2
+    assert not ray.is_initialized()

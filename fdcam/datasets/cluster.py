@@ -62,8 +62,9 @@ def plan_pool(resources: dict[str, float], actors: int | None = None, gpus_per_a
 
 @contextlib.contextmanager
 def ray_session(address: str | None, quiet: bool = False) -> Iterator[Any]:
-    """Ray for the run: the running one, an existing cluster at `address` ("auto", "ray://host:10001"), or a local
-    instance started here (shut down afterwards) that uses this machine's CPUs and GPUs."""
+    """Ray for the run: the one this process already runs, an existing cluster at `address` ("auto",
+    "ray://host:10001") or at $RAY_ADDRESS, or else a new local instance started here (shut down afterwards) that
+    uses this machine's CPUs and GPUs."""
     try:
         import ray
     except ImportError:
@@ -71,11 +72,16 @@ def ray_session(address: str | None, quiet: bool = False) -> Iterator[Any]:
     import logging
 
     started = False
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # ray.init() without an address joins any Ray already running on the machine (another user's run, a test
+        # session's): a run without an address gets a Ray of its own. RAY_ADDRESS (set by `ray job submit`) is
+        # an address given, and Ray reads it.
+        address = "local"
     if not ray.is_initialized():
         options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": not quiet}
         if address is not None and address.startswith("ray://"):
             options = {}  # Ray Client takes the cluster's settings
-        if address is None:
+        if address == "local":
             options["include_dashboard"] = False
             # Workers import what the driver imports (a model factory in the caller's package).
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}

@@ -25,7 +25,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument(
         "--ray-address",
         metavar="ADDR",
-        help="an existing Ray cluster ('auto', 'ray://host:10001'); default: a local Ray here",
+        help="an existing Ray cluster ('auto', 'ray://host:10001'); default: $RAY_ADDRESS, else a Ray of its own here",
     )
     parser.add_argument(
         "--actors",

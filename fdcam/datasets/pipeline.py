@@ -234,8 +234,8 @@ def explain_dataset(
     `targets`: "top1", "label" (from the CSV or `labels`), k (the top-k classes) or a list of classes for every
     image. `map_size`: "feature" (the map at the layer's h×w) or "input" (the library's map at the input size).
     About `rows_per_file` rows make one Parquet file. `method_options` go to the method (FD-CAM's theta, engine
-    options such as backend="onnxruntime"). Without `ray_address` a local Ray is started and shut down; images
-    already in `out` are skipped (resume).
+    options such as backend="onnxruntime"). Without `ray_address` (or $RAY_ADDRESS) a Ray of the run's own is started
+    and shut down; images already in `out` are skipped (resume).
     Returns the run's counts; raises DatasetInterrupted (a KeyboardInterrupt) on Ctrl-C after saving.
     """
     if method not in METHODS:
