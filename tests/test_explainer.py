@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fdcam
-from fdcam.export import ExportError, export_explainer, read_metadata, run_explainer
+from fdcam.export import ExportError, export_explainer, export_explainer_full, read_metadata, run_explainer
 from fdcam.export import explainer as explainer_module
 
 # Maps live in [0,1]; float32 graphs of a few hundred ops differ from torch by ~1e-6 here, and the
@@ -30,12 +30,12 @@ def session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def assert_matches_library(path, model, layer, method, images, classes=None, ill_conditioned=False, **options):
-    """The graph's outputs equal the library's. With `ill_conditioned` (random-weight models whose maps
-    float32 cannot pin down to 1e-4), the bound grows by how far the library itself strays from float64."""
-    logits, targets, saliency = run_explainer(
-        session(path), images.numpy(), None if classes is None else classes.numpy()
-    )
+def assert_matches_library(graph, model, layer, method, images, classes=None, ill_conditioned=False, **options):
+    """The graph's outputs (a path, or the export's own validation session) equal the library's. With
+    `ill_conditioned` (random-weight models whose maps float32 cannot pin down to 1e-4), the bound grows by how far
+    the library itself strays from float64."""
+    graph = graph if isinstance(graph, ort.InferenceSession) else session(graph)
+    logits, targets, saliency = run_explainer(graph, images.numpy(), None if classes is None else classes.numpy())
     with torch.no_grad():
         expected_logits = model(images)
     expected_targets = classes if classes is not None else expected_logits.argmax(1, keepdim=True)
@@ -58,14 +58,6 @@ def assert_matches_library(path, model, layer, method, images, classes=None, ill
         assert error <= SALIENCY_ATOL
     assert np.abs(logits - expected_logits.numpy()).max() <= LOGITS_RTOL * float(expected_logits.abs().max())
     return saliency
-
-
-@pytest.fixture(scope="module")
-def lite0_fdcam_classes(lite0, tmp_path_factory):
-    # A smaller input keeps the test quick; the graph's H,W are fixed at export.
-    return export_explainer(
-        lite0, tmp_path_factory.mktemp("lite0c") / "explainer.onnx", classes_input=True, input_size=(128, 128)
-    )
 
 
 @pytest.mark.slow  # reads a whole-graph export of Lite0
@@ -138,16 +130,12 @@ def test_lite0_fdcam_graph_equals_the_library_on_unseen_images(lite0, lite0_fdca
     assert saliency.shape == (2, 1, 224, 224)
 
 
-def small(image: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.interpolate(image, size=(128, 128), mode="bilinear", align_corners=False)
-
-
 @pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_classes_input_explains_the_classes_asked_for(lite0, lite0_fdcam_classes, zebra_input):
-    images = small(torch.cat([zebra_input, zebra_input.flip(-1)]))
+    images = torch.cat([zebra_input, zebra_input.flip(-1)])
     classes = torch.tensor([[340, 1, 999], [0, 340, 500]])
     saliency = assert_matches_library(lite0_fdcam_classes, lite0, "_blocks.15", "fdcam", images, classes)
-    assert saliency.shape == (2, 3, 128, 128)
+    assert saliency.shape == (2, 3, 224, 224)
 
 
 @pytest.mark.slow  # reads a whole-graph export of Lite0
@@ -168,7 +156,7 @@ def test_a_nan_or_infinite_image_gets_a_nan_map_and_no_target(lite0, lite0_fdcam
 
 @pytest.mark.slow  # reads a whole-graph export of Lite0
 def test_classes_outside_the_model_get_nan_maps_instead_of_wrapping(lite0, lite0_fdcam_classes, zebra_input):
-    images = small(torch.cat([zebra_input, zebra_input.flip(-1)]))
+    images = torch.cat([zebra_input, zebra_input.flip(-1)])
     classes = np.array([[340, -1, 1000], [-1000, 9, 999]], dtype=np.int64)
     logits, targets, saliency = run_explainer(session(lite0_fdcam_classes), images.numpy(), classes)
     np.testing.assert_array_equal(targets, classes)  # echoed as asked, so the caller sees which were refused
@@ -251,9 +239,9 @@ def test_triton_config_parses_as_triton_model_config(lite0_fdcam, lite0_fdcam_cl
     assert config.parameters["fdcam_method"].string_value == "fdcam"
 
     with_classes = parse_triton_config(triton_config(lite0_fdcam_classes, "m", tensorrt="fp16"))
-    assert [(i.name, list(i.dims)) for i in with_classes.input] == [("image", [3, 128, 128]), ("classes", [-1])]
+    assert [(i.name, list(i.dims)) for i in with_classes.input] == [("image", [3, 224, 224]), ("classes", [-1])]
     assert with_classes.input[1].data_type == model_config_pb2.TYPE_INT64
-    assert list(with_classes.output[2].dims) == [-1, 128, 128]
+    assert list(with_classes.output[2].dims) == [-1, 224, 224]
     (accelerator,) = with_classes.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt"
     assert accelerator.parameters["precision_mode"] == "FP16"
@@ -352,7 +340,7 @@ def node_with_onnxruntime() -> str:
 @pytest.mark.slow
 def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zebra_input, tmp_path):
     node = node_with_onnxruntime()
-    images = torch.cat([small(zebra_input), torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(11))])
+    images = torch.cat([zebra_input, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(11))])
     (tmp_path / "images.f32").write_bytes(images.numpy().astype("<f4").tobytes())
     result = subprocess.run(
         [
@@ -369,7 +357,7 @@ def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zeb
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    from_node = np.fromfile(tmp_path / "out.saliency.f32", dtype="<f4").reshape(2, 2, 128, 128)
+    from_node = np.fromfile(tmp_path / "out.saliency.f32", dtype="<f4").reshape(2, 2, 224, 224)
     classes = torch.tensor([[340, 9], [340, 9]])
     _, _, from_python = run_explainer(session(lite0_fdcam_classes), images.numpy(), classes.numpy())
     assert np.abs(from_node - from_python).max() <= SALIENCY_ATOL
@@ -379,7 +367,7 @@ def test_javascript_example_explains_like_python(lite0_fdcam_classes, lite0, zeb
     assert [image["targets"] for image in summary["images"]] == [[340, 9], [340, 9]]
     with torch.no_grad():
         assert [image["top1"] for image in summary["images"]] == lite0(images).argmax(1).tolist()
-    assert (tmp_path / "out.0.1.pgm").read_bytes().startswith(b"P5\n128 128\n255\n")
+    assert (tmp_path / "out.0.1.pgm").read_bytes().startswith(b"P5\n224 224\n255\n")
 
 
 # --- methods and models -------------------------------------------------------------------------
@@ -424,10 +412,20 @@ def test_resnet50_at_layer4_and_across_a_skip_connection(resnet50_random, tmp_pa
 
 @pytest.mark.slow
 def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_path):
-    path = export_explainer(vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64))
+    # The export's own session runs the check: a second one would load VGG16's 550 MB of weights again.
+    exported = export_explainer_full(
+        vgg16_random, tmp_path / "e.onnx", "features.30", "fdcam", True, input_size=(64, 64)
+    )
+    assert exported.session is not None and exported.path.exists()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(41))
     assert_matches_library(
-        path, vgg16_random, "features.30", "fdcam", images, torch.tensor([[1, 2], [3, 4]]), ill_conditioned=True
+        exported.session,
+        vgg16_random,
+        "features.30",
+        "fdcam",
+        images,
+        torch.tensor([[1, 2], [3, 4]]),
+        ill_conditioned=True,
     )
 
 

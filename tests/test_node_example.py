@@ -59,9 +59,9 @@ def installed_example(tmp_path_factory) -> tuple[str, object]:
 
 
 @pytest.fixture(scope="module")
-def graph(lite0, tmp_path_factory):
-    path = tmp_path_factory.mktemp("graph") / "explainer.onnx"
-    return export_explainer(lite0, path, target_layer="_blocks.15", method="fdcam", classes_input=True)
+def graph(lite0_fdcam_classes):
+    """Lite0's FD-CAM at `_blocks.15` with the classes input (the session's export, conftest)."""
+    return lite0_fdcam_classes
 
 
 @pytest.fixture(scope="module")
