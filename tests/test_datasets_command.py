@@ -65,7 +65,15 @@ def test_ctrl_c_leaves_only_complete_files_and_the_same_command_resumes(tmp_path
         "1",
         "--quiet",
     ]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C must reach the run as it reaches a terminal's: a pytest started in the background by a shell without
+    # job control inherits SIGINT ignored, and so would the command (it then finished with exit 1).
+    first = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 300
     while len(list((out / "rows").glob("_staging/*/*.parquet"))) < 2 and time.monotonic() < deadline:
         assert first.poll() is None, first.communicate()
