@@ -23,7 +23,7 @@ def _keep_freed_memory() -> None:
     On this project's VM (firecracker, free page reporting) memory the process takes anew costs a host fault per
     page: a 256 MB buffer touched for the first time took 2.3 s, the same buffer again 0.04 s. The suite allocates
     and frees gigabytes (exports, sessions, VGG16's weights); kept, they are reused: tests/test_runtime.py went
-    from 93 s (26 s in the kernel) to 74 s (9 s). The process's peak stays resident until it exits. The tests that
+    from 93 s (26 s in the kernel) to 74–85 s (9–15 s). The process's peak stays resident until it exits. The tests that
     measure memory measure it in a child process of their own, which this does not touch.
     """
     try:

@@ -341,7 +341,7 @@ def test_every_method_works_inside_no_grad_and_inference_mode(resnet18, name, mo
     # Serving code wraps calls in these; fdcam records the tail's gradients itself. The same ops run in the
     # same order, so the maps equal the plain call's (1e-6 allows a reduction split differently by threads).
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(13))
-    # Score-CAM runs a forward per channel: layer1's 64 instead of layer4's 512 (the property is the layer's as much)
+    # Score-CAM runs a forward per channel: layer1's 64 instead of layer4's 512 (the property holds at any layer)
     cam = fdcam.METHODS[name](resnet18, "layer1" if name == "scorecam" else "layer4")
     flags = [p.requires_grad for p in resnet18.parameters()]
     for targets in (None, [[1, 2], [3, 1]]):  # one class per image (the forward's own graph), and several

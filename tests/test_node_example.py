@@ -59,12 +59,6 @@ def installed_example(tmp_path_factory) -> tuple[str, object]:
 
 
 @pytest.fixture(scope="module")
-def graph(lite0_fdcam_classes):
-    """Lite0's FD-CAM at `_blocks.15` with the classes input (the session's export, conftest)."""
-    return lite0_fdcam_classes
-
-
-@pytest.fixture(scope="module")
 def photos(data_dir, tmp_path_factory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("photos")
     zebra = Image.open(data_dir / "n02391049_zebra.JPEG").convert("RGB")
@@ -85,9 +79,9 @@ def run_node(installed_example, graph_path, inputs, out_prefix) -> None:
 
 
 @pytest.fixture(scope="module")
-def node_run(installed_example, graph, photos, tmp_path_factory):
+def node_run(installed_example, lite0_fdcam_classes, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("node") / "not" / "yet" / "there" / "maps"  # the example creates the folders
-    run_node(installed_example, graph, list(photos.values()), out)
+    run_node(installed_example, lite0_fdcam_classes, list(photos.values()), out)
     return out
 
 
@@ -112,12 +106,12 @@ def test_npm_install_as_readme_says_skips_the_download_and_ships_the_cpu_binding
     assert "cd examples && npm install`" in readme and "--ignore-scripts" not in readme
 
 
-def test_photos_decoded_in_node_give_the_graphs_maps(node_run, graph, photos):
+def test_photos_decoded_in_node_give_the_graphs_maps(node_run, lite0_fdcam_classes, photos):
     spec = models.spec("efficientnet_lite0")
     lossless = [photos["large"], photos["rgba"]]
     x = torch.cat([preprocess(load_image(path), spec) for path in lossless]).numpy()
     classes = np.array([CLASSES] * len(lossless), dtype=np.int64)
-    _, targets, expected = ort.InferenceSession(str(graph)).run(None, {"image": x, "classes": classes})
+    _, targets, expected = ort.InferenceSession(str(lite0_fdcam_classes)).run(None, {"image": x, "classes": classes})
     from_node = np.fromfile(f"{node_run}.saliency.f32", dtype="<f4").reshape(3, len(CLASSES), 224, 224)
     assert np.abs(from_node[:2] - expected).max() <= SALIENCY_ATOL
     summary = json.loads(node_run.with_suffix(".json").read_text())
@@ -137,10 +131,12 @@ def test_png_overlays_equal_pythons_within_a_level(node_run, python_overlays, ph
         assert (difference > 0).mean() <= OVERLAY_DIFFERENT_FRACTION
 
 
-def test_a_jpeg_decoded_by_jpeg_js_explains_like_pillows(node_run, python_overlays, graph, photos):
+def test_a_jpeg_decoded_by_jpeg_js_explains_like_pillows(node_run, python_overlays, lite0_fdcam_classes, photos):
     from_node = np.fromfile(f"{node_run}.saliency.f32", dtype="<f4").reshape(3, len(CLASSES), 224, 224)[2, 0]
     x = preprocess(load_image(photos["jpeg"]), models.spec("efficientnet_lite0")).numpy()
-    _, _, expected = ort.InferenceSession(str(graph)).run(None, {"image": x, "classes": np.array([CLASSES[:1]])})
+    _, _, expected = ort.InferenceSession(str(lite0_fdcam_classes)).run(
+        None, {"image": x, "classes": np.array([CLASSES[:1]])}
+    )
     assert np.corrcoef(from_node.ravel(), expected[0, 0].ravel())[0, 1] >= JPEG_MAP_CORRELATION
     stem = os.path.splitext(os.path.basename(photos["jpeg"]))[0]
     from_python = levels(python_overlays / f"{stem}_fdcam_{CLASSES[0]}.png")
@@ -149,10 +145,10 @@ def test_a_jpeg_decoded_by_jpeg_js_explains_like_pillows(node_run, python_overla
     assert np.abs(overlay - from_python).mean() <= JPEG_OVERLAY_MEAN_LEVELS
 
 
-def test_typed_explainer_json_is_read_too(installed_example, graph, photos, node_run, tmp_path):
+def test_typed_explainer_json_is_read_too(installed_example, lite0_fdcam_classes, photos, node_run, tmp_path):
     typed = tmp_path / "explainer.onnx"
-    shutil.copy2(graph, typed)
-    description = json.loads(graph.with_suffix(".json").read_text())
+    shutil.copy2(lite0_fdcam_classes, typed)
+    description = json.loads(lite0_fdcam_classes.with_suffix(".json").read_text())
     description.update(classes_input=True, num_classes=1000, input_size=[224, 224])  # booleans and numbers, not text
     typed.with_suffix(".json").write_text(json.dumps(description))
     run_node(installed_example, typed, [photos["rgba"]], tmp_path / "typed")
@@ -161,7 +157,9 @@ def test_typed_explainer_json_is_read_too(installed_example, graph, photos, node
     assert np.array_equal(again, first)
 
 
-def test_a_refused_image_is_reported_in_one_line_and_the_others_are_written(installed_example, graph, tmp_path):
+def test_a_refused_image_is_reported_in_one_line_and_the_others_are_written(
+    installed_example, lite0_fdcam_classes, tmp_path
+):
     """The graph answers a NaN image with NaN maps (as the library refuses it): Node names it, writes the rest,
     exits 1."""
     node, folder = installed_example
@@ -170,7 +168,7 @@ def test_a_refused_image_is_reported_in_one_line_and_the_others_are_written(inst
     inputs = tmp_path / "images.f32"
     images.numpy().astype("<f4").tofile(inputs)
     out = tmp_path / "out" / "maps"
-    command = [node, str(folder / "explain.js"), str(graph), str(inputs), str(out), "--classes", "340"]
+    command = [node, str(folder / "explain.js"), str(lite0_fdcam_classes), str(inputs), str(out), "--classes", "340"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
     refusals = [line for line in result.stderr.splitlines() if line.startswith("explain.js: refused: ")]
