@@ -133,10 +133,13 @@ def float64_groups(activations: torch.Tensor, theta: float) -> torch.Tensor:
 
 def _rows_to_settle(activations: torch.Tensor, theta: float) -> int:
     """How many rows of float32 similarities hold a value within _float32_groups' margin of their threshold."""
-    unit = activations.flatten(-2) / activations.flatten(-2).norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    from fdcam.groups import _similarity_error
+
+    flat = activations.flatten(-2).double()
+    unit = (flat / flat.norm(dim=-1, keepdim=True).clamp_min(1e-300)).float()
     similarity = unit @ unit.transpose(-1, -2)
     threshold = torch.quantile(similarity, theta, dim=-1, keepdim=True)
-    margin = (6 * unit.shape[-1] + 26) * 2.0**-24
+    margin = 2 * _similarity_error(unit.shape[-1]) + 6 * 2.0**-24
     return int(((similarity - threshold).abs() <= margin).any(-1).sum())
 
 
@@ -187,6 +190,20 @@ def test_float32_groups_of_real_resnet_like_maps_have_rows_settled_both_ways(mon
     assert torch.equal(groups_module._float32_groups(activations, 0.95), expected)
     monkeypatch.setattr(groups_module, "_CHECK_EXTRA", 0)  # the selection never reaches below: whole rows
     assert torch.equal(groups_module._float32_groups(activations, 0.95), expected)
+
+
+@pytest.mark.parametrize("pixels", [9, 49, 196, 3136])
+def test_float32_similarities_lie_within_the_error_bound_of_the_float64_ones(pixels):
+    # _float32_groups' margin rests on this bound; maps of wide dynamic range, signed and not, and near-copies.
+    from fdcam.groups import _similarity_error
+
+    generator = torch.Generator().manual_seed(pixels)
+    maps = torch.randn(256, pixels, generator=generator) * torch.logspace(-6, 6, 256)[:, None]
+    maps[128:] = torch.relu(maps[128:])
+    maps[1::8] = maps[0::8] * (1 + 1e-6 * torch.randn(32, pixels, generator=generator))
+    unit = (maps.double() / maps.double().norm(dim=-1, keepdim=True).clamp_min(1e-300)).float()
+    error = ((unit @ unit.T).double() - cosine_similarity_matrix(maps[..., None]).double()).abs().max()
+    assert 0 < error <= _similarity_error(pixels)
 
 
 def test_maps_too_large_or_too_small_for_float32_norms_take_the_float64_path():

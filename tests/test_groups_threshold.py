@@ -64,3 +64,31 @@ def test_channel_groups_equal_torch_quantile_groups_and_the_numpy_reference(thet
     got = channel_groups(activations, theta)
     assert torch.equal(got, expected)
     assert torch.equal(got[1], cosine_groups(activations[1], theta))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [1, 60, 120, 128])
+def test_the_block_selection_selects_what_topk_selects(dtype, count):
+    # _select_top takes its candidates from the blocks of the largest maxima where the rows are long enough;
+    # ties (few distinct keys), NaN, infinities and signed zeros included.
+    from fdcam.groups import _select_top
+
+    generator = torch.Generator().manual_seed(count)
+    if dtype == torch.int32:
+        keys = torch.randint(-(2**31), 2**31 - 1, (3, 7, 2048), generator=generator, dtype=torch.int32)
+        keys[0, :3] = torch.randint(0, 3, (3, 2048), generator=generator, dtype=torch.int32)
+    else:
+        keys = torch.randn(3, 7, 2048, generator=generator, dtype=dtype)
+        keys[0, 0] = torch.randint(0, 3, (2048,), generator=generator).to(dtype)
+        keys[0, 1, ::3], keys[0, 2, ::5], keys[0, 3, ::7] = float("nan"), float("inf"), -0.0
+    values, index = _select_top(keys, count)
+    expected = keys.topk(count, dim=-1, sorted=False).values
+    assert torch.equal(values.sort(-1).values.nan_to_num(), expected.sort(-1).values.nan_to_num())
+    assert torch.equal(keys.gather(-1, index).nan_to_num(), values.nan_to_num())
+    ordered = index.sort(-1).values
+    assert bool((ordered[..., 1:] != ordered[..., :-1]).all())  # each column once
+    left_out = torch.ones_like(keys, dtype=torch.bool).scatter_(-1, index, False)
+    if dtype != torch.int32:
+        keys = keys.nan_to_num(nan=float("inf"))  # topk ranks NaN above every number
+    lowest = keys.gather(-1, index).amin(-1, keepdim=True)
+    assert bool(((keys <= lowest) | ~left_out).all())
