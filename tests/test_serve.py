@@ -135,16 +135,41 @@ def server():
     running.stop()
 
 
+def _place_session_graphs(directory: Path, top1: Path, with_classes: Path, lite0, monkeypatch) -> None:
+    """Put the session's Lite0 FD-CAM graphs where `fdcam serve --explainer-dir directory` reuses them, by
+    `export_graphs` itself with its export replaced by a copy: the server's own key rule writes the key. They are
+    the graphs the server would export (the same model, weights, default layer and method, asserted here); the
+    export-or-reuse rule has its own test (test_explainer_graphs_are_reused_only_for_the_same_model_...)."""
+    import fdcam.export
+
+    def copy(model, path, target_layer, method, classes_input):
+        assert model is lite0 and target_layer is None and method == "fdcam"
+        Path(path).write_bytes((with_classes if classes_input else top1).read_bytes())
+        return path
+
+    def load(name, weights):
+        assert (name, weights) == ("efficientnet_lite0", "imagenet")
+        return lite0
+
+    monkeypatch.setattr(fdcam.export, "export_explainer", copy)
+    monkeypatch.setattr(fdcam.models, "load", load)
+    export_graphs(ServingConfig(), directory)
+
+
 @pytest.fixture(scope="module")
-def onnx_server(tmp_path_factory):
+def onnx_server(tmp_path_factory, lite0_fdcam, lite0_fdcam_classes, lite0):
     """The default backend: the exported explainer graph in ONNX Runtime. A long queue delay makes
     requests sent together wait for each other, so the batching check below does not hang on timing.
     Its workspace and log go to a TMPDIR of their own: the SIGKILL test ends this server after its last
-    other user (the module's tests run in file order) and checks what it left there."""
+    other user (the module's tests run in file order) and checks what it left there. The server finds the
+    session's graphs in its --explainer-dir (two exports fewer: `_place_session_graphs`)."""
     tmpdir = tmp_path_factory.mktemp("onnx-server-tmp")
+    explainer_dir = tmp_path_factory.mktemp("explainer")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _place_session_graphs(explainer_dir, lite0_fdcam, lite0_fdcam_classes, lite0, monkeypatch)
     running = Server(
         "--explainer-dir",
-        str(tmp_path_factory.mktemp("explainer")),
+        str(explainer_dir),
         "--max-queue-delay-us",
         "300000",
         backend="onnxruntime",
