@@ -3,8 +3,9 @@ lacks rewritten as forward ops) and exported with torch.onnx.export(dynamo=True)
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import onnx
 import torch
@@ -156,7 +157,7 @@ def export_onnx(
         args, dynamic = (image, classes), ({0: batch}, rows)
         if region is not None:
             args, dynamic = (*args, region), (*dynamic, rows)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _decomposition_only_when_needed():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
@@ -173,6 +174,51 @@ def export_onnx(
     proto = program.model_proto
     drop_unused_initializers(proto.graph)
     return proto
+
+
+_SCAN = getattr(torch.ops.higher_order, "scan", None)
+#: Set to False to let torch.onnx.export run its decomposition pass on every program (a comparison's baseline).
+SKIP_IDLE_DECOMPOSITION = True
+
+
+@contextlib.contextmanager
+def _decomposition_only_when_needed() -> Iterator[None]:
+    """Within it, torch.onnx.export skips its decomposition pass on a program that pass would not change.
+
+    That pass traces the whole program once more (after `trace` and torch.export's capture: 5 of Lite0's 14 s) to
+    decompose the ops the ONNX registry lacks and to remove mutations. `trace`'s graph is core ATen with no
+    mutation; a program holding an op the pass decomposes, a mutation or anything but an ATen op still gets it.
+    The export runs under the process-wide tracing lock, so no other export of fdcam sees the swap.
+    """
+    try:
+        from torch.onnx._internal.exporter import _decomp, _fx_passes
+
+        original = _fx_passes.decompose_with_registry
+    except (ImportError, AttributeError):  # another torch: its own pass, unchanged
+        yield
+        return
+
+    def decompose(program, registry):
+        table = _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
+        graphs = [module.graph for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)]
+        changed = any(_changed_by_decomposition(node, table) for graph in graphs for node in graph.nodes)
+        return original(program, registry) if changed or not SKIP_IDLE_DECOMPOSITION else program
+
+    _fx_passes.decompose_with_registry = decompose
+    try:
+        yield
+    finally:
+        _fx_passes.decompose_with_registry = original
+
+
+def _changed_by_decomposition(node: torch.fx.Node, table: dict) -> bool:
+    """Whether the decomposition pass could change this node: an op of its table, a mutation, or a call other than
+    arithmetic on sizes and the chunks' `scan` (whose body graphs are checked node by node as well)."""
+    if node.op != "call_function":
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target in table or node.target._schema.is_mutable
+    return not (getattr(node.target, "__module__", None) == "_operator" or node.target is _SCAN)
 
 
 def op_message(error: BaseException) -> str:

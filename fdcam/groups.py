@@ -131,7 +131,7 @@ def _threshold_and_top(
     high = smallest[..., lowest + 1 : lowest + 2] if position > below and k - below > 1 else low
     threshold = _lerp(low, high, position - below)
     # topk ranks NaN above every number: a row holding NaN has one among its top values.
-    return threshold.masked_fill_(values.isnan().any(-1, keepdim=True), float("nan")), values, index
+    return threshold.masked_fill(values.isnan().any(-1, keepdim=True), float("nan")), values, index
 
 
 def _select_top(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +163,7 @@ def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
     """low + weight·(high − low) rounded as torch.quantile's own lerp: torch.lerp with a weight tensor
     on contiguous operands."""
     weights = torch.full_like(low, weight, memory_format=torch.contiguous_format)
-    return low.contiguous().lerp_(high.contiguous(), weights)
+    return torch.lerp(low.contiguous(), high.contiguous(), weights)
 
 
 def _threshold_of_top(ordered: torch.Tensor, theta: float, k: int) -> torch.Tensor:
