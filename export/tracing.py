@@ -4,6 +4,7 @@ lacks rewritten as forward ops) and exported with torch.onnx.export(dynamo=True)
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -108,7 +109,55 @@ def trace(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, 
         warnings.simplefilter("ignore")
         fake = _batch_symbolic_inputs(tensors, image, classes, region)
         graph = make_fx(explain, decomposition_table=_decompositions(), tracing_mode="symbolic")(*fake)
+    _out_of_place(graph)
     return graph, names, tensors
+
+
+def _out_of_place(graph_module: torch.fx.GraphModule) -> None:
+    """In-place ops (a model's ReLU(inplace=True), `out += identity`) rewritten as their out-of-place forms where
+    nothing else can see the mutation: the mutated tensor is fresh (made by an op whose output aliases no input)
+    and the in-place op is its only user. The export's decomposition pass then has nothing to do
+    (`_decomposition_only_when_needed`); any other mutation is left to that pass."""
+    changed = False
+    for node in graph_module.graph.nodes:
+        functional = _functional_form(node)
+        if functional is None or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        mutated = node.args[0]
+        if len(mutated.users) != 1 or not _makes_fresh_tensor(mutated):
+            continue
+        node.target, changed = functional, True
+    if changed:
+        graph_module.recompile()
+
+
+def _functional_form(node: torch.fx.Node):
+    """The out-of-place overload of an in-place ATen op that mutates only its first argument and returns it."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    schema = target._schema
+    name = schema.name.split("::")[-1]
+    mutated = [argument for argument in schema.arguments if argument.alias_info and argument.alias_info.is_write]
+    if not name.endswith("_") or name.endswith("__") or len(mutated) != 1 or mutated[0] is not schema.arguments[0]:
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    functional = getattr(packet, target._overloadname, None) if packet is not None else None
+    if functional is None or functional._schema.is_mutable:
+        return None
+    same_arguments = [a.name for a in functional._schema.arguments] == [a.name for a in schema.arguments]
+    return functional if same_arguments else None
+
+
+def _makes_fresh_tensor(node: torch.fx.Node) -> bool:
+    """Whether the node's output is a new tensor: made by an ATen op whose outputs alias none of its inputs (one of
+    them, taken by getitem, for an op with several: batch norm's)."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    schema = node.target._schema
+    return not schema.is_mutable and all(value.alias_info is None for value in schema.returns)
 
 
 def _batch_symbolic_inputs(

@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fdcam.export.tracing as tracing
 from fdcam.export import export_explainer, run_explainer
@@ -58,16 +59,63 @@ def test_a_graph_without_mutations_skips_the_pass_and_exports_the_same_graph(tmp
     assert logits_a == pytest.approx(logits_b, rel=1e-5, abs=1e-6) and maps_a == pytest.approx(maps_b, abs=1e-5)
 
 
-def test_a_graph_with_a_mutation_still_gets_the_pass(tmp_path, monkeypatch):
+def _with_in_place_relus() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
-        nn.ReLU(inplace=True),  # an in-place op in the tail: the pass removes it
-        nn.Conv2d(8, 8, 3, padding=1),
         nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(inplace=True),  # in the tail: a mutation of the convolution's fresh output, seen by nothing else
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(8, 5),
     ).eval()
-    _, runs = _export(model, "1", tmp_path / "e.onnx", monkeypatch, skip=True, method="gradcam")
-    assert runs == 1
+
+
+def test_in_place_ops_nothing_else_sees_are_rewritten_and_the_pass_is_skipped(tmp_path, monkeypatch):
+    # The export validates its graph against the library: the rewritten graph computes the model's maps.
+    _, runs = _export(_with_in_place_relus(), "1", tmp_path / "e.onnx", monkeypatch, skip=True, method="gradcam")
+    assert runs == 0
+
+
+def _in_place_targets(function, *inputs) -> list[str]:
+    """The in-place ops left in make_fx's graph of `function` after `_out_of_place`."""
+    graph = make_fx(function)(*inputs)
+    tracing._out_of_place(graph)
+    table = {}
+    return [str(node.target) for node in graph.graph.nodes if tracing._changed_by_decomposition(node, table)]
+
+
+def _fresh_then_relu(x):
+    y = x * 2
+    y.relu_()
+    return y + 1
+
+
+def _read_before_relu(x):
+    y = x * 2
+    before = y.sum()
+    y.relu_()  # `before` was read first: the pass, not the rewrite, orders the two
+    return y + before
+
+
+def _relu_through_a_view(x):
+    y = x * 2
+    y[:1].relu_()  # changes y through the view
+    return y + 1
+
+
+def _relu_of_the_input(x):
+    return x.relu_() + 1
+
+
+def test_only_in_place_ops_on_fresh_tensors_nothing_else_reads_become_out_of_place():
+    x = torch.randn(3, 4)
+    assert _in_place_targets(_fresh_then_relu, x) == []
+    assert _in_place_targets(_read_before_relu, x) == ["aten.relu_.default"]
+    assert _in_place_targets(_relu_through_a_view, x) == ["aten.relu_.default"]
+    assert _in_place_targets(_relu_of_the_input, x.clone()) == ["aten.relu_.default"]
+    for function in (_fresh_then_relu, _read_before_relu, _relu_through_a_view):
+        graph = make_fx(function)(x)
+        tracing._out_of_place(graph)
+        assert torch.equal(graph(x.clone()), function(x.clone()))
