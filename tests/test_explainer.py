@@ -181,11 +181,12 @@ def test_scorecam_and_groupcam_are_refused_in_one_line(lite0, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow  # a whole-graph export
-def test_a_graph_that_fails_validation_is_not_written(lite0, tmp_path, monkeypatch):
+def test_a_graph_that_fails_validation_is_not_written(tmp_path, monkeypatch):
+    from nets import small_net
+
     monkeypatch.setattr(explainer_module, "SALIENCY_TOLERANCE", -1.0)  # any difference, even 0, fails
     with pytest.raises(ExportError) as raised:
-        export_explainer(lite0, tmp_path / "explainer.onnx", method="gradcam")
+        export_explainer(small_net(), tmp_path / "explainer.onnx", "conv3", "gradcam", input_size=(32, 32))
     assert "saliency max |Δ|" in str(raised.value) and "nothing was saved" in str(raised.value)
     assert "\n" not in str(raised.value)
     assert not list(tmp_path.iterdir())
@@ -432,34 +433,36 @@ def test_vgg16_features30_with_the_factorised_switch_passes(vgg16_random, tmp_pa
 # --- threads ------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # a whole-graph export
-def test_export_while_another_thread_traces_the_model(lite0, tmp_path):
+def test_export_while_another_thread_traces_the_model(tmp_path):
     # The export calls modules (split, head, trace) under the process-wide tracing lock for its whole build;
-    # before, a trace by another thread (fdcam.layers, a new explainer's split) captured them: NameError.
+    # before, a trace by another thread (fdcam.layers, a new explainer's split) captured them: NameError. A small
+    # model: the other thread traces it many times over while the export runs.
     import threading
 
+    from nets import small_images, small_net
+
+    model = small_net()
     done, errors, traced = threading.Event(), [], []
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(51))
+    x = small_images(1, seed=51)
 
     def trace_meanwhile():
         try:
             while not done.is_set():
-                traced.append(len(fdcam.layers(lite0)))
-                fdcam.GradCAM(lite0, "_blocks.10")(x)  # a new explainer: its split traces the model
+                traced.append(len(fdcam.layers(model)))
+                fdcam.GradCAM(model, "conv2")(x)  # a new explainer: its split traces the model
         except Exception as error:  # noqa: BLE001 — the test reports whatever the thread raised
             errors.append(error)
 
     thread = threading.Thread(target=trace_meanwhile)
     thread.start()
     try:
-        path = export_explainer(lite0, tmp_path / "e.onnx", method="gradcam", input_size=(64, 64))
+        path = export_explainer(model, tmp_path / "e.onnx", "conv3", "gradcam", input_size=(32, 32))
     finally:
         done.set()
         thread.join(timeout=300)
     assert not errors, errors
     assert traced and len(set(traced)) == 1  # it traced while the export ran, and always saw the same layers
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(52))
-    assert_matches_library(path, lite0, "_blocks.15", "gradcam", images)
+    assert_matches_library(path, model, "conv3", "gradcam", small_images(2, seed=52))
 
 
 def test_the_graph_engine_gets_the_tail_batch_size(tmp_path, monkeypatch):
