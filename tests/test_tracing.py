@@ -41,6 +41,7 @@ def _export(model, layer, path, monkeypatch, skip: bool, method: str = "fdcam"):
     return exported, len(runs)
 
 
+@pytest.mark.slow  # two whole-graph exports
 def test_a_graph_without_mutations_skips_the_pass_and_exports_the_same_graph(tmp_path, monkeypatch):
     model = small_net()
     skipped, runs_skipped = _export(model, "conv3", tmp_path / "skipped.onnx", monkeypatch, skip=True)
