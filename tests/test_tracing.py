@@ -23,7 +23,7 @@ def _op_counts(graph: onnx.GraphProto) -> Counter:
     return counts
 
 
-def _export(model, layer, path, monkeypatch, skip: bool, method: str = "fdcam"):
+def _export(model, layer, path, monkeypatch, skip: bool, method: str = "gradcam"):
     """The export's graph and how often the decomposition pass itself ran."""
     from torch.onnx._internal.exporter import _fx_passes
 
@@ -44,6 +44,7 @@ def _export(model, layer, path, monkeypatch, skip: bool, method: str = "fdcam"):
 @pytest.mark.slow  # two whole-graph exports
 def test_a_graph_without_mutations_skips_the_pass_and_exports_the_same_graph(tmp_path, monkeypatch):
     model = small_net()
+    # Grad-CAM's graph: FD-CAM's (with the chunks' Scan) skips the pass in every Lite0 export, validated there.
     skipped, runs_skipped = _export(model, "conv3", tmp_path / "skipped.onnx", monkeypatch, skip=True)
     full, runs_full = _export(model, "conv3", tmp_path / "full.onnx", monkeypatch, skip=False)
     assert (runs_skipped, runs_full) == (0, 1)
@@ -75,7 +76,7 @@ def _with_in_place_relus() -> nn.Module:
 
 def test_in_place_ops_nothing_else_sees_are_rewritten_and_the_pass_is_skipped(tmp_path, monkeypatch):
     # The export validates its graph against the library: the rewritten graph computes the model's maps.
-    _, runs = _export(_with_in_place_relus(), "1", tmp_path / "e.onnx", monkeypatch, skip=True, method="gradcam")
+    _, runs = _export(_with_in_place_relus(), "1", tmp_path / "e.onnx", monkeypatch, skip=True)
     assert runs == 0
 
 
