@@ -177,6 +177,9 @@ def _threshold_of_top(ordered: torch.Tensor, theta: float, k: int) -> torch.Tens
     return _lerp(low, high, position - below)
 
 
+#: Rows of similarities `_float32_groups` computes and selects from at a time (2 MB of float32 at 1024 channels).
+_SIMILARITY_ROWS = 512
+
 #: Values below each row's lower order statistic that `_float32_groups` also selects, to re-check in float64.
 _CHECK_EXTRA = 16
 
@@ -197,18 +200,31 @@ def _float32_groups(activations: torch.Tensor, theta: float, members: bool = Fal
     # the rows to settle (443 against 143 of 2048 on ResNet-50's layer4 maps of the zebra, random weights).
     unit64 = _unit_maps(flat.double())
     unit = unit64.float()
-    similarity = unit @ unit.transpose(-1, -2)
     # The float32 difference |s' − threshold'| that is compared with m rounds by at most u of m.
     margin = (2 * _similarity_error(flat.shape[-1]) + 6 * _UNIT_ROUNDOFF32) * (1 + 2 * _UNIT_ROUNDOFF32)
     # Non-negative maps (after a ReLU) have similarities ≥ 0: products and sums of values ≥ 0.
     non_negative = bool((flat >= 0).all())
-    threshold, values, index = _threshold_and_top(similarity, theta, non_negative, extra=_CHECK_EXTRA)
-    if values is None:  # torch.quantile ran (another device): settle every row
+    if unit.device.type != "cpu":  # torch.quantile runs (`_threshold_and_top`): settle every row
+        similarity = unit @ unit.transpose(-1, -2)
+        threshold = _threshold_and_top(similarity, theta)[0]
         groups, _ = _settle_rows(similarity > threshold, unit64, theta, torch.ones_like(similarity[..., 0], bool))
         return (groups, None) if members else groups
+    # Rows of similarities a block at a time: the block's temporaries stay small enough for the allocator to reuse
+    # them from call to call instead of taking (and faulting in) fresh pages for a K×K matrix each time.
+    k = unit.shape[-2]
+    parts = [
+        _threshold_and_top(
+            unit[..., start : start + _SIMILARITY_ROWS, :] @ unit.transpose(-1, -2),
+            theta,
+            non_negative,
+            extra=_CHECK_EXTRA,
+        )
+        for start in range(0, k, _SIMILARITY_ROWS)
+    ]
+    threshold, values, index = (torch.cat([part[i] for part in parts], -2) for i in range(3))
     # Only selected channels can lie above the threshold (the unselected ones lie at or below the lower order
     # statistic): scattering them is cheaper than comparing all K² similarities.
-    groups = torch.zeros_like(similarity, dtype=torch.bool).scatter_(-1, index, values > threshold)
+    groups = unit.new_zeros((*unit.shape[:-1], k), dtype=torch.bool).scatter_(-1, index, values > threshold)
     # Every value within m of the threshold is among the selected ones: the threshold is at least the
     # lower order statistic, and the selection reaches below it (`_settle_rows` checks how far).
     near = (values - threshold).abs_().le_(margin).any(-1)
