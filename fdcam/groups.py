@@ -87,7 +87,10 @@ def _takes_float32(activations: torch.Tensor, theta: float) -> bool:
     """Whether `channel_groups` takes the float32 similarities checked against float64 (`_float32_groups`)."""
     fast = activations.dtype == torch.float32 and activations.shape[-3] >= FLOAT32_MIN_CHANNELS and 0.0 <= theta <= 1.0
     fast = fast and activations.shape[-2] * activations.shape[-1] <= _FLOAT32_MAX_PIXELS
-    # The float32 path settles some rows in float64, a choice that depends on the values: eager runs only.
+    # The float32 path checks its selection (`_threshold_and_top`'s topk, on the CPU only; elsewhere torch.quantile
+    # selects nothing to check and every row would be settled in float64: the float64 path itself). It settles
+    # some rows in float64, a choice that depends on the values: eager runs only.
+    fast = fast and activations.device.type == "cpu"
     return fast and not is_traced(activations) and _float32_safe(activations)
 
 
@@ -185,7 +188,7 @@ _CHECK_EXTRA = 16
 
 
 def _float32_groups(activations: torch.Tensor, theta: float, members: bool = False):
-    """`channel_groups` of finite float32 activations from float32 similarities, checked against float64.
+    """`channel_groups` of finite float32 activations on the CPU from float32 similarities, checked against float64.
 
     The maps are normalised in float64 and rounded to float32, so the float32 similarities s' lie within
     e (`_similarity_error`: the float32 dot product's γ_n and one rounding of each factor, about (n + 3)·u
@@ -204,11 +207,6 @@ def _float32_groups(activations: torch.Tensor, theta: float, members: bool = Fal
     margin = (2 * _similarity_error(flat.shape[-1]) + 6 * _UNIT_ROUNDOFF32) * (1 + 2 * _UNIT_ROUNDOFF32)
     # Non-negative maps (after a ReLU) have similarities ≥ 0: products and sums of values ≥ 0.
     non_negative = bool((flat >= 0).all())
-    if unit.device.type != "cpu":  # torch.quantile runs (`_threshold_and_top`): settle every row
-        similarity = unit @ unit.transpose(-1, -2)
-        threshold = _threshold_and_top(similarity, theta)[0]
-        groups, _ = _settle_rows(similarity > threshold, unit64, theta, torch.ones_like(similarity[..., 0], bool))
-        return (groups, None) if members else groups
     # Rows of similarities a block at a time: the block's temporaries stay small enough for the allocator to reuse
     # them from call to call instead of taking (and faulting in) fresh pages for a K×K matrix each time.
     k = unit.shape[-2]
@@ -255,7 +253,7 @@ def _similarity_error(n: int) -> float:
     return mine + reference
 
 
-def _settle_rows(groups, unit64, theta, near, values=None, index=None, threshold=None, margin=0.0):
+def _settle_rows(groups, unit64, theta, near, values, index, threshold, margin):
     """Rows `near` [...,K] of `groups` set to those of the float64 similarities of unit maps `unit64`
     [...,K,n], and whether some row was taken whole (its members may lie outside the selection).
 
@@ -268,17 +266,12 @@ def _settle_rows(groups, unit64, theta, near, values=None, index=None, threshold
     single = groups.dim() == 2
     if single:
         groups, near, unit64 = groups[None], near[None], unit64[None]
-        if values is not None:
-            values, index, threshold = values[None], index[None], threshold[None]
+        values, index, threshold = values[None], index[None], threshold[None]
     k = groups.shape[-1]
     any_whole = False
     for image in near.any(-1).nonzero().flatten().tolist():
         rows = near[image].nonzero().flatten()
         exact = (unit64[image, rows] @ unit64[image].transpose(-1, -2)).float()  # [R,K]
-        if values is None:
-            groups[image, rows] = exact > quantile_threshold(exact, theta)
-            any_whole = True
-            continue
         columns = index[image, rows]
         reaches = values[image, rows].amin(-1) < threshold[image, rows, 0] - margin  # [R]
         cutoff = torch.empty_like(exact[:, :1])

@@ -115,23 +115,26 @@ def run_model(rows: list[Row], bm: BenchModel, device: torch.device, args) -> li
             flush=True,
         )
 
+    # A row timed without a warm-up (--quick's slow rows: one call of minutes) has its peak memory taken around its
+    # timed call; every other row's comes from one more, untimed call below.
+    probed_when_timed = [a for a in active if a.result.warmup == 0]
     for round_index in range(max([a.result.repeats for a in active], default=0)):
         for entry in [a for a in active if round_index < a.result.repeats]:
             try:
-                entry.times.append(_call(entry.runner, bm.x, device))
+                if entry in probed_when_timed:
+                    entry.times.append(_probed_call(entry, bm.x, device))
+                else:
+                    entry.times.append(_call(entry.runner, bm.x, device))
             except Exception as error:
                 _drop(entry, entry.result, error)
                 active.remove(entry)
 
-    # Peak memory in one more call of each row, untimed: the probe gives the freed heap back to the system first
-    # (malloc_trim), so a timed call inside it would pay for faulting its memory in afresh, as a process calling
-    # again and again does not (ResNet-50's FD-CAM: 8900 page faults a call, ~24 ms of system time on a 2-core VM).
-    for entry in list(active):
+    # The probe gives the freed heap back to the system first (malloc_trim), so a timed call inside it would pay for
+    # faulting its memory in afresh, as a process calling again and again does not (ResNet-50's FD-CAM: 8900 page
+    # faults a call, ~24 ms of system time on a 2-core VM).
+    for entry in [a for a in active if a not in probed_when_timed]:
         try:
-            with PeakMemory(device) as memory:
-                _call(entry.runner, bm.x, device)
-            entry.result.peak_mem_mb, entry.result.peak_delta_mb = memory.peak_mb, memory.delta_mb or 0.0
-            entry.result.memory_kind = memory.kind
+            _probed_call(entry, bm.x, device)
         except Exception as error:
             _drop(entry, entry.result, error)
             active.remove(entry)
@@ -176,6 +179,17 @@ def _call(runner: Runner, x: torch.Tensor, device: torch.device) -> float:
         return clock(lambda: runner.explain(x), device)[1]
     finally:
         runner.after()
+
+
+def _probed_call(entry: _Active, x: torch.Tensor, device: torch.device) -> float:
+    """`_call` inside the peak-memory probe, whose peak (the largest over the row's probed calls) goes to the row."""
+    with PeakMemory(device) as memory:
+        seconds = _call(entry.runner, x, device)
+    result = entry.result
+    result.peak_mem_mb = max(result.peak_mem_mb or 0.0, memory.peak_mb)
+    result.peak_delta_mb = max(result.peak_delta_mb or 0.0, memory.delta_mb or 0.0)
+    result.memory_kind = memory.kind
+    return seconds
 
 
 def _drop(entry: _Active | None, result: Result, error: BaseException) -> None:
