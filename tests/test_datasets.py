@@ -58,12 +58,12 @@ def _assert_logit_matches(row: dict, logits: torch.Tensor) -> None:
 
 
 def test_plan_pool_leaves_cpu_for_decoding():
-    assert plan_pool({"CPU": 2.0}) == fdcam.datasets.PoolPlan(1, 0.5, 0)
+    assert plan_pool({"CPU": 2.0}) == fdcam.datasets.PoolPlan(1, 0.5, 0, decode_tasks=1)
     assert plan_pool({"CPU": 2.0}, actors=3).actors == 3  # 1.5 CPUs for actors, 0.5 for decoding
     with pytest.raises(ValueError, match="no CPU for decoding"):
         plan_pool({"CPU": 2.0}, actors=4)
-    assert plan_pool({"CPU": 16.0}) == fdcam.datasets.PoolPlan(12, 1.0, 0)
-    assert plan_pool({"CPU": 16.0, "GPU": 2.0}, gpus_per_actor=0.5).actors == 4
+    assert plan_pool({"CPU": 16.0}) == fdcam.datasets.PoolPlan(12, 1.0, 0, decode_tasks=12)  # one per actor
+    assert plan_pool({"CPU": 16.0, "GPU": 2.0}, gpus_per_actor=0.5) == fdcam.datasets.PoolPlan(4, 1.0, 0.5, None)
     with pytest.raises(ValueError, match="0 GPU"):
         plan_pool({"CPU": 4.0}, gpus_per_actor=1)
 

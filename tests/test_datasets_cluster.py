@@ -40,7 +40,7 @@ def test_two_node_cluster_by_address(tmp_path, cluster, lite0):
     assert not ray.is_initialized()  # disconnected from the cluster, which runs on
     assert (result.images, result.errors) == (4, 0)
     run = json.loads((out / "run.json").read_text())
-    assert run["pool"] == {"actors": 2, "cpus_per_actor": 0.5, "gpus_per_actor": 0}
+    assert run["pool"] == {"actors": 2, "cpus_per_actor": 0.5, "gpus_per_actor": 0, "decode_tasks": 2}
     rows = read_rows(out)
     assert sorted(r["path"] for r in rows) == sorted(str(p.resolve()) for p in photos)
     cam = fdcam.FDCAM(lite0)

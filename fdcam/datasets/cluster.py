@@ -14,11 +14,13 @@ __all__ = ["PoolPlan", "plan_pool", "ray_session"]
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """How many actors, and what each reserves from the cluster."""
+    """How many actors, what each reserves from the cluster, and how many decode (and write) tasks may run at
+    once (None: as many as fit)."""
 
     actors: int
     cpus_per_actor: float
     gpus_per_actor: float
+    decode_tasks: int | None = None
 
 
 def plan_pool(resources: dict[str, float], actors: int | None = None, gpus_per_actor: float = 0) -> PoolPlan:
@@ -45,6 +47,7 @@ def plan_pool(resources: dict[str, float], actors: int | None = None, gpus_per_a
                 f"{chosen} actors at {gpus_per_actor:g} GPU each need {chosen * gpus_per_actor:g} GPUs;"
                 f" the Ray cluster has {gpus:g}"
             )
+        # A GPU actor can explain hundreds of images a second: decoding gets every CPU left.
         return PoolPlan(chosen, min(1.0, max(0.25, (cpus - 0.5) / chosen)), gpus_per_actor)
     per_actor = 0.5 if cpus <= 4 else 1.0
     reserve = max(0.5, cpus / 4)
@@ -57,7 +60,11 @@ def plan_pool(resources: dict[str, float], actors: int | None = None, gpus_per_a
             f"{chosen} actors at {per_actor:g} CPU each leave no CPU for decoding on a Ray cluster of"
             f" {cpus:g} CPUs; use at most {fit}"
         )
-    return PoolPlan(chosen, per_actor, 0)
+    # One decode task in flight per CPU actor keeps it fed (decoding an image costs a fraction of explaining it on
+    # a CPU). Without a cap Ray starts a worker process for every decode task that fits in the CPUs left (six on
+    # two CPUs), each importing torch with fdcam while the actors load: on 2 CPUs the first explanation came ~10 s
+    # after the run's start, ~5 s with the cap (8 Lite0 photos, `fdcam explain-dataset --actors 1`: 20 → 14–16 s).
+    return PoolPlan(chosen, per_actor, 0, decode_tasks=chosen)
 
 
 @contextlib.contextmanager

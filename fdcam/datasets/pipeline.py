@@ -132,6 +132,7 @@ def _run(
                     decode_batch,
                     batch_size=batch_size,
                     num_cpus=DECODE_CPUS,
+                    compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks),
                     fn_kwargs={"spec": spec},
                     batch_format="numpy",
                 )
@@ -147,7 +148,10 @@ def _run(
                 # Ray's writer asks for a whole CPU per task by default: on small nodes next to the actors it
                 # would never be scheduled.
                 dataset.write_parquet(
-                    str(out.staging), min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": DECODE_CPUS}
+                    str(out.staging),
+                    min_rows_per_file=rows_per_file,
+                    ray_remote_args={"num_cpus": DECODE_CPUS},
+                    concurrency=plan.decode_tasks,
                 )
     except KeyboardInterrupt:
         interrupted = True
