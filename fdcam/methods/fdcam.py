@@ -60,9 +60,7 @@ class FDCAM(BaseCAM):
             batch = activations.shape[0]
             eye = single_channel_groups(activations.shape[-3], activations.device)
             index = torch.arange(eye.shape[0], device=eye.device)[:, None].expand(batch, -1, 1)
-            return eye.expand(batch, *eye.shape), GroupMembers(
-                index, torch.ones_like(index, dtype=torch.bool)
-            )
+            return eye.expand(batch, *eye.shape), GroupMembers(index, torch.ones_like(index, dtype=torch.bool))
         return channel_groups_and_members(activations, self.theta)
 
     @timed_stage("switch")
