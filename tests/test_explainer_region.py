@@ -1,7 +1,11 @@
 """fdcam.export.region: the explainer graph of a segmentation model explaining a class over a region (target="region"),
 checked against the library's RegionLogit targets through plain ONNX Runtime."""
 
+import contextlib
+import io
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -42,10 +46,28 @@ def lraspp() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def lraspp_fdcam(lraspp, tmp_path_factory):
-    return export_explainer(
-        lraspp, tmp_path_factory.mktemp("region") / "explainer.onnx", target="region", input_size=(SIZE, SIZE)
-    )
+def lraspp_cli_export(lraspp, tmp_path_factory) -> SimpleNamespace:
+    """`fdcam export --explainer --target region` of `lraspp`'s weights (FD-CAM, the default layer) with a Triton
+    repository, run once for the module: its exit code, what it printed, the output folder and the repository."""
+    from fdcam.cli import main
+
+    folder = tmp_path_factory.mktemp("region")
+    weights, out, repo = folder / "lraspp.pt", folder / "out", folder / "repo"
+    torch.save(lraspp.state_dict(), weights)
+    arguments = ["export", "--explainer", "--target", "region", "--model", "lraspp_mobilenet_v3_large"]
+    arguments += ["--weights", str(weights), "--method", "fdcam", "--input-size", f"{SIZE}x{SIZE}"]
+    arguments += ["--out", str(out), "--triton", str(repo), "--max-batch", "4"]
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        code = main(arguments)
+    return SimpleNamespace(code=code, printed=printed.getvalue(), errors=errors.getvalue(), out=out, repo=repo)
+
+
+@pytest.fixture(scope="module")
+def lraspp_fdcam(lraspp_cli_export) -> Path:
+    """The region graph the command line exported (the same export_explainer call the library makes)."""
+    assert lraspp_cli_export.code == 0, lraspp_cli_export.errors
+    return lraspp_cli_export.out / "explainer.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +206,7 @@ def test_a_segmentation_model_needs_target_region(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "layercam", "ablationcam"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "ablationcam"])
 def test_every_other_exportable_method_honours_the_region(method, tmp_path):
     from nets import TinySegmentation
 
@@ -206,41 +228,17 @@ def test_every_other_exportable_method_honours_the_region(method, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_region_graph_and_a_triton_repository_listing_the_region_input(lraspp, images, tmp_path, capsys):
+def test_cli_exports_a_region_graph_and_a_triton_repository_listing_the_region_input(
+    lraspp, lraspp_cli_export, lraspp_fdcam, images
+):
     from tritonclient.grpc import model_config_pb2
 
-    from fdcam.cli import main
     from test_explainer import parse_triton_config
 
-    weights = tmp_path / "lraspp.pt"
-    torch.save(lraspp.state_dict(), weights)
-    out, repo = tmp_path / "out", tmp_path / "repo"
-    code = main(
-        [
-            "export",
-            "--explainer",
-            "--target",
-            "region",
-            "--model",
-            "lraspp_mobilenet_v3_large",
-            "--weights",
-            str(weights),
-            "--method",
-            "gradcam",
-            "--input-size",
-            f"{SIZE}x{SIZE}",
-            "--out",
-            str(out),
-            "--triton",
-            str(repo),
-            "--max-batch",
-            "4",
-        ]
-    )
-    assert code == 0, capsys.readouterr().err
-    assert "explainer.onnx" in capsys.readouterr().out
+    out, repo = lraspp_cli_export.out, lraspp_cli_export.repo
+    assert "explainer.onnx" in lraspp_cli_export.printed
     assert json.loads((out / "explainer.json").read_text())["target"] == "region"
-    config = parse_triton_config((repo / "fdcam_lraspp_mobilenet_v3_large_gradcam" / "config.pbtxt").read_text())
+    config = parse_triton_config((repo / "fdcam_lraspp_mobilenet_v3_large_fdcam" / "config.pbtxt").read_text())
     listed = [(i.name, i.data_type, list(i.dims)) for i in config.input]
     assert listed == [
         ("image", model_config_pb2.TYPE_FP32, [3, SIZE, SIZE]),
@@ -255,10 +253,8 @@ def test_cli_exports_a_region_graph_and_a_triton_repository_listing_the_region_i
     assert config.parameters["fdcam_target"].string_value == "region"
     classes = torch.tensor([[3, 9], [12, 0]])
     regions = torch.stack([torch.stack([rectangle(0, 0, 16, 16), rectangle(8, 8, 16, 16)])] * 2)
-    _, _, saliency = run_explainer(
-        session(out / "explainer.onnx"), images[:2].numpy(), classes.numpy(), regions.numpy()
-    )
-    assert_like_library(lraspp, "gradcam", images[:2], classes, regions, saliency)
+    _, _, saliency = run_explainer(session(lraspp_fdcam), images[:2].numpy(), classes.numpy(), regions.numpy())
+    assert_like_library(lraspp, "fdcam", images[:2], classes, regions, saliency)
 
 
 @pytest.mark.parametrize(
