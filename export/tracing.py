@@ -77,6 +77,12 @@ def _decompositions() -> dict:
 
     table[aten.convolution_backward.default] = convolution_backward
     table[aten._adaptive_avg_pool2d_backward.default] = adaptive_avg_pool2d_backward
+    # The ONNX registry has no translation of `_adaptive_avg_pool2d` (a pool to a size that does not divide the
+    # input, VGG16's 7×7): decomposed here as torch.onnx.export's decomposition pass would (torch._decomp's), that
+    # pass need not trace the whole program once more (`_decomposition_only_when_needed`; 5.5 s of VGG16's export).
+    pool = aten._adaptive_avg_pool2d.default
+    if pool in torch._decomp.decomposition_table:
+        table[pool] = torch._decomp.decomposition_table[pool]
     return table
 
 
@@ -109,26 +115,54 @@ def trace(module: nn.Module, image: torch.Tensor, classes: torch.Tensor | None, 
         warnings.simplefilter("ignore")
         fake = _batch_symbolic_inputs(tensors, image, classes, region)
         graph = make_fx(explain, decomposition_table=_decompositions(), tracing_mode="symbolic")(*fake)
-    _out_of_place(graph)
+    for module in list(graph.modules()):  # the chunks' scan bodies are graphs of their own
+        if isinstance(module, torch.fx.GraphModule):
+            _out_of_place(module)
     return graph, names, tensors
 
 
 def _out_of_place(graph_module: torch.fx.GraphModule) -> None:
-    """In-place ops (a model's ReLU(inplace=True), `out += identity`) rewritten as their out-of-place forms where
-    nothing else can see the mutation: the mutated tensor is fresh (made by an op whose output aliases no input)
-    and the in-place op is its only user. The export's decomposition pass then has nothing to do
+    """In-place ops (a model's ReLU(inplace=True), `out += identity`, Hardswish(inplace=True)'s `copy_`) rewritten
+    as their out-of-place forms where nothing else can see the mutation: the mutated tensor is fresh (made by an op
+    whose output aliases no input) and its other users only read it (their outputs alias nothing) before the
+    in-place op, so they see the value before the mutation either way; make_fx hands every later reader the
+    in-place op's output. The export's decomposition pass then has nothing to do
     (`_decomposition_only_when_needed`); any other mutation is left to that pass."""
+    order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
     changed = False
     for node in graph_module.graph.nodes:
         functional = _functional_form(node)
         if functional is None or not isinstance(node.args[0], torch.fx.Node):
             continue
         mutated = node.args[0]
-        if len(mutated.users) != 1 or not _makes_fresh_tensor(mutated):
+        if not (_makes_fresh_tensor(mutated) or _private_view(mutated)):
+            continue
+        readers = [user for user in mutated.users if user is not node]
+        if not all(order[user] < order[node] and _reads_only(user) for user in readers):
             continue
         node.target, changed = functional, True
     if changed:
         graph_module.recompile()
+
+
+def _private_view(node: torch.fx.Node) -> bool:
+    """Whether the node is a view (reshape) of a fresh tensor, or of such a view, that has no other user: a
+    mutation through it changes a tensor nothing else reads."""
+    if node.op != "call_function" or node.target not in _VIEWS or not isinstance(node.args[0], torch.fx.Node):
+        return False
+    base = node.args[0]
+    return len(base.users) == 1 and (_makes_fresh_tensor(base) or _private_view(base))
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.reshape.default)
+
+
+def _reads_only(node: torch.fx.Node) -> bool:
+    """Whether the node is an ATen op that mutates nothing and returns no alias of its inputs."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    schema = node.target._schema
+    return not schema.is_mutable and all(value.alias_info is None for value in schema.returns)
 
 
 def _functional_form(node: torch.fx.Node):

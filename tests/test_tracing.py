@@ -61,22 +61,24 @@ def test_a_graph_without_mutations_skips_the_pass_and_exports_the_same_graph(tmp
     assert logits_a == pytest.approx(logits_b, rel=1e-5, abs=1e-6) and maps_a == pytest.approx(maps_b, abs=1e-5)
 
 
-def _with_in_place_relus() -> nn.Module:
+def _with_in_place_ops() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1),
         nn.ReLU(inplace=True),
         nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(inplace=True),  # in the tail: a mutation of the convolution's fresh output, seen by nothing else
-        nn.AdaptiveAvgPool2d(1),
+        nn.Hardswish(inplace=True),  # decomposed into x.copy_(f(x)): f reads x before the mutation
+        nn.ReLU(inplace=True),  # a mutation of a fresh tensor, seen by nothing else
+        nn.AdaptiveAvgPool2d(3),  # 32 → 3 pixels: `_adaptive_avg_pool2d`, which the ONNX registry lacks
         nn.Flatten(),
-        nn.Linear(8, 5),
+        nn.Linear(72, 5),
     ).eval()
 
 
-def test_in_place_ops_nothing_else_sees_are_rewritten_and_the_pass_is_skipped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["gradcam", "fdcam"])  # FD-CAM's switch passes run in the chunks' scan body
+def test_in_place_ops_nothing_else_sees_are_rewritten_and_the_pass_is_skipped(tmp_path, monkeypatch, method):
     # The export validates its graph against the library: the rewritten graph computes the model's maps.
-    _, runs = _export(_with_in_place_relus(), "1", tmp_path / "e.onnx", monkeypatch, skip=True)
+    _, runs = _export(_with_in_place_ops(), "1", tmp_path / "e.onnx", monkeypatch, skip=True, method=method)
     assert runs == 0
 
 
@@ -97,8 +99,15 @@ def _fresh_then_relu(x):
 def _read_before_relu(x):
     y = x * 2
     before = y.sum()
-    y.relu_()  # `before` was read first: the pass, not the rewrite, orders the two
+    y.relu_()  # `before` was read first: it holds the value before the mutation in either form
     return y + before
+
+
+def _view_before_relu(x):
+    y = x * 2
+    view = y[:1]
+    y.relu_()  # the view sees the mutation: the pass, not the rewrite, handles it
+    return y + view.sum()
 
 
 def _relu_through_a_view(x):
@@ -107,17 +116,34 @@ def _relu_through_a_view(x):
     return y + 1
 
 
+def _relu_of_a_private_view(x):
+    y = (x * 2).view(-1)  # nothing but the view holds the fresh product
+    y.relu_()
+    return y + 1
+
+
+def _relu_of_a_shared_view(x):
+    y = x * 2
+    flat = y.view(-1)
+    flat.relu_()  # changes y, which is read below
+    return y + flat.sum()
+
+
 def _relu_of_the_input(x):
     return x.relu_() + 1
 
 
-def test_only_in_place_ops_on_fresh_tensors_nothing_else_reads_become_out_of_place():
+def test_only_in_place_ops_on_fresh_tensors_read_by_nothing_after_become_out_of_place():
     x = torch.randn(3, 4)
     assert _in_place_targets(_fresh_then_relu, x) == []
-    assert _in_place_targets(_read_before_relu, x) == ["aten.relu_.default"]
+    assert _in_place_targets(_read_before_relu, x) == []
+    assert _in_place_targets(_view_before_relu, x) == ["aten.relu_.default"]
     assert _in_place_targets(_relu_through_a_view, x) == ["aten.relu_.default"]
+    assert _in_place_targets(_relu_of_a_private_view, x) == []
+    assert _in_place_targets(_relu_of_a_shared_view, x) == ["aten.relu_.default"]
     assert _in_place_targets(_relu_of_the_input, x.clone()) == ["aten.relu_.default"]
-    for function in (_fresh_then_relu, _read_before_relu, _relu_through_a_view):
+    functions = (_fresh_then_relu, _read_before_relu, _view_before_relu, _relu_through_a_view)
+    for function in (*functions, _relu_of_a_private_view, _relu_of_a_shared_view):
         graph = make_fx(function)(x)
         tracing._out_of_place(graph)
         assert torch.equal(graph(x.clone()), function(x.clone()))
