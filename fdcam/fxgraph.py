@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from .nodes import eliminate_dead_code, mutates
+
 __all__ = ["fetch_attr", "is_batch_size", "is_traced", "node_arg", "record_shapes", "subgraph"]
 
 
@@ -95,13 +97,16 @@ def subgraph(
         if not is_batch_size(node):
             stack.extend(node.all_input_nodes)
     for node in graph_module.graph.nodes:
+        if node not in needed and mutates(node) and node.args and node.args[0] in needed:
+            raise NotASubgraph(node.name)  # an in-place change of a value the part computes, made outside it
+    for node in graph_module.graph.nodes:
         if node in needed and node not in env and not is_batch_size(node):
             if node.op == "placeholder":
                 raise NotASubgraph(node.name)
             env[node] = graph.node_copy(node, lookup)
     graph.output(lookup(output))
     module = fx.GraphModule(graph_module, graph, class_name=class_name)
-    module.graph.eliminate_dead_code()
+    eliminate_dead_code(module.graph)
     module.recompile()
     return module
 

@@ -7,6 +7,7 @@ block. `layers(model)` lists every name that can be explained, with its output s
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +22,11 @@ __all__ = [
     "NamingTracer",
     "ancestors",
     "descendants",
+    "eliminate_dead_code",
     "example_input_for",
     "last_spatial_layer",
     "layers",
+    "mutates",
     "trace_with_names",
 ]
 
@@ -233,3 +236,45 @@ def ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
             seen.add(node)
             stack.extend(node.all_input_nodes)
     return seen
+
+
+_IN_PLACE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor")
+)
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether the node changes a tensor in place: `x.relu_()`, `torch.relu_(x)`, `x += y`, `F.relu(x, inplace=True)`
+    or a module built with `inplace=True`. Such a node matters even where nothing uses its result."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        in_place_name = name.endswith("_") and not name.endswith("__")
+        return node.target in _IN_PLACE_OPERATORS or in_place_name or node.kwargs.get("inplace") is True
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        return getattr(node.graph.owning_module.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """`graph.eliminate_dead_code()` that keeps in-place calls (`mutates`): fx counts a method call as pure, and
+    removing `y.relu_()` whose result nobody uses would leave `y` unchanged for the nodes that read it after."""
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or mutates(node))
+
+
+def with_mutations(needed: set[fx.Node], graph: fx.Graph, before: fx.Node) -> set[fx.Node]:
+    """`needed` (a set closed under `ancestors`) and the in-place calls placed before `before` that change one of
+    its nodes' tensors, with what they read: the value `needed` computes includes those changes."""
+    needed = set(needed)
+    while True:
+        added = []
+        for node in graph.nodes:
+            if node is before:
+                break
+            if node not in needed and mutates(node) and node.args and node.args[0] in needed:
+                added.append(node)
+        if not added:
+            return needed
+        needed |= ancestors(added)

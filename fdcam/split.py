@@ -21,7 +21,15 @@ from torch import fx, nn
 from .concurrency import model_in_eval, tracing
 from .errors import SplitError, first_line
 from .fxgraph import is_batch_size as _is_batch_size
-from .nodes import NamingTracer, ancestors, descendants, trace_with_names
+from .nodes import (
+    NamingTracer,
+    ancestors,
+    descendants,
+    eliminate_dead_code,
+    mutates,
+    trace_with_names,
+    with_mutations,
+)
 from .targets import OutputSelector, select_output
 
 __all__ = ["SplitError", "SplitModel", "resolve_layer_name", "split_model"]
@@ -185,11 +193,12 @@ def _select_graph_output(graph: fx.Graph, selector: OutputSelector) -> None:
     if not isinstance(chosen, fx.Node):
         raise SplitError(f"the model's output entry {selector!r} is not a tensor the graph computes")
     node.args = (chosen,)
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
 
 
 def _build_head(traced: fx.GraphModule, target: fx.Node, extras: list[fx.Node]) -> fx.GraphModule:
-    needed = ancestors([target, *extras])
+    last = max([target, *extras], key=list(traced.graph.nodes).index)
+    needed = with_mutations(ancestors([target, *extras]), traced.graph, last)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in traced.graph.nodes:
@@ -197,7 +206,7 @@ def _build_head(traced: fx.GraphModule, target: fx.Node, extras: list[fx.Node]) 
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output((env[target], *(env[n] for n in extras)))
     head = fx.GraphModule(traced, graph, class_name="Head")
-    head.graph.eliminate_dead_code()
+    eliminate_dead_code(head.graph)
     head.recompile()
     return head
 
@@ -215,6 +224,11 @@ def _build_tail(
     env[target] = graph.placeholder("features")
     for index, node in enumerate(extras):
         env[node] = graph.placeholder(f"extra_{index}")
+    # A tail that changes its inputs in place (`y.mul_(2)` on the target's output) works on copies: the caller's
+    # activations make the map, and autograd refuses in-place changes of a leaf that requires grad.
+    changed = {node.args[0] for node in region if mutates(node) and node.args} & {target, *extras}
+    for node in changed:
+        env[node] = graph.call_method("clone", (env[node],))
     for node in batch_sizes:
         env[node] = graph.call_method("size", (env[target], 0))
     env.update(constants)
@@ -222,6 +236,6 @@ def _build_tail(
         if node in region and node not in env:
             env[node] = graph.node_copy(node, lambda n: env[n])
     tail = fx.GraphModule(traced, graph, class_name="Tail")
-    tail.graph.eliminate_dead_code()
+    eliminate_dead_code(tail.graph)
     tail.recompile()
     return tail

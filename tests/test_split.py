@@ -6,6 +6,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+import fdcam
 from fdcam.split import SplitError, resolve_layer_name, split_model
 from reference import assert_same_up_to_rounding
 
@@ -144,3 +145,38 @@ def test_untraceable_submodule_declared_a_leaf_is_split(layer):
     with torch.no_grad():
         assert_same_up_to_rounding(activation, by_hand[layer])
         assert_same_up_to_rounding(split.tail(activation, *crossing), model(x))
+
+
+class _UnusedInPlaceResults(nn.Module):
+    """In-place calls whose results nothing uses: before the target (on the head's side) and after it (the tail)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        a = self.stem(x)
+        a.relu_()  # changes `a`, which conv reads next
+        y = self.conv(a)
+        before = y.sum((2, 3))
+        y.mul_(0.5)  # after `before` was read: the tail must keep it
+        return self.fc(torch.cat([before, y.mean((2, 3))], 1))
+
+
+def test_in_place_calls_whose_result_is_unused_stay_in_the_head_and_the_tail():
+    # fx counts a method call as pure: dead-code elimination and the head's ancestors alone would drop both calls.
+    torch.manual_seed(0)
+    model, x = _UnusedInPlaceResults().eval(), torch.randn(2, 3, 16, 16)
+    seen = []
+    handle = model.conv.register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+    with torch.no_grad():
+        expected = model(x)
+    handle.remove()
+    split = split_model(model, "conv", x)
+    activation, *crossing = split.head(x)
+    with torch.no_grad():
+        assert torch.equal(activation, seen[0])
+        assert_same_up_to_rounding(split.tail(activation, *crossing), expected)
+        assert torch.equal(activation, seen[0])  # the tail changed a copy: the map is made of these activations
+    cam = fdcam.GradCAM(model, "conv")
+    assert_same_up_to_rounding(cam.explanation(x, None).logits, expected)
