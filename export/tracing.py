@@ -188,10 +188,7 @@ def _makes_fresh_tensor(node: torch.fx.Node) -> bool:
     them, taken by getitem, for an op with several: batch norm's)."""
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
         node = node.args[0]
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False
-    schema = node.target._schema
-    return not schema.is_mutable and all(value.alias_info is None for value in schema.returns)
+    return _reads_only(node)
 
 
 def _batch_symbolic_inputs(
