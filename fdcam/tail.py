@@ -303,6 +303,7 @@ class TorchTail:
         for i in range(n):
             image = shortcut.select(state, i)
             bias, full = shortcut.row_bases(image)
+            full_and_bias = full + bias
             buffer = None  # the chunks' starts, written in place: no fresh block per chunk
             key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
             sets, inverse = torch.unique(key, dim=0, return_inverse=True)
@@ -311,18 +312,22 @@ class TorchTail:
             result = None
             for a, b, on, on_sets, off, off_sets in set_chunks(inverse.tolist(), complement[i, :, 0].tolist(), step):
                 self.calls += 1
-                sums = shortcut.gathered_sums(image, set_index[a:b], set_gate[a:b], rows)
-                if on_sets == off_sets == list(range(len(sums))):  # one switch-on and one switch-off row per set
-                    if buffer is None or buffer.shape[0] < 2 * len(sums):
-                        buffer = torch.empty((2 * len(sums), *full.shape), dtype=sums.dtype)
-                    start = buffer[: 2 * len(sums)]
-                    torch.add(sums, bias, out=start[: len(sums)])  # bias + Σ
-                    torch.sub(full, sums, out=start[len(sums) :])  # full − Σ
+                count = b - a
+                if on_sets == off_sets == list(range(count)):  # one switch-on and one switch-off row per set
+                    if buffer is None or buffer.shape[0] < 2 * count:
+                        buffer = torch.empty((2 * count, *full.shape), dtype=full.dtype, device=full.device)
+                    start = buffer[: 2 * count]
+                    # bias + Σ, then full − Σ as (full + bias) − (bias + Σ): one pass over the rows fewer.
+                    chosen_sets = (set_index[a:b], set_gate[a:b])
+                    sums = shortcut.gathered_sums(image, *chosen_sets, rows, with_bias=True, out=start[:count])
+                    torch.sub(full_and_bias, sums, out=start[count:])
                 else:
+                    sums = shortcut.gathered_sums(image, set_index[a:b], set_gate[a:b], rows)
                     start = torch.empty((len(on) + len(off), *full.shape), dtype=sums.dtype)
                     torch.add(pick_sets(sums, on_sets), bias, out=start[: len(on)])
                     torch.sub(full, pick_sets(sums, off_sets), out=start[len(on) :])
-                hidden = shortcut.body(
+                # The start rows are this loop's own: the body's first activation may run in place on them.
+                hidden = shortcut.owned_body(
                     start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras)
                 )
                 chosen = None if classes is None else classes[i : i + 1]

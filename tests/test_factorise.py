@@ -573,3 +573,51 @@ def test_linear_passes_per_channel_set_equal_the_plain_tail(theta):
             assert_same_up_to_rounding(
                 subset, expected.gather(2, classes[:, None].expand(-1, masks.shape[1], -1)), rel=1e-5
             )
+
+
+class _ActivationFirst(nn.Module):
+    """A body whose start rows go through `activation` first (a module or a function), then a pool."""
+
+    def __init__(self, activation, reads_start_again=False):
+        super().__init__()
+        self.activation = activation if isinstance(activation, nn.Module) else None
+        self.function = None if isinstance(activation, nn.Module) else activation
+        self.reads_start_again = reads_start_again
+
+    def forward(self, start):
+        hidden = self.activation(start) if self.activation is not None else self.function(start)
+        pooled = hidden.mean((-2, -1)).view(start.size(0), -1)
+        return pooled + start.sum((-2, -1)) if self.reads_start_again else pooled
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [nn.ReLU6(), nn.ReLU(), nn.Hardtanh(-1.0, 2.0), nn.Hardswish(), nn.SiLU(), nn.LeakyReLU(0.2), F.relu, torch.relu],
+    ids=["ReLU6", "ReLU", "Hardtanh", "Hardswish", "SiLU", "LeakyReLU", "F.relu", "torch.relu"],
+)
+def test_an_owned_start_body_runs_its_first_activation_in_place_with_the_same_values(activation):
+    from fdcam.factorise.in_place import owned_start_body
+
+    body = torch.fx.symbolic_trace(_ActivationFirst(activation))
+    owned = owned_start_body(body)
+    assert owned is not body
+    start = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(2)) * 4
+    expected_activation = activation(start.clone())
+    kept = start.clone()
+    # The same element-wise function in place: equal up to a rounding or two of a vectorised exp (SiLU, Hardswish).
+    close = functools.partial(torch.testing.assert_close, rtol=4 * 2.0**-24, atol=4 * 2.0**-24 * 16)
+    close(owned(kept.clone()), body(start))
+    assert torch.equal(start, kept)  # the plain body leaves its input alone
+    owned(kept)
+    close(kept, expected_activation)  # the owned body wrote the activation over its start rows
+    # the user's module is not switched to in place
+    assert all(getattr(module, "inplace", False) is False for module in body.modules())
+
+
+def test_a_body_that_reads_its_start_rows_again_is_not_made_in_place():
+    from fdcam.factorise.in_place import owned_start_body
+
+    body = torch.fx.symbolic_trace(_ActivationFirst(nn.ReLU(), reads_start_again=True))
+    assert owned_start_body(body) is body
+    body = torch.fx.symbolic_trace(_ActivationFirst(torch.tanh))  # no in-place form known: left as it is
+    assert owned_start_body(body) is body

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..fxgraph import fetch_attr
+from .in_place import owned_start_body
 from .sparse import sparse_rows
 
 __all__ = ["GATHER_SHARE", "ShortcutGraph", "TailShortcut", "TailWeights", "expand_rows", "shortcut_passes"]
@@ -85,11 +86,19 @@ class TailShortcut(nn.Module):
         self.norm = norm  # "conv": the BatchNorm2d folded into it, or None
         self.first_is_final = first_is_final  # "linear": the first Linear is also the last
         self.row_numel = 1  # "conv": elements of one row's pre-activation (known after `prepare`)
+        self._owned: dict[str, fx.GraphModule] = {}
         # Eval flags on the new wrappers only (the shared modules keep theirs): an exporter that puts
         # the module in eval mode and then "restores" train mode must not switch the user's dropout on.
         for wrapper in (self, prefix, body):
             if wrapper is not None:
                 wrapper.training = False
+
+    @property
+    def owned_body(self) -> fx.GraphModule:
+        """The body for start rows the caller gives up: its first activation may change them in place."""
+        if "body" not in self._owned:  # a dict, not a submodule: the copy shares the body's modules
+            self._owned["body"] = owned_start_body(self.body)
+        return self._owned["body"]
 
     @property
     def sparse_capable(self) -> bool:
@@ -207,14 +216,14 @@ class TailShortcut(nn.Module):
         return (features[:, None] * masks[..., None, None]).reshape(n * m, k, *features.shape[2:])
 
     def input_rows(self, state: tuple) -> torch.Tensor | None:
-        """The "conv" kind's folded weight as rows per input channel [K,out] when the convolution is a
-        matrix product per pixel (1×1, stride 1, no padding), else None. For `gathered_sums`."""
+        """The "conv" kind's folded weight as rows per input channel and its bias as row K ([K+1,out]) when the
+        convolution is a matrix product per pixel (1×1, stride 1, no padding), else None. For `gathered_sums`."""
         if self.kind != "conv":
             return None
-        weight = state[2]
+        weight, bias = state[2], state[3]
         if weight.shape[-2:] != (1, 1) or not _is_identity_geometry(self.conv):
             return None
-        return weight[:, :, 0, 0].t().contiguous()
+        return torch.cat([weight[:, :, 0, 0].t(), bias[None]])
 
     def row_bases(self, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The pre-activation row of the one image in `state` with every channel off (the bias) and with
@@ -226,27 +235,49 @@ class TailShortcut(nn.Module):
         return bias[:, None, None].expand_as(full[0]), full[0]
 
     def gathered_sums(
-        self, state: tuple, index: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor | None = None
+        self,
+        state: tuple,
+        index: torch.Tensor,
+        gate: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        *,
+        with_bias: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Σ_j gate[s,j]·C_index[s,j] for S channel sets [S,g] of the one image in `state`: [S, out] or
-        [S, out, h', w'], without the bias. `rows` is `input_rows(state)`, made once per batch."""
+        [S, out, h', w'], plus the bias with `with_bias` (the pre-activation of the set alone), written to `out`
+        when given. `rows` is `input_rows(state)`, made once per batch: with it the bias is one more channel of
+        the product, a channel of ones."""
         if self.kind == "linear":
-            contributions = state[0][0]  # [K,out]
+            contributions, bias = state[0][0], state[1]  # [K,out], [1,out] or None
             weights = gate.to(contributions.dtype)
             if index.shape[-1] <= GATHER_SHARE * self.num_channels:
-                return F.embedding_bag(index, contributions, per_sample_weights=weights, mode="sum")
-            # Denser sets: one product with the sets as 0/1 rows (the indices of a row are distinct).
-            rows = torch.zeros((index.shape[0], self.num_channels), dtype=contributions.dtype, device=index.device)
-            return rows.scatter_(1, index, weights) @ contributions
-        features, full, weight, _ = state
-        s, g = index.shape
-        gathered = features[0, index] * gate.to(features.dtype)[..., None, None]  # [S,g,h,w]
-        if rows is not None:
-            return torch.bmm(rows[index].transpose(1, 2), gathered.reshape(s, g, -1)).reshape(s, *full.shape[1:])
-        out = weight.shape[0]
-        per_set = weight.transpose(0, 1)[index].transpose(1, 2).reshape(s * out, g, *weight.shape[-2:])
-        summed = self._convolve(gathered.reshape(1, s * g, *features.shape[2:]), per_set, None, groups=s)
-        return summed.reshape(s, *full.shape[1:])
+                summed = F.embedding_bag(index, contributions, per_sample_weights=weights, mode="sum")
+            else:
+                # Denser sets: one product with the sets as 0/1 rows (the indices of a row are distinct).
+                dense = torch.zeros((index.shape[0], self.num_channels), dtype=contributions.dtype, device=index.device)
+                summed = dense.scatter_(1, index, weights) @ contributions
+            bias = bias[0] if with_bias and bias is not None else None
+        else:
+            features, full, weight, bias = state
+            s, g = index.shape
+            gathered = features[0, index] * gate.to(features.dtype)[..., None, None]  # [S,g,h,w]
+            if rows is not None:
+                gathered = gathered.reshape(s, g, -1)
+                if with_bias:
+                    index = torch.cat([index, torch.full_like(index[:, :1], self.num_channels)], -1)
+                    gathered = torch.cat([gathered, torch.ones_like(gathered[:, :1])], 1)
+                flat_out = None if out is None else out.view(s, full.shape[1], -1)
+                summed = torch.bmm(rows[index].transpose(1, 2), gathered, out=flat_out)
+                return summed.view(s, *full.shape[1:])
+            per_set = weight.transpose(0, 1)[index].transpose(1, 2)
+            per_set = per_set.reshape(s * weight.shape[0], g, *weight.shape[-2:])
+            summed = self._convolve(gathered.reshape(1, s * g, *features.shape[2:]), per_set, None, groups=s)
+            summed = summed.reshape(s, *full.shape[1:])
+            bias = bias[:, None, None] if with_bias else None
+        if bias is not None:
+            return torch.add(summed, bias, out=out)
+        return summed if out is None else out.copy_(summed)
 
     # --- the last op ----------------------------------------------------------------------------
 
