@@ -253,15 +253,17 @@ def test_a_tail_only_ending_in_a_linear_runs_dense_with_the_class_rows(monkeypat
     assert graph.plan(features, 16, 2, groups=True).form == "shortcut-dense"
 
 
-def test_passes_scored_whole_on_a_cpu_run_in_chunks_the_allocator_reuses():
-    # A segmentation map per pass: the default budget would hold 1 GB of them in one chunk, faulted in anew at every
-    # call; on a CPU a chunk holds CPU_CHUNK_BYTES of rows (counted as chunk_size counts them), a given batch_size wins.
+def test_plain_passes_on_a_cpu_run_in_chunks_the_allocator_reuses():
+    # Masked copies and segmentation maps per pass: the default budget would hold 1 GB of them in one chunk, faulted
+    # in anew at every call; on a CPU a chunk holds CPU_CHUNK_BYTES of rows (counted as chunk_size counts them), a
+    # given batch_size wins.
     features = torch.zeros(2, 960, 2, 2)
     output_numel = 21 * 32 * 32
     per_row = (4 * features[0].numel() + 2 * output_numel) * features.element_size()
     plan = plan_passes(None, features, num_rows=1920, output_numel=output_numel)
     assert plan.form == "plain" and plan.rows == plan_module.CPU_CHUNK_BYTES // per_row
     assert plan_passes(None, features, num_rows=1920, output_numel=output_numel, batch_size=500).rows == 500
-    assert plan_passes(None, features, num_rows=1920).rows == 2 * 1920  # logits only: the memory budget decides
+    logits_only = plan_passes(None, features, num_rows=1920)  # masked copies alone, chunked the same way
+    assert logits_only.rows == plan_module.CPU_CHUNK_BYTES // (4 * features[0].numel() * features.element_size())
     small = plan_passes(None, features, num_rows=1920, output_numel=output_numel, memory_budget=per_row * 3)
     assert small.rows == 3  # a budget below the chunk still bounds it
