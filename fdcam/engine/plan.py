@@ -277,8 +277,8 @@ def _rows(
     if batch_size is None and not features.is_cuda:
         # On CPUs, chunks of masked copies (and of whole outputs scored, segmentation maps) that the allocator reuses,
         # not one buffer of up to the whole budget faulted in anew at every call (glibc maps blocks over 32 MB afresh
-        # each time). ResNet-50 at layer4.2.conv3, 2048 plain passes: Ablation-CAM 1.2–1.3 s → 0.33–0.49 s, FD-CAM
-        # 2.6–2.7 → 0.54–0.67 s; LR-ASPP's 3840 region passes at 32 px: 1.4–1.7 s → 0.36–0.42 s.
+        # each time). ResNet-50 at layer4.2.conv3, 2048 plain passes: Ablation-CAM 1.2–1.3 s → 0.25 s, FD-CAM
+        # 2.6–2.7 → 0.50–0.55 s; LR-ASPP's 3840 region passes at 32 px: 1.4–1.7 s → 0.36–0.42 s.
         step = min(step, chunk_size(features, CPU_CHUNK_BYTES, None, total, output_numel))
     if shortcut is None or shortcut.kind != "conv":
         return step
