@@ -14,9 +14,11 @@ from torch import fx, nn
 __all__ = ["owned_start_body"]
 
 # Module activations and the in-place function that computes the same values, with the module's own arguments.
+_HARDTANH = lambda m: (F.hardtanh, {"min_val": m.min_val, "max_val": m.max_val})  # noqa: E731
 _MODULES = {
     nn.ReLU: lambda m: (F.relu, {}),
-    nn.Hardtanh: lambda m: (F.hardtanh, {"min_val": m.min_val, "max_val": m.max_val}),  # ReLU6 too
+    nn.Hardtanh: _HARDTANH,
+    nn.ReLU6: _HARDTANH,
     nn.Hardswish: lambda m: (F.hardswish, {}),
     nn.SiLU: lambda m: (F.silu, {}),
     nn.LeakyReLU: lambda m: (F.leaky_relu, {"negative_slope": m.negative_slope}),
@@ -61,11 +63,11 @@ def _in_place(body: fx.GraphModule, node: fx.Node) -> tuple | None:
         if len(node.args) != 1 or node.kwargs:
             return None
         module = body.get_submodule(node.target)
-        for kind, arguments in _MODULES.items():
-            if type(module) is kind or (kind is nn.Hardtanh and type(module) is nn.ReLU6):
-                function, kwargs = arguments(module)
-                return function, (), {**kwargs, "inplace": True}
-        return None
+        arguments = _MODULES.get(type(module))
+        if arguments is None:
+            return None
+        function, kwargs = arguments(module)
+        return function, (), {**kwargs, "inplace": True}
     if node.op == "call_function" and node.target in _FUNCTIONS and len(node.args) <= _FUNCTIONS[node.target]:
         return node.target, tuple(node.args[1:]), {**node.kwargs, "inplace": True}
     if node.op == "call_function" and node.target in _TENSOR_FUNCTIONS and len(node.args) == 1 and not node.kwargs:

@@ -10,6 +10,7 @@ The user's modules are shared, never copied or changed.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -86,19 +87,17 @@ class TailShortcut(nn.Module):
         self.norm = norm  # "conv": the BatchNorm2d folded into it, or None
         self.first_is_final = first_is_final  # "linear": the first Linear is also the last
         self.row_numel = 1  # "conv": elements of one row's pre-activation (known after `prepare`)
-        self._owned: dict[str, fx.GraphModule] = {}
         # Eval flags on the new wrappers only (the shared modules keep theirs): an exporter that puts
         # the module in eval mode and then "restores" train mode must not switch the user's dropout on.
         for wrapper in (self, prefix, body):
             if wrapper is not None:
                 wrapper.training = False
 
-    @property
+    @functools.cached_property
     def owned_body(self) -> fx.GraphModule:
-        """The body for start rows the caller gives up: its first activation may change them in place."""
-        if "body" not in self._owned:  # a dict, not a submodule: the copy shares the body's modules
-            self._owned["body"] = owned_start_body(self.body)
-        return self._owned["body"]
+        """The body for start rows the caller gives up: its first activation may change them in place. Kept in the
+        instance's dict, not as a submodule: the copy shares the body's modules."""
+        return owned_start_body(self.body)
 
     @property
     def sparse_capable(self) -> bool:
