@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (pyproject's `-n 2`) the workers share the machine's cores: one thread each, not two
+# contending pairs.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def _keep_freed_memory() -> None:
@@ -41,8 +43,40 @@ _keep_freed_memory()
 DATA = Path(__file__).parent / "data"
 
 
+# Under pytest-xdist (pyproject's `-n 2 --dist loadfile`) a file is one unit of work, so that a module's fixtures (a
+# server, an export) are built once; the files that start Ray (in process or through the CLI) are one unit, run one
+# after another, since two Rays side by side on a 2-core machine fight over its CPUs and see each other's actors.
+RAY_FILES = {"test_datasets.py", "test_datasets_cluster.py", "test_datasets_command.py", "test_benchmark_dataset.py"}
+# The longest units first (per-file times of the serial suite, 2026-12-07), so that the last unit to finish is short.
+LONGEST_FIRST = ["ray", "test_explainer.py", "test_serve.py", "test_runtime.py", "test_explainer_region.py"]
+
+
+def _unit(nodeid: str) -> str:
+    """The unit of work of a test: its file's name, or "ray"."""
+    name = Path(nodeid.split("::", 1)[0]).name
+    return "ray" if name in RAY_FILES else name
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the Ray files as one unit. (pytest-xdist's own `loadgroup` marks a group in the test's
+    node id, which pytest 9 no longer takes: it would send every test alone.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return FileUnits(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.gpu` tests skip, in one place, on a machine without CUDA."""
+    """`@pytest.mark.gpu` tests skip, in one place, on a machine without CUDA; an xdist worker lists the longest units
+    first (the scheduler hands out units in the workers' order: `--no-loadscope-reorder`)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # stable: files keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
