@@ -57,6 +57,7 @@ def _unit(nodeid: str) -> str:
     return "ray" if name in RAY_FILES else name
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: no error where it is not installed
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` with the Ray files as one unit. (pytest-xdist's own `loadgroup` marks a group in the test's
     node id, which pytest 9 no longer takes: it would send every test alone.)"""
