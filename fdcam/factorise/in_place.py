@@ -13,12 +13,16 @@ from torch import fx, nn
 
 __all__ = ["owned_start_body"]
 
+
+def _hardtanh(module: nn.Hardtanh) -> tuple:
+    return F.hardtanh, {"min_val": module.min_val, "max_val": module.max_val}
+
+
 # Module activations and the in-place function that computes the same values, with the module's own arguments.
-_HARDTANH = lambda m: (F.hardtanh, {"min_val": m.min_val, "max_val": m.max_val})  # noqa: E731
 _MODULES = {
     nn.ReLU: lambda m: (F.relu, {}),
-    nn.Hardtanh: _HARDTANH,
-    nn.ReLU6: _HARDTANH,
+    nn.Hardtanh: _hardtanh,
+    nn.ReLU6: _hardtanh,  # a Hardtanh(0, 6)
     nn.Hardswish: lambda m: (F.hardswish, {}),
     nn.SiLU: lambda m: (F.silu, {}),
     nn.LeakyReLU: lambda m: (F.leaky_relu, {"negative_slope": m.negative_slope}),
