@@ -206,11 +206,15 @@ class GraphTail:
             )
         features, full, weight, bias = state
         gate, index = on[0].topk(sparsity, dim=-1, sorted=False)  # each group's channels, padded with gate 0
-        flat, per_input = features.flatten(2)[0], weight[:, :, 0, 0].t()  # [K,hw], [K,out]
-        full_rows = full.reshape(full.shape[1], -1)  # [out,hw]
-        # The bias as a whole [out,hw] plane: ONNX Runtime adds operands that differ in leading axes only fast,
-        # a [out,1] column broadcast over each row of hw values several times slower.
-        bias_rows = bias[:, None].expand_as(full_rows).contiguous()
+        # The bias rides in the product as input channel K, a channel of ones: the product writes the switch-on
+        # rows bias + Σ itself and the switch-off rows are (full + bias) − (bias + Σ), as in the library's
+        # TorchTail; one Add over the rows fewer (2.6 ms of Lite0's graph).
+        index = torch.cat([index, torch.full_like(index[:, :1], index.shape[0])], 1)  # [K,g+1]
+        gate = torch.cat([gate, torch.ones_like(gate[:, :1])], 1)
+        flat = features.flatten(2)[0]
+        flat = torch.cat([flat, torch.ones_like(flat[:1])])  # [K+1,hw]
+        per_input = torch.cat([weight[:, :, 0, 0].t(), bias[None]])  # [K+1,out]
+        full_and_bias = (full.reshape(full.shape[1], -1) + bias[:, None]).contiguous()  # [out,hw]
         step = self.gather_rows
         on_logits, off_logits = [], []
         for lo in range(0, k, step):
@@ -220,10 +224,14 @@ class GraphTail:
             flat_index = chunk_index.reshape(-1)
             gathered = flat.index_select(0, flat_index).reshape(c, g, -1) * gate[lo : lo + step, :, None]  # [c,g,hw]
             rows = per_input.index_select(0, flat_index).reshape(c, g, -1)  # [c,g,out]
-            summed = torch.bmm(rows.transpose(1, 2), gathered)  # [c,out,hw]
+            summed = torch.bmm(rows.transpose(1, 2), gathered)  # [c,out,hw]: bias + Σ
+            # Operands that differ in leading axes only, which ONNX Runtime subtracts fast (a [out,1] column
+            # broadcast over each row of hw values is several times slower); taken before the body, whose first
+            # activation may run in place on the switch-on rows.
+            off = full_and_bias - summed
             if switch == "on_off":
-                on_logits.append(_finish(shortcut, (summed + bias_rows).reshape(-1, *full.shape[1:]), extras, classes))
-            off_logits.append(_finish(shortcut, (full_rows - summed).reshape(-1, *full.shape[1:]), extras, classes))
+                on_logits.append(_finish(shortcut, summed.reshape(-1, *full.shape[1:]), extras, classes))
+            off_logits.append(_finish(shortcut, off.reshape(-1, *full.shape[1:]), extras, classes))
         return _cat(on_logits + off_logits)
 
 

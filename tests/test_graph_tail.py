@@ -19,6 +19,7 @@ from fdcam.groups import channel_groups
 from fdcam.split import split_model
 from fdcam.switch import switch_masks
 from fdcam.tail import MaskedTail
+from nets import ConvStart
 
 # Logits of a few hundred float32 products: the gathered and shared-sum orders differ from the plain
 # pass by rounding only, a few ulps of the largest logit each.
@@ -70,6 +71,18 @@ def test_a_pointwise_convolution_tail_in_cache_sized_chunks_equals_the_masked_ta
 def test_a_pool_and_linear_tail_equals_the_masked_tail(resnet50_random):
     engine = check_passes(resnet50_random, "layer4", 96)
     assert engine.shortcut.kind == "linear" and engine.shortcut.first_is_final
+
+
+def test_a_pointwise_convolution_whose_activation_runs_in_place_equals_the_masked_tail(tmp_path):
+    # The graph's channel sets take each switch-off row from the product before the body runs on the switch-on
+    # rows: a first activation that runs in place must not reach them, eager or exported (the export checks its
+    # maps against the library's).
+    torch.manual_seed(4)
+    model = ConvStart(kernel=1, activation=torch.relu_, channels=(24, 16), classes=8).eval()
+    engine = check_passes(model, "stem", 12)
+    features = torch.zeros(1, 24, 12, 12)
+    assert engine.plan(features, 24, max_group_size(24, 0.95), groups=True).form == "sets"
+    export_explainer(model, tmp_path / "e.onnx", "stem", "fdcam", True, input_size=(12, 12))
 
 
 class VggShaped(torch.nn.Module):
