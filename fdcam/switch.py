@@ -63,15 +63,15 @@ def group_switch_logits(
 ) -> torch.Tensor:
     """`switch_logits` of `switch_masks(groups, switch)` for groups [N,K,K]: [N,M,T] (or [N,M,C]).
 
-    A tail that scores groups directly (`TorchTail.group_passes`: its first op is its last Linear)
-    does so for class-logit targets, without building the N·2K·K mask rows (from the groups'
-    `members`, when given, at the cost of their sizes); others run the masks.
+    A tail that scores groups directly (`TorchTail.group_passes`: its first op is its last Linear, or a 1×1
+    convolution on a CPU) does so for class-logit targets, without building the N·2K·K mask rows (from the
+    groups' `members`, when given, at the cost of their sizes); others run the masks.
     """
     if switch not in SWITCHES:
         raise invalid_choice("switch", switch, SWITCHES)
     chosen = classes.classes if isinstance(classes, BatchTargets) else classes
     passes = getattr(tail, "group_passes", None)
-    extra = {} if members is None else {"members": members}
+    extra = {"switch": switch} if members is None else {"members": members, "switch": switch}
     direct = None if passes is None or chosen is None else passes(features, groups, extras, chosen, **extra)
     if direct is None:
         return switch_logits(tail, features, switch_masks(groups, switch), extras, classes, sparsity)

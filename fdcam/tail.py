@@ -22,9 +22,10 @@ from .cuda_graphs import GraphedCall
 from .engine.plan import PassPlan, plan_passes
 from .factorise import TailShortcut, expand_rows, sparse_rows, tail_shortcut
 from .groups import GroupMembers
-from .mask_rows import chunk_size, concat, expand_masks, pick_sets, segment_rows, set_chunks, split_rows
+from .mask_rows import chunk_size, concat, expand_masks, segment_rows, split_rows
 from .options import TORCH_PRECISIONS
 from .precision import check_torch_precision, tail_precision
+from .set_passes import group_set_passes, mask_set_passes
 from .targets import BatchTargets
 
 __all__ = ["Tail", "MaskedTail", "TorchTail", "TORCH_PRECISIONS", "chunk_size", "expand_masks", "tail_precision"]
@@ -190,18 +191,29 @@ class TorchTail:
         extras: Sequence[torch.Tensor] = (),
         classes: torch.Tensor | None = None,
         members: GroupMembers | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        switch: str = "on_off",
+    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """Float32 logits [N,K,T] of the classes [N,T] with each channel group of boolean `groups` [N,K,K]
-        switched on alone, and switched off, or None where this tail has no such shortcut.
+        switched on alone (None for switch="off" where that saves passes), and switched off, or None where this
+        tail has no such shortcut.
 
         A tail whose first op is its last Linear (pooling then the classifier, ResNet-50 at `layer4`)
         scores a group as a sum of per-channel class contributions: on = bias + Σ_G C, off = full − Σ_G C,
         one product of the groups with the contributions, no mask rows at all; with the groups'
-        `members` (fdcam.groups.GroupMembers), a sum over each row's few candidates. A `batch_size`
-        given asks for mask rows in chunks of that size: None, so they run.
+        `members` (fdcam.groups.GroupMembers), a sum over each row's few candidates. A 1×1 convolution's
+        groups run as channel sets on CPUs (fdcam.set_passes). A `batch_size` given asks for mask rows in
+        chunks of that size: None, so they run.
         """
         shortcut = self.shortcut_for(features, extras)
-        plan = self.plan(shortcut, features, None, classes, groups=True)
+        # The largest group bounds a convolution's channel sets (one host sync, where sets can run: on CPUs).
+        conv_on_cpu = shortcut is not None and shortcut.kind == "conv" and features.device.type == "cpu"
+        largest = max(1, int(groups.sum(-1).max())) if conv_on_cpu and groups.numel() else None
+        plan = self.plan(shortcut, features, None, classes, largest, groups=True)
+        if plan.form == "sets":
+            with tail_precision(self.precision, features.device):
+                on, off, chunks = group_set_passes(shortcut, plan, features, groups, extras, classes, switch)
+            self.calls += chunks
+            return on, off
         if plan.form != "group-sums":
             return None
         with tail_precision(self.precision, features.device):
@@ -237,7 +249,7 @@ class TorchTail:
 
     def _compute(self, shortcut, plan: PassPlan, features, masks, extras: list, classes, score=None) -> torch.Tensor:
         """Logits [N,M,C|T] (scores [N,M,T] with `score`): the N·M masked passes in chunks of `plan.rows` rows,
-        each chunk one body forward (or per channel set, `_compute_sets`)."""
+        each chunk one body forward (or per channel set, fdcam.set_passes)."""
         n, m, _ = masks.shape
         total = n * m
         step = plan.rows
@@ -246,7 +258,9 @@ class TorchTail:
             sparse = sparse_rows(masks, plan.bound) if plan.gathers else None
             self.sparse_calls += sparse is not None
             if plan.form == "sets":
-                return self._compute_sets(shortcut, plan, state, sparse, features, masks, extras, classes, score)
+                logits, chunks = mask_set_passes(shortcut, plan, state, sparse, masks, extras, classes, score)
+                self.calls += chunks
+                return logits
         outputs = []
         for start in range(0, total, step):
             end = min(total, start + step)
@@ -284,60 +298,6 @@ class TorchTail:
                 outputs.append(logits if score is None else score.score_rows(logits, i))
                 offset += hi - lo
         return concat(outputs).reshape(n, m, *outputs[0].shape[1:])
-
-    def _compute_sets(
-        self, shortcut, plan: PassPlan, state, sparse, features, masks, extras: list, classes, score=None
-    ) -> torch.Tensor:
-        """The gathered passes with one gathered sum per distinct channel set of an image.
-
-        The switch-on row of FD-CAM's group k is bias + Σ_G(k) C_l and its switch-off row is
-        full − Σ_G(k) C_l: both rows take one sum. A convolution's sets run in chunks of a few rows
-        that stay in the CPU's caches through the body; a first Linear's in chunks of the memory
-        budget, so the body's next Linear is one large product.
-        """
-        n, m, _ = masks.shape
-        index, gate, complement = sparse
-        rows = shortcut.input_rows(state)
-        step = plan.rows
-        results = []
-        for i in range(n):
-            image = shortcut.select(state, i)
-            bias, full = shortcut.row_bases(image)
-            full_and_bias = full + bias
-            buffer = None  # the chunks' starts, written in place: no fresh block per chunk
-            key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
-            sets, inverse = torch.unique(key, dim=0, return_inverse=True)
-            first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
-            set_index, set_gate = index[i, first], gate[i, first]
-            result = None
-            for a, b, on, on_sets, off, off_sets in set_chunks(inverse.tolist(), complement[i, :, 0].tolist(), step):
-                self.calls += 1
-                count = b - a
-                if on_sets == off_sets == list(range(count)):  # one switch-on and one switch-off row per set
-                    if buffer is None or buffer.shape[0] < 2 * count:
-                        buffer = torch.empty((2 * count, *full.shape), dtype=full.dtype, device=full.device)
-                    start = buffer[: 2 * count]
-                    # bias + Σ, then full − Σ as (full + bias) − (bias + Σ): one pass over the rows fewer.
-                    chosen_sets = (set_index[a:b], set_gate[a:b])
-                    sums = shortcut.gathered_sums(image, *chosen_sets, rows, with_bias=True, out=start[:count])
-                    torch.sub(full_and_bias, sums, out=start[count:])
-                else:
-                    sums = shortcut.gathered_sums(image, set_index[a:b], set_gate[a:b], rows)
-                    start = torch.empty((len(on) + len(off), *full.shape), dtype=sums.dtype)
-                    torch.add(pick_sets(sums, on_sets), bias, out=start[: len(on)])
-                    torch.sub(full, pick_sets(sums, off_sets), out=start[len(on) :])
-                # The start rows are this loop's own: the body's first activation may run in place on them.
-                hidden = shortcut.owned_body(
-                    start, *(extra[i : i + 1].expand(len(start), *extra.shape[1:]) for extra in extras)
-                )
-                chosen = None if classes is None else classes[i : i + 1]
-                logits = shortcut.logits(hidden[None], chosen)[0]
-                logits = logits if score is None else score.score_rows(logits, i)
-                if result is None:
-                    result = logits.new_empty((m, *logits.shape[1:]))
-                result[on + off] = logits
-            results.append(result)
-        return torch.stack(results)
 
 
 def _group_sums(contributions: torch.Tensor, groups: torch.Tensor, step: int) -> torch.Tensor:

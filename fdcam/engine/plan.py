@@ -168,7 +168,7 @@ def plan_passes(
         return PassPlan("plain", selects, None, _rows(None, "plain", features, n * num_rows, engine, **budget), engine)
     per_set = engine == "torch" and features.device.type == "cpu" and precision == "fp32"
     if groups:
-        form = _group_form(shortcut, k, classes, sparsity, batch_size, engine)
+        form = _group_form(shortcut, k, classes, sparsity, batch_size, engine, per_set)
         if form is not None:
             bound = sparsity if form == "sets" else None
             return PassPlan(form, selects, bound, _rows(shortcut, form, features, k, engine, **budget), engine)
@@ -178,15 +178,23 @@ def plan_passes(
     return PassPlan(form, selects, bound, _rows(shortcut, form, features, total, engine, **budget), engine)
 
 
-def _group_form(shortcut: TailShortcut, k: int, classes: bool, sparsity: int | None, batch_size, engine: str):
+def _group_form(
+    shortcut: TailShortcut, k: int, classes: bool, sparsity: int | None, batch_size, engine: str, per_set: bool
+):
     """ "group-sums" or "sets" when the groups are summed without mask rows, else None (mask rows)."""
     from fdcam.factorise.shortcut import _is_pointwise
 
     if engine == "torch":
         # A tail whose first op is its last Linear scores a group as a sum of class contributions (one product
-        # of the groups with them); a batch_size given asks for mask rows in chunks of that size, so they run.
-        first_is_final = shortcut.kind == "linear" and shortcut.first_is_final
-        return "group-sums" if classes and batch_size is None and first_is_final else None
+        # of the groups with them); where channel sets run (`per_set`), a 1×1 convolution's group is one gathered
+        # sum serving both its rows, `sparsity` the largest group measured by the caller. A batch_size given asks
+        # for mask rows in chunks of that size, so they run.
+        if not classes or batch_size is not None:
+            return None
+        if shortcut.kind == "linear" and shortcut.first_is_final:
+            return "group-sums"
+        pointwise = shortcut.kind == "conv" and _is_pointwise(shortcut.conv)
+        return "sets" if per_set and pointwise and _trusted_bound(shortcut, k, sparsity) is not None else None
     if engine == "graph":
         # In the graph a first Linear's group sums are one batched product; a 1×1 convolution's one gathered
         # sum per group (the group bound is static) serves both of its rows.

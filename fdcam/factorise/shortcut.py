@@ -214,15 +214,19 @@ class TailShortcut(nn.Module):
         (features,) = state
         return (features[:, None] * masks[..., None, None]).reshape(n * m, k, *features.shape[2:])
 
-    def input_rows(self, state: tuple) -> torch.Tensor | None:
-        """The "conv" kind's folded weight as rows per input channel and its bias as row K ([K+1,out]) when the
-        convolution is a matrix product per pixel (1×1, stride 1, no padding), else None. For `gathered_sums`."""
+    def pointwise_operands(self, state: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a "conv" kind whose convolution is a matrix product per pixel (1×1, stride 1, no padding): the
+        features as maps [N,K+1,h·w] with a channel of ones as channel K, and the folded weight as rows per input
+        channel with the bias as row K ([K+1,out]); a set's pre-activation bias + Σ_j gate_j·C_j is then one
+        product over its channels and channel K (fdcam.set_passes). None otherwise."""
         if self.kind != "conv":
             return None
-        weight, bias = state[2], state[3]
+        features, _, weight, bias = state
         if weight.shape[-2:] != (1, 1) or not _is_identity_geometry(self.conv):
             return None
-        return torch.cat([weight[:, :, 0, 0].t(), bias[None]])
+        maps = features.flatten(2)
+        maps = torch.cat([maps, torch.ones_like(maps[:, :1])], 1)
+        return maps, torch.cat([weight[:, :, 0, 0].t(), bias[None]])
 
     def row_bases(self, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The pre-activation row of the one image in `state` with every channel off (the bias) and with
@@ -238,15 +242,13 @@ class TailShortcut(nn.Module):
         state: tuple,
         index: torch.Tensor,
         gate: torch.Tensor,
-        rows: torch.Tensor | None = None,
         *,
         with_bias: bool = False,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Σ_j gate[s,j]·C_index[s,j] for S channel sets [S,g] of the one image in `state`: [S, out] or
         [S, out, h', w'], plus the bias with `with_bias` (the pre-activation of the set alone), written to `out`
-        when given. `rows` is `input_rows(state)`, made once per batch: with it the bias is one more channel of
-        the product, a channel of ones."""
+        when given. (A 1×1 convolution's sets are products over `pointwise_operands` instead.)"""
         if self.kind == "linear":
             contributions, bias = state[0][0], state[1]  # [K,out], [1,out] or None
             weights = gate.to(contributions.dtype)
@@ -261,17 +263,6 @@ class TailShortcut(nn.Module):
             features, full, weight, bias = state
             s, g = index.shape
             gathered = features[0, index] * gate.to(features.dtype)[..., None, None]  # [S,g,h,w]
-            if rows is not None:
-                gathered = gathered.reshape(s, g, -1)
-                if with_bias:
-                    index = torch.cat([index, torch.full_like(index[:, :1], self.num_channels)], -1)
-                    gathered = torch.cat([gathered, torch.ones_like(gathered[:, :1])], 1)
-                # index_select, not rows[index]: advanced indexing copies the rows 2–3× slower (Lite0's 320 sets:
-                # 1.2–2.0 against 2.7–6.7 ms a call; results/lite0-sets-gather-2026-12-07.txt).
-                weights = torch.index_select(rows, 0, index.flatten()).view(*index.shape, rows.shape[-1])
-                flat_out = None if out is None else out.view(s, full.shape[1], -1)
-                summed = torch.bmm(weights.transpose(1, 2), gathered, out=flat_out)
-                return summed.view(s, *full.shape[1:])
             per_set = weight.transpose(0, 1)[index].transpose(1, 2)
             per_set = per_set.reshape(s * weight.shape[0], g, *weight.shape[-2:])
             summed = self._convolve(gathered.reshape(1, s * g, *features.shape[2:]), per_set, None, groups=s)
