@@ -78,15 +78,20 @@ class _ImageSets:
         full = self.full
         return torch.empty((rows, *full.shape), dtype=full.dtype, device=full.device, memory_format=self.layout)
 
+    def sets(self, index: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image's sets [S,g] as `sums` takes them: with the channel of ones (the bias) where products run."""
+        if self.operands is None:
+            return index, gate
+        ones = self.operands[0].shape[0] - 1  # channel K: ones, its weight row the bias
+        index = torch.cat([index, torch.full_like(index[:, :1], ones)], 1)
+        return index, torch.cat([gate.to(self.full.dtype), torch.ones_like(gate[:, :1], dtype=self.full.dtype)], 1)
+
     def sums(self, index: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """bias + Σ_j gate·C_index of sets [c,g] written to `out` ([c,...] of a `buffer`)."""
+        """bias + Σ_j gate·C_index of sets [c,g] (from `sets`) written to `out` ([c,...] of a `buffer`)."""
         if self.operands is None:
             return self.shortcut.gathered_sums(self.image, index, gate, with_bias=True, out=out)
         maps, rows = self.operands
-        k = maps.shape[0] - 1  # channel K: ones, its weight row the bias
         c = index.shape[0]
-        index = torch.cat([index, torch.full_like(index[:, :1], k)], 1)
-        gate = torch.cat([gate.to(maps.dtype), torch.ones_like(maps[:1, :1]).expand(c, 1)], 1)
         # index_select, not advanced indexing: 2–3× faster copies (results/lite0-sets-gather-2026-12-07.txt).
         flat = index.flatten()
         gathered = maps.index_select(0, flat).view(*index.shape, -1) * gate[..., None]  # [c,g+1,hw]
@@ -99,7 +104,7 @@ class _ImageSets:
         return out
 
     def on_and_off_rows(self, index: torch.Tensor, gate: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        """The start rows of c sets [c,g]: bias + Σ, then full − Σ, in `buffer` ([2c,...] at least)."""
+        """The start rows of c sets [c,g] (from `sets`): bias + Σ, then full − Σ, in `buffer` ([2c,...] at least)."""
         count = index.shape[0]
         start = buffer[: 2 * count]
         sums = self.sums(index, gate, start[:count])
@@ -136,7 +141,7 @@ def mask_set_passes(
         key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
         sets, inverse = torch.unique(key, dim=0, return_inverse=True)
         first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
-        set_index, set_gate = index[i, first], gate[i, first]
+        set_index, set_gate = sets_of.sets(index[i, first], gate[i, first])
         result = None
         for a, b, on, on_sets, off, off_sets in set_chunks(inverse.tolist(), complement[i, :, 0].tolist(), plan.rows):
             chunks += 1
@@ -176,6 +181,7 @@ def group_set_passes(
         buffer = sets_of.buffer(2 * min(step, k)) if buffer is None else buffer
         # Each group's channels (gate 1), padded with gate-0 entries to the bound.
         gate, index = groups[i].to(features.dtype).topk(plan.bound, dim=-1, sorted=False)
+        index, gate = sets_of.sets(index, gate)
         for a in range(0, k, step):
             b = min(k, a + step)
             start = sets_of.on_and_off_rows(index[a:b], gate[a:b], buffer)

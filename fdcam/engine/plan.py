@@ -59,8 +59,10 @@ CPU_CHUNK_BYTES = 16 * 1024**2
 CPU_SET_CHUNK_BYTES = 2 * 1024**2
 # Channel sets of a convolution per chunk: each set's batched product is small (Lite0: [1280,17]×[17,49]), and
 # fewer, larger products beat keeping the chunk's element-wise passes in a core's cache. Lite0's switch stage
-# (2 cores, 2026-12-07, separate processes, median of 25): 57–66 ms at 2 MB a chunk, 34–42 at 8 MB, 38–40 at 16 MB.
-CPU_CONV_SET_CHUNK_BYTES = 8 * 1024**2
+# (2 cores, 2026-12-07, separate processes, median of 25): 57–66 ms at 2 MB a chunk, 34–42 at 8 MB, 38–40 at 16 MB;
+# with the sets taken from the groups and channels-last rows (fdcam/set_passes.py; one process, 40 interleaved calls,
+# four runs), 12 MB took 0.94–0.98 of 8 MB's time, 10 MB 0.95–0.96, 16 MB 0.93–1.12, 6 MB 1.05–1.09.
+CPU_CONV_SET_CHUNK_BYTES = 12 * 1024**2
 # The graph's gathered convolution sums per chunk: ONNX Runtime's batched products and element-wise passes
 # are several times faster on a few MB than on one large tensor.
 GATHER_CHUNK_BYTES = 4 * 1024**2
