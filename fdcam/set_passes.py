@@ -136,19 +136,19 @@ def mask_set_passes(
     operands = shortcut.pointwise_operands(state)
     results, chunks = [], 0
     for i in range(n):
-        sets_of = _ImageSets(shortcut, state, operands, i)
+        image_sets = _ImageSets(shortcut, state, operands, i)
         buffer = None  # the chunks' starts, written in place: no fresh block per chunk
         key = torch.cat([index[i].double(), gate[i].double()], dim=-1)
         sets, inverse = torch.unique(key, dim=0, return_inverse=True)
         first = torch.full((sets.shape[0],), m).scatter_reduce_(0, inverse, torch.arange(m), "amin")
-        set_index, set_gate = sets_of.sets(index[i, first], gate[i, first])
+        set_index, set_gate = image_sets.sets(index[i, first], gate[i, first])
         result = None
         for a, b, on, on_sets, off, off_sets in set_chunks(inverse.tolist(), complement[i, :, 0].tolist(), plan.rows):
             chunks += 1
             count = b - a
             if buffer is None or buffer.shape[0] < 2 * count:
-                buffer = sets_of.buffer(2 * count)
-            start = sets_of.on_and_off_rows(set_index[a:b], set_gate[a:b], buffer)
+                buffer = image_sets.buffer(2 * count)
+            start = image_sets.on_and_off_rows(set_index[a:b], set_gate[a:b], buffer)
             if not on_sets == off_sets == list(range(count)):  # not one switch-on and one switch-off row per set
                 start = torch.cat([pick_sets(start[:count], on_sets), pick_sets(start[count:], off_sets)])
             logits = _chunk_logits(shortcut, start, extras, i, classes, score)
@@ -177,14 +177,14 @@ def group_set_passes(
     step = max(1, plan.rows // 2)
     on = off = buffer = None
     for i in range(n):
-        sets_of = _ImageSets(shortcut, state, operands, i)
-        buffer = sets_of.buffer(2 * min(step, k)) if buffer is None else buffer
+        image_sets = _ImageSets(shortcut, state, operands, i)
+        buffer = image_sets.buffer(2 * min(step, k)) if buffer is None else buffer
         # Each group's channels (gate 1), padded with gate-0 entries to the bound.
         gate, index = groups[i].to(features.dtype).topk(plan.bound, dim=-1, sorted=False)
-        index, gate = sets_of.sets(index, gate)
+        index, gate = image_sets.sets(index, gate)
         for a in range(0, k, step):
             b = min(k, a + step)
-            start = sets_of.on_and_off_rows(index[a:b], gate[a:b], buffer)
+            start = image_sets.on_and_off_rows(index[a:b], gate[a:b], buffer)
             logits = _chunk_logits(shortcut, start if switch == "on_off" else start[b - a :], extras, i, classes)
             if off is None:
                 off = logits.new_empty((n, k, *logits.shape[1:]))

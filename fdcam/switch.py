@@ -71,8 +71,8 @@ def group_switch_logits(
         raise invalid_choice("switch", switch, SWITCHES)
     chosen = classes.classes if isinstance(classes, BatchTargets) else classes
     passes = getattr(tail, "group_passes", None)
-    extra = {"switch": switch} if members is None else {"members": members, "switch": switch}
-    direct = None if passes is None or chosen is None else passes(features, groups, extras, chosen, **extra)
+    options = {"switch": switch} if members is None else {"switch": switch, "members": members}
+    direct = None if passes is None or chosen is None else passes(features, groups, extras, chosen, **options)
     if direct is None:
         return switch_logits(tail, features, switch_masks(groups, switch), extras, classes, sparsity)
     on, off = direct
