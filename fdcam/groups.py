@@ -159,7 +159,9 @@ def _select_top(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Ten
     chosen = (blocks.reshape(-1, count) + first[:, None]).flatten()
     candidates = rows.index_select(0, chosen).reshape(*lead, count * size)
     values, position = candidates.topk(count, dim=-1, sorted=False)
-    return values, blocks.gather(-1, position // size) * size + position % size
+    # The candidates' columns, then the selected ones' (integer division and remainder are slow on CPUs).
+    columns = (blocks[..., None] * size + torch.arange(size, device=keys.device)).reshape(*lead, count * size)
+    return values, columns.gather(-1, position)
 
 
 def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
