@@ -204,16 +204,14 @@ class GraphTail:
                     for lo in range(0, k, self.rows)
                 ]
             )
-        features, full, weight, bias = state
+        _, full, _, bias = state
         gate, index = on[0].topk(sparsity, dim=-1, sorted=False)  # each group's channels, padded with gate 0
         # The bias rides in the product as input channel K, a channel of ones: the product writes the switch-on
         # rows bias + Σ itself and the switch-off rows are (full + bias) − (bias + Σ), as in the library's
         # TorchTail; one Add over the rows fewer (2.6 ms of Lite0's graph).
-        index = torch.cat([index, torch.full_like(index[:, :1], index.shape[0])], 1)  # [K,g+1]
-        gate = torch.cat([gate, torch.ones_like(gate[:, :1])], 1)
-        flat = features.flatten(2)[0]
-        flat = torch.cat([flat, torch.ones_like(flat[:1])])  # [K+1,hw]
-        per_input = torch.cat([weight[:, :, 0, 0].t(), bias[None]])  # [K+1,out]
+        index, gate = shortcut.pointwise_sets(index, gate)  # [K,g+1]
+        maps, per_input = shortcut.pointwise_operands(state)  # [1,K+1,hw], [K+1,out]
+        flat = maps[0]
         full_and_bias = (full.reshape(full.shape[1], -1) + bias[:, None]).contiguous()  # [out,hw]
         step = self.gather_rows
         on_logits, off_logits = [], []

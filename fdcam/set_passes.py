@@ -82,9 +82,7 @@ class _ImageSets:
         """The image's sets [S,g] as `sums` takes them: with the channel of ones (the bias) where products run."""
         if self.operands is None:
             return index, gate
-        ones = self.operands[0].shape[0] - 1  # channel K: ones, its weight row the bias
-        index = torch.cat([index, torch.full_like(index[:, :1], ones)], 1)
-        return index, torch.cat([gate.to(self.full.dtype), torch.ones_like(gate[:, :1], dtype=self.full.dtype)], 1)
+        return self.shortcut.pointwise_sets(index, gate.to(self.full.dtype))
 
     def sums(self, index: torch.Tensor, gate: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """bias + Σ_j gate·C_index of sets [c,g] (from `sets`) written to `out` ([c,...] of a `buffer`)."""

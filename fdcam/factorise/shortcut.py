@@ -228,6 +228,12 @@ class TailShortcut(nn.Module):
         maps = torch.cat([maps, torch.ones_like(maps[:, :1])], 1)
         return maps, torch.cat([weight[:, :, 0, 0].t(), bias[None]])
 
+    def pointwise_sets(self, index: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channel sets [S,g] (index, gate) with channel K, the ones of `pointwise_operands`, appended at gate 1:
+        their product over the operands is bias + Σ_j gate_j·C_j ([S,g+1] each)."""
+        index = torch.cat([index, torch.full_like(index[:, :1], self.num_channels)], 1)
+        return index, torch.cat([gate, torch.ones_like(gate[:, :1])], 1)
+
     def row_bases(self, state: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The pre-activation row of the one image in `state` with every channel off (the bias) and with
         every channel on (the plain pass), each shaped like one row ("linear" and "conv" kinds)."""
