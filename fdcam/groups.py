@@ -58,6 +58,8 @@ def channel_groups_and_members(
         _float32_groups(activations[start : start + step], theta, members=True)
         for start in range(0, len(activations), step)
     ]
+    if len(parts) == 1:
+        return parts[0]
     groups = torch.cat([part[0] for part in parts])
     if any(part[1] is None for part in parts):
         return groups, None
@@ -122,7 +124,7 @@ def _threshold_and_top(
     below = int(position)
     count = min(k, k - below + extra)
     if non_negative and similarity.dtype == torch.float32:
-        bits, index = _select_top(similarity.view(torch.int32), count)
+        bits, index = _select_top(similarity.view(torch.int32), count, float_bits=True)
         values = bits.view(torch.float32)
     else:
         values, index = _select_top(similarity, count)
@@ -133,11 +135,13 @@ def _threshold_and_top(
     low = smallest[..., lowest : lowest + 1]
     high = smallest[..., lowest + 1 : lowest + 2] if position > below and k - below > 1 else low
     threshold = _lerp(low, high, position - below)
+    if non_negative:  # no NaN: the promise
+        return threshold, values, index
     # topk ranks NaN above every number: a row holding NaN has one among its top values.
     return threshold.masked_fill(values.isnan().any(-1, keepdim=True), float("nan")), values, index
 
 
-def _select_top(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _select_top(keys: torch.Tensor, count: int, float_bits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`keys.topk(count, dim=-1, sorted=False)`'s values (the same multiset per row; which of tied keys is
     selected may differ) and their indices, from the blocks holding the largest keys where that is cheaper.
 
@@ -146,22 +150,33 @@ def _select_top(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Ten
     out is at most every key selected). On ResNet-50's 2048 channels this costs two selections over a quarter of
     the keys each: 10.5 against 13.3 ms for the one over all of them in torch (2 threads, median of 60,
     interleaved), 19.9 against 22.7 ms with ONNX Runtime's TopK, where the blocks are gathered as rows of one
-    [blocks, 4] matrix (a plain Gather).
+    [blocks, 4] matrix (a plain Gather). `float_bits` says int32 keys are the bits of float32 values ≥ 0 (no NaN): their
+    block maxima then come from the floats' max pooling, twice as fast as amax over blocks; where a block holds both
+    zeros it may give −0's bits, so of keys tied as values (±0) either may be selected.
     """
     k = keys.shape[-1]
     size = 16 // keys.element_size()
     if k % size or k // size < 4 * count:
         return keys.topk(count, dim=-1, sorted=False)
     lead, per_row = keys.shape[:-1], k // size
-    blocks = keys.reshape(*lead, per_row, size).amax(-1).topk(count, dim=-1, sorted=False).indices  # [...,count]
+    if float_bits and keys.dtype == torch.int32 and not is_traced(keys):
+        pooled = torch.nn.functional.max_pool1d(keys.view(torch.float32).reshape(-1, 1, k), size, size)
+        maxima = pooled.view(torch.int32).reshape(*lead, per_row)
+    else:
+        maxima = keys.reshape(*lead, per_row, size).amax(-1)
+    blocks = maxima.topk(count, dim=-1, sorted=False).indices  # [...,count]
     rows = keys.reshape(-1, size)  # one block a row
     first = torch.arange(0, rows.shape[0], per_row, device=keys.device)  # each key row's first block
     chosen = (blocks.reshape(-1, count) + first[:, None]).flatten()
     candidates = rows.index_select(0, chosen).reshape(*lead, count * size)
     values, position = candidates.topk(count, dim=-1, sorted=False)
-    # The candidates' columns, then the selected ones' (integer division and remainder are slow on CPUs).
-    columns = (blocks[..., None] * size + torch.arange(size, device=keys.device)).reshape(*lead, count * size)
-    return values, columns.gather(-1, position)
+    if is_traced(keys):
+        # The candidates' columns, then the selected ones' (ONNX shifts only unsigned integers).
+        columns = (blocks[..., None] * size + torch.arange(size, device=keys.device)).reshape(*lead, count * size)
+        return values, columns.gather(-1, position)
+    # Candidate p is key p % size of block blocks[p // size]; shifts and masks, as integer division is slow on CPUs.
+    shift = size.bit_length() - 1
+    return values, blocks.gather(-1, position >> shift) * size + (position & (size - 1))
 
 
 def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
@@ -171,19 +186,20 @@ def _lerp(low: torch.Tensor, high: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.lerp(low.contiguous(), high.contiguous(), weights)
 
 
-def _threshold_of_top(ordered: torch.Tensor, theta: float, k: int) -> torch.Tensor:
-    """`quantile_threshold` [R,1] of rows of length k from their c largest values, sorted ascending [R,c]
+def _threshold_of_top(top: torch.Tensor, theta: float, k: int) -> torch.Tensor:
+    """`quantile_threshold` [R,1] of rows of length k from their c largest values, in any order [R,c]
     (c ≥ k − floor(θ(k−1)): the order statistics it takes are among them)."""
-    position = float(torch.tensor(theta, dtype=ordered.dtype)) * (k - 1)
+    position = float(torch.tensor(theta, dtype=top.dtype)) * (k - 1)
     below = int(position)
-    offset = k - ordered.shape[-1]  # ordered[:, j − offset] is the sorted row's value j
-    low = ordered[:, below - offset : below - offset + 1]
-    high = ordered[:, below - offset + 1 : below - offset + 2] if position > below and below + 1 < k else low
+    lowest = below - (k - top.shape[-1])  # the sorted row's value `below` is the top's `lowest` from its smallest
+    ordered = top.topk(min(top.shape[-1], lowest + 2), dim=-1, largest=False, sorted=True).values
+    low = ordered[:, lowest : lowest + 1]
+    high = ordered[:, lowest + 1 : lowest + 2] if position > below and below + 1 < k else low
     return _lerp(low, high, position - below)
 
 
 #: Rows of similarities `_float32_groups` computes and selects from at a time (2 MB of float32 at 1024 channels).
-_SIMILARITY_ROWS = 512
+_SIMILARITY_ROWS = 1024
 
 #: Values below each row's lower order statistic that `_float32_groups` also selects, to re-check in float64.
 _CHECK_EXTRA = 16
@@ -277,18 +293,17 @@ def _settle_rows(groups, unit64, theta, near, values, index, threshold, margin):
         columns = index[image, rows]
         reaches = values[image, rows].amin(-1) < threshold[image, rows, 0] - margin  # [R]
         cutoff = torch.empty_like(exact[:, :1])
+        chosen = exact.gather(-1, columns)
         if bool(reaches.any()):
-            # The float64 order statistics are among the selected channels: their values sorted hold
-            # them at the same ranks from the top.
-            ordered = exact[reaches].gather(-1, columns[reaches]).sort(-1).values
-            cutoff[reaches] = _threshold_of_top(ordered, theta, k)
-        if not bool(reaches.all()):
-            cutoff[~reaches] = quantile_threshold(exact[~reaches], theta)
-            any_whole = True
-        settled = exact > cutoff
+            # The float64 order statistics are among the selected channels.
+            cutoff[reaches] = _threshold_of_top(chosen[reaches], theta, k)
         # An unselected channel of a row that reaches far enough is out (it lies below the threshold).
-        selected = torch.zeros_like(settled).scatter_(-1, columns, True)
-        settled &= selected | ~reaches[:, None]
+        settled = torch.zeros_like(exact, dtype=torch.bool).scatter_(-1, columns, chosen > cutoff)
+        if not bool(reaches.all()):
+            whole = ~reaches
+            cutoff[whole] = quantile_threshold(exact[whole], theta)
+            settled[whole] = exact[whole] > cutoff[whole]
+            any_whole = True
         groups[image, rows] = settled
     return (groups[0] if single else groups), any_whole
 

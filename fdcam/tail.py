@@ -316,5 +316,7 @@ def _member_sums(contributions: torch.Tensor, members: GroupMembers) -> torch.Te
     """Σ over each group's members ([N,K,c] candidates) of the contributions [N,K,T]: [N,K,T]."""
     n, k, c = members.index.shape
     t = contributions.shape[-1]
-    gathered = contributions.gather(1, members.index.reshape(n, k * c, 1).expand(n, k * c, t)).view(n, k, c, t)
-    return (gathered * members.member[..., None].to(gathered.dtype)).sum(2)
+    # Gathered along each target's row of K contributions: a gather along a dimension of size T = 1 is slow.
+    by_target = contributions.transpose(1, 2)  # [N,T,K]
+    gathered = by_target.gather(2, members.index.reshape(n, 1, k * c).expand(n, t, k * c)).view(n, t, k, c)
+    return torch.where(members.member[:, None], gathered, 0).sum(-1).transpose(1, 2)

@@ -92,3 +92,27 @@ def test_the_block_selection_selects_what_topk_selects(dtype, count):
         keys = keys.nan_to_num(nan=float("inf"))  # topk ranks NaN above every number
     lowest = keys.gather(-1, index).amin(-1, keepdim=True)
     assert bool(((keys <= lowest) | ~left_out).all())
+
+
+@pytest.mark.parametrize("count", [1, 60, 120, 128])
+def test_the_block_selection_of_float_bits_selects_what_topk_selects_as_values(count):
+    # Bits of floats ≥ 0 take their block maxima from max pooling: selected values as topk's, ties of +0 and −0 in
+    # one block included (either zero may be selected: they are one value).
+    from fdcam.groups import _select_top
+
+    generator = torch.Generator().manual_seed(count)
+    floats = torch.rand(3, 7, 2048, generator=generator)
+    floats[0, 0] = torch.randint(0, 3, (2048,), generator=generator).float()  # few distinct values
+    floats[0, 1] = 0.0
+    floats[0, 1, ::3] = -0.0  # blocks holding both zeros
+    floats[0, 2, : 2048 - count // 2] = -0.0  # fewer non-zero values than selected
+    values, index = _select_top(floats.view(torch.int32), count, float_bits=True)
+    values = values.view(torch.float32)
+    expected = floats.topk(count, dim=-1, sorted=False).values
+    assert torch.equal(values.sort(-1).values, expected.sort(-1).values)
+    assert torch.equal(floats.gather(-1, index), values)
+    ordered = index.sort(-1).values
+    assert bool((ordered[..., 1:] != ordered[..., :-1]).all())  # each column once
+    left_out = torch.ones_like(floats, dtype=torch.bool).scatter_(-1, index, False)
+    lowest = values.amin(-1, keepdim=True)
+    assert bool(((floats <= lowest) | ~left_out).all())
