@@ -7,7 +7,9 @@ What FD-CAM adds to a Grad-CAM holds one step per model that no reordering remov
 - ResNet-50 `layer4` (2048 maps of 7×7): the groups need each row's two order statistics at the 0.95 quantile
   of the 2048×2048 cosine matrix, a per-row selection of its top values (`fdcam.groups`: torch.topk on the
   float32 bits as int32, the fastest exact selection torch has on CPUs; the explainer graph runs ONNX
-  Runtime's TopK), after the float32 product U·Uᵀ of the unit maps.
+  Runtime's TopK), after the float32 product U·Uᵀ of the unit maps. Both are timed over whole rows and from
+  the blocks of four with the largest maxima (two selections over a quarter of the row each, as the library
+  selects); the floor takes the faster.
 - VGG16 `features.30`: the second Linear (4096×4096) on every switch row (2K = 1024), one GEMM, after the
   first Linear's per-channel contributions.
 
@@ -33,6 +35,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import fdcam
+from fdcam.groups import _select_top  # the library's row selection, timed as it runs
 
 from .latency.models import load_model
 from .latency.report import format_machine, machine_info
@@ -60,8 +63,47 @@ def _tensor(name: str, dtype: int, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
+def block_selection_session(k: int, count: int) -> ort.InferenceSession:
+    """ONNX Runtime's form of `fdcam.groups._select_top`: each row's `count` largest values [K,count] (unordered) of
+    a [K,K] float matrix, taken from the `count` blocks of four with the largest maxima (MaxPool, TopK, Gather, TopK).
+    """
+    blocks = k // 4
+    initializers = [
+        numpy_helper.from_array(np.array([count], dtype=np.int64), "count"),
+        numpy_helper.from_array(np.array([1, k, k], dtype=np.int64), "as_pool_input"),
+        numpy_helper.from_array(np.array([k, blocks], dtype=np.int64), "as_maxima"),
+        numpy_helper.from_array(np.array([k * blocks, 4], dtype=np.int64), "as_blocks"),
+        numpy_helper.from_array(np.array([k, 4 * count], dtype=np.int64), "as_candidates"),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat"),
+        numpy_helper.from_array((np.arange(k, dtype=np.int64) * blocks)[:, None], "first_block"),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "as_pool_input"], ["pool_input"]),
+        helper.make_node("MaxPool", ["pool_input"], ["pooled"], kernel_shape=[4], strides=[4]),
+        helper.make_node("Reshape", ["pooled", "as_maxima"], ["maxima"]),
+        helper.make_node("TopK", ["maxima", "count"], ["_", "chosen"], axis=-1, largest=1, sorted=0),
+        helper.make_node("Add", ["chosen", "first_block"], ["chosen_rows"]),
+        helper.make_node("Reshape", ["chosen_rows", "flat"], ["chosen_flat"]),
+        helper.make_node("Reshape", ["x", "as_blocks"], ["block_rows"]),
+        helper.make_node("Gather", ["block_rows", "chosen_flat"], ["gathered"], axis=0),
+        helper.make_node("Reshape", ["gathered", "as_candidates"], ["candidates"]),
+        helper.make_node("TopK", ["candidates", "count"], ["values", "position"], axis=-1, largest=1, sorted=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "block_selection",
+        [_tensor("x", TensorProto.FLOAT, [k, k])],
+        [_tensor("values", TensorProto.FLOAT, None)],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def grouping_primitives(activations: torch.Tensor, repeat: int) -> dict[str, float]:
-    """Median ms of the cosine product and the per-row top selection of one image's activations [K,h,w]."""
+    """Median ms of the cosine product and of the per-row top selection of one image's activations [K,h,w], the
+    selection over whole rows and, where rows hold four times as many blocks of four as values selected, from the
+    blocks with the largest maxima (the library's, `fdcam.groups._select_top`)."""
     k = activations.shape[0]
     flat = activations.flatten(-2).float()
     unit = flat / flat.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
@@ -80,7 +122,7 @@ def grouping_primitives(activations: torch.Tensor, repeat: int) -> dict[str, flo
     )
     feeds = {"x": similarity.numpy(), "k": np.array([count], dtype=np.int64)}
     pair = {"u": unit.numpy(), "ut": np.ascontiguousarray(unit.T.numpy())}
-    return {
+    times = {
         "cosine product, torch": _median_ms(lambda: unit @ unit.T, repeat),
         "cosine product, onnxruntime": _median_ms(lambda: product.run(None, pair), repeat),
         f"top {count} of each row, torch (int32 bits)": _median_ms(
@@ -88,6 +130,15 @@ def grouping_primitives(activations: torch.Tensor, repeat: int) -> dict[str, flo
         ),
         f"top {count} of each row, onnxruntime TopK": _median_ms(lambda: selection.run(None, feeds), repeat),
     }
+    if k % 4 == 0 and k // 4 >= 4 * count:
+        blocks = block_selection_session(k, count)
+        times[f"top {count} of each row from blocks, torch (int32 bits)"] = _median_ms(
+            lambda: _select_top(bits, count, float_bits=True), repeat
+        )
+        times[f"top {count} of each row from blocks, onnxruntime"] = _median_ms(
+            lambda: blocks.run(None, {"x": feeds["x"]}), repeat
+        )
+    return times
 
 
 def linear_primitives(linear: torch.nn.Linear, rows: int, repeat: int) -> dict[str, float]:
@@ -128,6 +179,14 @@ def _engine_primitives(primitives: dict[str, float], engine: str) -> dict[str, f
     return {key: ms for key, ms in primitives.items() if f", {engine}" in key}
 
 
+def _added_ms(primitives: dict[str, float]) -> float:
+    """What an engine's primitives add: each step once, the fastest of its forms (a row selection over whole rows
+    or from blocks)."""
+    selections = [ms for key, ms in primitives.items() if " of each row" in key]
+    others = [ms for key, ms in primitives.items() if " of each row" not in key]
+    return sum(others) + (min(selections) if selections else 0.0)
+
+
 def format_floors(floors: list[dict[str, object]], graph_gradcam: dict[str, float]) -> str:
     """The primitives, then per model and engine the floor of FD-CAM / Grad-CAM."""
     lines = []
@@ -141,7 +200,7 @@ def format_floors(floors: list[dict[str, object]], graph_gradcam: dict[str, floa
             ("torch", floor["gradcam_torch_ms"]),
             ("onnxruntime", graph_gradcam.get(floor["model"])),
         ):
-            added = sum(_engine_primitives(floor["primitives_ms"], engine).values())
+            added = _added_ms(_engine_primitives(floor["primitives_ms"], engine))
             if gradcam_ms is None:
                 lines.append(
                     f"  floor, {engine}: + {added:.1f} ms (give --graph-gradcam {floor['model']}=MS for the ratio)"

@@ -30,6 +30,17 @@ def test_the_onnxruntime_selection_is_the_torch_selection_of_each_rows_top_value
     assert torch.equal(by_bits, similarity.topk(20, dim=-1).values)
 
 
+def test_the_onnxruntime_block_selection_selects_each_rows_top_values():
+    torch.manual_seed(0)
+    flat = torch.rand(512, 49)
+    unit = flat / flat.norm(dim=-1, keepdim=True)
+    similarity = unit @ unit.T
+    count = 32  # 128 blocks of four a row: four times as many
+    (values,) = floors.block_selection_session(512, count).run(None, {"x": similarity.numpy()})
+    expected = similarity.topk(count, dim=-1).values
+    assert torch.equal(torch.from_numpy(values).sort(-1, descending=True).values, expected)
+
+
 def test_grouping_and_linear_primitives_are_timed_in_both_engines():
     torch.manual_seed(0)
     grouping = floors.grouping_primitives(torch.rand(64, 7, 7), repeat=1)
@@ -43,6 +54,12 @@ def test_grouping_and_linear_primitives_are_timed_in_both_engines():
     }
     assert set(linear) == {"Linear [8,32]×[32,16], torch", "Linear [8,32]×[32,16], onnxruntime"}
     assert all(ms > 0 for ms in [*grouping.values(), *linear.values()])
+    # 1536 channels: 384 blocks of four a row, at least four times the 94 values selected (78 from position 1458.25
+    # of 1535 up, plus 16); the library's selection then takes the blocks, and both engines are timed so.
+    blocks = floors.grouping_primitives(torch.rand(1536, 7, 7), repeat=1)
+    assert {"top 94 of each row from blocks, torch (int32 bits)", "top 94 of each row from blocks, onnxruntime"} < set(
+        blocks
+    )
 
 
 def test_the_report_adds_each_engines_primitives_to_its_gradcam():
@@ -60,6 +77,9 @@ def test_the_report_adds_each_engines_primitives_to_its_gradcam():
     text = floors.format_floors([floor], {"resnet50": 40.0})
     assert "floor, torch: (80.0 + 16.0) / 80.0 = 1.20x" in text
     assert "floor, onnxruntime: (40.0 + 24.0) / 40.0 = 1.60x" in text
+    # Of two forms of the selection, the floor takes the faster.
+    floor["primitives_ms"]["top 120 of each row from blocks, onnxruntime"] = 15.0
+    assert "floor, onnxruntime: (40.0 + 18.0) / 40.0 = 1.45x" in floors.format_floors([floor], {"resnet50": 40.0})
     assert "--graph-gradcam resnet50=MS" in floors.format_floors([floor], {})
 
 
