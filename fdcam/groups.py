@@ -241,18 +241,19 @@ def _float32_groups(activations: torch.Tensor, theta: float, members: bool = Fal
     threshold, values, index = (torch.cat([part[i] for part in parts], -2) for i in range(3))
     # Only selected channels can lie above the threshold (the unselected ones lie at or below the lower order
     # statistic): scattering them is cheaper than comparing all K² similarities.
-    groups = unit.new_zeros((*unit.shape[:-1], k), dtype=torch.bool).scatter_(-1, index, values > threshold)
+    above = values > threshold  # each selected channel's membership
+    groups = unit.new_zeros((*unit.shape[:-1], k), dtype=torch.bool).scatter_(-1, index, above)
     # Every value within m of the threshold is among the selected ones: the threshold is at least the
     # lower order statistic, and the selection reaches below it (`_settle_rows` checks how far).
     near = (values - threshold).abs_().le_(margin).any(-1)
     near &= flat.abs().amax(-1) > 0  # an all-zero map's row is exact zeros in both
     whole = False
     if bool(near.any()):
-        groups, whole = _settle_rows(groups, unit64, theta, near, values, index, threshold, margin)
+        groups, whole = _settle_rows(groups, unit64, theta, near, values, index, threshold, margin, above)
     if not members:
         return groups
     # A channel above the threshold ranks above the lower order statistic: it is among the selected ones.
-    return groups, None if whole else GroupMembers(index, groups.gather(-1, index))
+    return groups, None if whole else GroupMembers(index, above)
 
 
 def _similarity_error(n: int) -> float:
@@ -272,7 +273,7 @@ def _similarity_error(n: int) -> float:
     return mine + reference
 
 
-def _settle_rows(groups, unit64, theta, near, values, index, threshold, margin):
+def _settle_rows(groups, unit64, theta, near, values, index, threshold, margin, above):
     """Rows `near` [...,K] of `groups` set to those of the float64 similarities of unit maps `unit64`
     [...,K,n], and whether some row was taken whole (its members may lie outside the selection).
 
@@ -280,12 +281,12 @@ def _settle_rows(groups, unit64, theta, near, values, index, threshold, margin):
     `_CHECK_EXTRA` values below its lower order statistic) and when the smallest selected value lies
     more than m below the threshold, every unselected channel is out in float64 too and below the
     float64 order statistics: the threshold comes from the selected channels alone. Other rows take
-    the whole float64 row's.
+    the whole float64 row's. `above` (the selected channels' membership, [...,K,c]) is set to match.
     """
     single = groups.dim() == 2
     if single:
         groups, near, unit64 = groups[None], near[None], unit64[None]
-        values, index, threshold = values[None], index[None], threshold[None]
+        values, index, threshold, above = values[None], index[None], threshold[None], above[None]
     k = groups.shape[-1]
     any_whole = False
     for image in near.any(-1).nonzero().flatten().tolist():
@@ -306,6 +307,7 @@ def _settle_rows(groups, unit64, theta, near, values, index, threshold, margin):
             settled[whole] = exact[whole] > cutoff[whole]
             any_whole = True
         groups[image, rows] = settled
+        above[image, rows] = settled.gather(-1, columns)
     return (groups[0] if single else groups), any_whole
 
 
